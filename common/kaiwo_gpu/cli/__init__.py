@@ -1,0 +1,1 @@
+"""The `kaiwo-gpu` command: parses arguments, calls into the library, prints."""

@@ -1,0 +1,93 @@
+"""Entry point of the `kaiwo-gpu` command.
+
+Bad arguments exit with status 2 and one line on stderr (argparse's convention); errors of
+kaiwo-gpu exit with status 1 and their message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.gpu_models import GPU_MODELS
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _version() -> str:
+    try:
+        return metadata.version("kaiwo-gpu")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+
+    parser = argparse.ArgumentParser(
+        prog="kaiwo-gpu",
+        description="Fractional GPU allocation for AMD GPU clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"kaiwo-gpu {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="place a seeded stream of requests on a synthetic cluster (no etcd needed)",
+        description="Runs the strategy engine offline over a synthetic cluster and prints "
+        "every placement, its grant and HSA_CU_MASK where cu-mask isolation applies.",
+        epilog="example: kaiwo-gpu demo --nodes 2 --gpus 8 --model MI300X --strategy best-fit",
+    )
+    demo.add_argument("--nodes", type=_positive, default=2)
+    demo.add_argument("--gpus", type=_positive, default=8, help="GPUs per node")
+    demo.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
+    demo.add_argument("--strategy", choices=sorted(BUILTIN_STRATEGIES), default=DEFAULT_STRATEGY)
+    demo.add_argument("--requests", type=_positive, default=40)
+    demo.add_argument("--seed", type=int, default=1)
+
+    commands.add_parser("strategies", help="list the placement strategies")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from kaiwo_gpu.coordinator.demo import run_demo
+
+            for line in run_demo(
+                args.nodes, args.gpus, args.model, args.strategy, args.requests, args.seed
+            ):
+                print(line)
+        elif args.command == "strategies":
+            from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+
+            for name, strategy in BUILTIN_STRATEGIES.items():
+                marker = " (default)" if name == DEFAULT_STRATEGY else ""
+                doc = (type(strategy).__doc__ or "").strip().splitlines()[0]
+                print(f"{name:<14} {doc}{marker}")
+    except KaiwoGpuError as error:
+        print(f"kaiwo-gpu: {error.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

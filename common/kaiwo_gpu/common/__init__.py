@@ -1,0 +1,41 @@
+"""What clients of kaiwo-gpu may use: the request model, units, annotations and errors."""
+
+from kaiwo_gpu.common.annotations import AmdGpuUnit, RequestShape, parse_gpu_annotations
+from kaiwo_gpu.common.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    KaiwoGpuError,
+    NoCapacityError,
+    NotFoundError,
+    UnavailableError,
+    error_from_status,
+)
+from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector, parse_isolation
+from kaiwo_gpu.common.units import (
+    MILLIS_PER_GPU,
+    format_fraction,
+    parse_fraction_millis,
+    parse_memory_mib,
+)
+
+__all__ = [
+    "MILLIS_PER_GPU",
+    "AllocationRequest",
+    "AmdGpuUnit",
+    "ConflictError",
+    "Health",
+    "InvalidArgumentError",
+    "Isolation",
+    "KaiwoGpuError",
+    "NoCapacityError",
+    "NotFoundError",
+    "RequestShape",
+    "Selector",
+    "UnavailableError",
+    "error_from_status",
+    "format_fraction",
+    "parse_fraction_millis",
+    "parse_gpu_annotations",
+    "parse_isolation",
+    "parse_memory_mib",
+]

@@ -1,0 +1,149 @@
+"""Kaiwo pod annotations and the `amd.com/gpu` resource, read into the shape of a request.
+
+`kaiwo.ai/gpu-fraction`, `kaiwo.ai/gpu-memory` (MiB), `kaiwo.ai/gpu-sharing` and
+`kaiwo.ai/gpu-isolation` map 1:1 onto request fields. `amd.com/gpu` counts millis by default
+(500 = half a GPU); clusters that also run the ROCm device plugin, which counts whole
+devices under the same name, set the unit to `device`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.models import MAX_GPUS_PER_REQUEST, Isolation, parse_isolation
+from kaiwo_gpu.common.units import (
+    MILLIS_PER_GPU,
+    MIN_FRACTION_MILLIS,
+    parse_fraction_millis,
+    parse_memory_mib,
+)
+
+GPU_FRACTION = "kaiwo.ai/gpu-fraction"
+GPU_MEMORY = "kaiwo.ai/gpu-memory"
+GPU_SHARING = "kaiwo.ai/gpu-sharing"
+GPU_ISOLATION = "kaiwo.ai/gpu-isolation"
+KNOWN_GPU_ANNOTATIONS = frozenset({GPU_FRACTION, GPU_MEMORY, GPU_SHARING, GPU_ISOLATION})
+AMD_GPU_RESOURCE = "amd.com/gpu"
+
+_TRUE = frozenset({"true", "yes", "1", "on"})
+_FALSE = frozenset({"false", "no", "0", "off"})
+
+
+class AmdGpuUnit(StrEnum):
+    """What one unit of `amd.com/gpu` means on this cluster."""
+
+    MILLI = "milli"
+    DEVICE = "device"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """The GPU part of a request as annotations and resources describe it."""
+
+    count: int = 1
+    fraction_millis: int | None = None
+    memory_mib: int | None = None
+    sharing: bool = True
+    isolation: Isolation = Isolation.NONE
+    isolation_note: str = ""
+
+
+def parse_bool(value: str, field: str) -> bool:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidArgumentError(field, value, "true or false")
+
+
+def parse_amd_gpu(value: str | int, unit: AmdGpuUnit) -> tuple[int, int]:
+    """Returns (count, millis per GPU) for an `amd.com/gpu` quantity in the given unit."""
+    field = f"resource {AMD_GPU_RESOURCE}"
+    text = str(value).strip()
+    if not text.isdigit() or int(text) == 0:
+        raise InvalidArgumentError(field, value, "a positive whole number (extended resources)")
+    amount = int(text)
+    if unit is AmdGpuUnit.DEVICE:
+        if amount > MAX_GPUS_PER_REQUEST:
+            raise InvalidArgumentError(field, value, f"1-{MAX_GPUS_PER_REQUEST} devices")
+        return amount, MILLIS_PER_GPU
+    if amount <= MILLIS_PER_GPU:
+        if amount < MIN_FRACTION_MILLIS:
+            raise InvalidArgumentError(
+                field, value, f"{MIN_FRACTION_MILLIS}-{MILLIS_PER_GPU} millis, or whole GPUs x 1000"
+            )
+        return 1, amount
+    if amount % MILLIS_PER_GPU or amount // MILLIS_PER_GPU > MAX_GPUS_PER_REQUEST:
+        raise InvalidArgumentError(
+            field,
+            value,
+            f"{MIN_FRACTION_MILLIS}-{MILLIS_PER_GPU} millis (one GPU) or a multiple of 1000 "
+            f"up to {MAX_GPUS_PER_REQUEST * MILLIS_PER_GPU} (whole GPUs)",
+        )
+    return amount // MILLIS_PER_GPU, MILLIS_PER_GPU
+
+
+def parse_gpu_annotations(
+    annotations: Mapping[str, str],
+    amd_gpu: str | int | None = None,
+    amd_gpu_unit: AmdGpuUnit = AmdGpuUnit.MILLI,
+) -> RequestShape:
+    """Reads the Kaiwo annotations and an optional `amd.com/gpu` amount into a RequestShape.
+
+    Unknown `kaiwo.ai/gpu-*` keys and values that contradict each other are errors that
+    name the annotation, so a typo never silently turns into a default.
+    """
+    for key in annotations:
+        if key.startswith("kaiwo.ai/gpu-") and key not in KNOWN_GPU_ANNOTATIONS:
+            known = ", ".join(sorted(KNOWN_GPU_ANNOTATIONS))
+            raise InvalidArgumentError(f"annotation {key}", annotations[key], f"one of {known}")
+
+    fraction = (
+        parse_fraction_millis(annotations[GPU_FRACTION], f"annotation {GPU_FRACTION}")
+        if GPU_FRACTION in annotations
+        else None
+    )
+    memory = (
+        parse_memory_mib(annotations[GPU_MEMORY], f"annotation {GPU_MEMORY}")
+        if GPU_MEMORY in annotations
+        else None
+    )
+    sharing = (
+        parse_bool(annotations[GPU_SHARING], f"annotation {GPU_SHARING}")
+        if GPU_SHARING in annotations
+        else True
+    )
+    isolation, note = parse_isolation(
+        annotations.get(GPU_ISOLATION, ""), f"annotation {GPU_ISOLATION}"
+    )
+
+    count = 1
+    if amd_gpu is not None:
+        count, resource_millis = parse_amd_gpu(amd_gpu, amd_gpu_unit)
+        whole_devices = amd_gpu_unit is AmdGpuUnit.DEVICE or count > 1
+        if fraction is None:
+            fraction = resource_millis
+        elif not whole_devices and fraction != resource_millis:
+            raise InvalidArgumentError(
+                f"annotation {GPU_FRACTION}",
+                annotations[GPU_FRACTION],
+                f"the same share as {AMD_GPU_RESOURCE}: {amd_gpu} ({resource_millis} millis)",
+            )
+        elif count > 1 and amd_gpu_unit is AmdGpuUnit.MILLI:
+            raise InvalidArgumentError(
+                f"annotation {GPU_FRACTION}",
+                annotations[GPU_FRACTION],
+                f"no fraction when {AMD_GPU_RESOURCE}: {amd_gpu} asks for whole GPUs",
+            )
+    return RequestShape(
+        count=count,
+        fraction_millis=fraction,
+        memory_mib=memory,
+        sharing=sharing,
+        isolation=isolation,
+        isolation_note=note,
+    )

@@ -1,0 +1,121 @@
+"""The one error tree of kaiwo-gpu.
+
+Every error carries words a user can act on and the name of the gRPC status it maps to, so
+servicers turn it into a status and the client turns a status back into the same class
+without this module importing grpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class KaiwoGpuError(Exception):
+    """Base of every error kaiwo-gpu raises on purpose."""
+
+    status_code: str = "UNKNOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgumentError(KaiwoGpuError):
+    """A field of a request is out of range or malformed; the message names field and range."""
+
+    status_code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        super().__init__(f"{field}: {value!r} is not allowed; expected {allowed}")
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+
+
+class NoCapacityError(KaiwoGpuError):
+    """No GPU can take the request now; `reasons` says why, per constraint."""
+
+    status_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, reasons: Iterable[tuple[str, int]] = ()) -> None:
+        super().__init__(message)
+        self.reasons = tuple(reasons)
+
+
+class NotFoundError(KaiwoGpuError):
+    status_code = "NOT_FOUND"
+
+
+class AlreadyExistsError(KaiwoGpuError):
+    status_code = "ALREADY_EXISTS"
+
+
+class ConflictError(KaiwoGpuError):
+    """Concurrent writers kept winning; the caller may retry with the same request_id."""
+
+    status_code = "ABORTED"
+
+
+class FailedPreconditionError(KaiwoGpuError):
+    status_code = "FAILED_PRECONDITION"
+
+
+class PermissionDeniedError(KaiwoGpuError):
+    status_code = "PERMISSION_DENIED"
+
+
+class UnauthenticatedError(KaiwoGpuError):
+    status_code = "UNAUTHENTICATED"
+
+
+class UnavailableError(KaiwoGpuError):
+    """A dependency (etcd, the coordinator) cannot be reached; nothing was changed."""
+
+    status_code = "UNAVAILABLE"
+
+
+class DeadlineExceededError(KaiwoGpuError):
+    status_code = "DEADLINE_EXCEEDED"
+
+
+class InternalError(KaiwoGpuError):
+    status_code = "INTERNAL"
+
+
+_BY_STATUS: dict[str, type[KaiwoGpuError]] = {
+    cls.status_code: cls
+    for cls in (
+        NoCapacityError,
+        NotFoundError,
+        AlreadyExistsError,
+        ConflictError,
+        FailedPreconditionError,
+        PermissionDeniedError,
+        UnauthenticatedError,
+        UnavailableError,
+        DeadlineExceededError,
+        InternalError,
+    )
+}
+
+
+class RemoteInvalidArgumentError(InvalidArgumentError):
+    """An INVALID_ARGUMENT that came back over the wire: only the server's words are known."""
+
+    def __init__(self, message: str) -> None:
+        KaiwoGpuError.__init__(self, message)
+        self.field = ""
+        self.value = None
+        self.allowed = ""
+
+
+def error_from_status(status_code: str, message: str) -> KaiwoGpuError:
+    """Turns a gRPC status name and message back into the matching error class."""
+    if status_code == InvalidArgumentError.status_code:
+        return RemoteInvalidArgumentError(message)
+    cls = _BY_STATUS.get(status_code)
+    if cls is None:
+        error = KaiwoGpuError(message)
+        error.status_code = status_code
+        return error
+    return cls(message)

@@ -1,0 +1,182 @@
+"""The request model: what a client may ask for, validated once at the edge.
+
+Instances are frozen and always valid: every constructor checks its fields and raises
+InvalidArgumentError naming the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.units import MAX_FRACTION_MILLIS, MILLIS_PER_GPU, MIN_FRACTION_MILLIS
+
+MAX_GPUS_PER_REQUEST = 64
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: far above any GPU, low enough to catch unit mistakes
+MAX_TTL_SECONDS = 30 * 24 * 3600
+MAX_LABELS = 64
+MAX_SELECTOR_ITEMS = 256
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_OWNER = re.compile(r"^[\x21-\x7e]{0,253}$")
+_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
+_STRATEGY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Isolation(StrEnum):
+    """What keeps shares of one GPU apart. AMD has no MPS, so each value says what is enforced."""
+
+    NONE = "none"
+    CU_MASK = "cu-mask"
+    PARTITION = "partition"
+    EXCLUSIVE = "exclusive"
+
+
+class Health(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+ISOLATION_ALIASES: Mapping[str, tuple[Isolation, str]] = {
+    "mps": (
+        Isolation.CU_MASK,
+        "isolation 'mps' is not available on AMD GPUs; mapped to 'cu-mask' "
+        "(disjoint compute units through HSA_CU_MASK)",
+    ),
+}
+
+
+def parse_isolation(value: str, field: str = "isolation") -> tuple[Isolation, str]:
+    """Returns the isolation and a note when the value was an alias ('mps' -> cu-mask)."""
+    text = value.strip().lower()
+    if text == "":
+        return Isolation.NONE, ""
+    if text in ISOLATION_ALIASES:
+        return ISOLATION_ALIASES[text]
+    try:
+        return Isolation(text), ""
+    except ValueError:
+        allowed = " | ".join([*(i.value for i in Isolation), *ISOLATION_ALIASES])
+        raise InvalidArgumentError(field, value, allowed) from None
+
+
+def freeze_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]], field: str) -> Labels:
+    """Validates Kubernetes-style labels and returns them sorted, so equal maps compare equal."""
+    pairs = tuple(sorted(dict(labels).items()))
+    if len(pairs) > MAX_LABELS:
+        raise InvalidArgumentError(field, f"{len(pairs)} labels", f"at most {MAX_LABELS} labels")
+    for key, value in pairs:
+        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+            raise InvalidArgumentError(
+                f"{field}.key", key, "a label key: [prefix/]name, alphanumerics, '-', '_', '.'"
+            )
+        if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+            raise InvalidArgumentError(
+                f"{field}[{key}]", value, "a label value: up to 63 alphanumerics, '-', '_', '.'"
+            )
+    return pairs
+
+
+def _check_names(values: frozenset[str], field: str) -> None:
+    if len(values) > MAX_SELECTOR_ITEMS:
+        raise InvalidArgumentError(field, f"{len(values)} items", f"at most {MAX_SELECTOR_ITEMS}")
+    for value in values:
+        if not _NAME.match(value):
+            raise InvalidArgumentError(field, value, "a name of alphanumerics, '-', '_', '.'")
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Where a request may land: node labels that must match, GPU models, exclusions."""
+
+    node_labels: Labels = ()
+    gpu_models: frozenset[str] = frozenset()
+    exclude_nodes: frozenset[str] = frozenset()
+    exclude_gpus: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        freeze_labels(self.node_labels, "selector.node_labels")
+        _check_names(self.gpu_models, "selector.gpu_models")
+        _check_names(self.exclude_nodes, "selector.exclude_nodes")
+        _check_names(self.exclude_gpus, "selector.exclude_gpus")
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.node_labels or self.gpu_models or self.exclude_nodes or self.exclude_gpus)
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    """One request for `count` GPUs on one node, each with a compute share and/or memory.
+
+    `fraction_millis` None means the share follows from memory (memory / VRAM, rounded up);
+    `memory_mib` None means memory follows from the share (share x VRAM, rounded down).
+    """
+
+    request_id: str
+    count: int = 1
+    fraction_millis: int | None = None
+    memory_mib: int | None = None
+    sharing: bool = True
+    isolation: Isolation = Isolation.NONE
+    isolation_note: str = ""
+    selector: Selector = field(default_factory=Selector)
+    strategy: str | None = None
+    owner: str = ""
+    labels: Labels = ()
+    ttl_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _REQUEST_ID.match(self.request_id):
+            raise InvalidArgumentError(
+                "request_id", self.request_id, "1-128 characters of [A-Za-z0-9._:/-]"
+            )
+        if not 1 <= self.count <= MAX_GPUS_PER_REQUEST:
+            raise InvalidArgumentError("count", self.count, f"1-{MAX_GPUS_PER_REQUEST} GPUs")
+        if self.fraction_millis is not None and not (
+            MIN_FRACTION_MILLIS <= self.fraction_millis <= MAX_FRACTION_MILLIS
+        ):
+            raise InvalidArgumentError(
+                "fraction_millis",
+                self.fraction_millis,
+                f"{MIN_FRACTION_MILLIS}-{MAX_FRACTION_MILLIS} millis (0.1-1.0 of a GPU)",
+            )
+        if self.memory_mib is not None and not 1 <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise InvalidArgumentError("memory_mib", self.memory_mib, f"1-{MAX_MEMORY_MIB} MiB")
+        if (
+            self.fraction_millis is None
+            and self.memory_mib is None
+            and self.isolation not in (Isolation.EXCLUSIVE, Isolation.PARTITION)
+        ):
+            raise InvalidArgumentError(
+                "fraction_millis", None, "a fraction, a memory size or both (neither was given)"
+            )
+        if self.strategy is not None and not _STRATEGY.match(self.strategy):
+            raise InvalidArgumentError("strategy", self.strategy, "a strategy name like best-fit")
+        if not _OWNER.match(self.owner):
+            raise InvalidArgumentError("owner", self.owner, "up to 253 printable ASCII characters")
+        freeze_labels(self.labels, "labels")
+        if self.ttl_seconds is not None and not 1 <= self.ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidArgumentError("ttl_seconds", self.ttl_seconds, f"1-{MAX_TTL_SECONDS} s")
+
+    @property
+    def needs_idle_gpu(self) -> bool:
+        """Whole, non-sharing, exclusive and partition requests need GPUs nobody else holds."""
+        return (
+            not self.sharing
+            or self.isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
+            or self.fraction_millis == MILLIS_PER_GPU
+        )
+
+    @property
+    def blocks_sharing(self) -> bool:
+        """Once placed, nobody else may join the GPUs it holds."""
+        return not self.sharing or self.isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)

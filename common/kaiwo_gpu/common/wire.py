@@ -1,0 +1,100 @@
+"""Conversions between the v1 protobuf messages and the request model.
+
+Proto3 has no "unset" for scalars, so zero means "not given" where the API says so; every
+value is validated by the model, and errors name the proto field.
+"""
+
+from __future__ import annotations
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.models import (
+    AllocationRequest,
+    Isolation,
+    Selector,
+    freeze_labels,
+    parse_isolation,
+)
+from kaiwo_gpu.v1 import types_pb2
+
+_ISOLATION_FROM_PROTO: dict[int, Isolation] = {
+    types_pb2.ISOLATION_UNSPECIFIED: Isolation.NONE,
+    types_pb2.ISOLATION_NONE: Isolation.NONE,
+    types_pb2.ISOLATION_CU_MASK: Isolation.CU_MASK,
+    types_pb2.ISOLATION_PARTITION: Isolation.PARTITION,
+    types_pb2.ISOLATION_EXCLUSIVE: Isolation.EXCLUSIVE,
+}
+_ISOLATION_TO_PROTO = {
+    isolation: value
+    for value, isolation in _ISOLATION_FROM_PROTO.items()
+    if value != types_pb2.ISOLATION_UNSPECIFIED
+}
+
+
+def isolation_from_proto(value: int) -> Isolation:
+    try:
+        return _ISOLATION_FROM_PROTO[value]
+    except KeyError:
+        names = ", ".join(types_pb2.Isolation.keys())
+        raise InvalidArgumentError("isolation", value, names) from None
+
+
+def isolation_to_proto(isolation: Isolation) -> types_pb2.Isolation.ValueType:
+    return _ISOLATION_TO_PROTO[isolation]
+
+
+def selector_from_proto(message: types_pb2.Selector) -> Selector:
+    return Selector(
+        node_labels=freeze_labels(dict(message.node_labels), "request.selector.node_labels"),
+        gpu_models=frozenset(message.gpu_models),
+        exclude_nodes=frozenset(message.exclude_nodes),
+        exclude_gpus=frozenset(message.exclude_gpus),
+    )
+
+
+def request_from_proto(message: types_pb2.AllocationRequest) -> AllocationRequest:
+    """Validates a wire request; raises InvalidArgumentError naming the first bad field."""
+    try:
+        if message.isolation_name:
+            isolation, note = parse_isolation(message.isolation_name, "isolation_name")
+        else:
+            isolation, note = isolation_from_proto(message.isolation), ""
+        return AllocationRequest(
+            request_id=message.request_id,
+            count=message.count or 1,
+            fraction_millis=message.fraction_millis or None,
+            memory_mib=message.memory_mib or None,
+            sharing=message.sharing if message.HasField("sharing") else True,
+            isolation=isolation,
+            isolation_note=note,
+            selector=selector_from_proto(message.selector),
+            strategy=message.strategy or None,
+            owner=message.owner,
+            labels=freeze_labels(dict(message.labels), "request.labels"),
+            ttl_seconds=message.ttl_seconds or None,
+        )
+    except InvalidArgumentError as error:
+        if error.field.startswith("request."):
+            raise
+        raise InvalidArgumentError(f"request.{error.field}", error.value, error.allowed) from None
+
+
+def request_to_proto(request: AllocationRequest) -> types_pb2.AllocationRequest:
+    message = types_pb2.AllocationRequest(
+        request_id=request.request_id,
+        count=request.count,
+        fraction_millis=request.fraction_millis or 0,
+        memory_mib=request.memory_mib or 0,
+        isolation=isolation_to_proto(request.isolation),
+        selector=types_pb2.Selector(
+            node_labels=dict(request.selector.node_labels),
+            gpu_models=sorted(request.selector.gpu_models),
+            exclude_nodes=sorted(request.selector.exclude_nodes),
+            exclude_gpus=sorted(request.selector.exclude_gpus),
+        ),
+        strategy=request.strategy or "",
+        owner=request.owner,
+        labels=dict(request.labels),
+        ttl_seconds=request.ttl_seconds or 0,
+    )
+    message.sharing = request.sharing
+    return message

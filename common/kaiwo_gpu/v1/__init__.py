@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code of the kaiwo-gpu API v1 (do not edit)."""

@@ -1,0 +1,121 @@
+"""Immutable records of the cluster as the strategy engine sees it.
+
+Inventory (nodes and GPUs), what is placed on them (allocations) and the latest telemetry.
+These are plain frozen values; the snapshot module derives usage and indexes from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kaiwo_gpu.common.models import Health, Isolation, Labels
+
+GpuKey = tuple[str, int]
+"""(node name, device index): the canonical order of GPUs in a cluster."""
+
+WHOLE_DEVICE_PARTITIONS = frozenset({"", "SPX"})
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    uuid: str
+    node: str
+    index: int
+    bdf: str
+    model: str
+    vram_mib: int
+    compute_units: int
+    health: Health = Health.HEALTHY
+    health_reason: str = ""
+    compute_partition: str = ""
+
+    def __post_init__(self) -> None:
+        if self.vram_mib <= 0 or self.compute_units <= 0 or self.index < 0:
+            raise ValueError(f"GPU {self.uuid}: VRAM, compute units must be positive, index >= 0")
+
+    @property
+    def key(self) -> GpuKey:
+        return (self.node, self.index)
+
+    @property
+    def is_partition(self) -> bool:
+        """True for a hardware compute partition (DPX/QPX/CPX), false for a whole device."""
+        return self.compute_partition.upper() not in WHOLE_DEVICE_PARTITIONS
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    gpus: tuple[Gpu, ...]
+    labels: Labels = ()
+    schedulable: bool = True
+    unschedulable_reason: str = ""
+
+    def has_labels(self, wanted: Labels) -> bool:
+        if not wanted:
+            return True
+        mine = dict(self.labels)
+        return all(mine.get(key) == value for key, value in wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuShare:
+    """What one allocation holds on one GPU."""
+
+    gpu_uuid: str
+    millis: int
+    memory_mib: int
+    compute_units: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedAllocation:
+    allocation_id: str
+    node: str
+    shares: tuple[GpuShare, ...]
+    isolation: Isolation = Isolation.NONE
+    sharing: bool = True
+
+    @property
+    def blocks_sharing(self) -> bool:
+        return not self.sharing or self.isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """The latest sample of one GPU that placement cares about; None = not reported."""
+
+    gfx_activity_percent: int | None = None
+    hotspot_temperature_c: float | None = None
+    socket_power_w: float | None = None
+    power_limit_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuUsage:
+    """What the allocations on one GPU add up to."""
+
+    allocated_millis: int = 0
+    allocated_memory_mib: int = 0
+    used_compute_units_mask: int = 0
+    holders: int = 0
+    blocked: bool = False
+    cu_mask_holders: int = 0
+
+    @property
+    def shared_holders(self) -> int:
+        """Holders that time-share every compute unit (isolation none)."""
+        return self.holders - self.cu_mask_holders
+
+    def plus(self, share: GpuShare, blocks_sharing: bool) -> GpuUsage:
+        mask = 0
+        for cu in share.compute_units:
+            mask |= 1 << cu
+        return GpuUsage(
+            allocated_millis=self.allocated_millis + share.millis,
+            allocated_memory_mib=self.allocated_memory_mib + share.memory_mib,
+            used_compute_units_mask=self.used_compute_units_mask | mask,
+            holders=self.holders + 1,
+            blocked=self.blocked or blocks_sharing,
+            cu_mask_holders=self.cu_mask_holders + (1 if share.compute_units else 0),
+        )

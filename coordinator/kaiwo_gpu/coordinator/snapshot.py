@@ -1,0 +1,196 @@
+"""An immutable snapshot of the cluster: inventory, placements, telemetry, and what follows.
+
+Decisions read only a snapshot. Usage per GPU and the capacity index are derived once when
+a snapshot is built; `with_allocation` and `without_allocation` derive the next snapshot
+by touching only the GPUs that changed, so the view can follow a stream of commits cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+
+from kaiwo_gpu.common.models import Health
+from kaiwo_gpu.common.units import MILLIS_PER_GPU
+from kaiwo_gpu.coordinator.capacity_index import CapacityIndex, IndexEntry
+from kaiwo_gpu.coordinator.cluster import (
+    Gpu,
+    GpuKey,
+    GpuUsage,
+    Node,
+    PlacedAllocation,
+    Telemetry,
+)
+from kaiwo_gpu.coordinator.load import load_score
+
+_NO_TELEMETRY: Mapping[str, Telemetry] = MappingProxyType({})
+
+
+class ClusterSnapshot:
+    """Read-only view of the cluster; positions index GPUs in (node, device index) order."""
+
+    __slots__ = (
+        "allocations",
+        "gpus",
+        "holders",
+        "index",
+        "keys",
+        "max_vram_mib",
+        "node_of",
+        "nodes",
+        "position",
+        "telemetry",
+        "usage",
+    )
+
+    nodes: Mapping[str, Node]
+    allocations: Mapping[str, PlacedAllocation]
+    telemetry: Mapping[str, Telemetry]
+    gpus: tuple[Gpu, ...]
+    keys: tuple[GpuKey, ...]
+    node_of: tuple[Node, ...]
+    position: Mapping[str, int]
+    usage: tuple[GpuUsage, ...]
+    holders: tuple[tuple[str, ...], ...]
+    index: CapacityIndex
+    max_vram_mib: int
+
+    @classmethod
+    def build(
+        cls,
+        nodes: Iterable[Node],
+        allocations: Iterable[PlacedAllocation] = (),
+        telemetry: Mapping[str, Telemetry] = _NO_TELEMETRY,
+    ) -> ClusterSnapshot:
+        """Derives everything from scratch: O(n log n) in GPUs plus O(shares)."""
+        snapshot = cls.__new__(cls)
+        node_map = {node.name: node for node in sorted(nodes, key=lambda n: n.name)}
+        gpus: list[Gpu] = []
+        node_of: list[Node] = []
+        for node in node_map.values():
+            for gpu in sorted(node.gpus, key=lambda g: g.index):
+                gpus.append(gpu)
+                node_of.append(node)
+        position = {gpu.uuid: pos for pos, gpu in enumerate(gpus)}
+        if len(position) != len(gpus):
+            raise ValueError("GPU UUIDs must be unique across the cluster")
+        allocation_map = {a.allocation_id: a for a in allocations}
+        usage = [GpuUsage()] * len(gpus)
+        holders: list[tuple[str, ...]] = [()] * len(gpus)
+        for allocation in allocation_map.values():
+            for share in allocation.shares:
+                pos = position.get(share.gpu_uuid)
+                if pos is None:
+                    continue  # the GPU left the inventory; its allocation still counts nowhere
+                usage[pos] = usage[pos].plus(share, allocation.blocks_sharing)
+                holders[pos] = (*holders[pos], allocation.allocation_id)
+        snapshot.nodes = MappingProxyType(node_map)
+        snapshot.allocations = MappingProxyType(allocation_map)
+        snapshot.telemetry = MappingProxyType(dict(telemetry))
+        snapshot.gpus = tuple(gpus)
+        snapshot.keys = tuple(gpu.key for gpu in gpus)
+        snapshot.node_of = tuple(node_of)
+        snapshot.position = MappingProxyType(position)
+        snapshot.usage = tuple(usage)
+        snapshot.holders = tuple(holders)
+        snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
+        snapshot.index = CapacityIndex.build(
+            snapshot._index_entry(pos) for pos in range(len(gpus))
+        )
+        return snapshot
+
+    def _index_entry(self, pos: int) -> IndexEntry | None:
+        gpu = self.gpus[pos]
+        usage = self.usage[pos]
+        if gpu.health is Health.UNHEALTHY or not self.node_of[pos].schedulable or usage.blocked:
+            return None
+        free_millis = MILLIS_PER_GPU - usage.allocated_millis
+        if free_millis <= 0:
+            return None
+        return IndexEntry(
+            free_millis=free_millis,
+            free_memory_mib=gpu.vram_mib - usage.allocated_memory_mib,
+            load=load_score(gpu, usage, self.telemetry.get(gpu.uuid)),
+        )
+
+    def _derive(
+        self,
+        allocations: dict[str, PlacedAllocation],
+        changed_usage: dict[int, GpuUsage],
+        changed_holders: dict[int, tuple[str, ...]],
+    ) -> ClusterSnapshot:
+        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
+        snapshot.nodes = self.nodes
+        snapshot.telemetry = self.telemetry
+        snapshot.gpus = self.gpus
+        snapshot.keys = self.keys
+        snapshot.node_of = self.node_of
+        snapshot.position = self.position
+        snapshot.max_vram_mib = self.max_vram_mib
+        snapshot.allocations = MappingProxyType(allocations)
+        usage = list(self.usage)
+        holders = list(self.holders)
+        for pos, value in changed_usage.items():
+            usage[pos] = value
+        for pos, ids in changed_holders.items():
+            holders[pos] = ids
+        snapshot.usage = tuple(usage)
+        snapshot.holders = tuple(holders)
+        snapshot.index = self.index.updated(
+            {pos: snapshot._index_entry(pos) for pos in changed_usage}
+        )
+        return snapshot
+
+    def with_allocation(self, allocation: PlacedAllocation) -> ClusterSnapshot:
+        """The snapshot after `allocation` was committed (replacing one with the same id)."""
+        base = self
+        if allocation.allocation_id in self.allocations:
+            base = self.without_allocation(allocation.allocation_id)
+        allocations = dict(base.allocations)
+        allocations[allocation.allocation_id] = allocation
+        changed_usage: dict[int, GpuUsage] = {}
+        changed_holders: dict[int, tuple[str, ...]] = {}
+        for share in allocation.shares:
+            pos = base.position.get(share.gpu_uuid)
+            if pos is None:
+                continue
+            current = changed_usage.get(pos, base.usage[pos])
+            changed_usage[pos] = current.plus(share, allocation.blocks_sharing)
+            changed_holders[pos] = (
+                *changed_holders.get(pos, base.holders[pos]),
+                allocation.allocation_id,
+            )
+        return base._derive(allocations, changed_usage, changed_holders)
+
+    def without_allocation(self, allocation_id: str) -> ClusterSnapshot:
+        """The snapshot after `allocation_id` was released; unknown ids change nothing."""
+        allocation = self.allocations.get(allocation_id)
+        if allocation is None:
+            return self
+        allocations = dict(self.allocations)
+        del allocations[allocation_id]
+        changed_usage: dict[int, GpuUsage] = {}
+        changed_holders: dict[int, tuple[str, ...]] = {}
+        for share in allocation.shares:
+            pos = self.position.get(share.gpu_uuid)
+            if pos is None:
+                continue
+            remaining = tuple(h for h in self.holders[pos] if h != allocation_id)
+            changed_holders[pos] = remaining
+            usage = GpuUsage()
+            for holder_id in remaining:
+                holder = allocations[holder_id]
+                for other in holder.shares:
+                    if other.gpu_uuid == share.gpu_uuid:
+                        usage = usage.plus(other, holder.blocks_sharing)
+            changed_usage[pos] = usage
+        return self._derive(allocations, changed_usage, changed_holders)
+
+    def free_millis(self, pos: int) -> int:
+        return MILLIS_PER_GPU - self.usage[pos].allocated_millis
+
+    def free_memory_mib(self, pos: int) -> int:
+        return self.gpus[pos].vram_mib - self.usage[pos].allocated_memory_mib
+
+    def free_compute_units(self, pos: int) -> int:
+        return self.gpus[pos].compute_units - self.usage[pos].used_compute_units_mask.bit_count()
