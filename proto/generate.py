@@ -53,7 +53,9 @@ def generate(out_dir: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     init = package_out / "__init__.py"
-    init.write_text('"""Generated protobuf and gRPC code of the kaiwo-gpu API v1 (do not edit)."""\n')
+    init.write_text(
+        '"""Generated protobuf and gRPC code of the kaiwo-gpu API v1 (do not edit)."""\n'
+    )
     return sorted(p for p in package_out.iterdir() if p.suffix in {".py", ".pyi"})
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector
 from kaiwo_gpu.coordinator.cluster import Gpu, Node
-from collections.abc import Iterator
-
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, SchedulerState
+
 
 class EveryGpuTwice:
     """A careless strategy: suggests every GPU, full or not, twice. The engine must cope."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -86,7 +87,7 @@ def assert_no_fit_is_true(request: AllocationRequest, snapshot: ClusterSnapshot)
     assert all(n < request.count for n in fitting.values()), "the index missed a fitting node"
 
 
-def run_stream(nodes: list[Node], ops: list[AllocationRequest | int]) -> list[str]:
+def run_stream(nodes: list[Node], ops: Sequence[AllocationRequest | int]) -> list[str]:
     snapshot = ClusterSnapshot.build(nodes)
     state = SchedulerState()
     trace: list[str] = []

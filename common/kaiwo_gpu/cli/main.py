@@ -71,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kaiwo_gpu.coordinator.demo import run_demo
 
             for line in run_demo(
-                args.nodes, args.gpus, args.model, args.strategy, args.requests, args.seed
+                node_count=args.nodes,
+                gpus_per_node=args.gpus,
+                model=args.model,
+                strategy=args.strategy,
+                requests=args.requests,
+                seed=args.seed,
             ):
                 print(line)
         elif args.command == "strategies":

@@ -20,9 +20,15 @@ class GpuModel:
 GPU_MODELS: dict[str, GpuModel] = {
     model.name: model
     for model in (
-        GpuModel("MI300X", vram_mib=192 * 1024, compute_units=304, max_power_w=750, hotspot_limit_c=110),
+        GpuModel(
+            "MI300X", vram_mib=192 * 1024, compute_units=304, max_power_w=750, hotspot_limit_c=110
+        ),
         # One MI250X package is two GCDs; each GCD is a GPU to ROCm and to kaiwo-gpu.
-        GpuModel("MI250X", vram_mib=64 * 1024, compute_units=110, max_power_w=280, hotspot_limit_c=105),
-        GpuModel("MI210", vram_mib=64 * 1024, compute_units=104, max_power_w=300, hotspot_limit_c=105),
+        GpuModel(
+            "MI250X", vram_mib=64 * 1024, compute_units=110, max_power_w=280, hotspot_limit_c=105
+        ),
+        GpuModel(
+            "MI210", vram_mib=64 * 1024, compute_units=104, max_power_w=300, hotspot_limit_c=105
+        ),
     )
 }

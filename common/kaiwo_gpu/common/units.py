@@ -48,7 +48,9 @@ def parse_memory_mib(value: str | int, field: str = "memory") -> int:
         match = _MEMORY_PATTERN.match(str(value))
         suffix = match.group(2).lower() if match else ""
         if match is None or suffix not in _MEMORY_SUFFIX_MIB:
-            raise InvalidArgumentError(field, value, "MiB as an integer, or a size like 4Gi or 512Mi")
+            raise InvalidArgumentError(
+                field, value, "MiB as an integer, or a size like 4Gi or 512Mi"
+            )
         mib = int(match.group(1)) * _MEMORY_SUFFIX_MIB[suffix]
     if mib <= 0:
         raise InvalidArgumentError(field, value, "a positive size in MiB")
@@ -71,5 +73,10 @@ def compute_units_for_millis(millis: int, total_compute_units: int) -> int:
 
 
 def millis_for_compute_units(compute_units: int, total_compute_units: int) -> int:
-    """The share that a set of CUs amounts to, rounded up to a whole milli."""
-    return min(MILLIS_PER_GPU, ceil_div(compute_units * MILLIS_PER_GPU, total_compute_units))
+    """The share that a set of CUs amounts to, rounded down.
+
+    Down, so that disjoint CU sets never add up past 1000 millis (three 1-CU shares of a
+    3-CU GPU are 333 each, not 334). The grant still covers the request: for a share of m
+    millis, ceil(m x CUs / 1000) CUs are worth at least m.
+    """
+    return compute_units * MILLIS_PER_GPU // total_compute_units

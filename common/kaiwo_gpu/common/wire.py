@@ -6,6 +6,8 @@ value is validated by the model, and errors name the proto field.
 
 from __future__ import annotations
 
+from typing import cast
+
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import (
     AllocationRequest,
@@ -16,14 +18,14 @@ from kaiwo_gpu.common.models import (
 )
 from kaiwo_gpu.v1 import types_pb2
 
-_ISOLATION_FROM_PROTO: dict[int, Isolation] = {
+_ISOLATION_FROM_PROTO: dict[types_pb2.Isolation.ValueType, Isolation] = {
     types_pb2.ISOLATION_UNSPECIFIED: Isolation.NONE,
     types_pb2.ISOLATION_NONE: Isolation.NONE,
     types_pb2.ISOLATION_CU_MASK: Isolation.CU_MASK,
     types_pb2.ISOLATION_PARTITION: Isolation.PARTITION,
     types_pb2.ISOLATION_EXCLUSIVE: Isolation.EXCLUSIVE,
 }
-_ISOLATION_TO_PROTO = {
+_ISOLATION_TO_PROTO: dict[Isolation, types_pb2.Isolation.ValueType] = {
     isolation: value
     for value, isolation in _ISOLATION_FROM_PROTO.items()
     if value != types_pb2.ISOLATION_UNSPECIFIED
@@ -31,11 +33,11 @@ _ISOLATION_TO_PROTO = {
 
 
 def isolation_from_proto(value: int) -> Isolation:
-    try:
-        return _ISOLATION_FROM_PROTO[value]
-    except KeyError:
-        names = ", ".join(types_pb2.Isolation.keys())
-        raise InvalidArgumentError("isolation", value, names) from None
+    """Proto3 enums are open: an unknown number from a newer client is an error, not 'none'."""
+    isolation = _ISOLATION_FROM_PROTO.get(cast("types_pb2.Isolation.ValueType", value))
+    if isolation is None:
+        raise InvalidArgumentError("isolation", value, ", ".join(types_pb2.Isolation.keys()))
+    return isolation
 
 
 def isolation_to_proto(isolation: Isolation) -> types_pb2.Isolation.ValueType:

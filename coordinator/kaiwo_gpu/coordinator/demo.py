@@ -19,7 +19,7 @@ from kaiwo_gpu.coordinator.synthetic import random_requests, synthetic_nodes
 
 
 def run_demo(
-    node_count: int, gpus_per_node: int, model: str, strategy: str, requests: int, seed: int
+    *, node_count: int, gpus_per_node: int, model: str, strategy: str, requests: int, seed: int
 ) -> Iterator[str]:
     snapshot = ClusterSnapshot.build(synthetic_nodes(node_count, gpus_per_node, model))
     state = SchedulerState()

@@ -33,6 +33,8 @@ from kaiwo_gpu.coordinator.strategies import (
     Strategy,
 )
 
+INITIAL_STATE = SchedulerState()
+
 
 class Reason(Enum):
     """Why a GPU cannot take a request, in the order the engine checks."""
@@ -183,7 +185,7 @@ def resolve_strategy(
 def place(
     request: AllocationRequest,
     snapshot: ClusterSnapshot,
-    state: SchedulerState = SchedulerState(),
+    state: SchedulerState = INITIAL_STATE,
     strategies: Mapping[str, Strategy] = BUILTIN_STRATEGIES,
     default_strategy: str = DEFAULT_STRATEGY,
 ) -> Placement | NoFit:

@@ -25,6 +25,8 @@ def load_score(gpu: Gpu, usage: GpuUsage, telemetry: Telemetry | None) -> int:
         if telemetry.socket_power_w is not None and telemetry.power_limit_w:
             power = int(250 * telemetry.socket_power_w / telemetry.power_limit_w)
         if telemetry.hotspot_temperature_c is not None:
-            heat = int(max(0.0, telemetry.hotspot_temperature_c - HOT_SOFT_LIMIT_C) * PER_DEGREE_OVER)
+            heat = int(
+                max(0.0, telemetry.hotspot_temperature_c - HOT_SOFT_LIMIT_C) * PER_DEGREE_OVER
+            )
     degraded = DEGRADED_PENALTY if gpu.health is Health.DEGRADED else 0
     return busy + power + heat + degraded

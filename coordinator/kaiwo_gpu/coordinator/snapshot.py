@@ -94,9 +94,7 @@ class ClusterSnapshot:
         snapshot.usage = tuple(usage)
         snapshot.holders = tuple(holders)
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
-        snapshot.index = CapacityIndex.build(
-            snapshot._index_entry(pos) for pos in range(len(gpus))
-        )
+        snapshot.index = CapacityIndex.build(snapshot._index_entry(pos) for pos in range(len(gpus)))
         return snapshot
 
     def _index_entry(self, pos: int) -> IndexEntry | None:

@@ -46,7 +46,9 @@ class _Stateless:
         return state
 
 
-def _canonical_from(snapshot: ClusterSnapshot, start: int, stop: int, min_free: int) -> Iterator[int]:
+def _canonical_from(
+    snapshot: ClusterSnapshot, start: int, stop: int, min_free: int
+) -> Iterator[int]:
     index = snapshot.index
     pos = index.first_at_least(start, min_free)
     while 0 <= pos < stop:

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kaiwo_gpu.cli.main import main
+
+
+def test_demo_places_and_summarises(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--nodes", "1", "--gpus", "2", "--requests", "30", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    placed = [line for line in lines if " -> node-00 GPU " in line]
+    refused = [line for line in lines if " REFUSED " in line]
+    assert placed
+    assert refused, "30 requests cannot all fit on 2 GPUs"
+    assert all("no GPU can take" in line for line in refused)
+    assert lines[-1].startswith(f"{len(placed)} placed, {len(refused)} refused with best-fit")
+
+
+def test_demo_is_repeatable_for_a_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["demo", "--seed", "9", "--strategy", "round-robin"])
+    first = capsys.readouterr().out
+    main(["demo", "--seed", "9", "--strategy", "round-robin"])
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--nodes", "0"], ["demo", "--gpus", "x"], ["demo", "--strategy", "tetris"], ["nope"]],
+)
+def test_bad_flags_exit_2_with_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    error_lines = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("kaiwo-gpu")
+    ]
+    assert len(error_lines) == 1
+    assert "error:" in error_lines[0]
+
+
+def test_strategies_lists_every_builtin(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in ("first-fit", "best-fit", "worst-fit", "round-robin", "load-balanced"):
+        assert name in out
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "kaiwo-gpu"
+    assert script.exists(), "install the package (pip install -e .) to get the kaiwo-gpu command"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("kaiwo-gpu 0.")

@@ -1,0 +1,71 @@
+"""Incremental snapshots equal snapshots built from scratch."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from kaiwo_gpu.common.models import AllocationRequest
+from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation
+from kaiwo_gpu.coordinator.engine import NoFit, place
+from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
+
+from .cluster_strategies import STRATEGIES, clusters, operations
+
+
+def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
+    return (
+        dict(a.allocations) == dict(b.allocations)
+        and a.usage == b.usage
+        and a.index == b.index
+        and {pos: set(h) for pos, h in enumerate(a.holders)}
+        == {pos: set(h) for pos, h in enumerate(b.holders)}
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), operations)
+def test_incremental_snapshots_equal_rebuilt_ones(
+    nodes: list[Node], ops: list[AllocationRequest | int]
+) -> None:
+    snapshot = ClusterSnapshot.build(nodes)
+    for step, op in enumerate(ops):
+        if isinstance(op, int):
+            if not snapshot.allocations:
+                continue
+            ids = sorted(snapshot.allocations)
+            snapshot = snapshot.without_allocation(ids[op % len(ids)])
+        else:
+            decision = place(op, snapshot, strategies=STRATEGIES)
+            if isinstance(decision, NoFit):
+                continue
+            snapshot = snapshot.with_allocation(decision.as_allocation(f"a{step}"))
+        assert same(snapshot, ClusterSnapshot.build(nodes, snapshot.allocations.values()))
+
+
+def _gpu(node: str, index: int) -> Gpu:
+    return Gpu(f"{node}-{index}", node, index, "0000:01:00.0", "MI300X", 1000, 10)
+
+
+def test_with_allocation_replaces_a_record_with_the_same_id() -> None:
+    snapshot = ClusterSnapshot.build([Node("n", (_gpu("n", 0),))])
+    first = PlacedAllocation("a", "n", (GpuShare("n-0", 300, 100),))
+    second = PlacedAllocation("a", "n", (GpuShare("n-0", 500, 200),))
+    after = snapshot.with_allocation(first).with_allocation(second)
+    assert after.usage[0].allocated_millis == 500
+    assert after.usage[0].holders == 1
+    assert snapshot.usage[0].allocated_millis == 0, "snapshots are never changed in place"
+
+
+def test_allocations_on_vanished_gpus_are_kept_but_count_nowhere() -> None:
+    gone = PlacedAllocation("a", "n", (GpuShare("gone", 300, 100),))
+    snapshot = ClusterSnapshot.build([Node("n", (_gpu("n", 0),))], [gone])
+    assert "a" in snapshot.allocations
+    assert snapshot.usage[0].allocated_millis == 0
+    assert snapshot.without_allocation("a").allocations == {}
+
+
+def test_duplicate_gpu_uuids_are_refused() -> None:
+    gpu = _gpu("n", 0)
+    with pytest.raises(ValueError, match="unique"):
+        ClusterSnapshot.build([Node("n", (gpu,)), Node("m", (gpu,))])
