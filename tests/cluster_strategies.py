@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector
+from kaiwo_gpu.coordinator.capacity_index import CapacityIndex
 from kaiwo_gpu.coordinator.cluster import Gpu, Node
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, SchedulerState
@@ -18,7 +19,11 @@ class EveryGpuTwice:
     name = "every-gpu-twice"
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
         everything = range(len(snapshot.gpus) - 1, -1, -1)
         yield from everything

@@ -17,7 +17,8 @@ def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
     return (
         dict(a.allocations) == dict(b.allocations)
         and a.usage == b.usage
-        and a.index == b.index
+        and a.shared_index == b.shared_index
+        and a.cu_mask_index == b.cu_mask_index
         and {pos: set(h) for pos, h in enumerate(a.holders)}
         == {pos: set(h) for pos, h in enumerate(b.holders)}
     )

@@ -193,7 +193,8 @@ def place(
     strategy = resolve_strategy(request, strategies, default_strategy)
     picked: dict[str, list[tuple[int, Demand]]] = {}
     seen: set[int] = set()
-    for pos in strategy.candidates(snapshot, min_free_millis(request, snapshot), state):
+    index = snapshot.index_for(request.isolation)
+    for pos in strategy.candidates(snapshot, index, min_free_millis(request, snapshot), state):
         if pos in seen:
             continue
         seen.add(pos)

@@ -1,7 +1,7 @@
 """An immutable snapshot of the cluster: inventory, placements, telemetry, and what follows.
 
-Decisions read only a snapshot. Usage per GPU and the capacity index are derived once when
-a snapshot is built; `with_allocation` and `without_allocation` derive the next snapshot
+Decisions read only a snapshot. Usage per GPU and the capacity indexes are derived once
+when a snapshot is built; `with_allocation` and `without_allocation` derive the next snapshot
 by touching only the GPUs that changed, so the view can follow a stream of commits cheaply.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from kaiwo_gpu.common.models import Health
+from kaiwo_gpu.common.models import Health, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.coordinator.capacity_index import CapacityIndex, IndexEntry
 from kaiwo_gpu.coordinator.cluster import (
@@ -31,20 +31,21 @@ class ClusterSnapshot:
 
     __slots__ = (
         "allocations",
+        "cu_mask_index",
         "gpus",
         "holders",
-        "index",
         "keys",
         "max_vram_mib",
         "node_of",
         "nodes",
         "position",
+        "shared_index",
         "telemetry",
         "usage",
     )
 
     nodes: Mapping[str, Node]
-    allocations: Mapping[str, PlacedAllocation]
+    allocations: MappingProxyType[str, PlacedAllocation]
     telemetry: Mapping[str, Telemetry]
     gpus: tuple[Gpu, ...]
     keys: tuple[GpuKey, ...]
@@ -52,7 +53,8 @@ class ClusterSnapshot:
     position: Mapping[str, int]
     usage: tuple[GpuUsage, ...]
     holders: tuple[tuple[str, ...], ...]
-    index: CapacityIndex
+    shared_index: CapacityIndex
+    cu_mask_index: CapacityIndex
     max_vram_mib: int
 
     @classmethod
@@ -94,13 +96,25 @@ class ClusterSnapshot:
         snapshot.usage = tuple(usage)
         snapshot.holders = tuple(holders)
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
-        snapshot.index = CapacityIndex.build(snapshot._index_entry(pos) for pos in range(len(gpus)))
+        positions = range(len(gpus))
+        snapshot.shared_index = CapacityIndex.build(
+            snapshot._index_entry(pos, cu_mask=False) for pos in positions
+        )
+        snapshot.cu_mask_index = CapacityIndex.build(
+            snapshot._index_entry(pos, cu_mask=True) for pos in positions
+        )
         return snapshot
 
-    def _index_entry(self, pos: int) -> IndexEntry | None:
+    def index_for(self, isolation: Isolation) -> CapacityIndex:
+        """cu-mask and time-shared work never mix on a GPU, so each has its own index."""
+        return self.cu_mask_index if isolation is Isolation.CU_MASK else self.shared_index
+
+    def _index_entry(self, pos: int, *, cu_mask: bool) -> IndexEntry | None:
         gpu = self.gpus[pos]
         usage = self.usage[pos]
         if gpu.health is Health.UNHEALTHY or not self.node_of[pos].schedulable or usage.blocked:
+            return None
+        if usage.shared_holders if cu_mask else usage.cu_mask_holders:
             return None
         free_millis = MILLIS_PER_GPU - usage.allocated_millis
         if free_millis <= 0:
@@ -134,8 +148,11 @@ class ClusterSnapshot:
             holders[pos] = ids
         snapshot.usage = tuple(usage)
         snapshot.holders = tuple(holders)
-        snapshot.index = self.index.updated(
-            {pos: snapshot._index_entry(pos) for pos in changed_usage}
+        snapshot.shared_index = self.shared_index.updated(
+            {pos: snapshot._index_entry(pos, cu_mask=False) for pos in changed_usage}
+        )
+        snapshot.cu_mask_index = self.cu_mask_index.updated(
+            {pos: snapshot._index_entry(pos, cu_mask=True) for pos in changed_usage}
         )
         return snapshot
 
@@ -144,7 +161,7 @@ class ClusterSnapshot:
         base = self
         if allocation.allocation_id in self.allocations:
             base = self.without_allocation(allocation.allocation_id)
-        allocations = dict(base.allocations)
+        allocations = base.allocations.copy()
         allocations[allocation.allocation_id] = allocation
         changed_usage: dict[int, GpuUsage] = {}
         changed_holders: dict[int, tuple[str, ...]] = {}
@@ -165,7 +182,7 @@ class ClusterSnapshot:
         allocation = self.allocations.get(allocation_id)
         if allocation is None:
             return self
-        allocations = dict(self.allocations)
+        allocations = self.allocations.copy()
         del allocations[allocation_id]
         changed_usage: dict[int, GpuUsage] = {}
         changed_holders: dict[int, tuple[str, ...]] = {}

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from kaiwo_gpu.coordinator.capacity_index import CapacityIndex
 from kaiwo_gpu.coordinator.cluster import GpuKey
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 
@@ -29,9 +30,16 @@ class Strategy(Protocol):
     def name(self) -> str: ...
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
-        """GPU positions in order of preference; only those with >= min_free_millis matter."""
+        """GPU positions in order of preference; only those with >= min_free_millis matter.
+
+        `index` holds the GPUs open to the request's kind of isolation.
+        """
         ...
 
     def advance(self, state: SchedulerState, chosen: tuple[GpuKey, ...]) -> SchedulerState:
@@ -46,10 +54,7 @@ class _Stateless:
         return state
 
 
-def _canonical_from(
-    snapshot: ClusterSnapshot, start: int, stop: int, min_free: int
-) -> Iterator[int]:
-    index = snapshot.index
+def _canonical_from(index: CapacityIndex, start: int, stop: int, min_free: int) -> Iterator[int]:
     pos = index.first_at_least(start, min_free)
     while 0 <= pos < stop:
         yield pos
@@ -62,9 +67,13 @@ class FirstFit(_Stateless):
     name = "first-fit"
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
-        return _canonical_from(snapshot, 0, len(snapshot.gpus), min_free_millis)
+        return _canonical_from(index, 0, len(snapshot.gpus), min_free_millis)
 
 
 class BestFit(_Stateless):
@@ -73,9 +82,13 @@ class BestFit(_Stateless):
     name = "best-fit"
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
-        return snapshot.index.ascending_free(min_free_millis)
+        return index.ascending_free(min_free_millis)
 
 
 class WorstFit(_Stateless):
@@ -84,9 +97,13 @@ class WorstFit(_Stateless):
     name = "worst-fit"
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
-        return snapshot.index.descending_free(min_free_millis)
+        return index.descending_free(min_free_millis)
 
 
 class RoundRobin:
@@ -95,13 +112,17 @@ class RoundRobin:
     name = "round-robin"
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
         total = len(snapshot.gpus)
         cursor = state.round_robin_after
         start = 0 if cursor is None else bisect_right(snapshot.keys, cursor)
-        yield from _canonical_from(snapshot, start, total, min_free_millis)
-        yield from _canonical_from(snapshot, 0, min(start, total), min_free_millis)
+        yield from _canonical_from(index, start, total, min_free_millis)
+        yield from _canonical_from(index, 0, min(start, total), min_free_millis)
 
     def advance(self, state: SchedulerState, chosen: tuple[GpuKey, ...]) -> SchedulerState:
         return replace(state, round_robin_after=max(chosen)) if chosen else state
@@ -113,10 +134,14 @@ class LoadBalanced(_Stateless):
     name = "load-balanced"
 
     def candidates(
-        self, snapshot: ClusterSnapshot, min_free_millis: int, state: SchedulerState
+        self,
+        snapshot: ClusterSnapshot,
+        index: CapacityIndex,
+        min_free_millis: int,
+        state: SchedulerState,
     ) -> Iterator[int]:
         free = snapshot.free_millis
-        return (pos for pos in snapshot.index.ascending_load() if free(pos) >= min_free_millis)
+        return (pos for pos in index.ascending_load() if free(pos) >= min_free_millis)
 
 
 class StrategyRegistry(Mapping[str, Strategy]):
