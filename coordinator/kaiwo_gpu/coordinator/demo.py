@@ -27,9 +27,7 @@ def run_demo(
     placed = refused = 0
     for request in islice(random_requests(rng, prefix="demo"), requests):
         decision = place(request, snapshot, state, default_strategy=strategy)
-        wanted = describe_demand(request) + (
-            f" [{request.isolation.value}]" if request.isolation.value != "none" else ""
-        )
+        wanted = describe_demand(request)
         if isinstance(decision, NoFit):
             refused += 1
             yield f"{request.request_id}  {wanted:<48} REFUSED  {decision.message}"

@@ -250,6 +250,8 @@ def describe_demand(request: AllocationRequest) -> str:
         if request.memory_mib is not None:
             parts.append(f"{request.memory_mib} MiB")
     text = " and ".join(parts)
+    if request.isolation is Isolation.CU_MASK:
+        text += " (cu-mask)"
     return f"{request.count} GPUs on one node with {text} each" if request.count > 1 else text
 
 
