@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector
 from kaiwo_gpu.coordinator.capacity_index import CapacityIndex
-from kaiwo_gpu.coordinator.cluster import Gpu, Node
+from kaiwo_gpu.coordinator.cluster import Gpu, Node, Telemetry
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, SchedulerState
 
@@ -79,6 +79,21 @@ def clusters(draw: st.DrawFn, max_nodes: int = 4, max_gpus: int = 4) -> list[Nod
             )
         )
     return nodes
+
+
+telemetry_readings = st.builds(
+    Telemetry,
+    gfx_activity_percent=st.none() | st.integers(0, 100),
+    hotspot_temperature_c=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    socket_power_w=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    power_limit_w=st.none() | st.floats(0, 1000) | st.just(float("nan")),
+)
+
+
+def telemetry_for(nodes: list[Node]) -> st.SearchStrategy[dict[str, Telemetry]]:
+    """Readings for some GPUs, NaN and infinity included: agents can send those."""
+    uuids = [gpu.uuid for node in nodes for gpu in node.gpus]
+    return st.dictionaries(st.sampled_from(uuids), telemetry_readings, max_size=len(uuids))
 
 
 @st.composite

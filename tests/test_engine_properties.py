@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, millis_for_compute_units, millis_for_memory
-from kaiwo_gpu.coordinator.cluster import Node
+from kaiwo_gpu.coordinator.cluster import Node, Telemetry
 from kaiwo_gpu.coordinator.engine import NoFit, Placement, Reason, check_gpu, place
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.strategies import SchedulerState
 
-from .cluster_strategies import STRATEGIES, clusters, operations, requests
+from .cluster_strategies import STRATEGIES, clusters, operations, requests, telemetry_for
 
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -87,8 +87,12 @@ def assert_no_fit_is_true(request: AllocationRequest, snapshot: ClusterSnapshot)
     assert all(n < request.count for n in fitting.values()), "the index missed a fitting node"
 
 
-def run_stream(nodes: list[Node], ops: Sequence[AllocationRequest | int]) -> list[str]:
-    snapshot = ClusterSnapshot.build(nodes)
+def run_stream(
+    nodes: list[Node],
+    ops: Sequence[AllocationRequest | int],
+    telemetry: Mapping[str, Telemetry] | None = None,
+) -> list[str]:
+    snapshot = ClusterSnapshot.build(nodes, telemetry=telemetry or {})
     state = SchedulerState()
     trace: list[str] = []
     for step, op in enumerate(ops):
@@ -114,15 +118,20 @@ def run_stream(nodes: list[Node], ops: Sequence[AllocationRequest | int]) -> lis
 
 
 @PROPERTY_SETTINGS
-@given(clusters(), operations)
-def test_no_strategy_breaks_a_limit(nodes: list[Node], ops: list[AllocationRequest | int]) -> None:
-    run_stream(nodes, ops)
+@given(clusters(), operations, st.data())
+def test_no_strategy_breaks_a_limit(
+    nodes: list[Node], ops: list[AllocationRequest | int], data: st.DataObject
+) -> None:
+    run_stream(nodes, ops, data.draw(telemetry_for(nodes)))
 
 
 @PROPERTY_SETTINGS
-@given(clusters(), operations)
-def test_same_input_same_decisions(nodes: list[Node], ops: list[AllocationRequest | int]) -> None:
-    assert run_stream(nodes, ops) == run_stream(list(reversed(nodes)), ops)
+@given(clusters(), operations, st.data())
+def test_same_input_same_decisions(
+    nodes: list[Node], ops: list[AllocationRequest | int], data: st.DataObject
+) -> None:
+    telemetry = data.draw(telemetry_for(nodes))
+    assert run_stream(nodes, ops, telemetry) == run_stream(list(reversed(nodes)), ops, telemetry)
 
 
 @PROPERTY_SETTINGS

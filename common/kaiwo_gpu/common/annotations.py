@@ -52,7 +52,7 @@ class RequestShape:
 
 
 def parse_bool(value: str, field: str) -> bool:
-    text = value.strip().lower()
+    text = value.strip().lower() if isinstance(value, str) else ""
     if text in _TRUE:
         return True
     if text in _FALSE:
@@ -63,8 +63,8 @@ def parse_bool(value: str, field: str) -> bool:
 def parse_amd_gpu(value: str | int, unit: AmdGpuUnit) -> tuple[int, int]:
     """Returns (count, millis per GPU) for an `amd.com/gpu` quantity in the given unit."""
     field = f"resource {AMD_GPU_RESOURCE}"
-    text = str(value).strip()
-    if not text.isdigit() or int(text) == 0:
+    text = str(value).strip() if isinstance(value, str | int) and value is not True else ""
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
         raise InvalidArgumentError(field, value, "a positive whole number (extended resources)")
     amount = int(text)
     if unit is AmdGpuUnit.DEVICE:
@@ -97,10 +97,12 @@ def parse_gpu_annotations(
     Unknown `kaiwo.ai/gpu-*` keys and values that contradict each other are errors that
     name the annotation, so a typo never silently turns into a default.
     """
-    for key in annotations:
+    for key, value in annotations.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgumentError(f"annotation {key}", value, "string keys and values")
         if key.startswith("kaiwo.ai/gpu-") and key not in KNOWN_GPU_ANNOTATIONS:
             known = ", ".join(sorted(KNOWN_GPU_ANNOTATIONS))
-            raise InvalidArgumentError(f"annotation {key}", annotations[key], f"one of {known}")
+            raise InvalidArgumentError(f"annotation {key}", value, f"one of {known}")
 
     fraction = (
         parse_fraction_millis(annotations[GPU_FRACTION], f"annotation {GPU_FRACTION}")

@@ -7,7 +7,7 @@ InvalidArgumentError naming the field, the value and the allowed range.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -28,6 +28,7 @@ _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _OWNER = re.compile(r"^[\x21-\x7e]{0,253}$")
 _NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
 _STRATEGY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_NOTE = re.compile(r"[^\x00-\x1f]{0,512}")
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -56,8 +57,19 @@ ISOLATION_ALIASES: Mapping[str, tuple[Isolation, str]] = {
 }
 
 
+def _isolation_value(value: object) -> Isolation:
+    """An Isolation from its exact value ('cu-mask'); aliases need parse_isolation."""
+    try:
+        return Isolation(value)  # type: ignore[arg-type]  # any object may arrive here
+    except ValueError:
+        allowed = " | ".join(i.value for i in Isolation)
+        raise InvalidArgumentError("isolation", value, allowed) from None
+
+
 def parse_isolation(value: str, field: str = "isolation") -> tuple[Isolation, str]:
     """Returns the isolation and a note when the value was an alias ('mps' -> cu-mask)."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(field, value, "a name: none, cu-mask, partition, exclusive")
     text = value.strip().lower()
     if text == "":
         return Isolation.NONE, ""
@@ -70,29 +82,56 @@ def parse_isolation(value: str, field: str = "isolation") -> tuple[Isolation, st
         raise InvalidArgumentError(field, value, allowed) from None
 
 
-def freeze_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]], field: str) -> Labels:
+def freeze_labels(labels: object, field: str) -> Labels:
     """Validates Kubernetes-style labels and returns them sorted, so equal maps compare equal."""
-    pairs = tuple(sorted(dict(labels).items()))
+    if isinstance(labels, str | bytes):
+        raise InvalidArgumentError(field, labels, "a map of label keys to values")
+    try:
+        as_dict = dict(labels)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(field, labels, "a map of label keys to values") from None
+    for key, value in as_dict.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgumentError(field, f"{key!r}: {value!r}", "string keys and values")
+    pairs = tuple(sorted(as_dict.items()))
     if len(pairs) > MAX_LABELS:
         raise InvalidArgumentError(field, f"{len(pairs)} labels", f"at most {MAX_LABELS} labels")
     for key, value in pairs:
-        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
             raise InvalidArgumentError(
                 f"{field}.key", key, "a label key: [prefix/]name, alphanumerics, '-', '_', '.'"
             )
-        if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+        if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
             raise InvalidArgumentError(
                 f"{field}[{key}]", value, "a label value: up to 63 alphanumerics, '-', '_', '.'"
             )
     return pairs
 
 
-def _check_names(values: frozenset[str], field: str) -> None:
-    if len(values) > MAX_SELECTOR_ITEMS:
-        raise InvalidArgumentError(field, f"{len(values)} items", f"at most {MAX_SELECTOR_ITEMS}")
-    for value in values:
-        if not _NAME.match(value):
+def _freeze_names(values: object, field: str) -> frozenset[str]:
+    if isinstance(values, str | bytes):
+        raise InvalidArgumentError(field, values, "a set of names, not one string")
+    try:
+        names: frozenset[str] = frozenset(values)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgumentError(field, values, "a set of names") from None
+    if len(names) > MAX_SELECTOR_ITEMS:
+        raise InvalidArgumentError(field, f"{len(names)} items", f"at most {MAX_SELECTOR_ITEMS}")
+    for value in names:
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
             raise InvalidArgumentError(field, value, "a name of alphanumerics, '-', '_', '.'")
+    return names
+
+
+def _check_int(value: object, field: str, allowed: str) -> None:
+    """Exact integers only: a float, bool or string here is a unit mistake, not a size."""
+    if type(value) is not int:
+        raise InvalidArgumentError(field, value, allowed)
+
+
+def _check_str(value: object, pattern: re.Pattern[str], field: str, allowed: str) -> None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidArgumentError(field, value, allowed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +144,14 @@ class Selector:
     exclude_gpus: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        freeze_labels(self.node_labels, "selector.node_labels")
-        _check_names(self.gpu_models, "selector.gpu_models")
-        _check_names(self.exclude_nodes, "selector.exclude_nodes")
-        _check_names(self.exclude_gpus, "selector.exclude_gpus")
+        # Accept any mapping or iterable, keep the frozen, validated form.
+        set_field = object.__setattr__
+        set_field(self, "node_labels", freeze_labels(self.node_labels, "selector.node_labels"))
+        set_field(self, "gpu_models", _freeze_names(self.gpu_models, "selector.gpu_models"))
+        set_field(
+            self, "exclude_nodes", _freeze_names(self.exclude_nodes, "selector.exclude_nodes")
+        )
+        set_field(self, "exclude_gpus", _freeze_names(self.exclude_gpus, "selector.exclude_gpus"))
 
     @property
     def is_empty(self) -> bool:
@@ -137,12 +180,31 @@ class AllocationRequest:
     ttl_seconds: int | None = None
 
     def __post_init__(self) -> None:
-        if not _REQUEST_ID.match(self.request_id):
-            raise InvalidArgumentError(
-                "request_id", self.request_id, "1-128 characters of [A-Za-z0-9._:/-]"
-            )
+        set_field = object.__setattr__
+        _check_str(
+            self.request_id, _REQUEST_ID, "request_id", "1-128 characters of [A-Za-z0-9._:/-]"
+        )
+        _check_int(self.count, "count", f"1-{MAX_GPUS_PER_REQUEST} GPUs")
         if not 1 <= self.count <= MAX_GPUS_PER_REQUEST:
             raise InvalidArgumentError("count", self.count, f"1-{MAX_GPUS_PER_REQUEST} GPUs")
+        for name, allowed in (
+            ("fraction_millis", f"{MIN_FRACTION_MILLIS}-{MAX_FRACTION_MILLIS} millis, an integer"),
+            ("memory_mib", f"1-{MAX_MEMORY_MIB} MiB, an integer"),
+            ("ttl_seconds", f"1-{MAX_TTL_SECONDS} s, an integer"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(value, name, allowed)
+        # Read as plain objects: callers from Python may pass anything, whatever the hints say.
+        sharing: object = self.sharing
+        isolation: object = self.isolation
+        selector: object = self.selector
+        if not isinstance(sharing, bool):
+            raise InvalidArgumentError("sharing", sharing, "true or false")
+        if not isinstance(isolation, Isolation):
+            set_field(self, "isolation", _isolation_value(isolation))
+        if not isinstance(selector, Selector):
+            raise InvalidArgumentError("selector", selector, "a Selector")
         if self.fraction_millis is not None and not (
             MIN_FRACTION_MILLIS <= self.fraction_millis <= MAX_FRACTION_MILLIS
         ):
@@ -161,11 +223,11 @@ class AllocationRequest:
             raise InvalidArgumentError(
                 "fraction_millis", None, "a fraction, a memory size or both (neither was given)"
             )
-        if self.strategy is not None and not _STRATEGY.match(self.strategy):
-            raise InvalidArgumentError("strategy", self.strategy, "a strategy name like best-fit")
-        if not _OWNER.match(self.owner):
-            raise InvalidArgumentError("owner", self.owner, "up to 253 printable ASCII characters")
-        freeze_labels(self.labels, "labels")
+        if self.strategy is not None:
+            _check_str(self.strategy, _STRATEGY, "strategy", "a strategy name like best-fit")
+        _check_str(self.owner, _OWNER, "owner", "up to 253 printable ASCII characters")
+        _check_str(self.isolation_note, _NOTE, "isolation_note", "up to 512 characters")
+        set_field(self, "labels", freeze_labels(self.labels, "labels"))
         if self.ttl_seconds is not None and not 1 <= self.ttl_seconds <= MAX_TTL_SECONDS:
             raise InvalidArgumentError("ttl_seconds", self.ttl_seconds, f"1-{MAX_TTL_SECONDS} s")
 

@@ -16,7 +16,7 @@ MIN_FRACTION_MILLIS = 100
 MAX_FRACTION_MILLIS = 1000
 
 _MEMORY_SUFFIX_MIB = {"": 1, "mi": 1, "gi": 1024, "ti": 1024 * 1024}
-_MEMORY_PATTERN = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
+_MEMORY_PATTERN = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
 
 
 def ceil_div(numerator: int, denominator: int) -> int:
@@ -45,7 +45,7 @@ def parse_memory_mib(value: str | int, field: str = "memory") -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         mib = value
     else:
-        match = _MEMORY_PATTERN.match(str(value))
+        match = _MEMORY_PATTERN.fullmatch(value) if isinstance(value, str) else None
         suffix = match.group(2).lower() if match else ""
         if match is None or suffix not in _MEMORY_SUFFIX_MIB:
             raise InvalidArgumentError(

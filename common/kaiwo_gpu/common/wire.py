@@ -10,10 +10,10 @@ from typing import cast
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import (
+    ISOLATION_ALIASES,
     AllocationRequest,
     Isolation,
     Selector,
-    freeze_labels,
     parse_isolation,
 )
 from kaiwo_gpu.v1 import types_pb2
@@ -32,6 +32,9 @@ _ISOLATION_TO_PROTO: dict[Isolation, types_pb2.Isolation.ValueType] = {
 }
 
 
+_ALIAS_BY_NOTE = {note: alias for alias, (_, note) in ISOLATION_ALIASES.items()}
+
+
 def isolation_from_proto(value: int) -> Isolation:
     """Proto3 enums are open: an unknown number from a newer client is an error, not 'none'."""
     isolation = _ISOLATION_FROM_PROTO.get(cast("types_pb2.Isolation.ValueType", value))
@@ -46,7 +49,7 @@ def isolation_to_proto(isolation: Isolation) -> types_pb2.Isolation.ValueType:
 
 def selector_from_proto(message: types_pb2.Selector) -> Selector:
     return Selector(
-        node_labels=freeze_labels(dict(message.node_labels), "request.selector.node_labels"),
+        node_labels=tuple(message.node_labels.items()),
         gpu_models=frozenset(message.gpu_models),
         exclude_nodes=frozenset(message.exclude_nodes),
         exclude_gpus=frozenset(message.exclude_gpus),
@@ -71,7 +74,7 @@ def request_from_proto(message: types_pb2.AllocationRequest) -> AllocationReques
             selector=selector_from_proto(message.selector),
             strategy=message.strategy or None,
             owner=message.owner,
-            labels=freeze_labels(dict(message.labels), "request.labels"),
+            labels=tuple(message.labels.items()),
             ttl_seconds=message.ttl_seconds or None,
         )
     except InvalidArgumentError as error:
@@ -99,4 +102,7 @@ def request_to_proto(request: AllocationRequest) -> types_pb2.AllocationRequest:
         ttl_seconds=request.ttl_seconds or 0,
     )
     message.sharing = request.sharing
+    alias = _ALIAS_BY_NOTE.get(request.isolation_note)
+    if alias is not None:
+        message.isolation_name = alias
     return message

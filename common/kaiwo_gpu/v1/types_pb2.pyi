@@ -202,7 +202,7 @@ class AllocationRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     ISOLATION_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """client-chosen, 1-128 chars [A-Za-z0-9._:-]; makes Allocate idempotent"""
+    """client-chosen, 1-128 chars [A-Za-z0-9._:/-]; makes Allocate idempotent"""
     count: _builtins.int
     """GPUs on one node, 1-64; 0 means 1"""
     fraction_millis: _builtins.int

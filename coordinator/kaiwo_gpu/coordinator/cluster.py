@@ -76,6 +76,11 @@ class PlacedAllocation:
     isolation: Isolation = Isolation.NONE
     sharing: bool = True
 
+    def __post_init__(self) -> None:
+        uuids = [share.gpu_uuid for share in self.shares]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError(f"allocation {self.allocation_id} holds one GPU twice: {uuids}")
+
     @property
     def blocks_sharing(self) -> bool:
         return not self.sharing or self.isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)

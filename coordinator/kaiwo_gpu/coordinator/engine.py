@@ -193,9 +193,10 @@ def place(
     strategy = resolve_strategy(request, strategies, default_strategy)
     picked: dict[str, list[tuple[int, Demand]]] = {}
     seen: set[int] = set()
+    gpu_count = len(snapshot.gpus)
     index = snapshot.index_for(request.isolation)
     for pos in strategy.candidates(snapshot, index, min_free_millis(request, snapshot), state):
-        if pos in seen:
+        if pos in seen or not 0 <= pos < gpu_count:
             continue
         seen.add(pos)
         verdict = check_gpu(request, snapshot, pos)

@@ -2,10 +2,13 @@
 
 Lower is better. The score takes the larger of the share already allocated and the live
 gfx activity (a GPU can be busier than its allocations say), then adds power draw relative
-to the limit, heat above a soft limit, and a penalty for a degraded GPU.
+to the limit, heat above a soft limit, and a penalty for a degraded GPU. Readings that are
+NaN or infinite count as not reported, so one bad sample cannot stop placement.
 """
 
 from __future__ import annotations
+
+import math
 
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.coordinator.cluster import Gpu, GpuUsage, Telemetry
@@ -15,18 +18,26 @@ PER_DEGREE_OVER = 25
 DEGRADED_PENALTY = 1000
 
 
+def _sane(value: float | None, low: float, high: float) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return min(max(value, low), high)
+
+
 def load_score(gpu: Gpu, usage: GpuUsage, telemetry: Telemetry | None) -> int:
     busy = usage.allocated_millis
     power = 0
     heat = 0
     if telemetry is not None:
-        if telemetry.gfx_activity_percent is not None:
-            busy = max(busy, telemetry.gfx_activity_percent * 10)
-        if telemetry.socket_power_w is not None and telemetry.power_limit_w:
-            power = int(250 * telemetry.socket_power_w / telemetry.power_limit_w)
-        if telemetry.hotspot_temperature_c is not None:
-            heat = int(
-                max(0.0, telemetry.hotspot_temperature_c - HOT_SOFT_LIMIT_C) * PER_DEGREE_OVER
-            )
+        activity = _sane(telemetry.gfx_activity_percent, 0, 100)
+        if activity is not None:
+            busy = max(busy, int(activity * 10))
+        watts = _sane(telemetry.socket_power_w, 0, 10_000)
+        limit = _sane(telemetry.power_limit_w, 0, 10_000)
+        if watts is not None and limit:
+            power = int(250 * min(watts / limit, 2.0))
+        hotspot = _sane(telemetry.hotspot_temperature_c, -50, 200)
+        if hotspot is not None:
+            heat = int(max(0.0, hotspot - HOT_SOFT_LIMIT_C) * PER_DEGREE_OVER)
     degraded = DEGRADED_PENALTY if gpu.health is Health.DEGRADED else 0
     return busy + power + heat + degraded

@@ -204,8 +204,5 @@ class ClusterSnapshot:
     def free_millis(self, pos: int) -> int:
         return MILLIS_PER_GPU - self.usage[pos].allocated_millis
 
-    def free_memory_mib(self, pos: int) -> int:
-        return self.gpus[pos].vram_mib - self.usage[pos].allocated_memory_mib
-
     def free_compute_units(self, pos: int) -> int:
         return self.gpus[pos].compute_units - self.usage[pos].used_compute_units_mask.bit_count()
