@@ -173,24 +173,18 @@ def measure_strategy(
         if isinstance(decision, Placement):
             state = decision.state
 
+    decisions: list[Placement | NoFit] = []
     state = SchedulerState()
-    nofit = 0
 
-    durations = [0] * len(requests)
-    clock = time.perf_counter_ns
-    gc.collect()
-    gc.disable()
-    try:
-        for i, request in enumerate(requests):
-            start = clock()
-            decision = place(request, snapshot, state, default_strategy=strategy)
-            durations[i] = clock() - start
-            if isinstance(decision, Placement):
-                state = decision.state
-            else:
-                nofit += 1
-    finally:
-        gc.enable()
+    def decide(i: int) -> None:
+        nonlocal state
+        decision = place(requests[i], snapshot, state, default_strategy=strategy)
+        decisions.append(decision)
+        if isinstance(decision, Placement):
+            state = decision.state
+
+    durations = _timed(len(requests), decide)
+    nofit = sum(isinstance(decision, NoFit) for decision in decisions)
     return Stats.of(durations), nofit / len(requests)
 
 

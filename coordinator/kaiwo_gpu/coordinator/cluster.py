@@ -52,10 +52,8 @@ class Node:
     unschedulable_reason: str = ""
 
     def has_labels(self, wanted: Labels) -> bool:
-        if not wanted:
-            return True
-        mine = dict(self.labels)
-        return all(mine.get(key) == value for key, value in wanted)
+        """Every wanted (key, value) pair is one of ours; labels are unique per key."""
+        return all(pair in self.labels for pair in wanted)
 
 
 @dataclass(frozen=True, slots=True)
