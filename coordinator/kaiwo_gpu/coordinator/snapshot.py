@@ -96,32 +96,33 @@ class ClusterSnapshot:
         snapshot.usage = tuple(usage)
         snapshot.holders = tuple(holders)
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
-        entries = [snapshot._index_entries(pos) for pos in range(len(gpus))]
-        snapshot.shared_index = CapacityIndex.build(shared for shared, _ in entries)
-        snapshot.cu_mask_index = CapacityIndex.build(masked for _, masked in entries)
+        positions = range(len(gpus))
+        snapshot.shared_index = CapacityIndex.build(
+            snapshot._index_entry(pos, cu_mask=False) for pos in positions
+        )
+        snapshot.cu_mask_index = CapacityIndex.build(
+            snapshot._index_entry(pos, cu_mask=True) for pos in positions
+        )
         return snapshot
 
     def index_for(self, isolation: Isolation) -> CapacityIndex:
         """cu-mask and time-shared work never mix on a GPU, so each has its own index."""
         return self.cu_mask_index if isolation is Isolation.CU_MASK else self.shared_index
 
-    def _index_entries(self, pos: int) -> tuple[IndexEntry | None, IndexEntry | None]:
-        """The GPU's entry in (shared_index, cu_mask_index); None where it is closed."""
+    def _index_entry(self, pos: int, *, cu_mask: bool) -> IndexEntry | None:
         gpu = self.gpus[pos]
         usage = self.usage[pos]
         if gpu.health is Health.UNHEALTHY or not self.node_of[pos].schedulable or usage.blocked:
-            return None, None
+            return None
+        if usage.shared_holders if cu_mask else usage.cu_mask_holders:
+            return None
         free_millis = MILLIS_PER_GPU - usage.allocated_millis
         if free_millis <= 0:
-            return None, None
-        entry = IndexEntry(
+            return None
+        return IndexEntry(
             free_millis=free_millis,
             free_memory_mib=gpu.vram_mib - usage.allocated_memory_mib,
             load=load_score(gpu, usage, self.telemetry.get(gpu.uuid)),
-        )
-        return (
-            None if usage.cu_mask_holders else entry,
-            None if usage.shared_holders else entry,
         )
 
     def _derive(
@@ -147,12 +148,11 @@ class ClusterSnapshot:
             holders[pos] = ids
         snapshot.usage = tuple(usage)
         snapshot.holders = tuple(holders)
-        entries = {pos: snapshot._index_entries(pos) for pos in changed_usage}
         snapshot.shared_index = self.shared_index.updated(
-            {pos: shared for pos, (shared, _) in entries.items()}
+            {pos: snapshot._index_entry(pos, cu_mask=False) for pos in changed_usage}
         )
         snapshot.cu_mask_index = self.cu_mask_index.updated(
-            {pos: masked for pos, (_, masked) in entries.items()}
+            {pos: snapshot._index_entry(pos, cu_mask=True) for pos in changed_usage}
         )
         return snapshot
 
