@@ -1,0 +1,81 @@
+"""Turns a batch of placement decisions into one guarded etcd transaction (pure).
+
+The transaction compares, for every GPU a decision used, the revision of the GPU's version
+key that the view read, and for every node the revision of its record; it also requires
+each request_id to be new. If any of that moved, nothing is written and the allocator
+decides again on a fresher view. This is what keeps several coordinators from
+over-committing a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.store import Put, Txn
+from kaiwo_gpu.coordinator.view_state import ViewState
+from kaiwo_gpu.v1 import types_pb2
+
+MAX_TXN_OPS = 128
+"""etcd's default --max-txn-ops: the most compares, or operations, in one transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedAllocation:
+    record: types_pb2.Allocation
+    lease_id: int
+
+
+class CommitPlan:
+    """Accumulates decisions until the next one would not fit in one transaction."""
+
+    def __init__(self, layout: KeyLayout, state: ViewState) -> None:
+        self._layout = layout
+        self._state = state
+        self._expect: dict[bytes, int] = {}
+        self._puts: list[Put] = []
+        self._request_keys: list[bytes] = []
+        self.allocations: list[PlannedAllocation] = []
+
+    def _growth(self, record: types_pb2.Allocation) -> tuple[dict[bytes, int], list[Put]]:
+        layout, state = self._layout, self._state
+        expect: dict[bytes, int] = {}
+        puts: list[Put] = []
+        node_key = layout.node(record.node)
+        if node_key not in self._expect:
+            expect[node_key] = state.node_revisions.get(record.node, 0)
+        for grant in record.gpus:
+            gpu_key = layout.gpu(grant.uuid)
+            if gpu_key not in self._expect:
+                expect[gpu_key] = state.gpu_revisions.get(grant.uuid, 0)
+                puts.append(Put(gpu_key, b""))
+        expect[layout.request(record.request_id)] = 0
+        return expect, puts
+
+    def fits(self, record: types_pb2.Allocation) -> bool:
+        expect, puts = self._growth(record)
+        compares = len(self._expect) + len(expect)
+        operations = len(self._puts) + len(puts) + 2 * (len(self.allocations) + 1)
+        return max(compares, operations) <= MAX_TXN_OPS
+
+    def add(self, record: types_pb2.Allocation, lease_id: int) -> None:
+        expect, puts = self._growth(record)
+        self._expect.update(expect)
+        self._puts.extend(puts)
+        self._request_keys.append(self._layout.request(record.request_id))
+        self.allocations.append(PlannedAllocation(record, lease_id))
+
+    def txn(self) -> Txn:
+        records = [
+            Put(self._layout.allocation(a.record.id), a.record.SerializeToString(), a.lease_id)
+            for a in self.allocations
+        ]
+        requests = [
+            Put(self._layout.request(a.record.request_id), a.record.id.encode(), a.lease_id)
+            for a in self.allocations
+        ]
+        return Txn(
+            expect_mod_revision=tuple(self._expect.items()),
+            puts=(*records, *requests, *self._puts),
+            read_on_failure=tuple(self._expect),
+        )

@@ -1,0 +1,202 @@
+"""Static node inventory from a YAML file, for clusters (and tests) without node agents.
+
+    nodes:
+      - name: gpu-01
+        labels: {kaiwo.ai/pool: training}
+        gpus:
+          - {model: MI300X, count: 8}            # UUIDs and BDFs derived from the node name
+          - {uuid: GPU-1f2e, index: 8, bdf: "0000:c1:00.0", model: MI210,
+             vram_mib: 65536, compute_units: 104, compute_partition: SPX}
+
+Parsing is pure and names the offending path (`nodes[0].gpus[1].vram_mib`) on error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.gpu_models import GPU_MODELS
+from kaiwo_gpu.v1 import types_pb2
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+_UUID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_PARTITIONS = ("", "SPX", "DPX", "TPX", "QPX", "CPX")
+_NODE_KEYS = {"name", "labels", "gpus"}
+_GPU_KEYS = {
+    "model", "count", "uuid", "index", "bdf", "vram_mib", "compute_units", "compute_partition",
+}  # fmt: skip
+
+
+def _int(value: object, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgumentError(where, value, f"a whole number {low}-{high}")
+    return value
+
+
+def _str(value: object, where: str, pattern: re.Pattern[str], allowed: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidArgumentError(where, value, allowed)
+    return value
+
+
+def _mapping(value: object, where: str, keys: set[str]) -> Mapping[str, object]:
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(where, value, "a mapping")
+    unknown = sorted(set(map(str, value)) - keys)
+    if unknown:
+        raise InvalidArgumentError(where, unknown[0], "one of " + ", ".join(sorted(keys)))
+    return value
+
+
+def _derived_uuid(node: str, index: int) -> str:
+    return "GPU-" + hashlib.sha256(f"{node}/{index}".encode()).hexdigest()[:16]
+
+
+def _gpus(
+    entry: Mapping[str, object], where: str, node: str, next_index: int
+) -> list[types_pb2.GpuInventory]:
+    model_name = _str(
+        entry.get("model"), f"{where}.model", re.compile(r"^\S{1,64}$"), "a GPU model"
+    )
+    known = GPU_MODELS.get(model_name)
+    vram = entry.get("vram_mib", known.vram_mib if known else None)
+    units = entry.get("compute_units", known.compute_units if known else None)
+    if vram is None or units is None:
+        raise InvalidArgumentError(
+            f"{where}.vram_mib",
+            None,
+            f"vram_mib and compute_units for a model other than {', '.join(GPU_MODELS)}",
+        )
+    vram_mib = _int(vram, f"{where}.vram_mib", 1, 16 * 1024 * 1024)
+    compute_units = _int(units, f"{where}.compute_units", 1, 4096)
+    partition = entry.get("compute_partition", "")
+    if partition not in _PARTITIONS:
+        raise InvalidArgumentError(
+            f"{where}.compute_partition", partition, "SPX, DPX, TPX, QPX or CPX"
+        )
+    assert isinstance(partition, str)
+    if "count" in entry:
+        if {"uuid", "index", "bdf"} & set(entry):
+            raise InvalidArgumentError(
+                f"{where}.count", entry["count"], "either count or uuid/index/bdf"
+            )
+        count = _int(entry["count"], f"{where}.count", 1, 64)
+        indices = range(next_index, next_index + count)
+        return [
+            types_pb2.GpuInventory(
+                uuid=_derived_uuid(node, i),
+                index=i,
+                bdf=f"0000:{0x10 + i:02x}:00.0",
+                model=model_name,
+                vram_mib=vram_mib,
+                compute_units=compute_units,
+                compute_partition=partition,
+            )
+            for i in indices
+        ]
+    index = _int(entry.get("index", next_index), f"{where}.index", 0, 255)
+    return [
+        types_pb2.GpuInventory(
+            uuid=_str(
+                entry.get("uuid", _derived_uuid(node, index)),
+                f"{where}.uuid",
+                _UUID,
+                "1-128 of [A-Za-z0-9._:-]",
+            ),
+            index=index,
+            bdf=str(entry.get("bdf", "")),
+            model=model_name,
+            vram_mib=vram_mib,
+            compute_units=compute_units,
+            compute_partition=partition,
+        )
+    ]
+
+
+def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.NodeStatus]:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InvalidArgumentError(source, "(YAML)", f"valid YAML: {error}") from None
+    top = _mapping(document, source, {"nodes"})
+    entries = top.get("nodes")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgumentError(f"{source}: nodes", entries, "a non-empty list of nodes")
+    nodes: list[types_pb2.NodeStatus] = []
+    names: set[str] = set()
+    uuids: set[str] = set()
+    for n, raw in enumerate(entries):
+        where = f"{source}: nodes[{n}]"
+        entry = _mapping(raw, where, _NODE_KEYS)
+        name = _str(entry.get("name"), f"{where}.name", _NAME, "a DNS-style node name")
+        if name in names:
+            raise InvalidArgumentError(f"{where}.name", name, "a name not used by another node")
+        names.add(name)
+        labels = entry.get("labels", {})
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise InvalidArgumentError(f"{where}.labels", labels, "a mapping of strings to strings")
+        raw_gpus = entry.get("gpus")
+        if not isinstance(raw_gpus, list) or not raw_gpus:
+            raise InvalidArgumentError(f"{where}.gpus", raw_gpus, "a non-empty list of GPUs")
+        gpus: list[types_pb2.GpuInventory] = []
+        for g, raw_gpu in enumerate(raw_gpus):
+            gpu_where = f"{where}.gpus[{g}]"
+            next_index = max((gpu.index for gpu in gpus), default=-1) + 1
+            gpus += _gpus(_mapping(raw_gpu, gpu_where, _GPU_KEYS), gpu_where, name, next_index)
+        indices = [gpu.index for gpu in gpus]
+        if len(set(indices)) != len(indices):
+            raise InvalidArgumentError(f"{where}.gpus", indices, "distinct device indices")
+        for gpu in gpus:
+            if gpu.uuid in uuids:
+                raise InvalidArgumentError(f"{where}.gpus", gpu.uuid, "UUIDs unique in the cluster")
+            uuids.add(gpu.uuid)
+        nodes.append(
+            types_pb2.NodeStatus(
+                name=name,
+                labels=labels,
+                schedulable=True,
+                gpus=[
+                    types_pb2.GpuStatus(inventory=gpu, health=types_pb2.HEALTH_HEALTHY)
+                    for gpu in gpus
+                ],
+            )
+        )
+    return nodes
+
+
+def load_inventory(path: Path) -> list[types_pb2.NodeStatus]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InvalidArgumentError(
+            "--inventory", str(path), f"a readable file ({error.strerror})"
+        ) from None
+    return parse_inventory(text, str(path))
+
+
+def synthetic_inventory(
+    node_count: int, gpus_per_node: int, model: str
+) -> list[types_pb2.NodeStatus]:
+    """The inventory `kaiwo-gpu up` and the benchmarks use: nodes named node-00, node-01, ..."""
+    width = max(2, len(str(node_count - 1)))
+    text = yaml.safe_dump(
+        {
+            "nodes": [
+                {
+                    "name": f"node-{n:0{width}d}",
+                    "labels": {"kaiwo.ai/pool": "default"},
+                    "gpus": [{"model": model, "count": gpus_per_node}],
+                }
+                for n in range(node_count)
+            ]
+        }
+    )
+    return parse_inventory(text, "synthetic inventory")

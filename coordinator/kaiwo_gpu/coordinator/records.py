@@ -1,0 +1,125 @@
+"""Conversions between the records kept in etcd (v1 protobuf) and the engine's cluster model.
+
+Records are the protobuf messages the API already speaks: a node is a `NodeStatus` without
+usage, an allocation is the `Allocation` a client got back. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
+from kaiwo_gpu.common.wire import isolation_from_proto, isolation_to_proto, request_to_proto
+from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation
+from kaiwo_gpu.coordinator.engine import Placement
+from kaiwo_gpu.coordinator.environment import launch_environment
+from kaiwo_gpu.v1 import types_pb2
+
+_HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {
+    types_pb2.HEALTH_UNSPECIFIED: Health.HEALTHY,
+    types_pb2.HEALTH_HEALTHY: Health.HEALTHY,
+    types_pb2.HEALTH_DEGRADED: Health.DEGRADED,
+    types_pb2.HEALTH_UNHEALTHY: Health.UNHEALTHY,
+}
+HEALTH_TO_PROTO: dict[Health, types_pb2.Health.ValueType] = {
+    Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
+    Health.DEGRADED: types_pb2.HEALTH_DEGRADED,
+    Health.UNHEALTHY: types_pb2.HEALTH_UNHEALTHY,
+}
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def node_from_record(record: types_pb2.NodeStatus) -> Node:
+    gpus = tuple(
+        Gpu(
+            uuid=status.inventory.uuid,
+            node=record.name,
+            index=status.inventory.index,
+            bdf=status.inventory.bdf,
+            model=status.inventory.model,
+            vram_mib=status.inventory.vram_mib,
+            compute_units=status.inventory.compute_units,
+            health=_HEALTH_FROM_PROTO.get(status.health, Health.UNHEALTHY),
+            health_reason=status.health_reason,
+            compute_partition=status.inventory.compute_partition,
+        )
+        for status in record.gpus
+    )
+    return Node(
+        name=record.name,
+        gpus=gpus,
+        labels=tuple(sorted(record.labels.items())),
+        schedulable=record.schedulable,
+        unschedulable_reason=record.unschedulable_reason,
+    )
+
+
+def placed_from_record(record: types_pb2.Allocation) -> PlacedAllocation:
+    isolation = isolation_from_proto(record.isolation)
+    blocks = not record.request.sharing or isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
+    return PlacedAllocation(
+        allocation_id=record.id,
+        node=record.node,
+        shares=tuple(
+            GpuShare(
+                gpu_uuid=grant.uuid,
+                millis=grant.granted_millis,
+                memory_mib=grant.granted_memory_mib,
+                compute_units=tuple(grant.compute_units),
+            )
+            for grant in record.gpus
+        ),
+        isolation=isolation,
+        sharing=not blocks,
+    )
+
+
+def allocation_record(
+    request: AllocationRequest,
+    placement: Placement,
+    allocation_id: str,
+    *,
+    lease_id: int,
+    created_at: datetime,
+    expires_at: datetime | None,
+) -> types_pb2.Allocation:
+    """The record committed to etcd and returned to the client."""
+    record = types_pb2.Allocation(
+        id=allocation_id,
+        request_id=request.request_id,
+        request=request_to_proto(request),
+        node=placement.node,
+        gpus=[
+            types_pb2.GpuGrant(
+                uuid=grant.gpu.uuid,
+                index=grant.gpu.index,
+                bdf=grant.gpu.bdf,
+                granted_millis=grant.millis,
+                granted_memory_mib=grant.memory_mib,
+                compute_units=grant.compute_units,
+            )
+            for grant in placement.grants
+        ],
+        isolation=isolation_to_proto(placement.isolation),
+        isolation_note=placement.isolation_note,
+        environment=launch_environment(placement, allocation_id),
+        strategy=placement.strategy,
+        state=types_pb2.ALLOCATION_STATE_ACTIVE,
+        lease_id=lease_id,
+        created_at=timestamp(created_at),
+    )
+    if expires_at is not None:
+        record.expires_at.CopyFrom(timestamp(expires_at))
+    return record
+
+
+def same_request(stored: types_pb2.AllocationRequest, incoming: AllocationRequest) -> bool:
+    """A retry must ask for the same thing; the stored request is already normalized."""
+    return stored == request_to_proto(incoming)

@@ -1,0 +1,137 @@
+"""The coordinator process: etcd store, cluster view, allocator and the gRPC server around them.
+
+`Coordinator.start()` / `stop()` serve tests in-process; `run()` is the command's main loop,
+which stops gracefully on SIGTERM or SIGINT (health goes NOT_SERVING, in-flight calls get
+`shutdown_grace_s` to finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
+from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
+from kaiwo_gpu.coordinator.inventory import load_inventory
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.registration import register_nodes
+from kaiwo_gpu.coordinator.servicers import AllocationServicer
+from kaiwo_gpu.coordinator.settings import CoordinatorSettings
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES
+from kaiwo_gpu.coordinator.view import ClusterView
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = allocation_pb2.DESCRIPTOR.services_by_name["AllocationService"].full_name
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        if settings.default_strategy not in BUILTIN_STRATEGIES:
+            raise InvalidArgumentError(
+                "--strategy", settings.default_strategy, ", ".join(sorted(BUILTIN_STRATEGIES))
+            )
+        self.settings = settings
+        self.layout = KeyLayout(settings.prefix)
+        self.store = EtcdStore(settings.etcd_endpoints, timeout_s=settings.etcd_timeout_s)
+        self.view = ClusterView(self.store, self.layout)
+        self.allocator = Allocator(
+            self.store,
+            self.view,
+            self.layout,
+            AllocatorSettings(
+                default_strategy=settings.default_strategy,
+                default_ttl_s=settings.default_ttl_s,
+            ),
+        )
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
+            AllocationServicer(self.allocator, self.view), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = 0
+
+    async def _connect(self) -> None:
+        """Waits up to `startup_wait_s` for etcd, so a coordinator may start before it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.startup_wait_s
+        delay = 0.1
+        while True:
+            try:
+                if self.settings.inventory is not None:
+                    nodes = load_inventory(self.settings.inventory)
+                    await register_nodes(self.store, self.layout, nodes)
+                await self.view.start()
+                return
+            except UnavailableError as error:
+                if loop.time() + delay > deadline:
+                    raise UnavailableError(
+                        f"{error.message} (waited {self.settings.startup_wait_s:g}s at startup)"
+                    ) from None
+                log.warning("waiting for etcd", error=error.message, retry_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def start(self) -> int:
+        """Connects to etcd, loads the view and starts serving; returns the bound port."""
+        await self._connect()
+        self.allocator.start()
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        except RuntimeError as error:
+            await self.stop()
+            raise UnavailableError(f"cannot listen on {self.settings.listen}: {error}") from None
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "coordinator serving",
+            listen=self.settings.listen,
+            port=self.port,
+            etcd=self.store.target,
+            prefix=self.settings.prefix,
+            nodes=len(self.view.state.nodes),
+            allocations=len(self.view.state.allocations),
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s)
+        await self.allocator.stop()
+        await self.view.stop()
+        await self.store.close()
+
+    async def run(self) -> None:
+        """Serves until SIGTERM or SIGINT."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await self.start()
+        await stopping.wait()
+        log.info("coordinator stopping", grace_s=self.settings.shutdown_grace_s)
+        await self.stop()

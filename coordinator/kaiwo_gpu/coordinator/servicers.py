@@ -1,0 +1,174 @@
+"""The AllocationService over gRPC: validate at the edge, call the allocator, map errors.
+
+Every `KaiwoGpuError` becomes the gRPC status it names, with its message; anything else is
+logged and answered INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import structlog
+
+from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, UnavailableError
+from kaiwo_gpu.common.wire import request_from_proto
+from kaiwo_gpu.coordinator.allocator import Allocator
+from kaiwo_gpu.coordinator.queries import cluster_stats, list_allocations, matches, node_statuses
+from kaiwo_gpu.coordinator.records import timestamp
+from kaiwo_gpu.coordinator.view import ClusterView
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+_ALLOCATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+Reply = TypeVar("Reply")
+
+
+def check_allocation_id(value: str) -> str:
+    if not _ALLOCATION_ID.match(value):
+        raise InvalidArgumentError("allocation_id", value, "1-128 characters of [A-Za-z0-9._-]")
+    return value
+
+
+async def _answer(
+    context: grpc.aio.ServicerContext[object, object],
+    rpc: str,
+    work: Callable[[], Awaitable[Reply]],
+) -> Reply:
+    try:
+        return await work()
+    except KaiwoGpuError as error:
+        await context.abort(grpc.StatusCode[error.status_code], error.message)
+    except Exception:
+        log.exception("rpc failed", rpc=rpc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed inside the coordinator")
+    raise AssertionError("abort raises")  # pragma: no cover
+
+
+class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
+    def __init__(self, allocator: Allocator, view: ClusterView) -> None:
+        self.allocator = allocator
+        self.view = view
+
+    async def Allocate(
+        self,
+        request: allocation_pb2.AllocateRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.AllocateResponse:
+        async def work() -> allocation_pb2.AllocateResponse:
+            parsed = request_from_proto(request.request)
+            record, replayed = await self.allocator.allocate(parsed)
+            log.info(
+                "allocated",
+                request_id=parsed.request_id,
+                allocation_id=record.id,
+                node=record.node,
+                replayed=replayed,
+            )
+            return allocation_pb2.AllocateResponse(allocation=record, replayed=replayed)
+
+        return await _answer(context, "Allocate", work)
+
+    async def Release(
+        self,
+        request: allocation_pb2.ReleaseRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.ReleaseResponse:
+        async def work() -> allocation_pb2.ReleaseResponse:
+            record = await self.allocator.release(check_allocation_id(request.allocation_id))
+            log.info("released", allocation_id=record.id, node=record.node)
+            return allocation_pb2.ReleaseResponse(allocation=record)
+
+        return await _answer(context, "Release", work)
+
+    async def KeepAlive(
+        self,
+        request: allocation_pb2.KeepAliveRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.KeepAliveResponse:
+        async def work() -> allocation_pb2.KeepAliveResponse:
+            expires_at, ttl_s = await self.allocator.keep_alive(
+                check_allocation_id(request.allocation_id)
+            )
+            return allocation_pb2.KeepAliveResponse(
+                expires_at=timestamp(expires_at), ttl_seconds=ttl_s
+            )
+
+        return await _answer(context, "KeepAlive", work)
+
+    async def GetAllocation(
+        self,
+        request: allocation_pb2.GetAllocationRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.GetAllocationResponse:
+        async def work() -> allocation_pb2.GetAllocationResponse:
+            record, _ = await self.allocator.record(check_allocation_id(request.allocation_id))
+            return allocation_pb2.GetAllocationResponse(allocation=record)
+
+        return await _answer(context, "GetAllocation", work)
+
+    async def ListAllocations(
+        self,
+        request: allocation_pb2.ListAllocationsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.ListAllocationsResponse:
+        async def work() -> allocation_pb2.ListAllocationsResponse:
+            return list_allocations(self.view.state, request)
+
+        return await _answer(context, "ListAllocations", work)
+
+    async def WatchAllocations(
+        self,
+        request: allocation_pb2.WatchAllocationsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
+        """Every current allocation as ADDED, then changes as they happen."""
+        subscription = self.view.subscribe()
+        try:
+            state = self.view.state
+            for record in sorted(state.allocations.values(), key=lambda r: r.id):
+                if matches(record, request.owner, request.node, {}):
+                    yield allocation_pb2.AllocationEvent(
+                        kind=allocation_pb2.AllocationEvent.KIND_ADDED,
+                        allocation=record,
+                        revision=state.allocation_revisions[record.id],
+                    )
+            while True:
+                event = await subscription.queue.get()
+                if event is None:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "this watcher fell too far behind; watch again to resynchronize",
+                    )
+                if matches(event.allocation, request.owner, request.node, {}):
+                    yield event
+        finally:
+            self.view.unsubscribe(subscription)
+
+    async def ListNodes(
+        self,
+        request: allocation_pb2.ListNodesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.ListNodesResponse:
+        async def work() -> allocation_pb2.ListNodesResponse:
+            if not self.view.state.nodes and not self.view.connected:
+                raise UnavailableError("the coordinator has not read the cluster from etcd yet")
+            return allocation_pb2.ListNodesResponse(
+                nodes=list(node_statuses(self.view.state, request.labels))
+            )
+
+        return await _answer(context, "ListNodes", work)
+
+    async def GetClusterStats(
+        self,
+        request: allocation_pb2.GetClusterStatsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> allocation_pb2.GetClusterStatsResponse:
+        async def work() -> allocation_pb2.GetClusterStatsResponse:
+            return cluster_stats(self.view.state)
+
+        return await _answer(context, "GetClusterStats", work)
+

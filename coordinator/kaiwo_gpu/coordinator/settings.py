@@ -1,0 +1,35 @@
+"""The coordinator's settings: one frozen value built in the entry point, then passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX
+from kaiwo_gpu.coordinator.strategies import DEFAULT_STRATEGY
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_ETCD = "127.0.0.1:2379"
+
+ENVIRONMENT = {
+    "listen": "KAIWO_GPU_LISTEN",
+    "etcd": "KAIWO_GPU_ETCD_ENDPOINTS",
+    "prefix": "KAIWO_GPU_ETCD_PREFIX",
+    "strategy": "KAIWO_GPU_DEFAULT_STRATEGY",
+    "default_ttl": "KAIWO_GPU_DEFAULT_TTL",
+    "inventory": "KAIWO_GPU_INVENTORY",
+}
+"""Flag destination -> environment variable that supplies its default."""
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorSettings:
+    listen: str = DEFAULT_LISTEN
+    etcd_endpoints: tuple[str, ...] = (DEFAULT_ETCD,)
+    prefix: str = DEFAULT_PREFIX
+    default_strategy: str = DEFAULT_STRATEGY
+    default_ttl_s: int | None = None
+    inventory: Path | None = None
+    etcd_timeout_s: float = 5.0
+    startup_wait_s: float = 30.0
+    shutdown_grace_s: float = 5.0

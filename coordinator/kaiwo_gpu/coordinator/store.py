@@ -1,0 +1,307 @@
+"""The coordinator's only door to etcd: reads, the watch stream, transactions and leases.
+
+Callers hand over changes as data (`Txn`) and get plain values back; this module turns them
+into etcd requests and turns etcd's failures into the project's errors. It uses aetcd's
+channel and generated etcd stubs directly: aetcd's own watch helper splits responses into
+single events and drops the response revision, which the cluster view needs to know how far
+it has caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+from aetcd import rpc
+from aetcd.rpc import AioRpcError, StatusCode
+
+from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
+
+_UNREACHABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
+_CHANNEL_OPTIONS = {
+    # A hung etcd shows up as a failed call instead of a call that waits forever.
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.max_receive_message_length": 64 * 1024 * 1024,
+}
+_HAS_LEADER = (("hasleader", "true"),)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key's change from the watch; `value` None means the key was deleted."""
+
+    key: bytes
+    value: bytes | None
+    revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: bytes
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    """An all-or-nothing change.
+
+    `expect_mod_revision` pairs a key with the revision it must still have (0: absent);
+    `expect_present` keys must exist. On failure nothing is written and the current values
+    of `read_on_failure` come back, so the caller learns what changed under it.
+    """
+
+    expect_mod_revision: tuple[tuple[bytes, int], ...] = ()
+    expect_present: tuple[bytes, ...] = ()
+    puts: tuple[Put, ...] = ()
+    deletes: tuple[bytes, ...] = ()
+    read_on_failure: tuple[bytes, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """The larger of compares and operations; etcd caps both (--max-txn-ops, 128)."""
+        return max(
+            len(self.expect_mod_revision) + len(self.expect_present),
+            len(self.puts) + len(self.deletes),
+            len(self.read_on_failure),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    current: Mapping[bytes, KeyValue] = field(default_factory=dict)
+
+
+class CompactedError(Exception):
+    """The watch asked for history etcd has already compacted; re-list and start over."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd compacted history up to revision {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+def parse_endpoints(endpoints: Sequence[str]) -> tuple[str, int, str]:
+    """(host, port, target) for aetcd from `host:port` endpoints.
+
+    aetcd dials `host:port`; several endpoints become one gRPC `ipv4:a:p,b:q` target (IP
+    addresses only), so the channel fails over between them.
+    """
+    parsed: list[tuple[str, int]] = []
+    for endpoint in endpoints:
+        text = endpoint.removeprefix("http://")
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise InvalidArgumentError("etcd endpoint", endpoint, "host:port, e.g. 127.0.0.1:2379")
+        parsed.append((host, int(port_text)))
+    if not parsed:
+        raise InvalidArgumentError("etcd endpoints", "", "at least one host:port")
+    if len(parsed) == 1:
+        host, port = parsed[0]
+        return host, port, f"{host}:{port}"
+    for host, _ in parsed:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidArgumentError(
+                "etcd endpoints", host, "IPv4 addresses when more than one endpoint is given"
+            ) from None
+    head = ",".join(f"{h}:{p}" for h, p in parsed[:-1])
+    last_host, last_port = parsed[-1]
+    return f"ipv4:{head},{last_host}", last_port, f"ipv4:{head},{last_host}:{last_port}"
+
+
+def _unavailable(error: Exception, target: str) -> UnavailableError:
+    detail = error.details() if isinstance(error, AioRpcError) else str(error)
+    return UnavailableError(f"etcd at {target} is unavailable: {detail}")
+
+
+class EtcdStore:
+    """One etcd client for the process; every call maps etcd outages to UnavailableError."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 5.0) -> None:
+        host, port, self.target = parse_endpoints(endpoints)
+        self._timeout_s = timeout_s
+        self._client: Any = aetcd.Client(
+            host=host, port=port, timeout=timeout_s, options=dict(_CHANNEL_OPTIONS)
+        )
+
+    async def connect(self) -> None:
+        await self._client.connect()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, stub_method: Any, request: Any) -> Any:
+        if not self._client._connected.is_set():
+            await self._client.connect()
+        try:
+            return await stub_method(request, timeout=self._timeout_s)
+        except AioRpcError as error:
+            if error.code() in _UNREACHABLE:
+                raise _unavailable(error, self.target) from None
+            raise
+
+    async def read_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
+        """Every key under `prefix` at one revision, and that revision."""
+        await self.connect()
+        response = await self._call(
+            self._client.kvstub.Range,
+            rpc.RangeRequest(key=prefix, range_end=aetcd.utils.prefix_range_end(prefix)),
+        )
+        return response.header.revision, [
+            KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in response.kvs
+        ]
+
+    async def get(self, key: bytes) -> KeyValue | None:
+        await self.connect()
+        response = await self._call(self._client.kvstub.Range, rpc.RangeRequest(key=key))
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+
+    async def revision(self) -> int:
+        """etcd's current revision (a linearizable read of nothing)."""
+        await self.connect()
+        response = await self._call(
+            self._client.kvstub.Range, rpc.RangeRequest(key=b"\0", count_only=True)
+        )
+        return int(response.header.revision)
+
+    async def commit(self, txn: Txn) -> TxnResult:
+        await self.connect()
+        compares = [
+            rpc.Compare(
+                key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=revision
+            )
+            for key, revision in txn.expect_mod_revision
+        ]
+        compares += [
+            rpc.Compare(key=key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0)
+            for key in txn.expect_present
+        ]
+        success = [
+            rpc.RequestOp(request_put=rpc.PutRequest(key=put.key, value=put.value, lease=put.lease))
+            for put in txn.puts
+        ]
+        success += [
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+            for key in txn.deletes
+        ]
+        failure = [
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=key)) for key in txn.read_on_failure
+        ]
+        response = await self._call(
+            self._client.kvstub.Txn,
+            rpc.TxnRequest(compare=compares, success=success, failure=failure),
+        )
+        current: dict[bytes, KeyValue] = {}
+        if not response.succeeded:
+            for op in response.responses:
+                for kv in op.response_range.kvs:
+                    current[kv.key] = KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+        return TxnResult(response.succeeded, response.header.revision, current)
+
+    async def grant_lease(self, ttl_s: int) -> tuple[int, int]:
+        """(lease id, granted TTL in seconds)."""
+        await self.connect()
+        response = await self._call(
+            self._client.leasestub.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl_s)
+        )
+        return int(response.ID), int(response.TTL)
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        """Renews the lease; returns its TTL in seconds, 0 when it no longer exists."""
+        await self.connect()
+        try:
+            call = self._client.leasestub.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self._timeout_s
+            )
+            async for reply in call:
+                return int(reply.TTL)
+        except AioRpcError as error:
+            if error.code() in _UNREACHABLE:
+                raise _unavailable(error, self.target) from None
+            raise
+        return 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Drops the lease and every key on it; a lease that is already gone is fine."""
+        await self.connect()
+        try:
+            await self._call(
+                self._client.leasestub.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id)
+            )
+        except AioRpcError as error:
+            if error.code() is not StatusCode.NOT_FOUND:
+                raise
+
+    async def watch(
+        self, prefix: bytes, start_revision: int
+    ) -> AsyncIterator[tuple[int, list[Change]]]:
+        """(revision, changes) per watch response, from `start_revision` on.
+
+        The revision is the newest change's, or for a progress notice the header's: the
+        created response's header cannot be trusted while history is still replaying.
+
+        Ends with UnavailableError when the stream breaks (etcd restarted, no leader), and
+        CompactedError when `start_revision` is no longer in etcd's history.
+        """
+        await self.connect()
+        request = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=prefix,
+                range_end=aetcd.utils.prefix_range_end(prefix),
+                start_revision=start_revision,
+                progress_notify=True,
+            )
+        )
+        call = rpc.WatchStub(self._client.channel).Watch(metadata=_HAS_LEADER)
+        try:
+            await call.write(request)
+            while True:
+                response = await call.read()
+                if response is None or not isinstance(response, rpc.WatchResponse):
+                    raise UnavailableError(f"etcd at {self.target} closed the watch stream")
+                if response.compact_revision:
+                    raise CompactedError(response.compact_revision)
+                if response.canceled:
+                    raise UnavailableError(
+                        f"etcd at {self.target} cancelled the watch: {response.cancel_reason}"
+                    )
+                changes = [
+                    Change(
+                        event.kv.key,
+                        None if event.type == rpc.Event.DELETE else event.kv.value,
+                        event.kv.mod_revision,
+                        event.kv.lease,
+                    )
+                    for event in response.events
+                ]
+                if changes:
+                    yield max(change.revision for change in changes), changes
+                elif not response.created:
+                    # A progress notice: every change up to this revision has been sent.
+                    yield response.header.revision, changes
+        except AioRpcError as error:
+            raise _unavailable(error, self.target) from None
+        finally:
+            call.cancel()
+            await asyncio.sleep(0)

@@ -1,0 +1,158 @@
+"""The coordinator's live view of etcd: a range read at revision R, then a watch from R + 1.
+
+When the watch breaks (etcd restarted, lost its leader) it resumes from the last revision
+seen + 1; when that history is compacted it re-lists and tells watchers what changed in
+between. Allocation events fan out to subscribers through bounded queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from kaiwo_gpu.common.errors import UnavailableError
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.store import CompactedError, EtcdStore
+from kaiwo_gpu.coordinator.view_state import AllocationEvent, ViewState
+
+log = structlog.get_logger(__name__)
+
+SUBSCRIBER_QUEUE_LIMIT = 10_000
+
+
+class Subscription:
+    """Allocation events for one watcher; `None` in the queue means it fell too far behind."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[AllocationEvent | None] = asyncio.Queue(SUBSCRIBER_QUEUE_LIMIT)
+        self.overflowed = False
+
+    def offer(self, event: AllocationEvent) -> None:
+        if self.overflowed:
+            return
+        if self.queue.qsize() >= SUBSCRIBER_QUEUE_LIMIT - 1:
+            self.overflowed = True
+            self.queue.put_nowait(None)
+            return
+        self.queue.put_nowait(event)
+
+
+class ClusterView:
+    def __init__(
+        self,
+        store: EtcdStore,
+        layout: KeyLayout,
+        *,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.layout = layout
+        self.state = ViewState(layout)
+        self.connected = False
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._subscribers: set[Subscription] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Loads the state (raises UnavailableError when etcd is down) and starts watching."""
+        revision, kvs = await self.store.read_prefix(self.layout.all_keys)
+        self.state = ViewState.load(self.layout, revision, kvs)
+        self.connected = True
+        self._task = asyncio.create_task(self._follow(), name="cluster-view-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UnavailableError("the coordinator is shutting down"))
+        self._waiters.clear()
+
+    async def wait_for(self, revision: int, timeout_s: float) -> None:
+        """Returns once every change up to `revision` is in the state."""
+        if self.state.revision >= revision:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, waiter))
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            raise UnavailableError(
+                f"the coordinator's view of etcd is behind (at revision {self.state.revision}, "
+                f"needs {revision}); etcd may be unreachable"
+            ) from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove((revision, waiter))
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription()
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def _publish(self, events: list[AllocationEvent]) -> None:
+        for subscription in tuple(self._subscribers):
+            for event in events:
+                subscription.offer(event)
+        revision = self.state.revision
+        for wanted, waiter in self._waiters:
+            if wanted <= revision and not waiter.done():
+                waiter.set_result(None)
+
+    async def _follow(self) -> None:
+        delay = self._retry_initial_s
+        while True:
+            try:
+                async for revision, changes in self.store.watch(
+                    self.layout.all_keys, self.state.revision + 1
+                ):
+                    self.connected = True
+                    delay = self._retry_initial_s
+                    self._publish(self.state.apply(revision, changes))
+            except CompactedError as error:
+                log.warning(
+                    "watch history compacted; re-listing", compact_revision=error.compact_revision
+                )
+                await self._relist()
+                continue
+            except UnavailableError as error:
+                log.warning("etcd watch interrupted", error=error.message, resume_in_s=delay)
+            self.connected = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
+
+    async def _relist(self) -> None:
+        """Replaces the state by a fresh read and publishes the difference as events."""
+        while True:
+            try:
+                revision, kvs = await self.store.read_prefix(self.layout.all_keys)
+                break
+            except UnavailableError:
+                await asyncio.sleep(self._retry_max_s)
+        fresh = ViewState.load(self.layout, revision, kvs)
+        old = self.state.allocations
+        events = [
+            AllocationEvent(kind=AllocationEvent.KIND_REMOVED, allocation=record, revision=revision)
+            for allocation_id, record in old.items()
+            if allocation_id not in fresh.allocations
+        ]
+        events += [
+            AllocationEvent(kind=AllocationEvent.KIND_ADDED, allocation=record, revision=revision)
+            for allocation_id, record in fresh.allocations.items()
+            if allocation_id not in old
+        ]
+        self.state = fresh
+        self._publish(events)

@@ -1,0 +1,86 @@
+"""Fixtures that start real services on loopback: a throwaway etcd and in-process coordinators."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.server import Coordinator
+from kaiwo_gpu.coordinator.settings import CoordinatorSettings
+from kaiwo_gpu.v1 import allocation_pb2_grpc
+from tests.harness import INVENTORY
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
+    """One etcd for the session; tests keep apart by using their own key prefix."""
+    server = LocalEtcd(tmp_path_factory.mktemp("etcd") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[LocalEtcd]:
+    """An etcd for a test that stops or restarts it."""
+    server = LocalEtcd(tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/kaiwo-test-{next(_prefixes)}/v1/"
+
+
+@pytest.fixture
+def inventory(tmp_path: Path) -> Path:
+    path = tmp_path / "nodes.yaml"
+    path.write_text(INVENTORY)
+    return path
+
+
+@dataclass
+class Running:
+    coordinator: Coordinator
+    channel: grpc.aio.Channel
+    api: allocation_pb2_grpc.AllocationServiceStub
+    endpoint: str
+    prefix: str
+
+
+async def start_coordinator(
+    endpoint: str, prefix: str, inventory: Path, **settings: object
+) -> Running:
+    coordinator = Coordinator(
+        CoordinatorSettings(
+            listen="127.0.0.1:0",
+            etcd_endpoints=(endpoint,),
+            prefix=prefix,
+            inventory=inventory,
+            **settings,  # type: ignore[arg-type]
+        )
+    )
+    port = await coordinator.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return Running(
+        coordinator, channel, allocation_pb2_grpc.AllocationServiceStub(channel), endpoint, prefix
+    )
+
+
+@pytest.fixture
+async def running(etcd: LocalEtcd, prefix: str, inventory: Path) -> AsyncIterator[Running]:
+    """A coordinator in this process, on its own prefix of the session's etcd."""
+    started = await start_coordinator(etcd.endpoint, prefix, inventory)
+    yield started
+    await started.channel.close()
+    await started.coordinator.stop()

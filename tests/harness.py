@@ -1,0 +1,171 @@
+"""Shared pieces of the integration tests: coordinator processes, requests, and an etcd audit.
+
+The audit reads etcd directly (never through a coordinator) and checks the invariants that
+must hold whatever the coordinators did: no GPU past 1000 millis or its VRAM, no CU granted
+twice, one allocation per request_id, and a GPU version key for every placed GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.local_etcd import free_port
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+
+INVENTORY = """\
+nodes:
+  - name: node-a
+    labels: {zone: a}
+    gpus: [{model: MI300X, count: 4}]
+  - name: node-b
+    labels: {zone: b}
+    gpus: [{model: MI210, count: 2}]
+"""
+
+
+def request(request_id: str, **fields: object) -> allocation_pb2.AllocateRequest:
+    return allocation_pb2.AllocateRequest(
+        request=types_pb2.AllocationRequest(request_id=request_id, **fields)  # type: ignore[arg-type]
+    )
+
+
+@dataclass(frozen=True)
+class EtcdAudit:
+    revision: int
+    allocations: dict[str, types_pb2.Allocation]
+    request_keys: dict[str, str]
+    nodes: dict[str, types_pb2.NodeStatus]
+
+    @property
+    def millis_by_gpu(self) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for record in self.allocations.values():
+            for grant in record.gpus:
+                totals[grant.uuid] += grant.granted_millis
+        return dict(totals)
+
+
+async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
+    """Reads every key under `prefix` and asserts the allocation invariants."""
+    layout = KeyLayout(prefix)
+    store = EtcdStore([endpoint])
+    try:
+        revision, kvs = await store.read_prefix(layout.all_keys)
+    finally:
+        await store.close()
+    allocations: dict[str, types_pb2.Allocation] = {}
+    request_keys: dict[str, str] = {}
+    nodes: dict[str, types_pb2.NodeStatus] = {}
+    gpu_keys: set[str] = set()
+    for kv in kvs:
+        parsed = layout.parse(kv.key)
+        assert parsed is not None, kv.key
+        kind, name = parsed
+        if kind is KeyKind.ALLOCATION:
+            record = types_pb2.Allocation()
+            record.ParseFromString(kv.value)
+            assert record.id == name
+            assert kv.lease == record.lease_id
+            allocations[name] = record
+        elif kind is KeyKind.REQUEST:
+            request_keys[name] = kv.value.decode()
+        elif kind is KeyKind.NODE:
+            node = types_pb2.NodeStatus()
+            node.ParseFromString(kv.value)
+            nodes[name] = node
+        else:
+            gpu_keys.add(name)
+    inventory = {
+        gpu.inventory.uuid: gpu.inventory for node in nodes.values() for gpu in node.gpus
+    }
+    millis: dict[str, int] = defaultdict(int)
+    memory: dict[str, int] = defaultdict(int)
+    units: dict[str, set[int]] = defaultdict(set)
+    holders: dict[str, list[types_pb2.Allocation]] = defaultdict(list)
+    for record in allocations.values():
+        assert request_keys.get(record.request_id) == record.id, record.request_id
+        for grant in record.gpus:
+            assert grant.uuid in inventory and grant.uuid in gpu_keys
+            millis[grant.uuid] += grant.granted_millis
+            memory[grant.uuid] += grant.granted_memory_mib
+            assert not units[grant.uuid] & set(grant.compute_units), "a CU granted twice"
+            units[grant.uuid] |= set(grant.compute_units)
+            holders[grant.uuid].append(record)
+    for uuid, total in millis.items():
+        assert total <= 1000, f"GPU {uuid} over-committed: {total} millis"
+        assert memory[uuid] <= inventory[uuid].vram_mib, f"GPU {uuid} VRAM over-committed"
+        if len(holders[uuid]) > 1:
+            assert all(h.request.sharing for h in holders[uuid]), f"GPU {uuid} shared unshareable"
+    assert set(request_keys.values()) == set(allocations), "a request key without allocation"
+    return EtcdAudit(revision, allocations, request_keys, nodes)
+
+
+class CoordinatorProcess:
+    """`kaiwo-gpu coordinator` as a child process, so it can be SIGKILLed and restarted."""
+
+    def __init__(self, etcd_endpoint: str, prefix: str, inventory: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.args = [
+            sys.executable,
+            "-m",
+            "kaiwo_gpu.cli.main",
+            "coordinator",
+            f"--listen={self.address}",
+            f"--etcd={etcd_endpoint}",
+            f"--prefix={prefix}",
+            f"--inventory={inventory}",
+            "--log-format=json",
+        ]
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    async def wait_serving(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.process is not None and self.process.poll() is None, self.log_tail()
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"coordinator not serving in {timeout_s}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout_s)
+
+
+def stub(channel: grpc.aio.Channel) -> allocation_pb2_grpc.AllocationServiceStub:
+    return allocation_pb2_grpc.AllocationServiceStub(channel)

@@ -1,0 +1,277 @@
+"""The allocation API end to end: real gRPC on loopback, real etcd, one coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+from tests.conftest import Running
+from tests.harness import audit_etcd, request
+
+
+async def _code(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    raise AssertionError("the call succeeded")
+
+
+async def test_allocate_returns_placement_environment_and_lease(running: Running) -> None:
+    reply = await running.api.Allocate(
+        request("job-1", fraction_millis=500, memory_mib=4000, ttl_seconds=60, owner="slurm/1")
+    )
+    allocation = reply.allocation
+    assert not reply.replayed
+    assert allocation.node == "node-b"  # best-fit takes the tightest fit: an MI210 (64 GiB)
+    (gpu,) = allocation.gpus
+    assert gpu.uuid.startswith("GPU-") and gpu.bdf.startswith("0000:")
+    assert (gpu.granted_millis, gpu.granted_memory_mib) == (500, 4000)
+    assert allocation.isolation == types_pb2.ISOLATION_NONE
+    env = allocation.environment
+    assert env["ROCR_VISIBLE_DEVICES"] == str(gpu.index)
+    assert env["KAIWO_GPU_ALLOCATION_ID"] == allocation.id
+    assert "HSA_CU_MASK" not in env
+    assert allocation.lease_id != 0
+    lifetime = allocation.expires_at.seconds - allocation.created_at.seconds
+    assert 55 <= lifetime <= 65
+
+    got = await running.api.GetAllocation(
+        allocation_pb2.GetAllocationRequest(allocation_id=allocation.id)
+    )
+    assert got.allocation == allocation
+    listed = await running.api.ListAllocations(allocation_pb2.ListAllocationsRequest())
+    assert [a.id for a in listed.allocations] == [allocation.id]
+    stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+    assert (stats.allocated_millis, stats.allocation_count, stats.gpu_count) == (500, 1, 6)
+    audit = await audit_etcd(running.endpoint, running.prefix)
+    assert set(audit.allocations) == {allocation.id}
+
+
+async def test_mps_maps_to_cu_mask_with_a_mask_and_a_note(running: Running) -> None:
+    reply = await running.api.Allocate(
+        request("mps-1", fraction_millis=250, isolation_name="mps")
+    )
+    allocation = reply.allocation
+    assert allocation.isolation == types_pb2.ISOLATION_CU_MASK
+    assert "mps" in allocation.isolation_note
+    assert allocation.environment["HSA_CU_MASK"].startswith("0:0-")
+    assert len(allocation.gpus[0].compute_units) >= 1
+
+
+async def test_retry_with_same_request_id_returns_the_same_allocation(running: Running) -> None:
+    first = await running.api.Allocate(request("retry-1", fraction_millis=300))
+    again = await running.api.Allocate(request("retry-1", fraction_millis=300))
+    assert again.replayed and again.allocation.id == first.allocation.id
+    code, message = await _code(running.api.Allocate(request("retry-1", fraction_millis=400)))
+    assert code is grpc.StatusCode.ALREADY_EXISTS and "retry-1" in message
+
+
+async def test_concurrent_duplicates_make_one_allocation(running: Running) -> None:
+    replies = await asyncio.gather(
+        *(running.api.Allocate(request("dup-1", fraction_millis=200)) for _ in range(12))
+    )
+    assert len({r.allocation.id for r in replies}) == 1
+    assert sum(not r.replayed for r in replies) == 1
+    audit = await audit_etcd(running.endpoint, running.prefix)
+    assert len(audit.allocations) == 1
+
+
+async def test_release_frees_capacity_and_second_release_is_not_found(running: Running) -> None:
+    whole = [
+        (await running.api.Allocate(request(f"whole-{i}", fraction_millis=1000))).allocation
+        for i in range(6)
+    ]
+    code, message = await _code(running.api.Allocate(request("one-more", fraction_millis=1000)))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "6 are in use" in message, message
+    released = await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=whole[0].id))
+    assert released.allocation.state == types_pb2.ALLOCATION_STATE_RELEASED
+    again = await running.api.Allocate(request("one-more", fraction_millis=1000))
+    assert again.allocation.gpus[0].uuid == whole[0].gpus[0].uuid
+    code, _ = await _code(
+        running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=whole[0].id))
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+    code, _ = await _code(
+        running.api.GetAllocation(allocation_pb2.GetAllocationRequest(allocation_id=whole[0].id))
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_ttl_expiry_returns_capacity(running: Running) -> None:
+    reply = await running.api.Allocate(request("short", fraction_millis=1000, ttl_seconds=2))
+    allocation_id = reply.allocation.id
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        listed = await running.api.ListAllocations(allocation_pb2.ListAllocationsRequest())
+        if not listed.allocations:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("the lease did not expire")
+    code, _ = await _code(
+        running.api.GetAllocation(allocation_pb2.GetAllocationRequest(allocation_id=allocation_id))
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+    stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+    assert stats.allocated_millis == 0
+    audit = await audit_etcd(running.endpoint, running.prefix)
+    assert audit.allocations == {} and audit.request_keys == {}
+
+
+async def test_keep_alive_keeps_the_allocation_past_its_ttl(running: Running) -> None:
+    reply = await running.api.Allocate(request("kept", fraction_millis=100, ttl_seconds=2))
+    allocation_id = reply.allocation.id
+    for _ in range(8):  # 4 s, twice the TTL
+        renewed = await running.api.KeepAlive(
+            allocation_pb2.KeepAliveRequest(allocation_id=allocation_id)
+        )
+        assert renewed.ttl_seconds >= 1
+        await asyncio.sleep(0.5)
+    got = await running.api.GetAllocation(
+        allocation_pb2.GetAllocationRequest(allocation_id=allocation_id)
+    )
+    assert got.allocation.expires_at.seconds >= reply.allocation.expires_at.seconds + 2
+
+
+async def test_keep_alive_without_lease_is_failed_precondition(running: Running) -> None:
+    reply = await running.api.Allocate(request("no-lease", fraction_millis=100))
+    code, message = await _code(
+        running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id=reply.allocation.id))
+    )
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "no lease" in message
+
+
+async def test_watch_streams_existing_then_added_and_removed(running: Running) -> None:
+    existing = (await running.api.Allocate(request("w-0", fraction_millis=100))).allocation
+    stream = running.api.WatchAllocations(allocation_pb2.WatchAllocationsRequest())
+    first = await asyncio.wait_for(stream.read(), 10)
+    assert first.kind == allocation_pb2.AllocationEvent.KIND_ADDED
+    assert first.allocation.id == existing.id
+    added = (await running.api.Allocate(request("w-1", fraction_millis=100))).allocation
+    event = await asyncio.wait_for(stream.read(), 10)
+    assert (event.kind, event.allocation.id) == (allocation_pb2.AllocationEvent.KIND_ADDED, added.id)
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=added.id))
+    event = await asyncio.wait_for(stream.read(), 10)
+    assert event.kind == allocation_pb2.AllocationEvent.KIND_REMOVED
+    assert event.allocation.id == added.id
+    stream.cancel()
+
+
+async def test_list_filters_and_pages(running: Running) -> None:
+    for i in range(5):
+        await running.api.Allocate(
+            request(f"p-{i}", fraction_millis=100, owner="team-a" if i % 2 else "team-b")
+        )
+    mine = await running.api.ListAllocations(allocation_pb2.ListAllocationsRequest(owner="team-a"))
+    assert len(mine.allocations) == 2
+    seen: list[str] = []
+    token = ""
+    for _ in range(5):
+        page = await running.api.ListAllocations(
+            allocation_pb2.ListAllocationsRequest(page_size=2, page_token=token)
+        )
+        seen += [a.id for a in page.allocations]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == 5 and seen == sorted(seen)
+
+
+async def test_list_nodes_shows_capacity_and_use(running: Running) -> None:
+    await running.api.Allocate(
+        request("n-1", fraction_millis=500, selector=types_pb2.Selector(node_labels={"zone": "b"}))
+    )
+    reply = await running.api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))
+    (node,) = reply.nodes
+    assert node.name == "node-b" and node.schedulable
+    assert sorted(g.free_millis for g in node.gpus) == [500, 1000]
+    assert {g.inventory.model for g in node.gpus} == {"MI210"}
+    assert all(g.health == types_pb2.HEALTH_HEALTHY for g in node.gpus)
+
+
+async def test_health_and_reflection_are_served(running: Running) -> None:
+    health = health_pb2_grpc.HealthStub(running.channel)
+    reply = await health.Check(
+        health_pb2.HealthCheckRequest(service="kaiwo_gpu.v1.AllocationService")
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    async for response in responses:
+        names = {s.name for s in response.list_services_response.service}
+        assert "kaiwo_gpu.v1.AllocationService" in names
+        break
+
+
+BAD_REQUESTS = [
+    ("request_id", {"request_id": "", "fraction_millis": 500}),
+    ("request_id", {"request_id": "bad id!", "fraction_millis": 500}),
+    ("count", {"count": 65, "fraction_millis": 500}),
+    ("fraction_millis", {"fraction_millis": 99}),
+    ("fraction_millis", {"fraction_millis": 1001}),
+    ("fraction_millis", {}),
+    ("memory_mib", {"memory_mib": 2**62}),
+    ("isolation", {"fraction_millis": 500, "isolation": 9}),
+    ("isolation_name", {"fraction_millis": 500, "isolation_name": "nvidia-mps"}),
+    ("strategy", {"fraction_millis": 500, "strategy": "fastest"}),
+    ("owner", {"fraction_millis": 500, "owner": "x" * 300}),
+    ("labels", {"fraction_millis": 500, "labels": {"": "v"}}),
+    ("ttl_seconds", {"fraction_millis": 500, "ttl_seconds": 10**9}),
+]
+
+
+@pytest.mark.parametrize(("field", "fields"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+async def test_bad_requests_are_invalid_argument_and_change_nothing(
+    running: Running, field: str, fields: dict[str, object]
+) -> None:
+    fields = {"request_id": "bad-1", **fields}
+    store = EtcdStore([running.endpoint])
+    before = await store.revision()
+    code, message = await _code(
+        running.api.Allocate(
+            allocation_pb2.AllocateRequest(request=types_pb2.AllocationRequest(**fields))  # type: ignore[arg-type]
+        )
+    )
+    after = await store.revision()
+    await store.close()
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in message
+    assert before == after
+
+
+@pytest.mark.parametrize("allocation_id", ["", "a/b", "x" * 200])
+async def test_malformed_ids_are_invalid_argument(running: Running, allocation_id: str) -> None:
+    for call in (
+        running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=allocation_id)),
+        running.api.GetAllocation(allocation_pb2.GetAllocationRequest(allocation_id=allocation_id)),
+        running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id=allocation_id)),
+    ):
+        code, message = await _code(call)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "allocation_id" in message
+
+
+async def test_unknown_ids_are_not_found(running: Running) -> None:
+    for call in (
+        running.api.Release(allocation_pb2.ReleaseRequest(allocation_id="nope")),
+        running.api.GetAllocation(allocation_pb2.GetAllocationRequest(allocation_id="nope")),
+        running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id="nope")),
+    ):
+        code, message = await _code(call)
+        assert code is grpc.StatusCode.NOT_FOUND and "nope" in message
+
+
+async def test_no_capacity_names_the_reasons(running: Running) -> None:
+    code, message = await _code(running.api.Allocate(request("big", memory_mib=300_000)))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "300000 MiB" in message and "6 have less VRAM" in message
