@@ -6,6 +6,7 @@ import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -15,6 +16,9 @@ from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.v1 import allocation_pb2_grpc
 from tests.harness import INVENTORY
+
+if TYPE_CHECKING:
+    from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
 _prefixes = itertools.count()
 
@@ -53,7 +57,7 @@ def inventory(tmp_path: Path) -> Path:
 class Running:
     coordinator: Coordinator
     channel: grpc.aio.Channel
-    api: allocation_pb2_grpc.AllocationServiceStub
+    api: AllocationServiceAsyncStub
     endpoint: str
     prefix: str
 

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 INVENTORY = """\
 nodes:
@@ -88,9 +88,7 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
             nodes[name] = node
         else:
             gpu_keys.add(name)
-    inventory = {
-        gpu.inventory.uuid: gpu.inventory for node in nodes.values() for gpu in node.gpus
-    }
+    inventory = {gpu.inventory.uuid: gpu.inventory for node in nodes.values() for gpu in node.gpus}
     millis: dict[str, int] = defaultdict(int)
     memory: dict[str, int] = defaultdict(int)
     units: dict[str, set[int]] = defaultdict(set)
@@ -98,7 +96,8 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
     for record in allocations.values():
         assert request_keys.get(record.request_id) == record.id, record.request_id
         for grant in record.gpus:
-            assert grant.uuid in inventory and grant.uuid in gpu_keys
+            assert grant.uuid in inventory
+            assert grant.uuid in gpu_keys
             millis[grant.uuid] += grant.granted_millis
             memory[grant.uuid] += grant.granted_memory_mib
             assert not units[grant.uuid] & set(grant.compute_units), "a CU granted twice"
@@ -111,6 +110,61 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
             assert all(h.request.sharing for h in holders[uuid]), f"GPU {uuid} shared unshareable"
     assert set(request_keys.values()) == set(allocations), "a request key without allocation"
     return EtcdAudit(revision, allocations, request_keys, nodes)
+
+
+def _check_gpu_totals(
+    allocations: dict[str, types_pb2.Allocation], vram: dict[str, int], revision: int
+) -> None:
+    millis: dict[str, int] = defaultdict(int)
+    memory: dict[str, int] = defaultdict(int)
+    for record in allocations.values():
+        for grant in record.gpus:
+            millis[grant.uuid] += grant.granted_millis
+            memory[grant.uuid] += grant.granted_memory_mib
+    for uuid, total in millis.items():
+        assert total <= 1000, f"GPU {uuid} over-committed at revision {revision}: {total} millis"
+        assert memory[uuid] <= vram[uuid], f"GPU {uuid} VRAM over-committed at revision {revision}"
+
+
+async def audit_history(endpoint: str, prefix: str) -> int:
+    """Replays every revision under `prefix` from etcd's history and checks each state.
+
+    A final-state audit cannot see an over-commit that was released before the end; this
+    one can. Returns how many revisions were checked.
+    """
+    layout = KeyLayout(prefix)
+    store = EtcdStore([endpoint])
+    allocations: dict[str, types_pb2.Allocation] = {}
+    vram: dict[str, int] = {}
+    checked = 0
+    try:
+        final = await store.revision()
+        previous = 0
+        async for revision, changes in store.watch(layout.all_keys, 1):
+            for change in changes:
+                if change.revision != previous and previous:
+                    _check_gpu_totals(allocations, vram, previous)
+                    checked += 1
+                previous = change.revision
+                parsed = layout.parse(change.key)
+                assert parsed is not None
+                kind, name = parsed
+                if kind is KeyKind.NODE and change.value is not None:
+                    node = types_pb2.NodeStatus()
+                    node.ParseFromString(change.value)
+                    vram.update({g.inventory.uuid: g.inventory.vram_mib for g in node.gpus})
+                elif kind is KeyKind.ALLOCATION:
+                    allocations.pop(name, None)
+                    if change.value is not None:
+                        record = types_pb2.Allocation()
+                        record.ParseFromString(change.value)
+                        allocations[name] = record
+            if revision >= final:
+                break
+        _check_gpu_totals(allocations, vram, previous)
+    finally:
+        await store.close()
+    return checked + 1
 
 
 class CoordinatorProcess:
@@ -147,7 +201,8 @@ class CoordinatorProcess:
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                assert self.process is not None and self.process.poll() is None, self.log_tail()
+                assert self.process is not None
+                assert self.process.poll() is None, self.log_tail()
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -165,7 +220,3 @@ class CoordinatorProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout_s)
-
-
-def stub(channel: grpc.aio.Channel) -> allocation_pb2_grpc.AllocationServiceStub:
-    return allocation_pb2_grpc.AllocationServiceStub(channel)

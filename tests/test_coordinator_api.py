@@ -32,7 +32,8 @@ async def test_allocate_returns_placement_environment_and_lease(running: Running
     assert not reply.replayed
     assert allocation.node == "node-b"  # best-fit takes the tightest fit: an MI210 (64 GiB)
     (gpu,) = allocation.gpus
-    assert gpu.uuid.startswith("GPU-") and gpu.bdf.startswith("0000:")
+    assert gpu.uuid.startswith("GPU-")
+    assert gpu.bdf.startswith("0000:")
     assert (gpu.granted_millis, gpu.granted_memory_mib) == (500, 4000)
     assert allocation.isolation == types_pb2.ISOLATION_NONE
     env = allocation.environment
@@ -56,9 +57,7 @@ async def test_allocate_returns_placement_environment_and_lease(running: Running
 
 
 async def test_mps_maps_to_cu_mask_with_a_mask_and_a_note(running: Running) -> None:
-    reply = await running.api.Allocate(
-        request("mps-1", fraction_millis=250, isolation_name="mps")
-    )
+    reply = await running.api.Allocate(request("mps-1", fraction_millis=250, isolation_name="mps"))
     allocation = reply.allocation
     assert allocation.isolation == types_pb2.ISOLATION_CU_MASK
     assert "mps" in allocation.isolation_note
@@ -69,9 +68,11 @@ async def test_mps_maps_to_cu_mask_with_a_mask_and_a_note(running: Running) -> N
 async def test_retry_with_same_request_id_returns_the_same_allocation(running: Running) -> None:
     first = await running.api.Allocate(request("retry-1", fraction_millis=300))
     again = await running.api.Allocate(request("retry-1", fraction_millis=300))
-    assert again.replayed and again.allocation.id == first.allocation.id
+    assert again.replayed
+    assert again.allocation.id == first.allocation.id
     code, message = await _code(running.api.Allocate(request("retry-1", fraction_millis=400)))
-    assert code is grpc.StatusCode.ALREADY_EXISTS and "retry-1" in message
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    assert "retry-1" in message
 
 
 async def test_concurrent_duplicates_make_one_allocation(running: Running) -> None:
@@ -124,7 +125,8 @@ async def test_ttl_expiry_returns_capacity(running: Running) -> None:
     stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
     assert stats.allocated_millis == 0
     audit = await audit_etcd(running.endpoint, running.prefix)
-    assert audit.allocations == {} and audit.request_keys == {}
+    assert audit.allocations == {}
+    assert audit.request_keys == {}
 
 
 async def test_keep_alive_keeps_the_allocation_past_its_ttl(running: Running) -> None:
@@ -147,20 +149,30 @@ async def test_keep_alive_without_lease_is_failed_precondition(running: Running)
     code, message = await _code(
         running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id=reply.allocation.id))
     )
-    assert code is grpc.StatusCode.FAILED_PRECONDITION and "no lease" in message
+    assert code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "no lease" in message
+
+
+async def _next_event(stream: object) -> allocation_pb2.AllocationEvent:
+    event = await asyncio.wait_for(stream.read(), 10)  # type: ignore[attr-defined]
+    assert isinstance(event, allocation_pb2.AllocationEvent)
+    return event
 
 
 async def test_watch_streams_existing_then_added_and_removed(running: Running) -> None:
     existing = (await running.api.Allocate(request("w-0", fraction_millis=100))).allocation
     stream = running.api.WatchAllocations(allocation_pb2.WatchAllocationsRequest())
-    first = await asyncio.wait_for(stream.read(), 10)
+    first = await _next_event(stream)
     assert first.kind == allocation_pb2.AllocationEvent.KIND_ADDED
     assert first.allocation.id == existing.id
     added = (await running.api.Allocate(request("w-1", fraction_millis=100))).allocation
-    event = await asyncio.wait_for(stream.read(), 10)
-    assert (event.kind, event.allocation.id) == (allocation_pb2.AllocationEvent.KIND_ADDED, added.id)
+    event = await _next_event(stream)
+    assert (event.kind, event.allocation.id) == (
+        allocation_pb2.AllocationEvent.KIND_ADDED,
+        added.id,
+    )
     await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=added.id))
-    event = await asyncio.wait_for(stream.read(), 10)
+    event = await _next_event(stream)
     assert event.kind == allocation_pb2.AllocationEvent.KIND_REMOVED
     assert event.allocation.id == added.id
     stream.cancel()
@@ -183,7 +195,8 @@ async def test_list_filters_and_pages(running: Running) -> None:
         token = page.next_page_token
         if not token:
             break
-    assert len(seen) == 5 and seen == sorted(seen)
+    assert len(seen) == 5
+    assert seen == sorted(seen)
 
 
 async def test_list_nodes_shows_capacity_and_use(running: Running) -> None:
@@ -192,7 +205,8 @@ async def test_list_nodes_shows_capacity_and_use(running: Running) -> None:
     )
     reply = await running.api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))
     (node,) = reply.nodes
-    assert node.name == "node-b" and node.schedulable
+    assert node.name == "node-b"
+    assert node.schedulable
     assert sorted(g.free_millis for g in node.gpus) == [500, 1000]
     assert {g.inventory.model for g in node.gpus} == {"MI210"}
     assert all(g.health == types_pb2.HEALTH_HEALTHY for g in node.gpus)
@@ -258,7 +272,8 @@ async def test_malformed_ids_are_invalid_argument(running: Running, allocation_i
         running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id=allocation_id)),
     ):
         code, message = await _code(call)
-        assert code is grpc.StatusCode.INVALID_ARGUMENT and "allocation_id" in message
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "allocation_id" in message
 
 
 async def test_unknown_ids_are_not_found(running: Running) -> None:
@@ -268,10 +283,12 @@ async def test_unknown_ids_are_not_found(running: Running) -> None:
         running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id="nope")),
     ):
         code, message = await _code(call)
-        assert code is grpc.StatusCode.NOT_FOUND and "nope" in message
+        assert code is grpc.StatusCode.NOT_FOUND
+        assert "nope" in message
 
 
 async def test_no_capacity_names_the_reasons(running: Running) -> None:
     code, message = await _code(running.api.Allocate(request("big", memory_mib=300_000)))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "300000 MiB" in message and "6 have less VRAM" in message
+    assert "300000 MiB" in message
+    assert "6 have less VRAM" in message

@@ -149,7 +149,12 @@ def _run_coordinator(args: argparse.Namespace) -> None:
         default_ttl_s=args.default_ttl or None,
         inventory=Path(args.inventory) if args.inventory else None,
     )
-    asyncio.run(Coordinator(settings).run())
+
+    async def serve() -> None:
+        # Built inside the loop: grpc.aio objects belong to the loop that creates them.
+        await Coordinator(settings).run()
+
+    asyncio.run(serve())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

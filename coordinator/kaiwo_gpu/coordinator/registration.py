@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS
 from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.store import EtcdStore, Put, Txn
+from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import types_pb2
 
 

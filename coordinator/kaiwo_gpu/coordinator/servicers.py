@@ -171,4 +171,3 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
             return cluster_stats(self.view.state)
 
         return await _answer(context, "GetClusterStats", work)
-

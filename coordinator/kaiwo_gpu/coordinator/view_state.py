@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 
 from google.protobuf.message import DecodeError
 
+from kaiwo_gpu.coordinator.changes import Change, KeyValue
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.records import node_from_record, placed_from_record
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.store import Change, KeyValue
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 AllocationEvent = allocation_pb2.AllocationEvent

@@ -1,0 +1,111 @@
+"""A bounded, seeded allocate/release load for the concurrency and restart tests.
+
+Each client retries UNAVAILABLE and ABORTED with the same request_id (that is what makes
+retries safe) and records what the coordinators said, for the audit to check against etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+FRACTIONS = (100, 150, 250, 300, 500, 750, 1000)
+MEMORIES = (0, 0, 1024, 8192, 32768)
+
+
+@dataclass
+class LoadResult:
+    allocated: dict[str, str] = field(default_factory=dict)  # request_id -> allocation id
+    released: set[str] = field(default_factory=set)
+    refused: int = 0
+    retries: int = 0
+    operations: int = 0
+    served_by: dict[int, int] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def live(self) -> set[str]:
+        return set(self.allocated.values()) - self.released
+
+
+async def _with_retries(
+    call: object, result: LoadResult, deadline: float
+) -> tuple[object | None, grpc.StatusCode | None]:
+    """(reply, None) or (None, final status code); retries transient failures until deadline."""
+    factory = call
+    while True:
+        try:
+            return await factory(), None  # type: ignore[operator]
+        except grpc.aio.AioRpcError as error:
+            if error.code() in RETRYABLE and time.monotonic() < deadline:
+                result.retries += 1
+                await asyncio.sleep(0.05)
+                continue
+            return None, error.code()
+
+
+async def run_client(
+    worker: int,
+    apis: Sequence[AllocationServiceAsyncStub],
+    operations: int,
+    result: LoadResult,
+    *,
+    seed: int,
+    time_limit_s: float,
+    pause_s: float = 0.0,
+) -> None:
+    rng = random.Random(seed * 1000 + worker)
+    held: list[str] = []
+    deadline = time.monotonic() + time_limit_s
+    for op in range(operations):
+        if time.monotonic() > deadline:
+            return
+        pick = rng.randrange(len(apis))
+        api = apis[pick]
+        result.operations += 1
+        if held and rng.random() < 0.45:
+            allocation_id = held.pop(rng.randrange(len(held)))
+            release = allocation_pb2.ReleaseRequest(allocation_id=allocation_id)
+            reply, code = await _with_retries(
+                lambda api=api, release=release: api.Release(release), result, deadline
+            )
+            if reply is not None or code is grpc.StatusCode.NOT_FOUND:
+                # NOT_FOUND after a retry: the first attempt released it before failing.
+                result.released.add(allocation_id)
+            else:
+                result.unexpected.append(f"release {allocation_id}: {code}")
+        else:
+            request_id = f"w{worker}-{op}"
+            message = allocation_pb2.AllocateRequest(
+                request=types_pb2.AllocationRequest(
+                    request_id=request_id,
+                    fraction_millis=rng.choice(FRACTIONS),
+                    memory_mib=rng.choice(MEMORIES),
+                    owner=f"worker-{worker}",
+                )
+            )
+            reply, code = await _with_retries(
+                lambda api=api, message=message: api.Allocate(message), result, deadline
+            )
+            if isinstance(reply, allocation_pb2.AllocateResponse):
+                result.allocated[request_id] = reply.allocation.id
+                result.served_by[pick] = result.served_by.get(pick, 0) + 1
+                held.append(reply.allocation.id)
+            elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                result.refused += 1
+            else:
+                result.unexpected.append(f"allocate {request_id}: {code}")
+        if pause_s:
+            await asyncio.sleep(pause_s)

@@ -1,0 +1,170 @@
+"""No over-commit with two coordinator processes, and recovery from coordinator and etcd restarts.
+
+Every check ends with an audit that reads etcd directly, not through a coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+from tests.conftest import start_coordinator
+from tests.harness import CoordinatorProcess, audit_etcd, audit_history, request
+from tests.load import LoadResult, run_client
+
+if TYPE_CHECKING:
+    from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
+
+pytestmark = pytest.mark.slow
+
+
+async def _list_ids(api: AllocationServiceAsyncStub) -> set[str]:
+    reply = await api.ListAllocations(allocation_pb2.ListAllocationsRequest(page_size=5000))
+    return {a.id for a in reply.allocations}
+
+
+@pytest.mark.timeout(240)
+async def test_two_coordinator_processes_32_clients_never_over_commit(
+    etcd: LocalEtcd, prefix: str, inventory: Path, tmp_path: Path
+) -> None:
+    processes = [
+        CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / f"coordinator-{i}.log")
+        for i in range(2)
+    ]
+    for process in processes:
+        process.start()
+    channels = [grpc.aio.insecure_channel(p.address) for p in processes]
+    try:
+        await asyncio.gather(*(p.wait_serving() for p in processes))
+        apis = [allocation_pb2_grpc.AllocationServiceStub(c) for c in channels]
+        result = LoadResult()
+        await asyncio.gather(
+            *(run_client(w, apis, 66, result, seed=7, time_limit_s=150) for w in range(32))
+        )
+        assert result.operations >= 2000
+        assert result.unexpected == []
+        assert len(result.allocated) >= 400, "too few allocations to prove anything"
+        assert result.refused > 0, "the cluster never filled up; no contention was tested"
+        assert set(result.served_by) == {0, 1}, "both coordinators must have placed work"
+
+        audit = await audit_etcd(etcd.endpoint, prefix)  # asserts the per-GPU invariants
+        assert set(audit.allocations) == result.live
+        # ...and not only at the end: at every revision etcd went through.
+        assert await audit_history(etcd.endpoint, prefix) >= len(result.allocated)
+        for request_id, allocation_id in result.allocated.items():
+            if allocation_id not in result.released:
+                assert audit.request_keys[request_id] == allocation_id
+        assert len(set(result.allocated.values())) == len(result.allocated)
+        for api in apis:  # each coordinator's view converges on etcd
+            for _ in range(50):
+                if await _list_ids(api) == result.live:
+                    break
+                await asyncio.sleep(0.1)
+            assert await _list_ids(api) == result.live
+    finally:
+        for channel in channels:
+            await channel.close()
+        for process in processes:
+            assert process.stop() == 0, process.log_tail()
+
+
+@pytest.mark.timeout(120)
+async def test_coordinator_killed_and_restarted_keeps_allocations(
+    etcd: LocalEtcd, prefix: str, inventory: Path, tmp_path: Path
+) -> None:
+    process = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "coordinator.log")
+    process.start()
+    await process.wait_serving()
+    async with grpc.aio.insecure_channel(process.address) as channel:
+        api = allocation_pb2_grpc.AllocationServiceStub(channel)
+        made = {
+            (await api.Allocate(request(f"k-{i}", fraction_millis=500))).allocation.id
+            for i in range(8)
+        }
+    assert process.stop(signal.SIGKILL) == -signal.SIGKILL
+    process.start()
+    await process.wait_serving()
+    async with grpc.aio.insecure_channel(process.address) as channel:
+        api = allocation_pb2_grpc.AllocationServiceStub(channel)
+        assert await _list_ids(api) == made
+        again = await api.Allocate(request("k-0", fraction_millis=500))
+        assert again.replayed
+        assert again.allocation.id in made
+        # Best-fit paired the 8 halves on 4 GPUs, so exactly 2 whole GPUs are left.
+        for i in range(2):
+            await api.Allocate(request(f"whole-{i}", fraction_millis=1000))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await api.Allocate(request("whole-2", fraction_millis=1000))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert process.stop() == 0
+    audit = await audit_etcd(etcd.endpoint, prefix)
+    assert made <= set(audit.allocations)
+    assert len(audit.allocations) == 10
+
+
+@pytest.mark.timeout(180)
+async def test_etcd_restart_under_load_loses_and_duplicates_nothing(
+    own_etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    running = await start_coordinator(own_etcd.endpoint, prefix, inventory)
+    try:
+        result = LoadResult()
+        load = asyncio.gather(
+            *(
+                run_client(w, [running.api], 60, result, seed=11, time_limit_s=120, pause_s=0.01)
+                for w in range(8)
+            )
+        )
+        while result.operations < 120:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(own_etcd.restart, kill=True)
+        restarted_at = result.operations
+        await load
+        assert result.operations > restarted_at, "no load ran after the restart"
+        assert result.retries > 0, "the restart did not interrupt any call"
+        assert result.unexpected == []
+
+        audit = await audit_etcd(own_etcd.endpoint, prefix)
+        assert set(audit.allocations) == result.live
+        assert len(set(result.allocated.values())) == len(result.allocated)
+        assert await audit_history(own_etcd.endpoint, prefix) >= len(result.allocated)
+        deadline = time.monotonic() + 15
+        while await _list_ids(running.api) != result.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await _list_ids(running.api) == result.live
+        fresh = await running.api.Allocate(request("after-restart", fraction_millis=100))
+        assert fresh.allocation.id
+    finally:
+        await running.channel.close()
+        await running.coordinator.stop()
+
+
+async def test_etcd_down_gives_unavailable_and_writes_nothing(
+    own_etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    running = await start_coordinator(own_etcd.endpoint, prefix, inventory)
+    try:
+        held = (await running.api.Allocate(request("before", fraction_millis=100))).allocation
+        own_etcd.stop()
+        for call in (
+            running.api.Allocate(request("during", fraction_millis=100)),
+            running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=held.id)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "etcd" in (caught.value.details() or "")
+        own_etcd.start()
+        audit = await audit_etcd(own_etcd.endpoint, prefix)
+        assert set(audit.allocations) == {held.id}
+    finally:
+        await running.channel.close()
+        await running.coordinator.stop()

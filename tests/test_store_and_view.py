@@ -1,0 +1,226 @@
+"""The store, the commit guard and the view against a real etcd, plus their pure parts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
+from kaiwo_gpu.common.models import AllocationRequest
+from kaiwo_gpu.coordinator.changes import Change, Txn, TxnResult
+from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS, CommitPlan
+from kaiwo_gpu.coordinator.engine import Placement, place
+from kaiwo_gpu.coordinator.inventory import parse_inventory
+from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.records import allocation_record
+from kaiwo_gpu.coordinator.registration import register_nodes
+from kaiwo_gpu.coordinator.store import EtcdStore, parse_endpoints
+from kaiwo_gpu.coordinator.view import ClusterView
+from kaiwo_gpu.coordinator.view_state import ViewState
+from tests.harness import INVENTORY
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_key_layout_round_trips_and_rejects_foreign_keys() -> None:
+    layout = KeyLayout("/k/v1/")
+    assert layout.parse(layout.request("slurm/123")) == (KeyKind.REQUEST, "slurm/123")
+    assert layout.parse(layout.gpu("GPU-1")) == (KeyKind.GPU, "GPU-1")
+    assert layout.parse(b"/k/v1/other/x") is None
+    assert layout.parse(b"/elsewhere/nodes/x") is None
+    for bad in ("k/v1/", "/k/v1", "/k//v1/", "/k v/"):
+        with pytest.raises(InvalidArgumentError, match="prefix"):
+            KeyLayout(bad)
+
+
+def test_endpoints_become_one_grpc_target() -> None:
+    assert parse_endpoints(["127.0.0.1:2379"])[2] == "127.0.0.1:2379"
+    assert parse_endpoints(["http://10.0.0.1:2379", "10.0.0.2:2379"])[2] == (
+        "ipv4:10.0.0.1:2379,10.0.0.2:2379"
+    )
+    for bad in (["nohost"], ["a:0"], [], ["etcd-a:2379", "etcd-b:2379"]):
+        with pytest.raises(InvalidArgumentError, match="etcd"):
+            parse_endpoints(bad)
+
+
+def test_inventory_expands_counts_and_names_bad_paths() -> None:
+    nodes = parse_inventory(INVENTORY)
+    assert [n.name for n in nodes] == ["node-a", "node-b"]
+    assert [g.inventory.index for g in nodes[0].gpus] == [0, 1, 2, 3]
+    assert nodes[1].gpus[0].inventory.vram_mib == 65536
+    assert len({g.inventory.uuid for n in nodes for g in n.gpus}) == 6
+    assert parse_inventory(INVENTORY) == nodes  # UUIDs are derived, so stable
+    cases = {
+        "nodes: []": "nodes",
+        "nodes: [{name: A, gpus: [{model: MI300X, count: 1}]}]": "nodes[0].name",
+        "nodes: [{name: a, gpus: [{model: MI300X, count: 0}]}]": "nodes[0].gpus[0].count",
+        "nodes: [{name: a, gpus: [{model: H100, count: 1}]}]": "nodes[0].gpus[0].vram_mib",
+        "nodes: [{name: a, gpus: [{model: MI300X, count: 1, colour: red}]}]": "nodes[0].gpus[0]",
+        "nodes: [{name: a, gpus: [{model: MI300X, count: 1, compute_partition: XPX}]}]": (
+            "compute_partition"
+        ),
+        "nodes: [{name: a, gpus: [{model: MI300X, count: 1}]}, {name: a, gpus: []}]": (
+            "nodes[1].name"
+        ),
+        "nodes: [{name: a, gpus: [{model: MI300X, uuid: X}, {model: MI300X, uuid: X}]}]": "UUIDs",
+        "nodes: {": "YAML",
+    }
+    for text, named in cases.items():
+        with pytest.raises(InvalidArgumentError, match=named.replace("[", r"\[")):
+            parse_inventory(text)
+
+
+def _decide(state: ViewState, request_id: str, millis: int) -> Placement:
+    decision = place(AllocationRequest(request_id, fraction_millis=millis), state.snapshot())
+    assert isinstance(decision, Placement)
+    return decision
+
+
+async def _loaded(etcd: LocalEtcd, prefix: str) -> tuple[EtcdStore, KeyLayout, ViewState]:
+    store = EtcdStore([etcd.endpoint])
+    layout = KeyLayout(prefix)
+    await register_nodes(store, layout, parse_inventory(INVENTORY))
+    revision, kvs = await store.read_prefix(layout.all_keys)
+    return store, layout, ViewState.load(layout, revision, kvs)
+
+
+async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix: str) -> None:
+    store, layout, stale = await _loaded(etcd, prefix)
+    first = CommitPlan(layout, stale)
+    decision = _decide(stale, "r-1", 700)
+    first.add(
+        allocation_record(
+            AllocationRequest("r-1", fraction_millis=700),
+            decision,
+            "a1",
+            lease_id=0,
+            created_at=NOW,
+            expires_at=None,
+        ),
+        0,
+    )
+    assert (await store.commit(first.txn())).succeeded
+
+    # Another coordinator still holds the old view and puts 700 more on the same GPU.
+    second = CommitPlan(layout, stale)
+    again = _decide(stale, "r-2", 700)
+    assert again.grants[0].gpu.uuid == decision.grants[0].gpu.uuid
+    second.add(
+        allocation_record(
+            AllocationRequest("r-2", fraction_millis=700),
+            again,
+            "a2",
+            lease_id=0,
+            created_at=NOW,
+            expires_at=None,
+        ),
+        0,
+    )
+    result = await store.commit(second.txn())
+    assert not result.succeeded
+    gpu_key = layout.gpu(decision.grants[0].gpu.uuid)
+    assert result.current[gpu_key].mod_revision > stale.gpu_revisions.get(gpu_key.decode(), 0)
+
+    # The same request_id twice is refused even on a fresh view.
+    revision, kvs = await store.read_prefix(layout.all_keys)
+    fresh = ViewState.load(layout, revision, kvs)
+    twin = CommitPlan(layout, fresh)
+    twin.add(
+        allocation_record(
+            AllocationRequest("r-1", fraction_millis=100),
+            _decide(fresh, "r-1", 100),
+            "a3",
+            lease_id=0,
+            created_at=NOW,
+            expires_at=None,
+        ),
+        0,
+    )
+    assert not (await store.commit(twin.txn())).succeeded
+    await store.close()
+
+
+async def test_commit_plan_stays_within_etcd_txn_limits(etcd: LocalEtcd, prefix: str) -> None:
+    store, layout, state = await _loaded(etcd, prefix)
+    plan = CommitPlan(layout, state)
+    added = 0
+    for i in range(200):
+        record = allocation_record(
+            AllocationRequest(f"m-{i}", fraction_millis=100),
+            _decide(state, f"m-{i}", 100),
+            f"id-{i}",
+            lease_id=0,
+            created_at=NOW,
+            expires_at=None,
+        )
+        if not plan.fits(record):
+            break
+        plan.add(record, 0)
+        added += 1
+    assert 0 < added < 200
+    assert plan.txn().size <= MAX_TXN_OPS
+    assert (await store.commit(plan.txn())).succeeded
+    await store.close()
+
+
+async def test_view_follows_changes_and_resumes_after_etcd_restart(
+    own_etcd: LocalEtcd, prefix: str
+) -> None:
+    store, layout, _ = await _loaded(own_etcd, prefix)
+    view = ClusterView(store, layout, retry_max_s=0.2)
+    await view.start()
+    assert set(view.state.nodes) == {"node-a", "node-b"}
+    subscription = view.subscribe()
+    record = allocation_record(
+        AllocationRequest("v-1", fraction_millis=500),
+        _decide(view.state, "v-1", 500),
+        "v1",
+        lease_id=0,
+        created_at=NOW,
+        expires_at=None,
+    )
+    plan = CommitPlan(layout, view.state)
+    plan.add(record, 0)
+    result = await store.commit(plan.txn())
+    await view.wait_for(result.revision, 10)
+    assert "v1" in view.state.allocations
+    event = await asyncio.wait_for(subscription.queue.get(), 5)
+    assert event is not None
+    assert event.allocation.id == "v1"
+
+    await asyncio.to_thread(own_etcd.restart, kill=True)
+    deleted = await _retry(lambda: store.commit(_delete(layout, "v1", "v-1")))
+    await view.wait_for(deleted, 20)
+    assert "v1" not in view.state.allocations
+    assert (
+        view.state.snapshot().usage
+        == ViewState.load(layout, *(await store.read_prefix(layout.all_keys))).snapshot().usage
+    )
+    await view.stop()
+    await store.close()
+
+
+def _delete(layout: KeyLayout, allocation_id: str, request_id: str) -> Txn:
+    return Txn(deletes=(layout.allocation(allocation_id), layout.request(request_id)))
+
+
+async def _retry(commit: Callable[[], Awaitable[TxnResult]]) -> int:
+    for _ in range(100):
+        try:
+            return (await commit()).revision
+        except UnavailableError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("etcd did not come back")
+
+
+def test_unreadable_records_are_counted_not_fatal() -> None:
+    layout = KeyLayout("/k/v1/")
+    state = ViewState(layout)
+    events = state.apply(5, [Change(layout.allocation("x"), b"\xff\xff not proto", 5)])
+    assert events == []
+    assert state.unreadable_keys == 1
+    assert state.revision == 5
