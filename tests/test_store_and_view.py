@@ -100,8 +100,7 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
             lease_id=0,
             created_at=NOW,
             expires_at=None,
-        ),
-        0,
+        )
     )
     assert (await store.commit(first.txn())).succeeded
 
@@ -117,13 +116,14 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
             lease_id=0,
             created_at=NOW,
             expires_at=None,
-        ),
-        0,
+        )
     )
     result = await store.commit(second.txn())
     assert not result.succeeded
     gpu_key = layout.gpu(decision.grants[0].gpu.uuid)
-    assert result.current[gpu_key].mod_revision > stale.gpu_revisions.get(gpu_key.decode(), 0)
+    assert result.current[gpu_key].mod_revision > stale.gpu_revisions.get(
+        decision.grants[0].gpu.uuid, 0
+    )
 
     # The same request_id twice is refused even on a fresh view.
     revision, kvs = await store.read_prefix(layout.all_keys)
@@ -137,8 +137,7 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
             lease_id=0,
             created_at=NOW,
             expires_at=None,
-        ),
-        0,
+        )
     )
     assert not (await store.commit(twin.txn())).succeeded
     await store.close()
@@ -159,7 +158,7 @@ async def test_commit_plan_stays_within_etcd_txn_limits(etcd: LocalEtcd, prefix:
         )
         if not plan.fits(record):
             break
-        plan.add(record, 0)
+        plan.add(record)
         added += 1
     assert 0 < added < 200
     assert plan.txn().size <= MAX_TXN_OPS
@@ -184,7 +183,7 @@ async def test_view_follows_changes_and_resumes_after_etcd_restart(
         expires_at=None,
     )
     plan = CommitPlan(layout, view.state)
-    plan.add(record, 0)
+    plan.add(record)
     result = await store.commit(plan.txn())
     await view.wait_for(result.revision, 10)
     assert "v1" in view.state.allocations

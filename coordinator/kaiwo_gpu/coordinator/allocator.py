@@ -150,24 +150,29 @@ class Allocator:
         while pending:
             await self.view.wait_for(self._last_commit_revision, self.settings.catch_up_timeout_s)
             pending = self._answer_replays(pending)
-            await self._grant_leases(pending)
-            plan, leftover = self._decide(pending)
+            plan, planned, leftover = self._decide(pending)
             if not plan.allocations:
                 return
-            if leftover:
-                for item in leftover:
-                    self._queue.put_nowait(item)
+            for item in leftover:
+                self._queue.put_nowait(item)
             try:
+                await self._grant_leases(planned)
                 result = await self.store.commit(plan.txn())
             except UnavailableError as error:
                 self._fail(
-                    [p for p in pending if p not in leftover],
+                    [item for item, _ in planned],
                     UnavailableError(
                         f"{error.message}; the outcome is unknown, retry with the same request_id"
                     ),
                 )
                 return
-            committed = {a.record.request_id: a.record for a in plan.allocations}
+            except NotFoundError:  # a lease ran out between grant and commit
+                self._fail(
+                    [item for item, _ in planned],
+                    UnavailableError("a lease expired before the allocation was committed; retry"),
+                )
+                return
+            committed = {record.request_id: record for record in plan.allocations}
             if result.succeeded:
                 self._last_commit_revision = result.revision
                 for item in pending:
@@ -218,24 +223,36 @@ class Allocator:
                 fresh.append(item)
         return fresh
 
-    async def _grant_leases(self, pending: list[_Pending]) -> None:
-        wanted = [p for p in pending if not p.lease_id and self._ttl_s(p.request) is not None]
-        if not wanted:
-            return
+    async def _grant_leases(self, planned: list[tuple[_Pending, types_pb2.Allocation]]) -> None:
+        """Grants the leases of placed requests (all at once) and writes them into the records.
+
+        Leases come after the decision so a refused request costs no lease; a request that
+        is decided again after a conflict keeps the lease it already has.
+        """
+        wanted = [item for item, _ in planned if not item.lease_id and self._ttl_s(item.request)]
         grants = await asyncio.gather(
-            *(self.store.grant_lease(self._ttl_s(p.request) or 0) for p in wanted)
+            *(self.store.grant_lease(self._ttl_s(item.request) or 0) for item in wanted)
         )
         for item, (lease_id, ttl_s) in zip(wanted, grants, strict=True):
             item.lease_id, item.lease_ttl_s = lease_id, ttl_s
+        for item, record in planned:
+            if item.lease_id:
+                record.lease_id = item.lease_id
+                created = record.created_at.ToDatetime(tzinfo=UTC)
+                record.expires_at.CopyFrom(timestamp(created + timedelta(seconds=item.lease_ttl_s)))
 
     def _ttl_s(self, request: AllocationRequest) -> int | None:
         return request.ttl_seconds or self.settings.default_ttl_s
 
-    def _decide(self, pending: list[_Pending]) -> tuple[CommitPlan, list[_Pending]]:
+    def _decide(
+        self, pending: list[_Pending]
+    ) -> tuple[CommitPlan, list[tuple[_Pending, types_pb2.Allocation]], list[_Pending]]:
+        """Places each request on a snapshot holding the ones before it; (plan, planned, rest)."""
         state = self.view.state
         snapshot = state.snapshot()
         scheduler_state = self._scheduler_state
         plan = CommitPlan(self.layout, state)
+        planned: list[tuple[_Pending, types_pb2.Allocation]] = []
         leftover: list[_Pending] = []
         now = self._clock()
         for item in pending:
@@ -259,21 +276,17 @@ class Allocator:
                 continue
             allocation_id = self._new_id()
             record = allocation_record(
-                item.request,
-                decision,
-                allocation_id,
-                lease_id=item.lease_id,
-                created_at=now,
-                expires_at=now + timedelta(seconds=item.lease_ttl_s) if item.lease_id else None,
+                item.request, decision, allocation_id, lease_id=0, created_at=now, expires_at=None
             )
             if not plan.fits(record):
                 leftover.append(item)
                 continue
-            plan.add(record, item.lease_id)
+            plan.add(record)
+            planned.append((item, record))
             snapshot = snapshot.with_allocation(decision.as_allocation(allocation_id))
             scheduler_state = decision.state
         self._scheduler_state = scheduler_state
-        return plan, leftover
+        return plan, planned, leftover
 
     def _revoke_later(self, item: _Pending) -> None:
         """A lease granted for a request that did not commit is dropped, not left to expire."""

@@ -9,8 +9,6 @@ over-committing a GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.view_state import ViewState
@@ -18,12 +16,6 @@ from kaiwo_gpu.v1 import types_pb2
 
 MAX_TXN_OPS = 128
 """etcd's default --max-txn-ops: the most compares, or operations, in one transaction."""
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedAllocation:
-    record: types_pb2.Allocation
-    lease_id: int
 
 
 class CommitPlan:
@@ -34,8 +26,7 @@ class CommitPlan:
         self._state = state
         self._expect: dict[bytes, int] = {}
         self._puts: list[Put] = []
-        self._request_keys: list[bytes] = []
-        self.allocations: list[PlannedAllocation] = []
+        self.allocations: list[types_pb2.Allocation] = []
 
     def _growth(self, record: types_pb2.Allocation) -> tuple[dict[bytes, int], list[Put]]:
         layout, state = self._layout, self._state
@@ -58,20 +49,20 @@ class CommitPlan:
         operations = len(self._puts) + len(puts) + 2 * (len(self.allocations) + 1)
         return max(compares, operations) <= MAX_TXN_OPS
 
-    def add(self, record: types_pb2.Allocation, lease_id: int) -> None:
+    def add(self, record: types_pb2.Allocation) -> None:
+        """Plans `record`; its lease may still be filled in before `txn()` is called."""
         expect, puts = self._growth(record)
         self._expect.update(expect)
         self._puts.extend(puts)
-        self._request_keys.append(self._layout.request(record.request_id))
-        self.allocations.append(PlannedAllocation(record, lease_id))
+        self.allocations.append(record)
 
     def txn(self) -> Txn:
         records = [
-            Put(self._layout.allocation(a.record.id), a.record.SerializeToString(), a.lease_id)
+            Put(self._layout.allocation(a.id), a.SerializeToString(), a.lease_id)
             for a in self.allocations
         ]
         requests = [
-            Put(self._layout.request(a.record.request_id), a.record.id.encode(), a.lease_id)
+            Put(self._layout.request(a.request_id), a.id.encode(), a.lease_id)
             for a in self.allocations
         ]
         return Txn(

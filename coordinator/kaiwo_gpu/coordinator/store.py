@@ -18,7 +18,7 @@ import aetcd
 from aetcd import rpc
 from aetcd.rpc import AioRpcError, StatusCode
 
-from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
+from kaiwo_gpu.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from kaiwo_gpu.coordinator.changes import Change, KeyValue, Txn, TxnResult
 
 _UNREACHABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
@@ -99,6 +99,8 @@ class EtcdStore:
         except AioRpcError as error:
             if error.code() in _UNREACHABLE:
                 raise _unavailable(error, self.target) from None
+            if error.code() is StatusCode.NOT_FOUND:  # e.g. a put on a lease that expired
+                raise NotFoundError(f"etcd: {error.details()}") from None
             raise
 
     async def read_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:

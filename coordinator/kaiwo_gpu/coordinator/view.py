@@ -130,6 +130,12 @@ class ClusterView:
                 continue
             except UnavailableError as error:
                 log.warning("etcd watch interrupted", error=error.message, resume_in_s=delay)
+            except Exception:  # a bug must not freeze the view: start over from a fresh read
+                log.exception("cluster view failed; re-listing from etcd")
+                self.connected = False
+                await asyncio.sleep(delay)
+                await self._relist()
+                continue
             self.connected = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
