@@ -7,17 +7,19 @@ subprocess (JSON logs to a temp file) on a synthetic inventory sized so it never
 1. bare txn: `EtcdStore.commit` from this process of a txn shaped like one allocation's
    commit (compare the mod revision of a GPU version key, put a ~600-byte record under a
    new key and rewrite the GPU key), sequentially; p50/p99.
-2. Allocate: sequential Allocate calls (new request_id each, 100 millis, no TTL), each
+2. gRPC floor: sequential health Checks to the coordinator (no etcd), for reading the rest.
+3. Allocate: sequential Allocate calls (new request_id each, 100 millis, no TTL), each
    followed by an untimed Release; only the Allocate is timed. Then the same with
    `ttl_seconds` 60, which costs the coordinator an extra lease grant.
-3. throughput: 32 concurrent clients (one channel each) Allocate without releasing until a
+4. throughput: 32 concurrent clients (one channel each) Allocate without releasing until a
    fixed count is done (or the time limit passes); allocations/s, and how many etcd
    revisions (commits) the coordinator used. For reference, the bare txn with 32 commits
    in flight from this process (one GPU key per worker, so none conflicts).
 
 Then the ratios to the targets: Allocate p50 <= 1.5 x bare txn p50, Allocate p99 <= 2.0 x
 bare txn p99, >= 1000 allocations/s per coordinator process. etcd, the coordinator and this
-client share the machine's cores, so read the absolute numbers with that in mind.
+client share the machine's cores, so the CPU each process used in each phase (from /proc) is
+printed too: CPU per operation carries over between machines better than wall time does.
 
 Run from the repository root:
 
@@ -86,7 +88,7 @@ class Stats:
     @staticmethod
     def of(samples_ns: Sequence[int]) -> Stats:
         if not samples_ns:
-            raise SystemExit("no samples were taken; raise --time-limit")
+            raise SystemExit("a phase took no samples before its time limit; raise --time-limit")
         ordered = sorted(samples_ns)
         return Stats(
             count=len(ordered),
@@ -151,8 +153,8 @@ async def _timed(
 ) -> list[int]:
     """Awaits operation(i) for i in range(samples) (fewer if the deadline passes), GC off.
 
-    operation returns a second awaitable to run untimed after each timed call (a Release),
-    or None.
+    When operation's result is itself awaitable (a Release to undo an Allocate), it is
+    awaited after the clock stops.
     """
     durations: list[int] = []
     clock = time.perf_counter_ns
@@ -170,6 +172,76 @@ async def _timed(
     finally:
         gc.enable()
     return durations
+
+
+# --- CPU accounting ---------------------------------------------------------------------
+
+
+def _process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process from /proc; None where unavailable."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5); utime, stime are 14, 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuMark:
+    wall_s: float
+    client_s: float
+    coordinator_s: float | None
+    etcd_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    phase: str
+    ops: int
+    wall_s: float
+    client_s: float
+    coordinator_s: float | None
+    etcd_s: float | None
+
+
+class CpuMeter:
+    """CPU used by this client, the coordinator and etcd between a mark and now."""
+
+    def __init__(self, coordinator_pid: int | None, etcd_pid: int | None) -> None:
+        self.coordinator_pid = coordinator_pid
+        self.etcd_pid = etcd_pid
+        self.uses: list[CpuUse] = []
+
+    def mark(self) -> CpuMark:
+        return CpuMark(
+            time.perf_counter(),
+            time.process_time(),
+            _process_cpu_s(self.coordinator_pid),
+            _process_cpu_s(self.etcd_pid),
+        )
+
+    def record(self, mark: CpuMark, phase: str, ops: int) -> None:
+        now = self.mark()
+
+        def delta(after: float | None, before: float | None) -> float | None:
+            return None if after is None or before is None else after - before
+
+        self.uses.append(
+            CpuUse(
+                phase,
+                ops,
+                now.wall_s - mark.wall_s,
+                now.client_s - mark.client_s,
+                delta(now.coordinator_s, mark.coordinator_s),
+                delta(now.etcd_s, mark.etcd_s),
+            )
+        )
+
+
+# --- processes --------------------------------------------------------------------------
 
 
 def write_inventory(path: Path, nodes: int) -> int:
@@ -216,6 +288,10 @@ class CoordinatorProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -226,12 +302,15 @@ class CoordinatorProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     async def wait_serving(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                if self.process is None or self.process.poll() is not None:
+                if not self.alive():
                     raise SystemExit(f"the coordinator exited:\n{self.log_tail()}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -266,9 +345,7 @@ class BareTxns:
 
     def __init__(self, store: EtcdStore, value_bytes: int) -> None:
         self.store = store
-        self.value = (
-            os.urandom(value_bytes // 2).hex().encode()[:value_bytes].ljust(value_bytes, b"0")
-        )
+        self.value = os.urandom(value_bytes // 2 + 1).hex().encode()[:value_bytes]
         self.known: dict[bytes, int] = {}
         self.serial = 0
 
@@ -284,21 +361,15 @@ class BareTxns:
             )
         )
         if not result.succeeded:
-            current = result.current.get(gpu_key)
-            self.known[gpu_key] = current.mod_revision if current else 0
             raise RuntimeError(f"bare txn on {gpu} conflicted; another writer on {BARE_PREFIX}?")
         self.known[gpu_key] = result.revision
 
 
-async def measure_bare_latency(bare: BareTxns, samples: int, warmup: int, deadline: float) -> Stats:
-    for _ in range(warmup):
-        await bare.commit("GPU-seq")
+async def bare_latency(bare: BareTxns, samples: int, deadline: float) -> Stats:
     return Stats.of(await _timed(samples, deadline, lambda _: bare.commit("GPU-seq")))
 
 
-async def measure_bare_throughput(
-    bare: BareTxns, count: int, workers: int, deadline: float
-) -> Throughput:
+async def bare_throughput(bare: BareTxns, count: int, workers: int, deadline: float) -> Throughput:
     counter = Counter(count, deadline)
     latencies: list[int] = []
 
@@ -332,45 +403,35 @@ def allocate_request(request_id: str, ttl_s: int) -> allocation_pb2.AllocateRequ
 
 @dataclass(slots=True)
 class Sequential:
+    """One client: Allocate (timed), then Release it (untimed), so the cluster never fills."""
+
     api: AllocationServiceAsyncStub
     name: str
     ttl_s: int
     record_bytes: list[int] = field(default_factory=list)
 
     async def allocate(self, i: int) -> Awaitable[object]:
-        """Timed part: one Allocate. Returns the untimed Release to run after it."""
+        """One Allocate; returns the Release to await after the clock stops."""
+        request_id = f"{self.name}-{i:06d}"
         reply = await self.api.Allocate(
-            allocate_request(f"{self.name}-{i:06d}", self.ttl_s), timeout=CALL_TIMEOUT_S
+            allocate_request(request_id, self.ttl_s), timeout=CALL_TIMEOUT_S
         )
         if reply.replayed:
-            raise RuntimeError(f"request {self.name}-{i:06d} was replayed; stale etcd data?")
+            raise RuntimeError(f"request {request_id} was replayed; stale data in etcd?")
         self.record_bytes.append(reply.allocation.ByteSize())
         return self.api.Release(
             allocation_pb2.ReleaseRequest(allocation_id=reply.allocation.id),
             timeout=CALL_TIMEOUT_S,
         )
 
-
-async def measure_allocate_latency(
-    api: AllocationServiceAsyncStub,
-    name: str,
-    *,
-    ttl_s: int,
-    samples: int,
-    warmup: int,
-    deadline: float,
-) -> tuple[Stats, int]:
-    """(Allocate stats, median serialized record size) over sequential allocate+release."""
-    warm = Sequential(api, f"{name}-warm", ttl_s)
-    for i in range(warmup):
-        release = await warm.allocate(i)
-        await release
-    timed = Sequential(api, name, ttl_s)
-    stats = Stats.of(await _timed(samples, deadline, timed.allocate))
-    return stats, int(statistics.median(timed.record_bytes))
+    async def warm(self, count: int, deadline: float) -> None:
+        for i in range(count):
+            if time.monotonic() > deadline:
+                return
+            await (await self.allocate(i))
 
 
-async def measure_allocate_throughput(
+async def allocate_throughput(
     apis: Sequence[AllocationServiceAsyncStub],
     store: EtcdStore,
     name: str,
@@ -440,6 +501,31 @@ def print_throughputs(rows: Sequence[tuple[str, Throughput]]) -> None:
         )
 
 
+def print_cpu(uses: Sequence[CpuUse]) -> None:
+    def seconds(value: float | None) -> str:
+        return f"{value:>8.2f}" if value is not None else f"{'?':>8}"
+
+    def per_op(value: float | None, ops: int) -> str:
+        return f"{value * 1000 / ops:>8.3f}" if value is not None and ops else f"{'?':>8}"
+
+    cpus = os.cpu_count() or 1
+    header = (
+        f"{'phase':<34}{'ops':>6}{'wall s':>8}{'client':>8}{'coord':>8}{'etcd':>8}"
+        f"{'client':>8}{'coord':>8}{'etcd':>8}{'busy':>6}"
+    )
+    print(f"{'':<34}{'':>6}{'':>8}{'--- CPU seconds ---':>24}{'--- CPU ms per op ---':>24}")
+    print(header)
+    print("-" * len(header))
+    for use in uses:
+        known = [v for v in (use.client_s, use.coordinator_s, use.etcd_s) if v is not None]
+        busy = sum(known) / (use.wall_s * cpus) if use.wall_s > 0 else 0.0
+        print(
+            f"{use.phase:<34}{use.ops:>6}{use.wall_s:>8.2f}{seconds(use.client_s)}"
+            f"{seconds(use.coordinator_s)}{seconds(use.etcd_s)}{per_op(use.client_s, use.ops)}"
+            f"{per_op(use.coordinator_s, use.ops)}{per_op(use.etcd_s, use.ops)}{busy:>6.0%}"
+        )
+
+
 def print_targets(bare: Stats, allocate: Stats, throughput: Throughput) -> None:
     p50 = allocate.p50_ms / bare.p50_ms
     p99 = allocate.p99_ms / bare.p99_ms
@@ -485,11 +571,126 @@ class Options:
     profile: Path | None
 
 
+@dataclass(frozen=True, slots=True)
+class Results:
+    bare: Stats
+    health: Stats
+    plain: Stats
+    leased: Stats
+    record_bytes: int
+    concurrent: Throughput
+    bare_concurrent: Throughput
+
+
+async def measure(
+    options: Options,
+    store: EtcdStore,
+    apis: Sequence[AllocationServiceAsyncStub],
+    channel: grpc.aio.Channel,
+    meter: CpuMeter,
+) -> Results:
+    """Every phase in turn; each is bounded by its count and by --time-limit."""
+
+    def deadline() -> float:
+        return time.monotonic() + options.time_limit_s
+
+    bare = BareTxns(store, options.value_bytes)
+    warm_until = deadline()
+    for _ in range(options.warmup):
+        if time.monotonic() > warm_until:
+            break
+        await bare.commit("GPU-seq")
+    mark = meter.mark()
+    bare_stats = await bare_latency(bare, options.samples, deadline())
+    meter.record(mark, "bare etcd txn", bare_stats.count)
+    print(f"bare txn: p50 {bare_stats.p50_ms:.3f} ms", flush=True)
+
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health_pb2.HealthCheckRequest()
+    await _timed(options.warmup, deadline(), lambda _: health.Check(check, timeout=CALL_TIMEOUT_S))
+    mark = meter.mark()
+    health_stats = Stats.of(
+        await _timed(
+            options.samples, deadline(), lambda _: health.Check(check, timeout=CALL_TIMEOUT_S)
+        )
+    )
+    meter.record(mark, "gRPC health Check", health_stats.count)
+
+    rows: list[tuple[Stats, int]] = []
+    for name, ttl_s, label in (
+        ("seq", 0, "Allocate+Release, no TTL"),
+        ("ttl", TTL_S, f"Allocate+Release, ttl {TTL_S}s"),
+    ):
+        await Sequential(apis[0], f"warm-{name}", ttl_s).warm(options.warmup, deadline())
+        timed = Sequential(apis[0], name, ttl_s)
+        mark = meter.mark()
+        stats = Stats.of(await _timed(options.samples, deadline(), timed.allocate))
+        meter.record(mark, label, stats.count)
+        rows.append((stats, int(statistics.median(timed.record_bytes))))
+        print(f"{label}: Allocate p50 {stats.p50_ms:.3f} ms", flush=True)
+
+    await allocate_throughput(apis, store, "warm-par", len(apis) * 2, deadline())
+    mark = meter.mark()
+    concurrent = await allocate_throughput(apis, store, "par", options.allocations, deadline())
+    meter.record(mark, f"Allocate x{len(apis)} clients", concurrent.done)
+    print(f"Allocate x{len(apis)}: {concurrent.per_s:.0f}/s", flush=True)
+
+    mark = meter.mark()
+    bare_concurrent = await bare_throughput(bare, options.allocations, len(apis), deadline())
+    meter.record(mark, f"bare etcd txn x{len(apis)} in flight", bare_concurrent.done)
+
+    return Results(
+        bare=bare_stats,
+        health=health_stats,
+        plain=rows[0][0],
+        leased=rows[1][0],
+        record_bytes=rows[0][1],
+        concurrent=concurrent,
+        bare_concurrent=bare_concurrent,
+    )
+
+
+def report(options: Options, results: Results, meter: CpuMeter) -> None:
+    clients = options.clients
+    print()
+    print(
+        f"sequential latency, one client (Allocate records {results.record_bytes} B; "
+        f"bare txn value {options.value_bytes} B; Allocate rows time the Allocate only)"
+    )
+    print_latencies(
+        [
+            ("bare etcd txn (1 compare, 2 puts)", results.bare),
+            ("gRPC health Check (no etcd)", results.health),
+            ("Allocate, no TTL", results.plain),
+            (f"Allocate, ttl_seconds {TTL_S}", results.leased),
+        ],
+        results.bare,
+    )
+    print()
+    print(
+        f"throughput, {clients} concurrent (commits = etcd revisions used; "
+        "p50/p99 = per-call latency under load)"
+    )
+    print_throughputs(
+        [
+            (f"Allocate x{clients} clients", results.concurrent),
+            (f"bare etcd txn x{clients} in flight", results.bare_concurrent),
+        ]
+    )
+    print()
+    print(
+        "CPU used per phase (client = this process, coord = the coordinator process; "
+        "busy = all three / all cores)"
+    )
+    print_cpu(meter.uses)
+    print()
+    print_targets(results.bare, results.plain, results.concurrent)
+
+
 async def run(options: Options, workdir: Path) -> int:
-    # Sized so the throughput phase (which never releases) cannot fill the cluster; the
+    # Sized so the throughput phases (which never release) cannot fill the cluster; the
     # sequential phases release every allocation they make.
-    warm_concurrent = options.clients * 2
-    needed = options.allocations + warm_concurrent
+    needed = options.allocations + 2 * options.clients
     nodes = max(options.nodes, math.ceil(needed / (GPUS_PER_NODE * PER_GPU)) + 1)
     inventory = workdir / "nodes.yaml"
     gpus = write_inventory(inventory, nodes)
@@ -508,80 +709,21 @@ async def run(options: Options, workdir: Path) -> int:
         await store.connect()
         await coordinator.wait_serving(SERVING_TIMEOUT_S)
         print(
-            f"etcd {etcd.endpoint} (data in {workdir}), coordinator pid "
-            f"{coordinator.process.pid if coordinator.process else '?'} on "
-            f"{coordinator.address}, {nodes} nodes x {GPUS_PER_NODE} {GPU_MODEL} = {gpus} GPUs",
+            f"etcd {etcd.endpoint} (data in {workdir}), coordinator pid {coordinator.pid} "
+            f"on {coordinator.address}, {nodes} nodes x {GPUS_PER_NODE} {GPU_MODEL} = "
+            f"{gpus} GPUs",
             flush=True,
         )
-
-        def deadline() -> float:
-            return time.monotonic() + options.time_limit_s
-
-        bare = BareTxns(store, options.value_bytes)
-        bare_stats = await measure_bare_latency(bare, options.samples, options.warmup, deadline())
-        print(f"bare txn: p50 {bare_stats.p50_ms:.3f} ms", flush=True)
-
         channels = [grpc.aio.insecure_channel(coordinator.address) for _ in range(options.clients)]
         apis: list[AllocationServiceAsyncStub] = [
             allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels
         ]
-        plain, record_bytes = await measure_allocate_latency(
-            apis[0],
-            "seq",
-            ttl_s=0,
-            samples=options.samples,
-            warmup=options.warmup,
-            deadline=deadline(),
-        )
-        print(f"Allocate: p50 {plain.p50_ms:.3f} ms", flush=True)
-        leased, leased_bytes = await measure_allocate_latency(
-            apis[0],
-            "ttl",
-            ttl_s=TTL_S,
-            samples=options.samples,
-            warmup=options.warmup,
-            deadline=deadline(),
-        )
-        print(f"Allocate ttl {TTL_S}s: p50 {leased.p50_ms:.3f} ms", flush=True)
-
-        await measure_allocate_throughput(apis, store, "warm-par", warm_concurrent, deadline())
-        concurrent = await measure_allocate_throughput(
-            apis, store, "par", options.allocations, deadline()
-        )
-        print(f"Allocate x{options.clients}: {concurrent.per_s:.0f}/s", flush=True)
-        bare_concurrent = await measure_bare_throughput(
-            bare, options.allocations, options.clients, deadline()
-        )
-
-        print()
-        print(
-            f"sequential latency (one client; Allocate records {record_bytes} B, "
-            f"{leased_bytes} B with TTL; bare txn value {options.value_bytes} B)"
-        )
-        print_latencies(
-            [
-                ("bare etcd txn (1 compare, 2 puts)", bare_stats),
-                ("Allocate, no TTL", plain),
-                (f"Allocate, ttl_seconds {TTL_S}", leased),
-            ],
-            bare_stats,
-        )
-        print()
-        print(
-            f"throughput, {options.clients} concurrent (commits = etcd revisions used; "
-            "p50/p99 = per-call latency under load)"
-        )
-        print_throughputs(
-            [
-                (f"Allocate x{options.clients} clients", concurrent),
-                (f"bare etcd txn x{options.clients} in flight", bare_concurrent),
-            ]
-        )
-        print()
-        print_targets(bare_stats, plain, concurrent)
-        if coordinator.process is None or coordinator.process.poll() is not None:
+        meter = CpuMeter(coordinator.pid, etcd.process.pid if etcd.process else None)
+        results = await measure(options, store, apis, channels[0], meter)
+        if not coordinator.alive():
             print(f"the coordinator exited early:\n{coordinator.log_tail()}")
             return 1
+        report(options, results, meter)
         return 0
     finally:
         for channel in channels:
@@ -636,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=None,
         metavar="FILE",
-        help="run the coordinator under cProfile and write its stats to FILE",
+        help="run the coordinator under cProfile (slows it) and write its stats to FILE",
     )
     args = parser.parse_args(argv)
     options = Options(
@@ -652,8 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     print(
         f"allocate round-trip benchmark: python {platform.python_version()} on "
-        f"{platform.machine()}, {os.cpu_count()} CPUs (etcd, coordinator and client share "
-        f"them), {options.samples} sequential samples after {options.warmup} warm-up, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs shared by etcd, coordinator and client; "
+        f"{options.samples} sequential samples after {options.warmup} warm-up, "
         f"{options.allocations} allocations x {options.clients} clients, "
         f"{FRACTION_MILLIS} millis each"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.coordinator.changes import Change, Txn, TxnResult
 from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS, CommitPlan
 from kaiwo_gpu.coordinator.engine import Placement, place
-from kaiwo_gpu.coordinator.inventory import parse_inventory
+from kaiwo_gpu.coordinator.inventory import load_inventory, parse_inventory
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.records import allocation_record
@@ -223,3 +224,9 @@ def test_unreadable_records_are_counted_not_fatal() -> None:
     assert events == []
     assert state.unreadable_keys == 1
     assert state.revision == 5
+
+
+def test_the_shipped_example_inventory_parses() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "examples" / "nodes.yaml"
+    nodes = load_inventory(example)
+    assert [len(node.gpus) for node in nodes] == [8, 2]
