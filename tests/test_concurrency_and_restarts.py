@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
@@ -162,9 +163,24 @@ async def test_etcd_down_gives_unavailable_and_writes_nothing(
                 await call
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "etcd" in (caught.value.details() or "")
+        await _wait_health(running.channel, health_pb2.HealthCheckResponse.NOT_SERVING)
         own_etcd.start()
+        await _wait_health(running.channel, health_pb2.HealthCheckResponse.SERVING)
         audit = await audit_etcd(own_etcd.endpoint, prefix)
         assert set(audit.allocations) == {held.id}
     finally:
         await running.channel.close()
         await running.coordinator.stop()
+
+
+async def _wait_health(channel: grpc.aio.Channel, wanted: int, timeout_s: float = 20) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="kaiwo_gpu.v1.AllocationService")
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = (await health.Check(request)).status
+        if status == wanted:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health stayed {status}, wanted {wanted}")

@@ -74,6 +74,7 @@ class Coordinator:
             self.server,
         )
         self.port = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _connect(self) -> None:
         """Waits up to `startup_wait_s` for etcd, so a coordinator may start before it."""
@@ -96,9 +97,22 @@ class Coordinator:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _report_etcd(self, connected: bool) -> None:
+        """Health follows the etcd watch, so load balancers and probes stop sending work."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if connected
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        log.warning("etcd watch " + ("restored" if connected else "lost"), etcd=self.store.target)
+        task = asyncio.create_task(self.health.set(SERVICE_NAME, status))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def start(self) -> int:
         """Connects to etcd, loads the view and starts serving; returns the bound port."""
         await self._connect()
+        self.view.on_connected_change = self._report_etcd
         self.allocator.start()
         try:
             self.port = self.server.add_insecure_port(self.settings.listen)

@@ -203,8 +203,8 @@ class EtcdStore:
     ) -> AsyncIterator[tuple[int, list[Change]]]:
         """(revision, changes) per watch response, from `start_revision` on.
 
-        The revision is the newest change's, or for a progress notice the header's: the
-        created response's header cannot be trusted while history is still replaying.
+        The revision is the newest change's, or for a progress notice the header's; the
+        response that confirms the watch comes as (0, []).
 
         Ends with UnavailableError when the stream breaks (etcd restarted, no leader), and
         CompactedError when `start_revision` is no longer in etcd's history.
@@ -242,7 +242,11 @@ class EtcdStore:
                 ]
                 if changes:
                     yield max(change.revision for change in changes), changes
-                elif not response.created:
+                elif response.created:
+                    # The watch is up; its header revision cannot be trusted while
+                    # history is still replaying, so it moves nothing forward.
+                    yield 0, changes
+                else:
                     # A progress notice: every change up to this revision has been sent.
                     yield response.header.revision, changes
         except AioRpcError as error:

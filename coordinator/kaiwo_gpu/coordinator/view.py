@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
@@ -51,18 +52,29 @@ class ClusterView:
         self.store = store
         self.layout = layout
         self.state = ViewState(layout)
-        self.connected = False
+        self._connected = False
+        self.on_connected_change: Callable[[bool], None] = lambda connected: None
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._subscribers: set[Subscription] = set()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether the watch on etcd is up; the server reports it through gRPC health."""
+        return self._connected
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            self.on_connected_change(connected)
+
     async def start(self) -> None:
         """Loads the state (raises UnavailableError when etcd is down) and starts watching."""
         revision, kvs = await self.store.read_prefix(self.layout.all_keys)
         self.state = ViewState.load(self.layout, revision, kvs)
-        self.connected = True
+        self._set_connected(True)
         self._task = asyncio.create_task(self._follow(), name="cluster-view-watch")
 
     async def stop(self) -> None:
@@ -119,7 +131,7 @@ class ClusterView:
                 async for revision, changes in self.store.watch(
                     self.layout.all_keys, self.state.revision + 1
                 ):
-                    self.connected = True
+                    self._set_connected(True)
                     delay = self._retry_initial_s
                     self._publish(self.state.apply(revision, changes))
             except CompactedError as error:
@@ -132,11 +144,11 @@ class ClusterView:
                 log.warning("etcd watch interrupted", error=error.message, resume_in_s=delay)
             except Exception:  # a bug must not freeze the view: start over from a fresh read
                 log.exception("cluster view failed; re-listing from etcd")
-                self.connected = False
+                self._set_connected(False)
                 await asyncio.sleep(delay)
                 await self._relist()
                 continue
-            self.connected = False
+            self._set_connected(False)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
 
