@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
@@ -48,6 +49,7 @@ class EtcdAudit:
     allocations: dict[str, types_pb2.Allocation]
     request_keys: dict[str, str]
     nodes: dict[str, types_pb2.NodeStatus]
+    tombstones: dict[str, str]
 
     @property
     def millis_by_gpu(self) -> dict[str, int]:
@@ -68,6 +70,7 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
         await store.close()
     allocations: dict[str, types_pb2.Allocation] = {}
     request_keys: dict[str, str] = {}
+    tombstones: dict[str, str] = {}
     nodes: dict[str, types_pb2.NodeStatus] = {}
     gpu_keys: set[str] = set()
     for kv in kvs:
@@ -80,6 +83,8 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
             assert record.id == name
             assert kv.lease == record.lease_id
             allocations[name] = record
+        elif kind is KeyKind.REQUEST and kv.value.startswith(b"released:"):
+            tombstones[name] = kv.value.removeprefix(b"released:").decode()
         elif kind is KeyKind.REQUEST:
             request_keys[name] = kv.value.decode()
         elif kind is KeyKind.NODE:
@@ -89,70 +94,75 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
         else:
             gpu_keys.add(name)
     inventory = {gpu.inventory.uuid: gpu.inventory for node in nodes.values() for gpu in node.gpus}
+    for record in allocations.values():
+        assert request_keys.get(record.request_id) == record.id, record.request_id
+        for grant in record.gpus:
+            assert grant.uuid in gpu_keys
+    check_gpus(allocations, inventory, f"revision {revision}")
+    assert set(request_keys.values()) == set(allocations), "a request key without allocation"
+    assert not set(tombstones.values()) & set(allocations), "a live allocation marked released"
+    return EtcdAudit(revision, allocations, request_keys, nodes, tombstones)
+
+
+def check_gpus(
+    allocations: dict[str, types_pb2.Allocation],
+    inventory: dict[str, types_pb2.GpuInventory],
+    when: str,
+) -> None:
+    """Per GPU: at most 1000 millis and its VRAM, no CU twice, no sharing with a non-sharer,
+    and cu-mask and unmasked work never together."""
     millis: dict[str, int] = defaultdict(int)
     memory: dict[str, int] = defaultdict(int)
     units: dict[str, set[int]] = defaultdict(set)
     holders: dict[str, list[types_pb2.Allocation]] = defaultdict(list)
     for record in allocations.values():
-        assert request_keys.get(record.request_id) == record.id, record.request_id
         for grant in record.gpus:
-            assert grant.uuid in inventory
-            assert grant.uuid in gpu_keys
+            assert grant.uuid in inventory, f"{when}: unknown GPU {grant.uuid}"
             millis[grant.uuid] += grant.granted_millis
             memory[grant.uuid] += grant.granted_memory_mib
-            assert not units[grant.uuid] & set(grant.compute_units), "a CU granted twice"
+            assert not units[grant.uuid] & set(grant.compute_units), f"{when}: a CU granted twice"
             units[grant.uuid] |= set(grant.compute_units)
             holders[grant.uuid].append(record)
     for uuid, total in millis.items():
-        assert total <= 1000, f"GPU {uuid} over-committed: {total} millis"
-        assert memory[uuid] <= inventory[uuid].vram_mib, f"GPU {uuid} VRAM over-committed"
-        if len(holders[uuid]) > 1:
-            assert all(h.request.sharing for h in holders[uuid]), f"GPU {uuid} shared unshareable"
-    assert set(request_keys.values()) == set(allocations), "a request key without allocation"
-    return EtcdAudit(revision, allocations, request_keys, nodes)
-
-
-def _check_gpu_totals(
-    allocations: dict[str, types_pb2.Allocation], vram: dict[str, int], revision: int
-) -> None:
-    millis: dict[str, int] = defaultdict(int)
-    memory: dict[str, int] = defaultdict(int)
-    for record in allocations.values():
-        for grant in record.gpus:
-            millis[grant.uuid] += grant.granted_millis
-            memory[grant.uuid] += grant.granted_memory_mib
-    for uuid, total in millis.items():
-        assert total <= 1000, f"GPU {uuid} over-committed at revision {revision}: {total} millis"
-        assert memory[uuid] <= vram[uuid], f"GPU {uuid} VRAM over-committed at revision {revision}"
+        assert total <= 1000, f"GPU {uuid} over-committed at {when}: {total} millis"
+        assert memory[uuid] <= inventory[uuid].vram_mib, f"GPU {uuid} VRAM over at {when}"
+        on_gpu = holders[uuid]
+        if len(on_gpu) > 1:
+            assert all(h.request.sharing for h in on_gpu), f"GPU {uuid} shared unshareable"
+            kinds = {h.isolation == types_pb2.ISOLATION_CU_MASK for h in on_gpu}
+            assert len(kinds) == 1, f"GPU {uuid}: cu-mask and unmasked work together at {when}"
 
 
 async def audit_history(endpoint: str, prefix: str) -> int:
     """Replays every revision under `prefix` from etcd's history and checks each state.
 
     A final-state audit cannot see an over-commit that was released before the end; this
-    one can. Returns how many revisions were checked.
+    one can. It writes an end marker under the prefix first and reads up to it, since the
+    etcd may be shared and its last revision somebody else's. Returns revisions checked.
     """
     layout = KeyLayout(prefix)
     store = EtcdStore([endpoint])
     allocations: dict[str, types_pb2.Allocation] = {}
-    vram: dict[str, int] = {}
+    inventory: dict[str, types_pb2.GpuInventory] = {}
     checked = 0
     try:
-        final = await store.revision()
+        end = layout.all_keys + b"audit-end"
+        final = (await store.commit(Txn(puts=(Put(end, b""),)))).revision
         previous = 0
         async for revision, changes in store.watch(layout.all_keys, 1):
             for change in changes:
                 if change.revision != previous and previous:
-                    _check_gpu_totals(allocations, vram, previous)
+                    check_gpus(allocations, inventory, f"revision {previous}")
                     checked += 1
                 previous = change.revision
                 parsed = layout.parse(change.key)
-                assert parsed is not None
+                if parsed is None:
+                    continue
                 kind, name = parsed
                 if kind is KeyKind.NODE and change.value is not None:
                     node = types_pb2.NodeStatus()
                     node.ParseFromString(change.value)
-                    vram.update({g.inventory.uuid: g.inventory.vram_mib for g in node.gpus})
+                    inventory.update({g.inventory.uuid: g.inventory for g in node.gpus})
                 elif kind is KeyKind.ALLOCATION:
                     allocations.pop(name, None)
                     if change.value is not None:
@@ -161,10 +171,10 @@ async def audit_history(endpoint: str, prefix: str) -> int:
                         allocations[name] = record
             if revision >= final:
                 break
-        _check_gpu_totals(allocations, vram, previous)
+        await store.commit(Txn(deletes=(end,)))
     finally:
         await store.close()
-    return checked + 1
+    return checked
 
 
 class CoordinatorProcess:

@@ -40,6 +40,23 @@ class LoadResult:
         return set(self.allocated.values()) - self.released
 
 
+def _random_request(rng: random.Random, request_id: str) -> types_pb2.AllocationRequest:
+    """Mostly time-shared fractions; some cu-mask, non-sharing and two-GPU requests."""
+    kind = rng.random()
+    message = types_pb2.AllocationRequest(
+        request_id=request_id,
+        fraction_millis=rng.choice(FRACTIONS),
+        memory_mib=rng.choice(MEMORIES),
+    )
+    if kind < 0.2:
+        message.isolation = types_pb2.ISOLATION_CU_MASK
+    elif kind < 0.3:
+        message.sharing = False
+    elif kind < 0.35:
+        message.count = 2
+    return message
+
+
 async def _with_retries(
     call: object, result: LoadResult, deadline: float
 ) -> tuple[object | None, grpc.StatusCode | None]:
@@ -88,14 +105,8 @@ async def run_client(
                 result.unexpected.append(f"release {allocation_id}: {code}")
         else:
             request_id = f"w{worker}-{op}"
-            message = allocation_pb2.AllocateRequest(
-                request=types_pb2.AllocationRequest(
-                    request_id=request_id,
-                    fraction_millis=rng.choice(FRACTIONS),
-                    memory_mib=rng.choice(MEMORIES),
-                    owner=f"worker-{worker}",
-                )
-            )
+            message = allocation_pb2.AllocateRequest(request=_random_request(rng, request_id))
+            message.request.owner = f"worker-{worker}"
             reply, code = await _with_retries(
                 lambda api=api, message=message: api.Allocate(message), result, deadline
             )

@@ -6,10 +6,11 @@ Every check ends with an audit that reads etcd directly, not through a coordinat
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -75,6 +76,17 @@ async def test_two_coordinator_processes_32_clients_never_over_commit(
             await channel.close()
         for process in processes:
             assert process.stop() == 0, process.log_tail()
+    conflicts = sum(_logged(p, "coordinator stopped")["commit_conflicts"] for p in processes)
+    assert conflicts > 0, "the coordinators never raced, so the commit guard was not exercised"
+
+
+def _logged(process: CoordinatorProcess, event: str) -> dict[str, Any]:
+    for line in process.log_path.read_text().splitlines():
+        if line.startswith("{"):
+            entry: dict[str, Any] = json.loads(line)
+            if entry.get("event") == event:
+                return entry
+    raise AssertionError(f"{event!r} not logged: {process.log_tail()}")
 
 
 @pytest.mark.timeout(120)
@@ -184,3 +196,26 @@ async def _wait_health(channel: grpc.aio.Channel, wanted: int, timeout_s: float 
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"health stayed {status}, wanted {wanted}")
+
+
+async def test_one_request_id_raced_through_two_coordinators_makes_one_allocation(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    first = await start_coordinator(etcd.endpoint, prefix, inventory)
+    second = await start_coordinator(etcd.endpoint, prefix, inventory)
+    try:
+        for round_ in range(10):
+            replies = await asyncio.gather(
+                *(
+                    api.Allocate(request(f"race-{round_}", fraction_millis=100))
+                    for api in (first.api, second.api) * 3
+                )
+            )
+            assert len({reply.allocation.id for reply in replies}) == 1
+            assert sum(not reply.replayed for reply in replies) == 1
+        audit = await audit_etcd(etcd.endpoint, prefix)
+        assert len(audit.allocations) == 10
+    finally:
+        for running in (first, second):
+            await running.channel.close()
+            await running.coordinator.stop()

@@ -292,3 +292,25 @@ async def test_no_capacity_names_the_reasons(running: Running) -> None:
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "300000 MiB" in message
     assert "6 have less VRAM" in message
+
+
+async def test_a_released_request_id_is_not_reused(running: Running) -> None:
+    made = (await running.api.Allocate(request("once", fraction_millis=100))).allocation
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
+    code, message = await _code(running.api.Allocate(request("once", fraction_millis=100)))
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    assert made.id in message
+    assert "released" in message
+    audit = await audit_etcd(running.endpoint, running.prefix)
+    assert audit.allocations == {}
+    assert audit.tombstones == {"once": made.id}
+
+
+async def test_reads_see_the_callers_own_writes_at_once(running: Running) -> None:
+    for i in range(20):
+        made = (await running.api.Allocate(request(f"ryw-{i}", fraction_millis=1000))).allocation
+        listed = await running.api.ListAllocations(allocation_pb2.ListAllocationsRequest())
+        assert [a.id for a in listed.allocations] == [made.id]
+        await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
+        stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+        assert stats.allocation_count == 0

@@ -14,7 +14,7 @@ from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.coordinator.changes import Change, Txn, TxnResult
 from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS, CommitPlan
 from kaiwo_gpu.coordinator.engine import Placement, place
-from kaiwo_gpu.coordinator.inventory import load_inventory, parse_inventory
+from kaiwo_gpu.coordinator.inventory import load_inventory, parse_inventory, synthetic_inventory
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.records import allocation_record
@@ -22,7 +22,7 @@ from kaiwo_gpu.coordinator.registration import register_nodes
 from kaiwo_gpu.coordinator.store import EtcdStore, parse_endpoints
 from kaiwo_gpu.coordinator.view import ClusterView
 from kaiwo_gpu.coordinator.view_state import ViewState
-from tests.harness import INVENTORY
+from tests.harness import INVENTORY, audit_etcd
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -144,27 +144,33 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
     await store.close()
 
 
-async def test_commit_plan_stays_within_etcd_txn_limits(etcd: LocalEtcd, prefix: str) -> None:
-    store, layout, state = await _loaded(etcd, prefix)
+@pytest.mark.parametrize("strategy", ["best-fit", "worst-fit"])
+async def test_commit_plan_stays_within_etcd_txn_limits(
+    etcd: LocalEtcd, prefix: str, strategy: str
+) -> None:
+    """best-fit stacks allocations on few GPUs (puts bind), worst-fit spreads (compares bind)."""
+    store = EtcdStore([etcd.endpoint])
+    layout = KeyLayout(prefix)
+    await register_nodes(store, layout, synthetic_inventory(10, 8, "MI300X"))
+    state = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
+    snapshot = state.snapshot()
     plan = CommitPlan(layout, state)
-    added = 0
-    for i in range(200):
+    for i in range(400):
+        request = AllocationRequest(f"m-{i}", fraction_millis=100, strategy=strategy)
+        decision = place(request, snapshot)
+        assert isinstance(decision, Placement)
         record = allocation_record(
-            AllocationRequest(f"m-{i}", fraction_millis=100),
-            _decide(state, f"m-{i}", 100),
-            f"id-{i}",
-            lease_id=0,
-            created_at=NOW,
-            expires_at=None,
+            request, decision, f"id-{i}", lease_id=0, created_at=NOW, expires_at=None
         )
         if not plan.fits(record):
             break
         plan.add(record)
-        added += 1
-    assert 0 < added < 200
+        snapshot = snapshot.with_allocation(decision.as_allocation(f"id-{i}"))
+    assert 30 < len(plan.allocations) < 400
     assert plan.txn().size <= MAX_TXN_OPS
     assert (await store.commit(plan.txn())).succeeded
     await store.close()
+    await audit_etcd(etcd.endpoint, prefix)
 
 
 async def test_view_follows_changes_and_resumes_after_etcd_restart(
@@ -222,7 +228,7 @@ def test_unreadable_records_are_counted_not_fatal() -> None:
     state = ViewState(layout)
     events = state.apply(5, [Change(layout.allocation("x"), b"\xff\xff not proto", 5)])
     assert events == []
-    assert state.unreadable_keys == 1
+    assert state.unreadable_allocations == {"x"}
     assert state.revision == 5
 
 

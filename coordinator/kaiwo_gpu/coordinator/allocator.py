@@ -3,7 +3,8 @@
 Allocate requests queue up while a transaction is in flight; the committer takes them as a
 batch, decides each on a snapshot that already holds the earlier ones, and commits the
 batch in one transaction. A conflict (another coordinator got there first) means: wait
-for the view to see what changed, decide again, at most `max_attempts` times.
+for the view to see what changed, decide again, at most `max_attempts` times. Replies wait
+until this coordinator's view holds the change, so a client reads its own writes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
 
 from kaiwo_gpu.common.errors import (
     AlreadyExistsError,
@@ -24,7 +28,7 @@ from kaiwo_gpu.common.errors import (
     UnavailableError,
 )
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.changes import Put, Txn
+from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
 from kaiwo_gpu.coordinator.commit_plan import CommitPlan
 from kaiwo_gpu.coordinator.engine import NoFit, place
 from kaiwo_gpu.coordinator.keys import KeyLayout
@@ -32,9 +36,14 @@ from kaiwo_gpu.coordinator.records import allocation_record, same_request, times
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.coordinator.strategies import DEFAULT_STRATEGY, SchedulerState
 from kaiwo_gpu.coordinator.view import ClusterView
+from kaiwo_gpu.coordinator.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import types_pb2
 
+log = structlog.get_logger(__name__)
+
 Clock = Callable[[], datetime]
+TOMBSTONE_TTL_S = 3600
+"""How long a released request_id stays taken (between half and all of this)."""
 
 
 def utc_now() -> datetime:
@@ -60,7 +69,9 @@ class _Pending:
     future: asyncio.Future[tuple[types_pb2.Allocation, bool]]
     lease_id: int = 0
     lease_ttl_s: int = 0
-    attempts: int = field(default=0)
+    lease_granted_at: datetime | None = None
+    attempts: int = 0
+    queued: bool = True
 
     def resolve(self, record: types_pb2.Allocation, replayed: bool) -> None:
         if not self.future.done():  # the caller may have gone away meanwhile
@@ -92,6 +103,8 @@ class Allocator:
         self._scheduler_state = SchedulerState()
         self._last_commit_revision = 0
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._tombstone_lease: tuple[int, datetime] | None = None
         self.conflicts = 0
 
     def start(self) -> None:
@@ -104,6 +117,11 @@ class Allocator:
                 await self._task
         while not self._queue.empty():
             self._queue.get_nowait().reject(UnavailableError("the coordinator is shutting down"))
+        for task in tuple(self._background):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 1.0)
+
+    # -- allocate ------------------------------------------------------------------------
 
     async def allocate(self, request: AllocationRequest) -> tuple[types_pb2.Allocation, bool]:
         """(allocation, replayed): a request_id seen before returns its allocation again."""
@@ -113,11 +131,21 @@ class Allocator:
         future: asyncio.Future[tuple[types_pb2.Allocation, bool]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._queue.put_nowait(_Pending(request, future))
+        self._enqueue(_Pending(request, future))
         return await future
+
+    def _enqueue(self, item: _Pending) -> None:
+        item.queued = True
+        self._queue.put_nowait(item)
 
     def _replay(self, request: AllocationRequest) -> types_pb2.Allocation | None:
         state = self.view.state
+        released = state.released_requests.get(request.request_id)
+        if released is not None:
+            raise AlreadyExistsError(
+                f"request_id {request.request_id!r} already made allocation {released}, which "
+                "has been released; use a new request_id"
+            )
         allocation_id = state.allocation_by_request.get(request.request_id)
         if allocation_id is None:
             return None
@@ -134,92 +162,121 @@ class Allocator:
             batch = [await self._queue.get()]
             while len(batch) < self.settings.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            for item in batch:
+                item.queued = False
             try:
                 await self._commit_batch(batch)
             except KaiwoGpuError as error:
                 self._fail(batch, error)
-            except Exception as error:  # never let one bad batch stop the committer
-                self._fail(batch, UnavailableError(f"allocation failed: {error!r}"))
+            except Exception:  # never let one bad batch stop the committer
+                log.exception("allocation batch failed", size=len(batch))
+                self._fail(batch, UnavailableError("allocation failed inside the coordinator"))
 
-    def _fail(self, batch: list[_Pending], error: KaiwoGpuError) -> None:
-        for pending in batch:
-            pending.reject(error)
+    def _fail(self, items: list[_Pending], error: KaiwoGpuError, *, revoke: bool = True) -> None:
+        """Rejects the items this batch still owns (not those handed back to the queue)."""
+        for item in items:
+            if item.queued or item.future.done():
+                continue
+            if revoke:
+                self._revoke_lease_of(item)
+            item.reject(error)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
-        pending = [p for p in batch if not p.future.done()]
+        pending = [item for item in batch if not item.future.done()]
         while pending:
             await self.view.wait_for(self._last_commit_revision, self.settings.catch_up_timeout_s)
             pending = self._answer_replays(pending)
             plan, planned, leftover = self._decide(pending)
+            for item in leftover:
+                self._enqueue(item)
             if not plan.allocations:
                 return
-            for item in leftover:
-                self._queue.put_nowait(item)
+            owned = [item for item, _ in planned]
             try:
                 await self._grant_leases(planned)
+            except KaiwoGpuError as error:
+                self._fail(owned, error)
+                return
+            try:
                 result = await self.store.commit(plan.txn())
+            except NotFoundError:  # a lease ran out between grant and commit
+                self._fail(owned, UnavailableError("a lease expired before the commit; retry"))
+                return
             except UnavailableError as error:
+                # The commit may have landed: keep its leases, and let the retry replay it.
                 self._fail(
-                    [item for item, _ in planned],
+                    owned,
                     UnavailableError(
                         f"{error.message}; the outcome is unknown, retry with the same request_id"
                     ),
+                    revoke=False,
                 )
                 return
-            except NotFoundError:  # a lease ran out between grant and commit
-                self._fail(
-                    [item for item, _ in planned],
-                    UnavailableError("a lease expired before the allocation was committed; retry"),
-                )
-                return
-            committed = {record.request_id: record for record in plan.allocations}
             if result.succeeded:
-                self._last_commit_revision = result.revision
-                for item in pending:
-                    record = committed.get(item.request.request_id)
-                    if record is not None:
-                        item.resolve(record, False)
+                self._last_commit_revision = max(self._last_commit_revision, result.revision)
+                await self._catch_up(result.revision)
+                for item, record in planned:
+                    item.resolve(record, False)
                 return
-            self.conflicts += 1
-            newest = max((kv.mod_revision for kv in result.current.values()), default=0)
-            self._last_commit_revision = max(self._last_commit_revision, newest)
-            retry = []
-            for item in pending:
-                if item in leftover or item.future.done():
-                    continue
-                item.attempts += 1
-                if item.attempts >= self.settings.max_attempts:
-                    self._revoke_later(item)
-                    item.reject(
-                        ConflictError(
-                            f"gave up after {item.attempts} conflicting commits with other "
-                            "coordinators; retry with the same request_id"
-                        )
+            pending = await self._after_conflict(owned, result.current)
+
+    async def _catch_up(self, revision: int) -> None:
+        """Waits for the view to hold `revision`; a slow view delays, never fails, a reply."""
+        try:
+            await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
+        except UnavailableError as error:
+            log.warning("view behind after a commit", error=error.message)
+
+    async def _after_conflict(
+        self, owned: list[_Pending], current: Mapping[bytes, KeyValue]
+    ) -> list[_Pending]:
+        """Gives up on items out of attempts; the rest are decided again on a fresher view."""
+        self.conflicts += 1
+        newest = max((kv.mod_revision for kv in current.values()), default=0)
+        if newest <= self.view.state.revision:
+            # The view already holds what etcd showed (a deleted key shows nothing): back
+            # off instead of spinning on the same decision.
+            await asyncio.sleep(min(0.002 * 2 ** max(i.attempts for i in owned), 0.2))
+        self._last_commit_revision = max(self._last_commit_revision, newest)
+        retry = []
+        for item in owned:
+            if item.future.done():
+                self._revoke_lease_of(item)
+                continue
+            item.attempts += 1
+            if item.attempts >= self.settings.max_attempts:
+                self._revoke_lease_of(item)
+                item.reject(
+                    ConflictError(
+                        f"gave up after {item.attempts} conflicting commits with other "
+                        "coordinators; retry with the same request_id"
                     )
-                else:
-                    retry.append(item)
-            pending = retry
+                )
+            else:
+                retry.append(item)
+        return retry
 
     def _answer_replays(self, pending: list[_Pending]) -> list[_Pending]:
         """Answers requests whose request_id is already committed (or repeated in the batch)."""
         fresh: list[_Pending] = []
-        seen: dict[str, _Pending] = {}
+        seen: set[str] = set()
         for item in pending:
             if item.future.done():
+                self._revoke_lease_of(item)
                 continue
             try:
                 replay = self._replay(item.request)
             except KaiwoGpuError as error:
-                self._revoke_later(item)
+                self._revoke_lease_of(item)
                 item.reject(error)
                 continue
             if replay is not None:
-                self._revoke_later(item)
+                self._revoke_lease_of(item)
                 item.resolve(replay, True)
             elif item.request.request_id in seen:
-                self._queue.put_nowait(item)  # decided after its twin is committed
+                self._enqueue(item)  # decided after its twin is committed
             else:
-                seen[item.request.request_id] = item
+                seen.add(item.request.request_id)
                 fresh.append(item)
         return fresh
 
@@ -230,16 +287,25 @@ class Allocator:
         is decided again after a conflict keeps the lease it already has.
         """
         wanted = [item for item, _ in planned if not item.lease_id and self._ttl_s(item.request)]
+        granted_at = self._clock()
         grants = await asyncio.gather(
-            *(self.store.grant_lease(self._ttl_s(item.request) or 0) for item in wanted)
+            *(self.store.grant_lease(self._ttl_s(item.request) or 0) for item in wanted),
+            return_exceptions=True,
         )
-        for item, (lease_id, ttl_s) in zip(wanted, grants, strict=True):
-            item.lease_id, item.lease_ttl_s = lease_id, ttl_s
+        failure: BaseException | None = None
+        for item, grant in zip(wanted, grants, strict=True):
+            if isinstance(grant, BaseException):
+                failure = failure or grant
+            else:
+                item.lease_id, item.lease_ttl_s = grant
+                item.lease_granted_at = granted_at
+        if failure is not None:
+            raise failure  # the batch fails; leases granted so far are revoked with it
         for item, record in planned:
-            if item.lease_id:
+            if item.lease_id and item.lease_granted_at is not None:
                 record.lease_id = item.lease_id
-                created = record.created_at.ToDatetime(tzinfo=UTC)
-                record.expires_at.CopyFrom(timestamp(created + timedelta(seconds=item.lease_ttl_s)))
+                expires_at = item.lease_granted_at + timedelta(seconds=item.lease_ttl_s)
+                record.expires_at.CopyFrom(timestamp(expires_at))
 
     def _ttl_s(self, request: AllocationRequest) -> int | None:
         return request.ttl_seconds or self.settings.default_ttl_s
@@ -249,15 +315,21 @@ class Allocator:
     ) -> tuple[CommitPlan, list[tuple[_Pending, types_pb2.Allocation]], list[_Pending]]:
         """Places each request on a snapshot holding the ones before it; (plan, planned, rest)."""
         state = self.view.state
-        snapshot = state.snapshot()
-        scheduler_state = self._scheduler_state
         plan = CommitPlan(self.layout, state)
         planned: list[tuple[_Pending, types_pb2.Allocation]] = []
         leftover: list[_Pending] = []
+        blocked = state.blocked_reason
+        if blocked is not None:
+            for item in pending:
+                self._revoke_lease_of(item)
+                item.reject(UnavailableError(blocked))
+            return plan, planned, leftover
+        snapshot = state.snapshot()
+        scheduler_state = self._scheduler_state
         now = self._clock()
         for item in pending:
-            if plan.allocations and leftover:
-                leftover.append(item)
+            if leftover:
+                leftover.append(item)  # keep arrival order once the transaction is full
                 continue
             try:
                 decision = place(
@@ -267,11 +339,11 @@ class Allocator:
                     default_strategy=self.settings.default_strategy,
                 )
             except KaiwoGpuError as error:
-                self._revoke_later(item)
+                self._revoke_lease_of(item)
                 item.reject(error)
                 continue
             if isinstance(decision, NoFit):
-                self._revoke_later(item)
+                self._revoke_lease_of(item)
                 item.reject(decision.to_error())
                 continue
             allocation_id = self._new_id()
@@ -288,16 +360,37 @@ class Allocator:
         self._scheduler_state = scheduler_state
         return plan, planned, leftover
 
-    def _revoke_later(self, item: _Pending) -> None:
+    # -- leases --------------------------------------------------------------------------
+
+    def _revoke_lease_of(self, item: _Pending) -> None:
         """A lease granted for a request that did not commit is dropped, not left to expire."""
         if item.lease_id:
             lease_id, item.lease_id = item.lease_id, 0
-            task = asyncio.create_task(self._revoke_quietly(lease_id))
-            task.add_done_callback(lambda _: None)
+            self._in_background(self._revoke_quietly(lease_id))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _revoke_quietly(self, lease_id: int) -> None:
-        with contextlib.suppress(KaiwoGpuError):
+        try:
             await self.store.revoke_lease(lease_id)
+        except KaiwoGpuError as error:  # it expires on its own
+            log.info("lease not revoked", lease_id=lease_id, error=error.message)
+
+    async def _tombstone_lease_id(self) -> int:
+        """A shared lease for released request_ids, renewed by replacing it half-way."""
+        now = self._clock()
+        if self._tombstone_lease is not None:
+            lease_id, granted_at = self._tombstone_lease
+            if now - granted_at < timedelta(seconds=TOMBSTONE_TTL_S / 2):
+                return lease_id
+        lease_id, _ = await self.store.grant_lease(TOMBSTONE_TTL_S)
+        self._tombstone_lease = (lease_id, now)
+        return lease_id
+
+    # -- release, renew, read ------------------------------------------------------------
 
     async def record(self, allocation_id: str) -> tuple[types_pb2.Allocation, int]:
         """(record, its mod revision) from the view, or from etcd when the view lacks it."""
@@ -311,30 +404,48 @@ class Allocator:
                 f"allocation {allocation_id!r} does not exist (released or expired)"
             )
         record = types_pb2.Allocation()
-        record.ParseFromString(kv.value)
+        try:
+            record.ParseFromString(kv.value)
+        except Exception:
+            raise UnavailableError(f"allocation {allocation_id!r} is unreadable in etcd") from None
         return record, kv.mod_revision
 
     async def release(self, allocation_id: str) -> types_pb2.Allocation:
+        """Deletes the allocation and keeps its request_id taken for a while (a tombstone).
+
+        A late duplicate of the Allocate that made it then gets ALREADY_EXISTS instead of
+        silently making a second allocation nobody will release.
+        """
         record, _ = await self.record(allocation_id)
         key = self.layout.allocation(allocation_id)
-        result = await self.store.commit(
-            Txn(
-                expect_present=(key,),
-                deletes=(key, self.layout.request(record.request_id)),
-            )
+        tombstone = Put(
+            self.layout.request(record.request_id),
+            RELEASED_PREFIX + allocation_id.encode(),
+            await self._tombstone_lease_id(),
         )
+        try:
+            result = await self.store.commit(
+                Txn(expect_present=(key,), puts=(tombstone,), deletes=(key,))
+            )
+        except NotFoundError:  # the tombstone lease vanished (etcd restored?): take a new one
+            self._tombstone_lease = None
+            result = await self.store.commit(
+                Txn(
+                    expect_present=(key,),
+                    puts=(Put(tombstone.key, tombstone.value, await self._tombstone_lease_id()),),
+                    deletes=(key,),
+                )
+            )
         if not result.succeeded:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
+        self._last_commit_revision = max(self._last_commit_revision, result.revision)
         if record.lease_id:
-            self._revoke_later_id(record.lease_id)
+            self._in_background(self._revoke_quietly(record.lease_id))
+        await self._catch_up(result.revision)
         released = types_pb2.Allocation()
         released.CopyFrom(record)
         released.state = types_pb2.ALLOCATION_STATE_RELEASED
         return released
-
-    def _revoke_later_id(self, lease_id: int) -> None:
-        task = asyncio.create_task(self._revoke_quietly(lease_id))
-        task.add_done_callback(lambda _: None)
 
     async def keep_alive(self, allocation_id: str) -> tuple[datetime, int]:
         """Renews the allocation's lease; (new expiry, TTL in seconds)."""
@@ -352,11 +463,13 @@ class Allocator:
         renewed.CopyFrom(record)
         renewed.expires_at.CopyFrom(timestamp(expires_at))
         key = self.layout.allocation(allocation_id)
-        # Best effort: if the record changed meanwhile, the lease is renewed all the same.
-        await self.store.commit(
-            Txn(
-                expect_mod_revision=((key, revision),),
-                puts=(Put(key, renewed.SerializeToString(), record.lease_id),),
+        try:  # best effort: the lease is renewed whether or not the record says so
+            await self.store.commit(
+                Txn(
+                    expect_mod_revision=((key, revision),),
+                    puts=(Put(key, renewed.SerializeToString(), record.lease_id),),
+                )
             )
-        )
+        except KaiwoGpuError as error:
+            log.info("expiry not recorded", allocation_id=allocation_id, error=error.message)
         return expires_at, ttl_s

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
 from kaiwo_gpu.common.wire import isolation_from_proto, isolation_to_proto, request_to_proto
 from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation
@@ -62,20 +63,31 @@ def node_from_record(record: types_pb2.NodeStatus) -> Node:
 
 
 def placed_from_record(record: types_pb2.Allocation) -> PlacedAllocation:
-    isolation = isolation_from_proto(record.isolation)
-    blocks = not record.request.sharing or isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
+    """What a stored allocation holds, read so that anything odd counts for more, not less.
+
+    An isolation this version does not know blocks the GPU like `exclusive`, and a GPU named
+    twice holds the sum: a record written by a newer or broken writer must never free
+    capacity that someone else still holds.
+    """
+    try:
+        isolation = isolation_from_proto(record.isolation)
+    except InvalidArgumentError:
+        isolation = Isolation.EXCLUSIVE
+    sharing = record.request.sharing if record.request.HasField("sharing") else True
+    blocks = not sharing or isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
+    shares: dict[str, GpuShare] = {}
+    for grant in record.gpus:
+        before = shares.get(grant.uuid, GpuShare(grant.uuid, 0, 0))
+        shares[grant.uuid] = GpuShare(
+            gpu_uuid=grant.uuid,
+            millis=before.millis + grant.granted_millis,
+            memory_mib=before.memory_mib + grant.granted_memory_mib,
+            compute_units=(*before.compute_units, *grant.compute_units),
+        )
     return PlacedAllocation(
         allocation_id=record.id,
         node=record.node,
-        shares=tuple(
-            GpuShare(
-                gpu_uuid=grant.uuid,
-                millis=grant.granted_millis,
-                memory_mib=grant.granted_memory_mib,
-                compute_units=tuple(grant.compute_units),
-            )
-            for grant in record.gpus
-        ),
+        shares=tuple(shares.values()),
         isolation=isolation,
         sharing=not blocks,
     )

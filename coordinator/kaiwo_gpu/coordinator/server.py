@@ -139,6 +139,7 @@ class Coordinator:
         await self.allocator.stop()
         await self.view.stop()
         await self.store.close()
+        log.info("coordinator stopped", commit_conflicts=self.allocator.conflicts)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serves until SIGTERM or SIGINT."""

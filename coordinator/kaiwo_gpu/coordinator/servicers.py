@@ -126,25 +126,31 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
         """Every current allocation as ADDED, then changes as they happen."""
+        # Subscribe and copy the current state in one step (no await between), so no
+        # change can fall between the dump and the stream.
         subscription = self.view.subscribe()
+        state = self.view.state
+        current = [
+            allocation_pb2.AllocationEvent(
+                kind=allocation_pb2.AllocationEvent.KIND_ADDED,
+                allocation=record,
+                revision=state.allocation_revisions[allocation_id],
+            )
+            for allocation_id, record in sorted(state.allocations.items())
+            if matches(record, request.owner, request.node, {})
+        ]
         try:
-            state = self.view.state
-            for record in sorted(state.allocations.values(), key=lambda r: r.id):
-                if matches(record, request.owner, request.node, {}):
-                    yield allocation_pb2.AllocationEvent(
-                        kind=allocation_pb2.AllocationEvent.KIND_ADDED,
-                        allocation=record,
-                        revision=state.allocation_revisions[record.id],
-                    )
+            for event in current:
+                yield event
             while True:
-                event = await subscription.queue.get()
-                if event is None:
+                queued = await subscription.queue.get()
+                if queued is None:
                     await context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "this watcher fell too far behind; watch again to resynchronize",
                     )
-                if matches(event.allocation, request.owner, request.node, {}):
-                    yield event
+                elif matches(queued.allocation, request.owner, request.node, {}):
+                    yield queued
         finally:
             self.view.unsubscribe(subscription)
 

@@ -18,7 +18,12 @@ import aetcd
 from aetcd import rpc
 from aetcd.rpc import AioRpcError, StatusCode
 
-from kaiwo_gpu.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from kaiwo_gpu.common.errors import (
+    InvalidArgumentError,
+    KaiwoGpuError,
+    NotFoundError,
+    UnavailableError,
+)
 from kaiwo_gpu.coordinator.changes import Change, KeyValue, Txn, TxnResult
 
 _UNREACHABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
@@ -97,11 +102,22 @@ class EtcdStore:
         try:
             return await stub_method(request, timeout=self._timeout_s)
         except AioRpcError as error:
-            if error.code() in _UNREACHABLE:
-                raise _unavailable(error, self.target) from None
-            if error.code() is StatusCode.NOT_FOUND:  # e.g. a put on a lease that expired
-                raise NotFoundError(f"etcd: {error.details()}") from None
-            raise
+            raise self._translate(error) from None
+
+    def _translate(self, error: AioRpcError) -> KaiwoGpuError:
+        """Every etcd failure becomes one of ours, in words, never a gRPC repr."""
+        code, detail = error.code(), error.details() or ""
+        if code is StatusCode.NOT_FOUND:  # e.g. a put on a lease that has expired
+            return NotFoundError(f"etcd: {detail}")
+        if code is StatusCode.RESOURCE_EXHAUSTED and "space" in detail:
+            return UnavailableError(
+                f"etcd at {self.target} is out of space ({detail}); compact and defragment it "
+                "and disarm the NOSPACE alarm"
+            )
+        if code in _UNREACHABLE:
+            return _unavailable(error, self.target)
+        # CANCELLED, UNKNOWN, INTERNAL...: the call may or may not have taken effect.
+        return UnavailableError(f"etcd at {self.target} failed ({code.name}): {detail}")
 
     async def read_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
         """Every key under `prefix` at one revision, and that revision."""
@@ -182,9 +198,7 @@ class EtcdStore:
             async for reply in call:
                 return int(reply.TTL)
         except AioRpcError as error:
-            if error.code() in _UNREACHABLE:
-                raise _unavailable(error, self.target) from None
-            raise
+            raise self._translate(error) from None
         return 0
 
     async def revoke_lease(self, lease_id: int) -> None:

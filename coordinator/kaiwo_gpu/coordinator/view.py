@@ -125,41 +125,40 @@ class ClusterView:
                 waiter.set_result(None)
 
     async def _follow(self) -> None:
+        """Follows etcd for as long as the coordinator runs; no failure ends it."""
         delay = self._retry_initial_s
+        relist = False
         while True:
             try:
+                if relist:
+                    await self._relist()
+                    relist = False
                 async for revision, changes in self.store.watch(
                     self.layout.all_keys, self.state.revision + 1
                 ):
                     self._set_connected(True)
                     delay = self._retry_initial_s
                     self._publish(self.state.apply(revision, changes))
+            except asyncio.CancelledError:
+                raise
             except CompactedError as error:
                 log.warning(
                     "watch history compacted; re-listing", compact_revision=error.compact_revision
                 )
-                await self._relist()
+                relist = True
                 continue
             except UnavailableError as error:
                 log.warning("etcd watch interrupted", error=error.message, resume_in_s=delay)
             except Exception:  # a bug must not freeze the view: start over from a fresh read
-                log.exception("cluster view failed; re-listing from etcd")
-                self._set_connected(False)
-                await asyncio.sleep(delay)
-                await self._relist()
-                continue
+                log.exception("cluster view failed; re-listing from etcd", retry_s=delay)
+                relist = True
             self._set_connected(False)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
 
     async def _relist(self) -> None:
         """Replaces the state by a fresh read and publishes the difference as events."""
-        while True:
-            try:
-                revision, kvs = await self.store.read_prefix(self.layout.all_keys)
-                break
-            except UnavailableError:
-                await asyncio.sleep(self._retry_max_s)
+        revision, kvs = await self.store.read_prefix(self.layout.all_keys)
         fresh = ViewState.load(self.layout, revision, kvs)
         old = self.state.allocations
         events = [

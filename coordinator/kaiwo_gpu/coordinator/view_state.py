@@ -3,21 +3,26 @@
 A small synchronous state with one entry point, `apply(revision, changes)`, which returns the
 allocation events that watchers should see. The async shell (`view`) feeds it from the
 etcd watch; decisions read `snapshot()`.
+
+It fails closed: a node record it cannot read takes that node out of placement, and an
+allocation record it cannot read stops all placement (`blocked_reason`), because the
+capacity that allocation holds is unknown.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from google.protobuf.message import DecodeError
-
 from kaiwo_gpu.coordinator.changes import Change, KeyValue
+from kaiwo_gpu.coordinator.cluster import Node
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.records import node_from_record, placed_from_record
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 AllocationEvent = allocation_pb2.AllocationEvent
+RELEASED_PREFIX = b"released:"
+"""A request key whose value starts with this marks a request_id whose allocation is gone."""
 
 
 class ViewState:
@@ -31,8 +36,11 @@ class ViewState:
         self.allocations: dict[str, types_pb2.Allocation] = {}
         self.allocation_revisions: dict[str, int] = {}
         self.allocation_by_request: dict[str, str] = {}
+        self.released_requests: dict[str, str] = {}
         self.gpu_revisions: dict[str, int] = {}
-        self.unreadable_keys = 0
+        self.unreadable_nodes: set[str] = set()
+        self.unreadable_allocations: set[str] = set()
+        self.excluded_nodes: set[str] = set()
         self._snapshot: ClusterSnapshot | None = None
 
     @classmethod
@@ -40,6 +48,18 @@ class ViewState:
         state = cls(layout)
         state.apply(revision, [Change(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs])
         return state
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Why no placement may be made on this state, or None."""
+        if not self.unreadable_allocations:
+            return None
+        example = min(self.unreadable_allocations)
+        return (
+            f"etcd holds {len(self.unreadable_allocations)} allocation record(s) this "
+            f"coordinator cannot read (e.g. {example!r}), so the capacity they hold is unknown; "
+            "placement is refused until they are removed or the coordinator is upgraded"
+        )
 
     def apply(self, revision: int, changes: Sequence[Change]) -> list[AllocationEvent]:
         events: list[AllocationEvent] = []
@@ -54,25 +74,39 @@ class ViewState:
                     events.append(event)
             elif kind is KeyKind.NODE:
                 self._apply_node(name, change)
-            elif kind is KeyKind.GPU:
-                if change.value is None:
-                    self.gpu_revisions.pop(name, None)
-                else:
-                    self.gpu_revisions[name] = change.revision
+            elif kind is KeyKind.REQUEST:
+                self._apply_request(name, change)
+            elif change.value is None:
+                self.gpu_revisions.pop(name, None)
+            else:
+                self.gpu_revisions[name] = change.revision
         self.revision = max(self.revision, revision)
         return events
 
-    def _apply_allocation(self, allocation_id: str, change: Change) -> AllocationEvent | None:
-        previous = self.allocations.get(allocation_id)
-        if change.value is None:
-            if previous is None:
-                return None
-            del self.allocations[allocation_id]
-            del self.allocation_revisions[allocation_id]
+    def _apply_request(self, request_id: str, change: Change) -> None:
+        if change.value is not None and change.value.startswith(RELEASED_PREFIX):
+            self.released_requests[request_id] = change.value[len(RELEASED_PREFIX) :].decode(
+                errors="replace"
+            )
+        else:
+            self.released_requests.pop(request_id, None)
+
+    def _forget_allocation(self, allocation_id: str) -> types_pb2.Allocation | None:
+        self.unreadable_allocations.discard(allocation_id)
+        previous = self.allocations.pop(allocation_id, None)
+        self.allocation_revisions.pop(allocation_id, None)
+        if previous is not None:
             if self.allocation_by_request.get(previous.request_id) == allocation_id:
                 del self.allocation_by_request[previous.request_id]
             if self._snapshot is not None:
                 self._snapshot = self._snapshot.without_allocation(allocation_id)
+        return previous
+
+    def _apply_allocation(self, allocation_id: str, change: Change) -> AllocationEvent | None:
+        if change.value is None:
+            previous = self._forget_allocation(allocation_id)
+            if previous is None:
+                return None
             return AllocationEvent(
                 kind=AllocationEvent.KIND_REMOVED, allocation=previous, revision=change.revision
             )
@@ -80,41 +114,63 @@ class ViewState:
         try:
             record.ParseFromString(change.value)
             placed = placed_from_record(record)
-        except (DecodeError, ValueError):
-            self.unreadable_keys += 1
+        except Exception:  # any record we cannot account for blocks placement
+            self._forget_allocation(allocation_id)
+            self.unreadable_allocations.add(allocation_id)
             return None
+        previous = self.allocations.get(allocation_id)
         self.allocations[allocation_id] = record
         self.allocation_revisions[allocation_id] = change.revision
         self.allocation_by_request[record.request_id] = allocation_id
-        if previous is not None:
+        if previous is not None and previous.gpus == record.gpus:
             return None  # a renewal rewrote the record; the placement is the same
         if self._snapshot is not None:
             self._snapshot = self._snapshot.with_allocation(placed)
+        if previous is not None:
+            return None
         return AllocationEvent(
             kind=AllocationEvent.KIND_ADDED, allocation=record, revision=change.revision
         )
 
     def _apply_node(self, name: str, change: Change) -> None:
         self._snapshot = None
+        self.unreadable_nodes.discard(name)
         if change.value is None:
             self.nodes.pop(name, None)
             self.node_revisions.pop(name, None)
             return
+        # The revision is kept even for a record we cannot read, so commits compare right.
+        self.node_revisions[name] = change.revision
         record = types_pb2.NodeStatus()
         try:
             record.ParseFromString(change.value)
             node_from_record(record)
-        except (DecodeError, ValueError):
-            self.unreadable_keys += 1
+        except Exception:  # an unreadable node takes no placements
+            self.nodes.pop(name, None)
+            self.unreadable_nodes.add(name)
             return
         self.nodes[name] = record
-        self.node_revisions[name] = change.revision
+
+    def _placeable_nodes(self) -> list[Node]:
+        """Nodes in name order; a node naming a GPU UUID an earlier node has is left out."""
+        seen: set[str] = set()
+        nodes: list[Node] = []
+        self.excluded_nodes = set()
+        for name in sorted(self.nodes):
+            node = node_from_record(self.nodes[name])
+            uuids = [gpu.uuid for gpu in node.gpus]
+            if seen.intersection(uuids) or len(set(uuids)) != len(uuids):
+                self.excluded_nodes.add(name)
+                continue
+            seen.update(uuids)
+            nodes.append(node)
+        return nodes
 
     def snapshot(self) -> ClusterSnapshot:
         """The engine's view; rebuilt after node changes, derived incrementally otherwise."""
         if self._snapshot is None:
             self._snapshot = ClusterSnapshot.build(
-                (node_from_record(record) for record in self.nodes.values()),
+                self._placeable_nodes(),
                 (placed_from_record(record) for record in self.allocations.values()),
             )
         return self._snapshot

@@ -1,0 +1,140 @@
+"""Records the coordinator cannot fully read must never free capacity or stop the service."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kaiwo_gpu.coordinator.changes import Put, Txn
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+from tests.conftest import start_coordinator
+from tests.harness import request
+
+ZONE_B = types_pb2.Selector(node_labels={"zone": "b"})
+
+
+async def _put(endpoint: str, key: bytes, value: bytes) -> None:
+    store = EtcdStore([endpoint])
+    try:
+        assert (await store.commit(Txn(puts=(Put(key, value),)))).succeeded
+    finally:
+        await store.close()
+
+
+async def _node_b_gpus(api: object) -> list[str]:
+    reply = await api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))  # type: ignore[attr-defined]
+    return [gpu.inventory.uuid for node in reply.nodes for gpu in node.gpus]
+
+
+async def test_unknown_isolation_in_a_record_blocks_its_gpu(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    running = await start_coordinator(etcd.endpoint, prefix, inventory)
+    try:
+        uuid = (await _node_b_gpus(running.api))[0]
+        record = types_pb2.Allocation(
+            id="from-the-future",
+            request_id="future-1",
+            node="node-b",
+            isolation=42,  # type: ignore[arg-type]
+            gpus=[types_pb2.GpuGrant(uuid=uuid, granted_millis=100, granted_memory_mib=1)],
+        )
+        await _put(
+            etcd.endpoint, KeyLayout(prefix).allocation(record.id), record.SerializeToString()
+        )
+        await _put(etcd.endpoint, KeyLayout(prefix).request("future-1"), b"from-the-future")
+        selector = types_pb2.Selector(node_labels={"zone": "b"}, exclude_gpus=[])
+        placed = [
+            (await running.api.Allocate(request(f"b-{i}", fraction_millis=500, selector=selector)))
+            .allocation.gpus[0]
+            .uuid
+            for i in range(2)
+        ]
+        assert uuid not in placed, "a GPU held by an unknown isolation counts as exclusive"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.api.Allocate(request("b-2", fraction_millis=500, selector=selector))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await running.channel.close()
+        await running.coordinator.stop()
+
+
+async def test_an_undecodable_allocation_stops_placement_not_the_service(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    running = await start_coordinator(etcd.endpoint, prefix, inventory)
+    try:
+        await _put(etcd.endpoint, KeyLayout(prefix).allocation("garbled"), b"\xff\xfe not a record")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.api.Allocate(request("after-garbage", fraction_millis=100))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "cannot read" in (refused.value.details() or "")
+        stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+        assert stats.node_count == 2  # reads still work
+        store = EtcdStore([etcd.endpoint])
+        await store.commit(Txn(deletes=(KeyLayout(prefix).allocation("garbled"),)))
+        await store.close()
+        for _ in range(100):  # once the record is gone, placement resumes
+            if running.coordinator.view.state.blocked_reason is None:
+                break
+            await asyncio.sleep(0.05)
+        resumed = await running.api.Allocate(request("after-cleanup", fraction_millis=100))
+        assert resumed.allocation.id
+    finally:
+        await running.channel.close()
+        await running.coordinator.stop()
+
+
+async def test_an_unreadable_node_takes_no_placements_and_others_still_do(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    running = await start_coordinator(etcd.endpoint, prefix, inventory)
+    try:
+        await _put(etcd.endpoint, KeyLayout(prefix).node("node-b"), b"\xff\xfe junk")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.api.Allocate(request("on-b", fraction_millis=100, selector=ZONE_B))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        made = await running.api.Allocate(request("anywhere", fraction_millis=100))
+        assert made.allocation.node == "node-a"
+    finally:
+        await running.channel.close()
+        await running.coordinator.stop()
+
+
+async def test_a_gpu_uuid_on_two_nodes_excludes_the_second_node(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path
+) -> None:
+    inventory = tmp_path / "nodes.yaml"
+    inventory.write_text(
+        "nodes:\n"
+        "  - {name: node-a, gpus: [{model: MI210, uuid: GPU-same}]}\n"
+        "  - {name: node-z, gpus: [{model: MI210, uuid: GPU-other}]}\n"
+    )
+    running = await start_coordinator(etcd.endpoint, prefix, inventory)
+    try:
+        clash = types_pb2.NodeStatus(
+            name="node-z",
+            schedulable=True,
+            gpus=[
+                types_pb2.GpuStatus(
+                    inventory=types_pb2.GpuInventory(
+                        uuid="GPU-same", model="MI210", vram_mib=65536, compute_units=104
+                    )
+                )
+            ],
+        )
+        await _put(etcd.endpoint, KeyLayout(prefix).node("node-z"), clash.SerializeToString())
+        first = await running.api.Allocate(request("whole-1", fraction_millis=1000))
+        assert first.allocation.node == "node-a"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.api.Allocate(request("whole-2", fraction_millis=1000))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await running.channel.close()
+        await running.coordinator.stop()
