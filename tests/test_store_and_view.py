@@ -21,7 +21,8 @@ from kaiwo_gpu.coordinator.records import allocation_record
 from kaiwo_gpu.coordinator.registration import register_nodes
 from kaiwo_gpu.coordinator.store import EtcdStore, parse_endpoints
 from kaiwo_gpu.coordinator.view import ClusterView
-from kaiwo_gpu.coordinator.view_state import ViewState
+from kaiwo_gpu.coordinator.view_state import AllocationEvent, ViewState
+from kaiwo_gpu.v1 import types_pb2
 from tests.harness import INVENTORY, audit_etcd
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -236,3 +237,46 @@ def test_the_shipped_example_inventory_parses() -> None:
     example = Path(__file__).parent.parent / "deploy" / "examples" / "nodes.yaml"
     nodes = load_inventory(example)
     assert [len(node.gpus) for node in nodes] == [8, 2]
+
+
+async def test_view_relists_after_compaction_and_reports_what_changed(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    store, layout, _ = await _loaded(etcd, prefix)
+    view = ClusterView(store, layout, retry_max_s=0.2)
+    await view.start()
+    gone = _record(view.state, "gone", 300)
+    plan = CommitPlan(layout, view.state)
+    plan.add(gone)
+    await view.wait_for((await store.commit(plan.txn())).revision, 10)
+    await view.stop()  # the coordinator is cut off while etcd moves on
+    subscription = view.subscribe()
+
+    fresh_state = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
+    added = _record(fresh_state, "added", 300)
+    plan = CommitPlan(layout, fresh_state)
+    plan.add(added)
+    await store.commit(plan.txn())
+    deleted = await store.commit(_delete(layout, gone.id, gone.request_id))
+    await store.compact(deleted.revision)
+
+    await view.start_following()
+    await view.wait_for(deleted.revision, 10)
+    events = [await asyncio.wait_for(subscription.queue.get(), 5) for _ in range(2)]
+    kinds = {(e.kind, e.allocation.id) for e in events if e is not None}
+    assert kinds == {
+        (AllocationEvent.KIND_REMOVED, gone.id),
+        (AllocationEvent.KIND_ADDED, added.id),
+    }
+    assert set(view.state.allocations) == {added.id}
+    await view.stop()
+    await store.close()
+
+
+def _record(state: ViewState, request_id: str, millis: int) -> types_pb2.Allocation:
+    request = AllocationRequest(request_id, fraction_millis=millis)
+    decision = place(request, state.snapshot())
+    assert isinstance(decision, Placement)
+    return allocation_record(
+        request, decision, f"id-{request_id}", lease_id=0, created_at=NOW, expires_at=None
+    )

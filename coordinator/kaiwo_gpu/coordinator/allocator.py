@@ -4,7 +4,8 @@ Allocate requests queue up while a transaction is in flight; the committer takes
 batch, decides each on a snapshot that already holds the earlier ones, and commits the
 batch in one transaction. A conflict (another coordinator got there first) means: wait
 for the view to see what changed, decide again, at most `max_attempts` times. Replies wait
-until this coordinator's view holds the change, so a client reads its own writes.
+until etcd has the change; reads through this coordinator wait until its view holds the
+coordinator's own last write, so a client reads its own writes.
 """
 
 from __future__ import annotations
@@ -214,18 +215,22 @@ class Allocator:
                 return
             if result.succeeded:
                 self._last_commit_revision = max(self._last_commit_revision, result.revision)
-                await self._catch_up(result.revision)
                 for item, record in planned:
                     item.resolve(record, False)
                 return
             pending = await self._after_conflict(owned, result.current)
 
-    async def _catch_up(self, revision: int) -> None:
-        """Waits for the view to hold `revision`; a slow view delays, never fails, a reply."""
+    async def caught_up(self) -> None:
+        """Waits until the view holds this coordinator's own last write, so reads see it.
+
+        Writes reply as soon as etcd has them; reads (and the next decision) wait here
+        instead, which costs nothing when the watch has already delivered. A slow view
+        delays a read, never fails it.
+        """
         try:
-            await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
+            await self.view.wait_for(self._last_commit_revision, self.settings.catch_up_timeout_s)
         except UnavailableError as error:
-            log.warning("view behind after a commit", error=error.message)
+            log.warning("view behind this coordinator's writes", error=error.message)
 
     async def _after_conflict(
         self, owned: list[_Pending], current: Mapping[bytes, KeyValue]
@@ -441,7 +446,6 @@ class Allocator:
         self._last_commit_revision = max(self._last_commit_revision, result.revision)
         if record.lease_id:
             self._in_background(self._revoke_quietly(record.lease_id))
-        await self._catch_up(result.revision)
         released = types_pb2.Allocation()
         released.CopyFrom(record)
         released.state = types_pb2.ALLOCATION_STATE_RELEASED

@@ -78,6 +78,9 @@ class LocalEtcd:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=kaiwo={peer}",
+            # Every placement and renewal writes a revision; keep an hour of history.
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=1h",
         ]
 
     def start(self, timeout_s: float = 20.0) -> None:

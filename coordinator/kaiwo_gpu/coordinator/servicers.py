@@ -105,7 +105,9 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> allocation_pb2.GetAllocationResponse:
         async def work() -> allocation_pb2.GetAllocationResponse:
-            record, _ = await self.allocator.record(check_allocation_id(request.allocation_id))
+            allocation_id = check_allocation_id(request.allocation_id)
+            await self.allocator.caught_up()
+            record, _ = await self.allocator.record(allocation_id)
             return allocation_pb2.GetAllocationResponse(allocation=record)
 
         return await _answer(context, "GetAllocation", work)
@@ -116,6 +118,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> allocation_pb2.ListAllocationsResponse:
         async def work() -> allocation_pb2.ListAllocationsResponse:
+            await self.allocator.caught_up()
             return list_allocations(self.view.state, request)
 
         return await _answer(context, "ListAllocations", work)
@@ -126,6 +129,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
         """Every current allocation as ADDED, then changes as they happen."""
+        await self.allocator.caught_up()
         # Subscribe and copy the current state in one step (no await between), so no
         # change can fall between the dump and the stream.
         subscription = self.view.subscribe()
@@ -160,6 +164,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> allocation_pb2.ListNodesResponse:
         async def work() -> allocation_pb2.ListNodesResponse:
+            await self.allocator.caught_up()
             if not self.view.state.nodes and not self.view.connected:
                 raise UnavailableError("the coordinator has not read the cluster from etcd yet")
             return allocation_pb2.ListNodesResponse(
@@ -174,6 +179,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> allocation_pb2.GetClusterStatsResponse:
         async def work() -> allocation_pb2.GetClusterStatsResponse:
+            await self.allocator.caught_up()
             return cluster_stats(self.view.state)
 
         return await _answer(context, "GetClusterStats", work)

@@ -180,6 +180,11 @@ class EtcdStore:
                     current[kv.key] = KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
         return TxnResult(response.succeeded, response.header.revision, current)
 
+    async def compact(self, revision: int) -> None:
+        """Drops history before `revision` (what etcd's auto-compaction does on a timer)."""
+        await self.connect()
+        await self._call(self._client.kvstub.Compact, rpc.CompactionRequest(revision=revision))
+
     async def grant_lease(self, ttl_s: int) -> tuple[int, int]:
         """(lease id, granted TTL in seconds)."""
         await self.connect()

@@ -75,6 +75,10 @@ class ClusterView:
         revision, kvs = await self.store.read_prefix(self.layout.all_keys)
         self.state = ViewState.load(self.layout, revision, kvs)
         self._set_connected(True)
+        await self.start_following()
+
+    async def start_following(self) -> None:
+        """Follows etcd from the state's revision on (again, after `stop`)."""
         self._task = asyncio.create_task(self._follow(), name="cluster-view-watch")
 
     async def stop(self) -> None:
