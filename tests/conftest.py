@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -62,9 +63,11 @@ class Running:
     prefix: str
 
 
-async def start_coordinator(
+@contextlib.asynccontextmanager
+async def coordinator_running(
     endpoint: str, prefix: str, inventory: Path, **settings: object
-) -> Running:
+) -> AsyncIterator[Running]:
+    """A coordinator in this process on `prefix`, stopped (with its channel) on exit."""
     coordinator = Coordinator(
         CoordinatorSettings(
             listen="127.0.0.1:0",
@@ -76,15 +79,21 @@ async def start_coordinator(
     )
     port = await coordinator.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return Running(
-        coordinator, channel, allocation_pb2_grpc.AllocationServiceStub(channel), endpoint, prefix
-    )
+    try:
+        yield Running(
+            coordinator,
+            channel,
+            allocation_pb2_grpc.AllocationServiceStub(channel),
+            endpoint,
+            prefix,
+        )
+    finally:
+        await channel.close()
+        await coordinator.stop()
 
 
 @pytest.fixture
 async def running(etcd: LocalEtcd, prefix: str, inventory: Path) -> AsyncIterator[Running]:
     """A coordinator in this process, on its own prefix of the session's etcd."""
-    started = await start_coordinator(etcd.endpoint, prefix, inventory)
-    yield started
-    await started.channel.close()
-    await started.coordinator.stop()
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as started:
+        yield started

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
-from tests.conftest import start_coordinator
+from tests.conftest import coordinator_running
 from tests.harness import CoordinatorProcess, audit_etcd, audit_history, request
 from tests.load import LoadResult, run_client
 
@@ -127,8 +127,7 @@ async def test_coordinator_killed_and_restarted_keeps_allocations(
 async def test_etcd_restart_under_load_loses_and_duplicates_nothing(
     own_etcd: LocalEtcd, prefix: str, inventory: Path
 ) -> None:
-    running = await start_coordinator(own_etcd.endpoint, prefix, inventory)
-    try:
+    async with coordinator_running(own_etcd.endpoint, prefix, inventory) as running:
         result = LoadResult()
         load = asyncio.gather(
             *(
@@ -153,18 +152,19 @@ async def test_etcd_restart_under_load_loses_and_duplicates_nothing(
         while await _list_ids(running.api) != result.live and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert await _list_ids(running.api) == result.live
-        fresh = await running.api.Allocate(request("after-restart", fraction_millis=100))
-        assert fresh.allocation.id
-    finally:
-        await running.channel.close()
-        await running.coordinator.stop()
+        for allocation_id in result.live:  # the recovered coordinator releases...
+            await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=allocation_id))
+        whole = [  # ...and places again: all 6 GPUs are free
+            await running.api.Allocate(request(f"after-restart-{i}", fraction_millis=1000))
+            for i in range(6)
+        ]
+        assert len({reply.allocation.gpus[0].uuid for reply in whole}) == 6
 
 
 async def test_etcd_down_gives_unavailable_and_writes_nothing(
     own_etcd: LocalEtcd, prefix: str, inventory: Path
 ) -> None:
-    running = await start_coordinator(own_etcd.endpoint, prefix, inventory)
-    try:
+    async with coordinator_running(own_etcd.endpoint, prefix, inventory) as running:
         held = (await running.api.Allocate(request("before", fraction_millis=100))).allocation
         own_etcd.stop()
         for call in (
@@ -180,9 +180,6 @@ async def test_etcd_down_gives_unavailable_and_writes_nothing(
         await _wait_health(running.channel, health_pb2.HealthCheckResponse.SERVING)
         audit = await audit_etcd(own_etcd.endpoint, prefix)
         assert set(audit.allocations) == {held.id}
-    finally:
-        await running.channel.close()
-        await running.coordinator.stop()
 
 
 async def _wait_health(channel: grpc.aio.Channel, wanted: int, timeout_s: float = 20) -> None:
@@ -201,9 +198,10 @@ async def _wait_health(channel: grpc.aio.Channel, wanted: int, timeout_s: float 
 async def test_one_request_id_raced_through_two_coordinators_makes_one_allocation(
     etcd: LocalEtcd, prefix: str, inventory: Path
 ) -> None:
-    first = await start_coordinator(etcd.endpoint, prefix, inventory)
-    second = await start_coordinator(etcd.endpoint, prefix, inventory)
-    try:
+    async with (
+        coordinator_running(etcd.endpoint, prefix, inventory) as first,
+        coordinator_running(etcd.endpoint, prefix, inventory) as second,
+    ):
         for round_ in range(10):
             replies = await asyncio.gather(
                 *(
@@ -215,7 +213,3 @@ async def test_one_request_id_raced_through_two_coordinators_makes_one_allocatio
             assert sum(not reply.replayed for reply in replies) == 1
         audit = await audit_etcd(etcd.endpoint, prefix)
         assert len(audit.allocations) == 10
-    finally:
-        for running in (first, second):
-            await running.channel.close()
-            await running.coordinator.stop()

@@ -13,18 +13,21 @@ from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
-from tests.conftest import start_coordinator
+from tests.conftest import Running, coordinator_running
 from tests.harness import request
 
 ZONE_B = types_pb2.Selector(node_labels={"zone": "b"})
 
 
-async def _put(endpoint: str, key: bytes, value: bytes) -> None:
-    store = EtcdStore([endpoint])
+async def _put(running: Running, key: bytes, value: bytes) -> None:
+    """Writes behind the coordinator's back, then waits until its view has seen it."""
+    store = EtcdStore([running.endpoint])
     try:
-        assert (await store.commit(Txn(puts=(Put(key, value),)))).succeeded
+        result = await store.commit(Txn(puts=(Put(key, value),)))
+        assert result.succeeded
     finally:
         await store.close()
+    await running.coordinator.view.wait_for(result.revision, 10)
 
 
 async def _node_b_gpus(api: object) -> list[str]:
@@ -35,8 +38,7 @@ async def _node_b_gpus(api: object) -> list[str]:
 async def test_unknown_isolation_in_a_record_blocks_its_gpu(
     etcd: LocalEtcd, prefix: str, inventory: Path
 ) -> None:
-    running = await start_coordinator(etcd.endpoint, prefix, inventory)
-    try:
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
         uuid = (await _node_b_gpus(running.api))[0]
         record = types_pb2.Allocation(
             id="from-the-future",
@@ -45,10 +47,8 @@ async def test_unknown_isolation_in_a_record_blocks_its_gpu(
             isolation=42,  # type: ignore[arg-type]
             gpus=[types_pb2.GpuGrant(uuid=uuid, granted_millis=100, granted_memory_mib=1)],
         )
-        await _put(
-            etcd.endpoint, KeyLayout(prefix).allocation(record.id), record.SerializeToString()
-        )
-        await _put(etcd.endpoint, KeyLayout(prefix).request("future-1"), b"from-the-future")
+        await _put(running, KeyLayout(prefix).allocation(record.id), record.SerializeToString())
+        await _put(running, KeyLayout(prefix).request("future-1"), b"from-the-future")
         selector = types_pb2.Selector(node_labels={"zone": "b"}, exclude_gpus=[])
         placed = [
             (await running.api.Allocate(request(f"b-{i}", fraction_millis=500, selector=selector)))
@@ -60,17 +60,13 @@ async def test_unknown_isolation_in_a_record_blocks_its_gpu(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await running.api.Allocate(request("b-2", fraction_millis=500, selector=selector))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        await running.channel.close()
-        await running.coordinator.stop()
 
 
 async def test_an_undecodable_allocation_stops_placement_not_the_service(
     etcd: LocalEtcd, prefix: str, inventory: Path
 ) -> None:
-    running = await start_coordinator(etcd.endpoint, prefix, inventory)
-    try:
-        await _put(etcd.endpoint, KeyLayout(prefix).allocation("garbled"), b"\xff\xfe not a record")
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        await _put(running, KeyLayout(prefix).allocation("garbled"), b"\xff\xfe not a record")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await running.api.Allocate(request("after-garbage", fraction_millis=100))
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -86,25 +82,18 @@ async def test_an_undecodable_allocation_stops_placement_not_the_service(
             await asyncio.sleep(0.05)
         resumed = await running.api.Allocate(request("after-cleanup", fraction_millis=100))
         assert resumed.allocation.id
-    finally:
-        await running.channel.close()
-        await running.coordinator.stop()
 
 
 async def test_an_unreadable_node_takes_no_placements_and_others_still_do(
     etcd: LocalEtcd, prefix: str, inventory: Path
 ) -> None:
-    running = await start_coordinator(etcd.endpoint, prefix, inventory)
-    try:
-        await _put(etcd.endpoint, KeyLayout(prefix).node("node-b"), b"\xff\xfe junk")
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        await _put(running, KeyLayout(prefix).node("node-b"), b"\xff\xfe junk")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await running.api.Allocate(request("on-b", fraction_millis=100, selector=ZONE_B))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         made = await running.api.Allocate(request("anywhere", fraction_millis=100))
         assert made.allocation.node == "node-a"
-    finally:
-        await running.channel.close()
-        await running.coordinator.stop()
 
 
 async def test_a_gpu_uuid_on_two_nodes_excludes_the_second_node(
@@ -116,8 +105,7 @@ async def test_a_gpu_uuid_on_two_nodes_excludes_the_second_node(
         "  - {name: node-a, gpus: [{model: MI210, uuid: GPU-same}]}\n"
         "  - {name: node-z, gpus: [{model: MI210, uuid: GPU-other}]}\n"
     )
-    running = await start_coordinator(etcd.endpoint, prefix, inventory)
-    try:
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
         clash = types_pb2.NodeStatus(
             name="node-z",
             schedulable=True,
@@ -129,12 +117,9 @@ async def test_a_gpu_uuid_on_two_nodes_excludes_the_second_node(
                 )
             ],
         )
-        await _put(etcd.endpoint, KeyLayout(prefix).node("node-z"), clash.SerializeToString())
+        await _put(running, KeyLayout(prefix).node("node-z"), clash.SerializeToString())
         first = await running.api.Allocate(request("whole-1", fraction_millis=1000))
         assert first.allocation.node == "node-a"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await running.api.Allocate(request("whole-2", fraction_millis=1000))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        await running.channel.close()
-        await running.coordinator.stop()

@@ -76,12 +76,6 @@ def test_inventory_expands_counts_and_names_bad_paths() -> None:
             parse_inventory(text)
 
 
-def _decide(state: ViewState, request_id: str, millis: int) -> Placement:
-    decision = place(AllocationRequest(request_id, fraction_millis=millis), state.snapshot())
-    assert isinstance(decision, Placement)
-    return decision
-
-
 async def _loaded(etcd: LocalEtcd, prefix: str) -> tuple[EtcdStore, KeyLayout, ViewState]:
     store = EtcdStore([etcd.endpoint])
     layout = KeyLayout(prefix)
@@ -93,54 +87,25 @@ async def _loaded(etcd: LocalEtcd, prefix: str) -> tuple[EtcdStore, KeyLayout, V
 async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix: str) -> None:
     store, layout, stale = await _loaded(etcd, prefix)
     first = CommitPlan(layout, stale)
-    decision = _decide(stale, "r-1", 700)
-    first.add(
-        allocation_record(
-            AllocationRequest("r-1", fraction_millis=700),
-            decision,
-            "a1",
-            lease_id=0,
-            created_at=NOW,
-            expires_at=None,
-        )
-    )
+    made = _record(stale, "r-1", 700)
+    first.add(made)
     assert (await store.commit(first.txn())).succeeded
 
     # Another coordinator still holds the old view and puts 700 more on the same GPU.
     second = CommitPlan(layout, stale)
-    again = _decide(stale, "r-2", 700)
-    assert again.grants[0].gpu.uuid == decision.grants[0].gpu.uuid
-    second.add(
-        allocation_record(
-            AllocationRequest("r-2", fraction_millis=700),
-            again,
-            "a2",
-            lease_id=0,
-            created_at=NOW,
-            expires_at=None,
-        )
-    )
+    again = _record(stale, "r-2", 700)
+    uuid = made.gpus[0].uuid
+    assert again.gpus[0].uuid == uuid
+    second.add(again)
     result = await store.commit(second.txn())
     assert not result.succeeded
-    gpu_key = layout.gpu(decision.grants[0].gpu.uuid)
-    assert result.current[gpu_key].mod_revision > stale.gpu_revisions.get(
-        decision.grants[0].gpu.uuid, 0
-    )
+    assert result.current[layout.gpu(uuid)].mod_revision > stale.gpu_revisions.get(uuid, 0)
 
     # The same request_id twice is refused even on a fresh view.
     revision, kvs = await store.read_prefix(layout.all_keys)
     fresh = ViewState.load(layout, revision, kvs)
     twin = CommitPlan(layout, fresh)
-    twin.add(
-        allocation_record(
-            AllocationRequest("r-1", fraction_millis=100),
-            _decide(fresh, "r-1", 100),
-            "a3",
-            lease_id=0,
-            created_at=NOW,
-            expires_at=None,
-        )
-    )
+    twin.add(_record(fresh, "r-1", 100, allocation_id="another"))
     assert not (await store.commit(twin.txn())).succeeded
     await store.close()
 
@@ -182,14 +147,7 @@ async def test_view_follows_changes_and_resumes_after_etcd_restart(
     await view.start()
     assert set(view.state.nodes) == {"node-a", "node-b"}
     subscription = view.subscribe()
-    record = allocation_record(
-        AllocationRequest("v-1", fraction_millis=500),
-        _decide(view.state, "v-1", 500),
-        "v1",
-        lease_id=0,
-        created_at=NOW,
-        expires_at=None,
-    )
+    record = _record(view.state, "v-1", 500, allocation_id="v1")
     plan = CommitPlan(layout, view.state)
     plan.add(record)
     result = await store.commit(plan.txn())
@@ -240,9 +198,9 @@ def test_the_shipped_example_inventory_parses() -> None:
 
 
 async def test_view_relists_after_compaction_and_reports_what_changed(
-    etcd: LocalEtcd, prefix: str
+    own_etcd: LocalEtcd, prefix: str
 ) -> None:
-    store, layout, _ = await _loaded(etcd, prefix)
+    store, layout, _ = await _loaded(own_etcd, prefix)
     view = ClusterView(store, layout, retry_max_s=0.2)
     await view.start()
     gone = _record(view.state, "gone", 300)
@@ -273,10 +231,17 @@ async def test_view_relists_after_compaction_and_reports_what_changed(
     await store.close()
 
 
-def _record(state: ViewState, request_id: str, millis: int) -> types_pb2.Allocation:
+def _record(
+    state: ViewState, request_id: str, millis: int, allocation_id: str = ""
+) -> types_pb2.Allocation:
     request = AllocationRequest(request_id, fraction_millis=millis)
     decision = place(request, state.snapshot())
     assert isinstance(decision, Placement)
     return allocation_record(
-        request, decision, f"id-{request_id}", lease_id=0, created_at=NOW, expires_at=None
+        request,
+        decision,
+        allocation_id or f"id-{request_id}",
+        lease_id=0,
+        created_at=NOW,
+        expires_at=None,
     )
