@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
-from tests.conftest import Running
+from tests.conftest import Running, coordinator_running
 from tests.harness import audit_etcd, request
 
 
@@ -314,3 +316,31 @@ async def test_reads_see_the_callers_own_writes_at_once(running: Running) -> Non
         await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
         stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
         assert stats.allocation_count == 0
+
+
+async def test_keep_alive_after_release_is_not_found(running: Running) -> None:
+    made = await running.api.Allocate(request("gone", fraction_millis=100, ttl_seconds=30))
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.allocation.id))
+    code, _ = await _code(
+        running.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id=made.allocation.id))
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_replay_is_checked_against_etcd_not_only_the_view(
+    etcd: LocalEtcd, running: Running, inventory: Path
+) -> None:
+    """Released through another coordinator while this one's view lags: a retry must not
+    get the dead allocation back as if it were alive."""
+    async with coordinator_running(etcd.endpoint, running.prefix, inventory) as other:
+        made = (await running.api.Allocate(request("lagging", fraction_millis=100))).allocation
+        view = running.coordinator.view
+        await view.stop()  # this coordinator stops hearing from etcd...
+        await other.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
+        retry = asyncio.ensure_future(running.api.Allocate(request("lagging", fraction_millis=100)))
+        await asyncio.sleep(0.3)
+        assert not retry.done(), "answered from a stale view"
+        await view.start_following()  # ...and catches up
+        code, message = await _code(retry)
+        assert code is grpc.StatusCode.ALREADY_EXISTS
+        assert "released" in message

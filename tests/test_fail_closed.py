@@ -30,6 +30,10 @@ async def _put(running: Running, key: bytes, value: bytes) -> None:
     await running.coordinator.view.wait_for(result.revision, 10)
 
 
+def _blocked(running: Running) -> bool:
+    return running.coordinator.view.state.blocked_reason is not None
+
+
 async def _node_b_gpus(api: object) -> list[str]:
     reply = await api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))  # type: ignore[attr-defined]
     return [gpu.inventory.uuid for node in reply.nodes for gpu in node.gpus]
@@ -123,3 +127,57 @@ async def test_a_gpu_uuid_on_two_nodes_excludes_the_second_node(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await running.api.Allocate(request("whole-2", fraction_millis=1000))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_repaired_record_unblocks_placement(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        made = (await running.api.Allocate(request("fixme", fraction_millis=100))).allocation
+        key = KeyLayout(prefix).allocation(made.id)
+        await _put(running, key, b"\xff\xfe garbled")
+        assert _blocked(running)
+        await _put(running, key, made.SerializeToString())
+        assert not _blocked(running)
+        assert (await running.api.Allocate(request("after-fix", fraction_millis=100))).allocation
+
+
+async def test_a_record_rewritten_as_exclusive_takes_its_gpu_whole(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        made = (
+            await running.api.Allocate(request("shared", fraction_millis=100, selector=ZONE_B))
+        ).allocation
+        exclusive = types_pb2.Allocation()
+        exclusive.CopyFrom(made)
+        exclusive.isolation = types_pb2.ISOLATION_EXCLUSIVE
+        await _put(running, KeyLayout(prefix).allocation(made.id), exclusive.SerializeToString())
+        for i in range(2):  # 2 x 0.5 fit only on the other MI210
+            placed = await running.api.Allocate(
+                request(f"half-{i}", fraction_millis=500, selector=ZONE_B)
+            )
+            assert placed.allocation.gpus[0].uuid != made.gpus[0].uuid
+
+
+async def test_an_orphaned_request_key_names_itself_and_blocks_nobody_else(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        made = (await running.api.Allocate(request("orphan", fraction_millis=100))).allocation
+        store = EtcdStore([etcd.endpoint])
+        deleted = await store.commit(Txn(deletes=(KeyLayout(prefix).allocation(made.id),)))
+        await store.close()
+        await running.coordinator.view.wait_for(deleted.revision, 10)
+        outcomes = await asyncio.gather(
+            *(
+                running.api.Allocate(request(rid, fraction_millis=100))
+                for rid in ("orphan", "other-1", "other-2", "other-3")
+            ),
+            return_exceptions=True,
+        )
+        orphan, *others = outcomes
+        assert isinstance(orphan, grpc.aio.AioRpcError)
+        assert orphan.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "requests/orphan" in (orphan.details() or "")
+        assert all(isinstance(o, allocation_pb2.AllocateResponse) for o in others)

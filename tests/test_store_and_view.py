@@ -17,7 +17,7 @@ from kaiwo_gpu.coordinator.engine import Placement, place
 from kaiwo_gpu.coordinator.inventory import load_inventory, parse_inventory, synthetic_inventory
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
-from kaiwo_gpu.coordinator.records import allocation_record
+from kaiwo_gpu.coordinator.records import allocation_record, placed_from_record
 from kaiwo_gpu.coordinator.registration import register_nodes
 from kaiwo_gpu.coordinator.store import EtcdStore, parse_endpoints
 from kaiwo_gpu.coordinator.view import ClusterView
@@ -245,3 +245,29 @@ def _record(
         created_at=NOW,
         expires_at=None,
     )
+
+
+def test_odd_records_count_for_more_never_less() -> None:
+    record = types_pb2.Allocation(
+        id="odd",
+        request_id="odd-1",
+        isolation=types_pb2.ISOLATION_CU_MASK,
+        gpus=[
+            types_pb2.GpuGrant(uuid="G", granted_millis=300, compute_units=[2**32 - 1]),
+            types_pb2.GpuGrant(uuid="G", granted_millis=300, granted_memory_mib=7),
+        ],
+    )
+    placed = placed_from_record(record)
+    (share,) = placed.shares
+    assert (share.millis, share.memory_mib, share.compute_units) == (600, 7, ())
+    assert placed.blocks_sharing  # a CU id no GPU has: the GPU is held whole
+
+
+def test_a_rewritten_request_id_drops_the_old_binding() -> None:
+    layout = KeyLayout("/k/v1/")
+    state = ViewState(layout)
+    first = types_pb2.Allocation(id="a", request_id="e-1")
+    second = types_pb2.Allocation(id="a", request_id="e-other")
+    state.apply(2, [Change(layout.allocation("a"), first.SerializeToString(), 2)])
+    state.apply(3, [Change(layout.allocation("a"), second.SerializeToString(), 3)])
+    assert state.allocation_by_request == {"e-other": "a"}

@@ -126,9 +126,17 @@ class Allocator:
 
     async def allocate(self, request: AllocationRequest) -> tuple[types_pb2.Allocation, bool]:
         """(allocation, replayed): a request_id seen before returns its allocation again."""
+        await self.caught_up()
         replay = self._replay(request)
         if replay is not None:
-            return replay, True
+            # Confirm with etcd: another coordinator may have released it a moment ago.
+            revision, kv = await self.store.read(self.layout.request(request.request_id))
+            if kv is not None and kv.value == replay.id.encode():
+                return replay, True
+            await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
+            replay = self._replay(request)  # now a tombstone raises, an expiry returns None
+            if replay is not None:
+                return replay, True
         future: asyncio.Future[tuple[types_pb2.Allocation, bool]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -147,10 +155,17 @@ class Allocator:
                 f"request_id {request.request_id!r} already made allocation {released}, which "
                 "has been released; use a new request_id"
             )
+        orphaned = state.orphaned_request(request.request_id)
+        if orphaned is not None:
+            raise FailedPreconditionError(
+                f"request_id {request.request_id!r} is still bound to allocation {orphaned}, "
+                f"whose record was removed from etcd by hand; use a new request_id or delete "
+                f"{self.layout.request(request.request_id).decode()}"
+            )
         allocation_id = state.allocation_by_request.get(request.request_id)
-        if allocation_id is None:
+        record = state.allocations.get(allocation_id or "")
+        if record is None:
             return None
-        record = state.allocations[allocation_id]
         if not same_request(record.request, request):
             raise AlreadyExistsError(
                 f"request_id {request.request_id!r} already made allocation {allocation_id} "
@@ -453,6 +468,7 @@ class Allocator:
 
     async def keep_alive(self, allocation_id: str) -> tuple[datetime, int]:
         """Renews the allocation's lease; (new expiry, TTL in seconds)."""
+        await self.caught_up()
         record, revision = await self.record(allocation_id)
         if not record.lease_id:
             raise FailedPreconditionError(
@@ -468,7 +484,7 @@ class Allocator:
         renewed.expires_at.CopyFrom(timestamp(expires_at))
         key = self.layout.allocation(allocation_id)
         try:  # best effort: the lease is renewed whether or not the record says so
-            await self.store.commit(
+            result = await self.store.commit(
                 Txn(
                     expect_mod_revision=((key, revision),),
                     puts=(Put(key, renewed.SerializeToString(), record.lease_id),),
@@ -476,4 +492,9 @@ class Allocator:
             )
         except KaiwoGpuError as error:
             log.info("expiry not recorded", allocation_id=allocation_id, error=error.message)
+            return expires_at, ttl_s
+        if result.succeeded:
+            self._last_commit_revision = max(self._last_commit_revision, result.revision)
+        elif await self.store.get(key) is None:
+            raise NotFoundError(f"allocation {allocation_id!r} was released while being renewed")
         return expires_at, ttl_s

@@ -24,6 +24,9 @@ _HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {
     types_pb2.HEALTH_DEGRADED: Health.DEGRADED,
     types_pb2.HEALTH_UNHEALTHY: Health.UNHEALTHY,
 }
+MAX_COMPUTE_UNIT_ID = 4096
+"""CU ids at or above this are no GPU's; the inventory allows at most 4096 CUs."""
+
 HEALTH_TO_PROTO: dict[Health, types_pb2.Health.ValueType] = {
     Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
     Health.DEGRADED: types_pb2.HEALTH_DEGRADED,
@@ -77,12 +80,15 @@ def placed_from_record(record: types_pb2.Allocation) -> PlacedAllocation:
     blocks = not sharing or isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
     shares: dict[str, GpuShare] = {}
     for grant in record.gpus:
+        units = [cu for cu in grant.compute_units if cu < MAX_COMPUTE_UNIT_ID]
+        if len(units) < len(grant.compute_units):
+            blocks = True  # a CU id no GPU has: hold the whole GPU rather than guess
         before = shares.get(grant.uuid, GpuShare(grant.uuid, 0, 0))
         shares[grant.uuid] = GpuShare(
             gpu_uuid=grant.uuid,
             millis=before.millis + grant.granted_millis,
             memory_mib=before.memory_mib + grant.granted_memory_mib,
-            compute_units=(*before.compute_units, *grant.compute_units),
+            compute_units=(*before.compute_units, *units),
         )
     return PlacedAllocation(
         allocation_id=record.id,

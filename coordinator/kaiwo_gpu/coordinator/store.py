@@ -10,6 +10,7 @@ it has caught up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -131,12 +132,16 @@ class EtcdStore:
         ]
 
     async def get(self, key: bytes) -> KeyValue | None:
+        return (await self.read(key))[1]
+
+    async def read(self, key: bytes) -> tuple[int, KeyValue | None]:
+        """(etcd's revision at the read, the key's value or None)."""
         await self.connect()
         response = await self._call(self._client.kvstub.Range, rpc.RangeRequest(key=key))
         if not response.kvs:
-            return None
+            return int(response.header.revision), None
         kv = response.kvs[0]
-        return KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+        return int(response.header.revision), KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
 
     async def revision(self) -> int:
         """etcd's current revision (a linearizable read of nothing)."""
@@ -209,13 +214,10 @@ class EtcdStore:
     async def revoke_lease(self, lease_id: int) -> None:
         """Drops the lease and every key on it; a lease that is already gone is fine."""
         await self.connect()
-        try:
+        with contextlib.suppress(NotFoundError):
             await self._call(
                 self._client.leasestub.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id)
             )
-        except AioRpcError as error:
-            if error.code() is not StatusCode.NOT_FOUND:
-                raise
 
     async def watch(
         self, prefix: bytes, start_revision: int

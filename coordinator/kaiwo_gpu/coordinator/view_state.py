@@ -37,6 +37,7 @@ class ViewState:
         self.allocation_revisions: dict[str, int] = {}
         self.allocation_by_request: dict[str, str] = {}
         self.released_requests: dict[str, str] = {}
+        self.request_keys: dict[str, str] = {}
         self.gpu_revisions: dict[str, int] = {}
         self.unreadable_nodes: set[str] = set()
         self.unreadable_allocations: set[str] = set()
@@ -84,12 +85,28 @@ class ViewState:
         return events
 
     def _apply_request(self, request_id: str, change: Change) -> None:
-        if change.value is not None and change.value.startswith(RELEASED_PREFIX):
-            self.released_requests[request_id] = change.value[len(RELEASED_PREFIX) :].decode(
-                errors="replace"
-            )
+        self.released_requests.pop(request_id, None)
+        self.request_keys.pop(request_id, None)
+        if change.value is None:
+            return
+        value = change.value.decode(errors="replace")
+        if change.value.startswith(RELEASED_PREFIX):
+            self.released_requests[request_id] = value[len(RELEASED_PREFIX) :]
         else:
-            self.released_requests.pop(request_id, None)
+            self.request_keys[request_id] = value
+
+    def orphaned_request(self, request_id: str) -> str | None:
+        """The allocation id a request key names when that allocation is gone, else None.
+
+        A request key and its allocation are written and expire together; a key left alone
+        means someone removed the record by hand.
+        """
+        allocation_id = self.request_keys.get(request_id)
+        if allocation_id is None or allocation_id in self.allocations:
+            return None
+        if allocation_id in self.unreadable_allocations:
+            return None
+        return allocation_id
 
     def _forget_allocation(self, allocation_id: str) -> types_pb2.Allocation | None:
         self.unreadable_allocations.discard(allocation_id)
@@ -118,13 +135,19 @@ class ViewState:
             self._forget_allocation(allocation_id)
             self.unreadable_allocations.add(allocation_id)
             return None
+        self.unreadable_allocations.discard(allocation_id)
         previous = self.allocations.get(allocation_id)
+        if (
+            previous is not None
+            and previous.request_id != record.request_id
+            and self.allocation_by_request.get(previous.request_id) == allocation_id
+        ):
+            del self.allocation_by_request[previous.request_id]
         self.allocations[allocation_id] = record
         self.allocation_revisions[allocation_id] = change.revision
         self.allocation_by_request[record.request_id] = allocation_id
-        if previous is not None and previous.gpus == record.gpus:
-            return None  # a renewal rewrote the record; the placement is the same
-        if self._snapshot is not None:
+        # A renewal rewrites the record with the same placement: the snapshot stands.
+        if self._snapshot is not None and self._snapshot.allocations.get(allocation_id) != placed:
             self._snapshot = self._snapshot.with_allocation(placed)
         if previous is not None:
             return None
