@@ -106,6 +106,7 @@ class Allocator:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tombstone_lease: tuple[int, datetime] | None = None
+        self._tombstone_lock = asyncio.Lock()
         self.conflicts = 0
 
     def start(self) -> None:
@@ -191,10 +192,10 @@ class Allocator:
     def _fail(self, items: list[_Pending], error: KaiwoGpuError, *, revoke: bool = True) -> None:
         """Rejects the items this batch still owns (not those handed back to the queue)."""
         for item in items:
-            if item.queued or item.future.done():
+            if item.queued:
                 continue
             if revoke:
-                self._revoke_lease_of(item)
+                self._revoke_lease_of(item)  # also for callers that have gone away
             item.reject(error)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
@@ -401,14 +402,15 @@ class Allocator:
 
     async def _tombstone_lease_id(self) -> int:
         """A shared lease for released request_ids, renewed by replacing it half-way."""
-        now = self._clock()
-        if self._tombstone_lease is not None:
-            lease_id, granted_at = self._tombstone_lease
-            if now - granted_at < timedelta(seconds=TOMBSTONE_TTL_S / 2):
-                return lease_id
-        lease_id, _ = await self.store.grant_lease(TOMBSTONE_TTL_S)
-        self._tombstone_lease = (lease_id, now)
-        return lease_id
+        async with self._tombstone_lock:  # concurrent releases share one grant
+            now = self._clock()
+            if self._tombstone_lease is not None:
+                lease_id, granted_at = self._tombstone_lease
+                if now - granted_at < timedelta(seconds=TOMBSTONE_TTL_S / 2):
+                    return lease_id
+            lease_id, _ = await self.store.grant_lease(TOMBSTONE_TTL_S)
+            self._tombstone_lease = (lease_id, now)
+            return lease_id
 
     # -- release, renew, read ------------------------------------------------------------
 
