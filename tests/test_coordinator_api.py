@@ -344,3 +344,20 @@ async def test_a_replay_is_checked_against_etcd_not_only_the_view(
         code, message = await _code(retry)
         assert code is grpc.StatusCode.ALREADY_EXISTS
         assert "released" in message
+
+
+async def test_a_refusal_waits_for_the_view_to_hold_our_own_release(running: Running) -> None:
+    """A whole GPU freed by this coordinator is placeable at once, even if the watch lags."""
+    whole = [
+        (await running.api.Allocate(request(f"full-{i}", fraction_millis=1000))).allocation
+        for i in range(6)
+    ]
+    view = running.coordinator.view
+    await view.stop()  # the release below reaches etcd, not yet this view
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=whole[0].id))
+    again = asyncio.ensure_future(running.api.Allocate(request("refill", fraction_millis=1000)))
+    await asyncio.sleep(0.3)
+    assert not again.done(), "refused on a view that lacks our own release"
+    await view.start_following()
+    placed = (await again).allocation
+    assert placed.gpus[0].uuid == whole[0].gpus[0].uuid

@@ -102,7 +102,8 @@ class Allocator:
         self._new_id = new_id
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._scheduler_state = SchedulerState()
-        self._last_commit_revision = 0
+        self._last_write_revision = 0  # of any write of ours: reads wait for it
+        self._last_placement_revision = 0  # of our placements: decisions wait for it
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tombstone_lease: tuple[int, datetime] | None = None
@@ -127,7 +128,6 @@ class Allocator:
 
     async def allocate(self, request: AllocationRequest) -> tuple[types_pb2.Allocation, bool]:
         """(allocation, replayed): a request_id seen before returns its allocation again."""
-        await self.caught_up()
         replay = self._replay(request)
         if replay is not None:
             # Confirm with etcd: another coordinator may have released it a moment ago.
@@ -201,9 +201,18 @@ class Allocator:
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         pending = [item for item in batch if not item.future.done()]
         while pending:
-            await self.view.wait_for(self._last_commit_revision, self.settings.catch_up_timeout_s)
+            # Decisions need our own placements in the view (else they double-book and
+            # conflict); our own releases only free room, so a refusal waits for those.
+            timeout_s = self.settings.catch_up_timeout_s
+            await self.view.wait_for(self._last_placement_revision, timeout_s)
             pending = self._answer_replays(pending)
-            plan, planned, leftover = self._decide(pending)
+            plan, planned, leftover, refused = self._decide(pending)
+            if refused and self.view.state.revision < self._last_write_revision:
+                await self.view.wait_for(self._last_write_revision, timeout_s)
+                plan, planned, leftover, refused = self._decide(pending)
+            for item, error in refused:
+                self._revoke_lease_of(item)
+                item.reject(error)
             for item in leftover:
                 self._enqueue(item)
             if not plan.allocations:
@@ -230,7 +239,8 @@ class Allocator:
                 )
                 return
             if result.succeeded:
-                self._last_commit_revision = max(self._last_commit_revision, result.revision)
+                self._last_write_revision = max(self._last_write_revision, result.revision)
+                self._last_placement_revision = max(self._last_placement_revision, result.revision)
                 for item, record in planned:
                     item.resolve(record, False)
                 return
@@ -244,7 +254,7 @@ class Allocator:
         delays a read, never fails it.
         """
         try:
-            await self.view.wait_for(self._last_commit_revision, self.settings.catch_up_timeout_s)
+            await self.view.wait_for(self._last_write_revision, self.settings.catch_up_timeout_s)
         except UnavailableError as error:
             log.warning("view behind this coordinator's writes", error=error.message)
 
@@ -258,7 +268,7 @@ class Allocator:
             # The view already holds what etcd showed (a deleted key shows nothing): back
             # off instead of spinning on the same decision.
             await asyncio.sleep(min(0.002 * 2 ** max(i.attempts for i in owned), 0.2))
-        self._last_commit_revision = max(self._last_commit_revision, newest)
+        self._last_placement_revision = max(self._last_placement_revision, newest)
         retry = []
         for item in owned:
             if item.future.done():
@@ -333,22 +343,34 @@ class Allocator:
 
     def _decide(
         self, pending: list[_Pending]
-    ) -> tuple[CommitPlan, list[tuple[_Pending, types_pb2.Allocation]], list[_Pending]]:
-        """Places each request on a snapshot holding the ones before it; (plan, planned, rest)."""
+    ) -> tuple[
+        CommitPlan,
+        list[tuple[_Pending, types_pb2.Allocation]],
+        list[_Pending],
+        list[tuple[_Pending, KaiwoGpuError]],
+    ]:
+        """Places each request on a snapshot holding the ones before it.
+
+        Returns the plan, what it places, what did not fit in one transaction, and what
+        was refused (with the error to answer).
+        """
         state = self.view.state
         plan = CommitPlan(self.layout, state)
         planned: list[tuple[_Pending, types_pb2.Allocation]] = []
         leftover: list[_Pending] = []
+        refused: list[tuple[_Pending, KaiwoGpuError]] = []
         blocked = state.blocked_reason
         if blocked is not None:
             for item in pending:
                 self._revoke_lease_of(item)
                 item.reject(UnavailableError(blocked))
-            return plan, planned, leftover
+            return plan, planned, leftover, refused
         snapshot = state.snapshot()
         scheduler_state = self._scheduler_state
         now = self._clock()
         for item in pending:
+            if item.future.done():
+                continue
             if leftover:
                 leftover.append(item)  # keep arrival order once the transaction is full
                 continue
@@ -364,8 +386,7 @@ class Allocator:
                 item.reject(error)
                 continue
             if isinstance(decision, NoFit):
-                self._revoke_lease_of(item)
-                item.reject(decision.to_error())
+                refused.append((item, decision.to_error()))
                 continue
             allocation_id = self._new_id()
             record = allocation_record(
@@ -379,7 +400,7 @@ class Allocator:
             snapshot = snapshot.with_allocation(decision.as_allocation(allocation_id))
             scheduler_state = decision.state
         self._scheduler_state = scheduler_state
-        return plan, planned, leftover
+        return plan, planned, leftover, refused
 
     # -- leases --------------------------------------------------------------------------
 
@@ -460,7 +481,7 @@ class Allocator:
             )
         if not result.succeeded:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
-        self._last_commit_revision = max(self._last_commit_revision, result.revision)
+        self._last_write_revision = max(self._last_write_revision, result.revision)
         if record.lease_id:
             self._in_background(self._revoke_quietly(record.lease_id))
         released = types_pb2.Allocation()
@@ -496,7 +517,7 @@ class Allocator:
             log.info("expiry not recorded", allocation_id=allocation_id, error=error.message)
             return expires_at, ttl_s
         if result.succeeded:
-            self._last_commit_revision = max(self._last_commit_revision, result.revision)
+            self._last_write_revision = max(self._last_write_revision, result.revision)
         elif await self.store.get(key) is None:
             raise NotFoundError(f"allocation {allocation_id!r} was released while being renewed")
         return expires_at, ttl_s
