@@ -361,3 +361,17 @@ async def test_a_refusal_waits_for_the_view_to_hold_our_own_release(running: Run
     await view.start_following()
     placed = (await again).allocation
     assert placed.gpus[0].uuid == whole[0].gpus[0].uuid
+
+
+async def test_a_retry_after_our_own_release_waits_for_it(running: Running) -> None:
+    made = (await running.api.Allocate(request("own", fraction_millis=100))).allocation
+    view = running.coordinator.view
+    await view.stop()  # the release below reaches etcd, not yet this view
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
+    retry = asyncio.ensure_future(running.api.Allocate(request("own", fraction_millis=100)))
+    await asyncio.sleep(0.3)
+    assert not retry.done(), "answered from a view that lacks our own release"
+    await view.start_following()
+    code, message = await _code(retry)
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    assert "released" in message

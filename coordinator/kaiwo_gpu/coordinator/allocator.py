@@ -104,6 +104,7 @@ class Allocator:
         self._scheduler_state = SchedulerState()
         self._last_write_revision = 0  # of any write of ours: reads wait for it
         self._last_placement_revision = 0  # of our placements: decisions wait for it
+        self._last_release_revision = 0  # of our releases: refusals wait for it
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tombstone_lease: tuple[int, datetime] | None = None
@@ -128,21 +129,34 @@ class Allocator:
 
     async def allocate(self, request: AllocationRequest) -> tuple[types_pb2.Allocation, bool]:
         """(allocation, replayed): a request_id seen before returns its allocation again."""
-        replay = self._replay(request)
+        replay = await self._confirmed_replay(request)
         if replay is not None:
-            # Confirm with etcd: another coordinator may have released it a moment ago.
-            revision, kv = await self.store.read(self.layout.request(request.request_id))
-            if kv is not None and kv.value == replay.id.encode():
-                return replay, True
-            await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
-            replay = self._replay(request)  # now a tombstone raises, an expiry returns None
-            if replay is not None:
-                return replay, True
+            return replay, True
         future: asyncio.Future[tuple[types_pb2.Allocation, bool]] = (
             asyncio.get_running_loop().create_future()
         )
         self._enqueue(_Pending(request, future))
         return await future
+
+    async def _confirmed_replay(self, request: AllocationRequest) -> types_pb2.Allocation | None:
+        """The allocation `request` already made, checked against etcd, or None.
+
+        The view may lag: our own release or renewal, or another coordinator's release, may
+        not be in it yet. A hit is therefore confirmed by reading the request key; when
+        etcd disagrees, the view catches up to that read and is asked again (a tombstone
+        then raises ALREADY_EXISTS, an expiry gives None).
+        """
+        if self._replay(request) is None:
+            return None
+        await self.caught_up()  # our own last write (a release, a renewal) first
+        replay = self._replay(request)
+        if replay is None:
+            return None
+        revision, kv = await self.store.read(self.layout.request(request.request_id))
+        if kv is not None and kv.value == replay.id.encode():
+            return replay
+        await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
+        return self._replay(request)
 
     def _enqueue(self, item: _Pending) -> None:
         item.queued = True
@@ -202,13 +216,15 @@ class Allocator:
         pending = [item for item in batch if not item.future.done()]
         while pending:
             # Decisions need our own placements in the view (else they double-book and
-            # conflict); our own releases only free room, so a refusal waits for those.
+            # conflict); our own releases only free room, so only a refusal waits for them.
             timeout_s = self.settings.catch_up_timeout_s
             await self.view.wait_for(self._last_placement_revision, timeout_s)
-            pending = self._answer_replays(pending)
+            pending = await self._answer_replays(pending)
+            scheduler_state = self._scheduler_state
             plan, planned, leftover, refused = self._decide(pending)
-            if refused and self.view.state.revision < self._last_write_revision:
-                await self.view.wait_for(self._last_write_revision, timeout_s)
+            if refused and self.view.state.revision < self._last_release_revision:
+                await self.view.wait_for(self._last_release_revision, timeout_s)
+                self._scheduler_state = scheduler_state  # the first decision never happened
                 plan, planned, leftover, refused = self._decide(pending)
             for item, error in refused:
                 self._revoke_lease_of(item)
@@ -287,7 +303,7 @@ class Allocator:
                 retry.append(item)
         return retry
 
-    def _answer_replays(self, pending: list[_Pending]) -> list[_Pending]:
+    async def _answer_replays(self, pending: list[_Pending]) -> list[_Pending]:
         """Answers requests whose request_id is already committed (or repeated in the batch)."""
         fresh: list[_Pending] = []
         seen: set[str] = set()
@@ -296,7 +312,7 @@ class Allocator:
                 self._revoke_lease_of(item)
                 continue
             try:
-                replay = self._replay(item.request)
+                replay = await self._confirmed_replay(item.request)
             except KaiwoGpuError as error:
                 self._revoke_lease_of(item)
                 item.reject(error)
@@ -369,7 +385,8 @@ class Allocator:
         scheduler_state = self._scheduler_state
         now = self._clock()
         for item in pending:
-            if item.future.done():
+            if item.future.done():  # the caller went away
+                self._revoke_lease_of(item)
                 continue
             if leftover:
                 leftover.append(item)  # keep arrival order once the transaction is full
@@ -482,6 +499,7 @@ class Allocator:
         if not result.succeeded:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
         self._last_write_revision = max(self._last_write_revision, result.revision)
+        self._last_release_revision = max(self._last_release_revision, result.revision)
         if record.lease_id:
             self._in_background(self._revoke_quietly(record.lease_id))
         released = types_pb2.Allocation()
