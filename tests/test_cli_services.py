@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import socket
@@ -39,6 +40,11 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["coordinator", "--default-ttl", "ten minutes"],
         ["coordinator", "--strategy", "tetris"],
         ["coordinator", "--etcd-wait", "-1"],
+        ["coordinator", "--listen", "127.0.0.1:99999"],
+        ["coordinator", "--listen", "nowhere"],
+        ["coordinator", "--etcd", "etcd-a:2379,etcd-b:2379"],
+        ["coordinator", "--prefix", "no-slashes"],
+        ["coordinator", "--default-ttl", "99999h"],
         ["up", "--nodes", "0"],
         ["up", "--model", "H100"],
     ],
@@ -50,10 +56,58 @@ def test_bad_flags_exit_2_with_one_line(argv: list[str]) -> None:
     assert [line for line in done.stderr.splitlines() if "error:" in line]
 
 
-def test_bad_environment_value_is_a_usage_error() -> None:
-    done = _run("coordinator", env={"KAIWO_GPU_DEFAULT_TTL": "soon"})
+@pytest.mark.parametrize(
+    ("variable", "value", "flag"),
+    [
+        ("KAIWO_GPU_DEFAULT_TTL", "soon", "--default-ttl"),
+        ("KAIWO_GPU_DEFAULT_STRATEGY", "tetris", "--strategy"),
+        ("KAIWO_GPU_LOG_FORMAT", "xml", "--log-format"),
+        ("KAIWO_GPU_ETCD_PREFIX", "relative/", "--prefix"),
+    ],
+)
+def test_bad_environment_value_is_a_usage_error(variable: str, value: str, flag: str) -> None:
+    done = _run("coordinator", env={variable: value})
     assert done.returncode == 2
-    assert "--default-ttl" in done.stderr
+    assert flag in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_a_taken_address_is_refused_not_shared(
+    etcd: LocalEtcd, prefix: str, inventory: Path, tmp_path: Path
+) -> None:
+    first = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "first.log")
+    first.start()
+    await first.wait_serving()
+    try:
+        second = _run(
+            "coordinator", f"--listen={first.address}", f"--etcd={etcd.endpoint}", "--etcd-wait=1"
+        )
+        assert second.returncode == 1
+        assert f"cannot listen on {first.address}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        assert first.stop() == 0
+
+
+def test_sigterm_while_waiting_for_etcd_stops_at_once() -> None:
+    waiting = subprocess.Popen(
+        [*KAIWO_GPU, "coordinator", f"--etcd=127.0.0.1:{free_port()}", "--listen=127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiting.stderr is not None
+        for line in waiting.stderr:  # bounded: the coordinator gives up after 30 s
+            if "waiting for etcd" in line:
+                break
+        waiting.send_signal(signal.SIGTERM)
+        assert waiting.wait(10) == 0
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        if waiting.stderr is not None:
+            waiting.stderr.close()
 
 
 def test_unreachable_etcd_exits_1_with_a_message() -> None:
@@ -147,6 +201,7 @@ async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) 
         etcd_endpoint = seen.split("etcd on ", 1)[1].split(",", 1)[0]
         host, port = etcd_endpoint.rsplit(":", 1)
         assert not _accepts_connections(host, int(port)), "etcd must stop with kaiwo-gpu up"
+        assert not (tmp_path / "etcd.pid").exists()
     finally:
         if up.poll() is None:
             up.kill()
@@ -161,3 +216,12 @@ def _accepts_connections(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_a_second_up_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    with (tmp_path / "up.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `up` holds it
+        done = _run("up", f"--state-dir={tmp_path}", f"--listen=127.0.0.1:{free_port()}")
+    assert done.returncode == 1
+    assert "another kaiwo-gpu up is running" in done.stderr
+    assert not (tmp_path / "etcd").exists()

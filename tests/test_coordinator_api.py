@@ -132,14 +132,14 @@ async def test_ttl_expiry_returns_capacity(running: Running) -> None:
 
 
 async def test_keep_alive_keeps_the_allocation_past_its_ttl(running: Running) -> None:
-    reply = await running.api.Allocate(request("kept", fraction_millis=100, ttl_seconds=2))
+    reply = await running.api.Allocate(request("kept", fraction_millis=100, ttl_seconds=3))
     allocation_id = reply.allocation.id
-    for _ in range(8):  # 4 s, twice the TTL
+    for _ in range(16):  # about 5 s, past the TTL; each renewal has 2.7 s to spare
         renewed = await running.api.KeepAlive(
             allocation_pb2.KeepAliveRequest(allocation_id=allocation_id)
         )
         assert renewed.ttl_seconds >= 1
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.3)
     got = await running.api.GetAllocation(
         allocation_pb2.GetAllocationRequest(allocation_id=allocation_id)
     )

@@ -11,7 +11,7 @@ import pytest
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.changes import Change, Txn, TxnResult
+from kaiwo_gpu.coordinator.changes import Change, Put, Txn, TxnResult
 from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS, CommitPlan
 from kaiwo_gpu.coordinator.engine import Placement, place
 from kaiwo_gpu.coordinator.inventory import load_inventory, parse_inventory, synthetic_inventory
@@ -271,3 +271,28 @@ def test_a_rewritten_request_id_drops_the_old_binding() -> None:
     state.apply(2, [Change(layout.allocation("a"), first.SerializeToString(), 2)])
     state.apply(3, [Change(layout.allocation("a"), second.SerializeToString(), 3)])
     assert state.allocation_by_request == {"e-other": "a"}
+
+
+async def test_the_inventory_cordons_and_removes_its_own_nodes_only(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    store = EtcdStore([etcd.endpoint])
+    layout = KeyLayout(prefix)
+    agent_node = types_pb2.NodeStatus(name="from-an-agent", schedulable=True)
+    await store.commit(
+        Txn(puts=(Put(layout.node("from-an-agent"), agent_node.SerializeToString()),))
+    )
+    assert await register_nodes(store, layout, parse_inventory(INVENTORY)) == (2, 0)
+    assert await register_nodes(store, layout, parse_inventory(INVENTORY)) == (0, 0)
+    smaller = parse_inventory(
+        "nodes:\n"
+        "  - {name: node-a, schedulable: false, reason: drained for repair,"
+        " gpus: [{model: MI300X, count: 4}]}\n"
+    )
+    assert await register_nodes(store, layout, smaller) == (1, 1)
+    state = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
+    assert set(state.nodes) == {"node-a", "from-an-agent"}
+    node_a = state.snapshot().nodes["node-a"]
+    assert not node_a.schedulable
+    assert node_a.unschedulable_reason == "drained for repair"
+    await store.close()

@@ -17,6 +17,7 @@ from kaiwo_gpu.common.gpu_models import GPU_MODELS
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _positive(text: str) -> int:
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:
         return EXIT_OK
+    except KeyboardInterrupt:  # Ctrl-C before a service installed its own handler
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

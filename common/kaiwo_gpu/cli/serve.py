@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import os
 import shutil
+import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.errors import FailedPreconditionError, InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
+from kaiwo_gpu.common.models import MAX_TTL_SECONDS
 from kaiwo_gpu.common.units import parse_duration_s
 from kaiwo_gpu.coordinator.inventory import synthetic_inventory_yaml
-from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX
+from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import (
@@ -27,6 +33,7 @@ from kaiwo_gpu.coordinator.settings import (
     ENVIRONMENT,
     CoordinatorSettings,
 )
+from kaiwo_gpu.coordinator.store import parse_endpoints
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
 
 if TYPE_CHECKING:
@@ -35,11 +42,51 @@ if TYPE_CHECKING:
 
 def _duration(text: str) -> int:
     try:
-        return parse_duration_s(text)
+        seconds = parse_duration_s(text)
     except InvalidArgumentError:
+        seconds = -1
+    if not 0 <= seconds <= MAX_TTL_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration like 90s, 10m or 2h"
-        ) from None
+            f"{text!r} is not a duration like 90s, 10m or 2h, up to 30d"
+        )
+    return seconds
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port, e.g. 127.0.0.1:50051")
+    return text
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
+    try:
+        parse_endpoints(endpoints)
+    except InvalidArgumentError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+    return endpoints
+
+
+def _prefix(text: str) -> str:
+    try:
+        return KeyLayout(text).prefix
+    except InvalidArgumentError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
+def _strategy(text: str) -> str:
+    if text not in BUILTIN_STRATEGIES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a strategy; choose from {', '.join(sorted(BUILTIN_STRATEGIES))}"
+        )
+    return text
+
+
+def _log_format(text: str) -> str:
+    if text not in ("console", "json"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log format; choose console or json")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -62,14 +109,16 @@ def _add_service_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument(
         "--listen",
+        type=_address,
         default=env(ENVIRONMENT["listen"], DEFAULT_LISTEN),
         help=f"host:port to serve on (${ENVIRONMENT['listen']}; default %(default)s)",
     )
     parser.add_argument(
         "--strategy",
-        choices=sorted(BUILTIN_STRATEGIES),
+        type=_strategy,
         default=env(ENVIRONMENT["strategy"], DEFAULT_STRATEGY),
-        help=f"default placement strategy (${ENVIRONMENT['strategy']}; default %(default)s)",
+        help=f"default placement strategy: {', '.join(sorted(BUILTIN_STRATEGIES))} "
+        f"(${ENVIRONMENT['strategy']}; default %(default)s)",
     )
     parser.add_argument(
         "--default-ttl",
@@ -80,7 +129,7 @@ def _add_service_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-format",
-        choices=("console", "json"),
+        type=_log_format,
         default=env("KAIWO_GPU_LOG_FORMAT", "console"),
         help="console for people, json for log collectors ($KAIWO_GPU_LOG_FORMAT)",
     )
@@ -101,11 +150,13 @@ def add_coordinator_parser(commands: Subcommands) -> None:
     )
     parser.add_argument(
         "--etcd",
+        type=_endpoints,
         default=env(ENVIRONMENT["etcd"], DEFAULT_ETCD),
         help=f"comma-separated etcd endpoints (${ENVIRONMENT['etcd']}; default %(default)s)",
     )
     parser.add_argument(
         "--prefix",
+        type=_prefix,
         default=env(ENVIRONMENT["prefix"], DEFAULT_PREFIX),
         help=f"etcd key prefix (${ENVIRONMENT['prefix']}; default %(default)s)",
     )
@@ -127,7 +178,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
     settings = CoordinatorSettings(
         listen=args.listen,
-        etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
+        etcd_endpoints=args.etcd,
         prefix=args.prefix,
         default_strategy=args.strategy,
         default_ttl_s=args.default_ttl or None,
@@ -170,28 +221,64 @@ def add_up_parser(commands: Subcommands) -> None:
 
 def run_up(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
-    data_dir = args.state_dir / "etcd"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    etcd = LocalEtcd(data_dir, log_path=args.state_dir / "etcd.log")
-    etcd.start()
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(args.state_dir / "up.lock"):
+        data_dir = args.state_dir / "etcd"
+        _stop_leftover_etcd(args.state_dir / "etcd.pid", data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        etcd = LocalEtcd(data_dir, log_path=args.state_dir / "etcd.log")
+        try:
+            etcd.start()
+            assert etcd.process is not None
+            (args.state_dir / "etcd.pid").write_text(str(etcd.process.pid))
+            inventory = args.state_dir / "nodes.yaml"
+            inventory.write_text(synthetic_inventory_yaml(args.nodes, args.gpus, args.model))
+            settings = CoordinatorSettings(
+                listen=args.listen,
+                etcd_endpoints=(etcd.endpoint,),
+                default_strategy=args.strategy,
+                default_ttl_s=args.default_ttl or None,
+                inventory=inventory,
+            )
+
+            async def serve() -> None:
+                coordinator = Coordinator(settings)
+                await coordinator.run(on_ready=lambda: _print_next_steps(args, etcd, inventory))
+
+            asyncio.run(serve())
+        finally:
+            etcd.stop()
+            (args.state_dir / "etcd.pid").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One `kaiwo-gpu up` per state directory: a second one would wipe the first's etcd."""
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FailedPreconditionError(
+                f"another kaiwo-gpu up is running with state directory {lock_path.parent}; "
+                "stop it, or pass --state-dir"
+            ) from None
+        yield
+
+
+def _stop_leftover_etcd(pid_path: Path, data_dir: Path) -> None:
+    """Stops an etcd that an earlier `up` left running (it was killed before cleaning up)."""
     try:
-        inventory = args.state_dir / "nodes.yaml"
-        inventory.write_text(synthetic_inventory_yaml(args.nodes, args.gpus, args.model))
-        settings = CoordinatorSettings(
-            listen=args.listen,
-            etcd_endpoints=(etcd.endpoint,),
-            default_strategy=args.strategy,
-            default_ttl_s=args.default_ttl or None,
-            inventory=inventory,
-        )
-
-        async def serve() -> None:
-            coordinator = Coordinator(settings)
-            await coordinator.run(on_ready=lambda: _print_next_steps(args, etcd, inventory))
-
-        asyncio.run(serve())
-    finally:
-        etcd.stop()
+        pid = int(pid_path.read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if f"--data-dir={data_dir}".encode() in command:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
 
 
 def _print_next_steps(args: argparse.Namespace, etcd: LocalEtcd, inventory: Path) -> None:

@@ -3,12 +3,15 @@
     nodes:
       - name: gpu-01
         labels: {kaiwo.ai/pool: training}
+        schedulable: true                        # false cordons it (with an optional reason)
         gpus:
           - {model: MI300X, count: 8}            # UUIDs and BDFs derived from the node name
           - {uuid: GPU-1f2e, index: 8, bdf: "0000:c1:00.0", model: MI210,
              vram_mib: 65536, compute_units: 104, compute_partition: SPX}
 
-Parsing is pure and names the offending path (`nodes[0].gpus[1].vram_mib`) on error.
+Parsing is pure and names the offending path (`nodes[0].gpus[1].vram_mib`) on error. Nodes
+carry the label `kaiwo.ai/source: inventory`; a node of that source missing from the file is
+removed from etcd when a coordinator starts with it (its allocations stay until released).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from kaiwo_gpu.v1 import types_pb2
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _UUID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PARTITIONS = ("", "SPX", "DPX", "TPX", "QPX", "CPX")
-_NODE_KEYS = {"name", "labels", "gpus"}
+_NODE_KEYS = {"name", "labels", "gpus", "schedulable", "reason"}
+SOURCE_LABEL = "kaiwo.ai/source"
+"""Set to `inventory` on nodes this file registers, so they can be removed with it."""
 _GPU_KEYS = {
     "model", "count", "uuid", "index", "bdf", "vram_mib", "compute_units", "compute_partition",
 }  # fmt: skip
@@ -158,11 +163,20 @@ def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.Node
             if gpu.uuid in uuids:
                 raise InvalidArgumentError(f"{where}.gpus", gpu.uuid, "UUIDs unique in the cluster")
             uuids.add(gpu.uuid)
+        schedulable = entry.get("schedulable", True)
+        if not isinstance(schedulable, bool):
+            raise InvalidArgumentError(f"{where}.schedulable", schedulable, "true or false")
+        reason = entry.get("reason", "" if schedulable else "cordoned in the inventory")
+        if not isinstance(reason, str) or len(reason) > 256:
+            raise InvalidArgumentError(f"{where}.reason", reason, "a string of up to 256 chars")
+        if SOURCE_LABEL in labels:
+            raise InvalidArgumentError(f"{where}.labels", SOURCE_LABEL, "a label not reserved")
         nodes.append(
             types_pb2.NodeStatus(
                 name=name,
-                labels=labels,
-                schedulable=True,
+                labels={**labels, SOURCE_LABEL: "inventory"},
+                schedulable=schedulable,
+                unschedulable_reason="" if schedulable else reason,
                 gpus=[
                     types_pb2.GpuStatus(inventory=gpu, health=types_pb2.HEALTH_HEALTHY)
                     for gpu in gpus

@@ -8,6 +8,7 @@ which stops gracefully on SIGTERM or SIGINT (health goes NOT_SERVING, in-flight 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable
 
@@ -59,6 +60,9 @@ class Coordinator:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # gRPC shares ports by default: a second coordinator on the same address
+                # would start "fine" and take half the traffic. Refuse instead.
+                ("grpc.so_reuseport", 0),
             ]
         )
         allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
@@ -81,10 +85,10 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.startup_wait_s
         delay = 0.1
+        nodes = load_inventory(self.settings.inventory) if self.settings.inventory else None
         while True:
             try:
-                if self.settings.inventory is not None:
-                    nodes = load_inventory(self.settings.inventory)
+                if nodes is not None:
                     await register_nodes(self.store, self.layout, nodes)
                 await self.view.start()
                 return
@@ -109,16 +113,24 @@ class Coordinator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def start(self) -> int:
-        """Connects to etcd, loads the view and starts serving; returns the bound port."""
-        await self._connect()
-        self.view.on_connected_change = self._report_etcd
-        self.allocator.start()
+    def _bind(self) -> None:
+        """Takes the listen address first, so a taken port fails before etcd is touched."""
         try:
             self.port = self.server.add_insecure_port(self.settings.listen)
         except RuntimeError as error:
-            await self.stop()
-            raise UnavailableError(f"cannot listen on {self.settings.listen}: {error}") from None
+            self.port = 0
+            detail = str(error)
+        else:
+            detail = "the address is taken or invalid"
+        if not self.port:
+            raise UnavailableError(f"cannot listen on {self.settings.listen}: {detail}")
+
+    async def start(self) -> int:
+        """Binds, connects to etcd, loads the view and starts serving; returns the port."""
+        self._bind()
+        await self._connect()
+        self.view.on_connected_change = self._report_etcd
+        self.allocator.start()
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -147,9 +159,24 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
-        await self.start()
+        starting = asyncio.create_task(self.start())
+        signalled = asyncio.create_task(stopping.wait())
+        await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal while waiting for etcd: stop at once
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            signalled.cancel()
+            log.info("coordinator stopped before it was serving")
+            await self.stop()
+            return
+        if starting.exception() is not None:
+            signalled.cancel()
+            with contextlib.suppress(Exception):
+                await self.stop()
+            starting.result()  # raises what start raised
         if on_ready is not None:
             on_ready()
-        await stopping.wait()
+        await signalled
         log.info("coordinator stopping", grace_s=self.settings.shutdown_grace_s)
         await self.stop()
