@@ -296,3 +296,15 @@ async def test_the_inventory_cordons_and_removes_its_own_nodes_only(
     assert not node_a.schedulable
     assert node_a.unschedulable_reason == "drained for repair"
     await store.close()
+
+
+async def test_reads_a_prefix_in_pages(etcd: LocalEtcd, prefix: str) -> None:
+    store = EtcdStore([etcd.endpoint])
+    layout = KeyLayout(prefix)
+    keys = [layout.request(f"r-{i:03d}") for i in range(25)]
+    await store.commit(Txn(puts=tuple(Put(key, b"x") for key in keys)))
+    revision, kvs = await store.read_prefix(layout.all_keys, page_size=4)
+    assert [kv.key for kv in kvs] == keys
+    await store.commit(Txn(deletes=tuple(keys)))
+    assert revision < await store.revision()
+    await store.close()

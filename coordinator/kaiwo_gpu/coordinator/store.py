@@ -120,16 +120,26 @@ class EtcdStore:
         # CANCELLED, UNKNOWN, INTERNAL...: the call may or may not have taken effect.
         return UnavailableError(f"etcd at {self.target} failed ({code.name}): {detail}")
 
-    async def read_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
-        """Every key under `prefix` at one revision, and that revision."""
+    async def read_prefix(self, prefix: bytes, page_size: int = 5000) -> tuple[int, list[KeyValue]]:
+        """Every key under `prefix` at one revision, and that revision.
+
+        Read in pages, all at the first page's revision, so a large cluster never meets
+        the message size limit and the result is still one consistent snapshot.
+        """
         await self.connect()
-        response = await self._call(
-            self._client.kvstub.Range,
-            rpc.RangeRequest(key=prefix, range_end=aetcd.utils.prefix_range_end(prefix)),
-        )
-        return response.header.revision, [
-            KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in response.kvs
-        ]
+        end = aetcd.utils.prefix_range_end(prefix)
+        start, revision = prefix, 0
+        kvs: list[KeyValue] = []
+        while True:
+            response = await self._call(
+                self._client.kvstub.Range,
+                rpc.RangeRequest(key=start, range_end=end, limit=page_size, revision=revision),
+            )
+            revision = revision or int(response.header.revision)
+            kvs += [KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in response.kvs]
+            if not response.more or not response.kvs:
+                return revision, kvs
+            start = response.kvs[-1].key + b"\0"
 
     async def get(self, key: bytes) -> KeyValue | None:
         return (await self.read(key))[1]
