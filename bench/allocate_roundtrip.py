@@ -13,7 +13,9 @@ subprocess (JSON logs to a temp file) on a synthetic inventory sized so it never
    `ttl_seconds` 60, which costs the coordinator an extra lease grant.
 4. throughput: 32 concurrent clients (one channel each) Allocate without releasing until a
    fixed count is done (or the time limit passes); allocations/s, and how many etcd
-   revisions (commits) the coordinator used. For reference, the bare txn with 32 commits
+   revisions (commits) the coordinator used. The allocations are then released (untimed)
+   and the same runs with `ttl_seconds` 60 (a lease grant per allocation, granted
+   concurrently per batch). For reference, the bare txn with 32 commits
    in flight from this process (one GPU key per worker, so none conflicts).
 
 Then the ratios to the targets: Allocate p50 <= 1.5 x bare txn p50, Allocate p99 <= 2.0 x
@@ -437,8 +439,14 @@ async def allocate_throughput(
     name: str,
     count: int,
     deadline: float,
+    *,
+    ttl_s: int = 0,
+    made: list[str] | None = None,
 ) -> Throughput:
-    """Every client allocates (no release) until `count` are issued or the deadline passes."""
+    """Every client allocates (no release) until `count` are issued or the deadline passes.
+
+    The ids of what was allocated are appended to `made`, for releasing afterwards.
+    """
     counter = Counter(count, deadline)
     latencies: list[int] = []
 
@@ -446,11 +454,15 @@ async def allocate_throughput(
         while (i := counter.take()) is not None:
             start = time.perf_counter_ns()
             try:
-                await api.Allocate(allocate_request(f"{name}-{i:06d}", 0), timeout=CALL_TIMEOUT_S)
+                reply = await api.Allocate(
+                    allocate_request(f"{name}-{i:06d}", ttl_s), timeout=CALL_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as error:
                 counter.failures.append(f"{error.code().name}: {error.details()}")
                 continue
             latencies.append(time.perf_counter_ns() - start)
+            if made is not None:
+                made.append(reply.allocation.id)
 
     before = await store.revision()
     started = time.perf_counter()
@@ -462,6 +474,21 @@ async def allocate_throughput(
     return Throughput(
         len(latencies), len(counter.failures), seconds, revisions, Stats.of(latencies)
     )
+
+
+async def release_all(
+    apis: Sequence[AllocationServiceAsyncStub], allocation_ids: list[str], deadline: float
+) -> None:
+    """Untimed: frees the cluster between throughput phases, so both see the same size."""
+    pending = list(allocation_ids)
+
+    async def client(api: AllocationServiceAsyncStub) -> None:
+        while pending and time.monotonic() < deadline:
+            request = allocation_pb2.ReleaseRequest(allocation_id=pending.pop())
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await api.Release(request, timeout=CALL_TIMEOUT_S)
+
+    await asyncio.gather(*(client(api) for api in apis))
 
 
 # --- report -----------------------------------------------------------------------------
@@ -579,6 +606,7 @@ class Results:
     leased: Stats
     record_bytes: int
     concurrent: Throughput
+    leased_concurrent: Throughput
     bare_concurrent: Throughput
 
 
@@ -631,9 +659,20 @@ async def measure(
 
     await allocate_throughput(apis, store, "warm-par", len(apis) * 2, deadline())
     mark = meter.mark()
-    concurrent = await allocate_throughput(apis, store, "par", options.allocations, deadline())
+    made: list[str] = []
+    concurrent = await allocate_throughput(
+        apis, store, "par", options.allocations, deadline(), made=made
+    )
     meter.record(mark, f"Allocate x{len(apis)} clients", concurrent.done)
     print(f"Allocate x{len(apis)}: {concurrent.per_s:.0f}/s", flush=True)
+    await release_all(apis, made, deadline())
+
+    mark = meter.mark()
+    leased_concurrent = await allocate_throughput(
+        apis, store, "par-ttl", options.allocations, deadline(), ttl_s=TTL_S
+    )
+    meter.record(mark, f"Allocate x{len(apis)}, ttl {TTL_S}s", leased_concurrent.done)
+    print(f"Allocate x{len(apis)}, ttl {TTL_S}s: {leased_concurrent.per_s:.0f}/s", flush=True)
 
     mark = meter.mark()
     bare_concurrent = await bare_throughput(bare, options.allocations, len(apis), deadline())
@@ -646,6 +685,7 @@ async def measure(
         leased=rows[1][0],
         record_bytes=rows[0][1],
         concurrent=concurrent,
+        leased_concurrent=leased_concurrent,
         bare_concurrent=bare_concurrent,
     )
 
@@ -674,6 +714,7 @@ def report(options: Options, results: Results, meter: CpuMeter) -> None:
     print_throughputs(
         [
             (f"Allocate x{clients} clients", results.concurrent),
+            (f"Allocate x{clients}, ttl {TTL_S}s", results.leased_concurrent),
             (f"bare etcd txn x{clients} in flight", results.bare_concurrent),
         ]
     )
@@ -688,8 +729,8 @@ def report(options: Options, results: Results, meter: CpuMeter) -> None:
 
 
 async def run(options: Options, workdir: Path) -> int:
-    # Sized so the throughput phases (which never release) cannot fill the cluster; the
-    # sequential phases release every allocation they make.
+    # Sized so a throughput phase (which releases only when it is over) cannot fill the
+    # cluster; the sequential phases release every allocation they make.
     needed = options.allocations + 2 * options.clients
     nodes = max(options.nodes, math.ceil(needed / (GPUS_PER_NODE * PER_GPU)) + 1)
     inventory = workdir / "nodes.yaml"
