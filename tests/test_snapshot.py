@@ -44,6 +44,38 @@ def test_incremental_snapshots_equal_rebuilt_ones(
         assert same(snapshot, ClusterSnapshot.build(nodes, snapshot.allocations.values()))
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), operations)
+def test_batched_changes_equal_one_by_one_changes(
+    nodes: list[Node], ops: list[AllocationRequest | int]
+) -> None:
+    """`with_changes` (the view's path) lands where with/without_allocation do."""
+    one_by_one = ClusterSnapshot.build(nodes)
+    batched = one_by_one
+    upserts: list[PlacedAllocation] = []
+    removals: list[str] = []
+    for step, op in enumerate(ops):
+        if isinstance(op, int):
+            if not one_by_one.allocations:
+                continue
+            victim = sorted(one_by_one.allocations)[op % len(one_by_one.allocations)]
+            one_by_one = one_by_one.without_allocation(victim)
+            upserts = [a for a in upserts if a.allocation_id != victim]
+            removals.append(victim)
+        else:
+            decision = place(op, one_by_one, strategies=STRATEGIES)
+            if isinstance(decision, NoFit):
+                continue
+            placed = decision.as_allocation(f"a{step}")
+            one_by_one = one_by_one.with_allocation(placed)
+            upserts.append(placed)
+        if step % 3 == 2:  # flush every few steps, as watch responses arrive
+            batched = batched.with_changes(upserts, removals)
+            upserts, removals = [], []
+    batched = batched.with_changes(upserts, removals)
+    assert same(batched, one_by_one)
+
+
 def _gpu(node: str, index: int) -> Gpu:
     return Gpu(f"{node}-{index}", node, index, "0000:01:00.0", "MI300X", 1000, 10)
 

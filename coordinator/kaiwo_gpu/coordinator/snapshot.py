@@ -201,6 +201,50 @@ class ClusterSnapshot:
             changed_usage[pos] = usage
         return self._derive(allocations, changed_usage, changed_holders)
 
+    def with_changes(
+        self, upserts: Iterable[PlacedAllocation], removals: Iterable[str]
+    ) -> ClusterSnapshot:
+        """The snapshot after many commits at once: one derivation for all of them.
+
+        The view applies a watch response's allocations this way, so the per-snapshot
+        copying is paid once per batch, not once per allocation.
+        """
+        allocations = self.allocations.copy()
+        replaced: set[str] = set()
+        touched: set[int] = set()
+        for allocation_id in (*removals, *(a.allocation_id for a in upserts)):
+            old = allocations.pop(allocation_id, None)
+            if old is not None:
+                replaced.add(allocation_id)
+                touched.update(self._positions(old))
+        fresh = {a.allocation_id: a for a in upserts}
+        allocations.update(fresh)
+        for allocation in fresh.values():
+            touched.update(self._positions(allocation))
+        changed_usage: dict[int, GpuUsage] = {}
+        changed_holders: dict[int, tuple[str, ...]] = {}
+        for pos in touched:
+            uuid = self.gpus[pos].uuid
+            kept = [h for h in self.holders[pos] if h not in replaced]
+            added = [a.allocation_id for a in fresh.values() if pos in self._positions(a)]
+            holders = (*kept, *added)
+            usage = GpuUsage()
+            for holder_id in holders:
+                holder = allocations[holder_id]
+                for share in holder.shares:
+                    if share.gpu_uuid == uuid:
+                        usage = usage.plus(share, holder.blocks_sharing)
+            changed_usage[pos] = usage
+            changed_holders[pos] = holders
+        return self._derive(allocations, changed_usage, changed_holders)
+
+    def _positions(self, allocation: PlacedAllocation) -> set[int]:
+        return {
+            pos
+            for share in allocation.shares
+            if (pos := self.position.get(share.gpu_uuid)) is not None
+        }
+
     def free_millis(self, pos: int) -> int:
         return MILLIS_PER_GPU - self.usage[pos].allocated_millis
 

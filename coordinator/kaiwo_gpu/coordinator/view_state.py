@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from kaiwo_gpu.coordinator.changes import Change, KeyValue
-from kaiwo_gpu.coordinator.cluster import Node
+from kaiwo_gpu.coordinator.cluster import Node, PlacedAllocation
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.records import node_from_record, placed_from_record
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
@@ -34,6 +34,7 @@ class ViewState:
         self.nodes: dict[str, types_pb2.NodeStatus] = {}
         self.node_revisions: dict[str, int] = {}
         self.allocations: dict[str, types_pb2.Allocation] = {}
+        self._placed: dict[str, PlacedAllocation] = {}  # what each record holds
         self.allocation_revisions: dict[str, int] = {}
         self.allocation_by_request: dict[str, str] = {}
         self.released_requests: dict[str, str] = {}
@@ -43,6 +44,7 @@ class ViewState:
         self.unreadable_allocations: set[str] = set()
         self.excluded_nodes: set[str] = set()
         self._snapshot: ClusterSnapshot | None = None
+        self._unsnapped: set[str] = set()  # allocation ids changed since `_snapshot`
 
     @classmethod
     def load(cls, layout: KeyLayout, revision: int, kvs: Iterable[KeyValue]) -> ViewState:
@@ -111,12 +113,12 @@ class ViewState:
     def _forget_allocation(self, allocation_id: str) -> types_pb2.Allocation | None:
         self.unreadable_allocations.discard(allocation_id)
         previous = self.allocations.pop(allocation_id, None)
+        self._placed.pop(allocation_id, None)
         self.allocation_revisions.pop(allocation_id, None)
         if previous is not None:
             if self.allocation_by_request.get(previous.request_id) == allocation_id:
                 del self.allocation_by_request[previous.request_id]
-            if self._snapshot is not None:
-                self._snapshot = self._snapshot.without_allocation(allocation_id)
+            self._unsnapped.add(allocation_id)
         return previous
 
     def _apply_allocation(self, allocation_id: str, change: Change) -> AllocationEvent | None:
@@ -144,11 +146,10 @@ class ViewState:
         ):
             del self.allocation_by_request[previous.request_id]
         self.allocations[allocation_id] = record
+        self._placed[allocation_id] = placed
         self.allocation_revisions[allocation_id] = change.revision
         self.allocation_by_request[record.request_id] = allocation_id
-        # A renewal rewrites the record with the same placement: the snapshot stands.
-        if self._snapshot is not None and self._snapshot.allocations.get(allocation_id) != placed:
-            self._snapshot = self._snapshot.with_allocation(placed)
+        self._unsnapped.add(allocation_id)
         if previous is not None:
             return None
         return AllocationEvent(
@@ -190,10 +191,26 @@ class ViewState:
         return nodes
 
     def snapshot(self) -> ClusterSnapshot:
-        """The engine's view; rebuilt after node changes, derived incrementally otherwise."""
+        """The engine's view: rebuilt after node changes, else derived from the last one.
+
+        Allocation changes since the last snapshot are applied in one step; a renewal
+        (same placement, new expiry) changes nothing.
+        """
         if self._snapshot is None:
-            self._snapshot = ClusterSnapshot.build(
-                self._placeable_nodes(),
-                (placed_from_record(record) for record in self.allocations.values()),
-            )
+            self._unsnapped.clear()
+            self._snapshot = ClusterSnapshot.build(self._placeable_nodes(), self._placed.values())
+        elif self._unsnapped:
+            current = self._snapshot.allocations
+            upserts = []
+            removals = []
+            for allocation_id in self._unsnapped:
+                placed = self._placed.get(allocation_id)
+                if placed is None:
+                    if allocation_id in current:
+                        removals.append(allocation_id)
+                elif current.get(allocation_id) != placed:
+                    upserts.append(placed)
+            self._unsnapped.clear()
+            if upserts or removals:
+                self._snapshot = self._snapshot.with_changes(upserts, removals)
         return self._snapshot
