@@ -43,6 +43,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["coordinator", "--listen", "127.0.0.1:99999"],
         ["coordinator", "--listen", "nowhere"],
         ["coordinator", "--etcd", "etcd-a:2379,etcd-b:2379"],
+        ["coordinator", "--etcd", "https://etcd:2379"],
         ["coordinator", "--prefix", "no-slashes"],
         ["coordinator", "--default-ttl", "99999h"],
         ["up", "--nodes", "0"],
@@ -225,3 +226,44 @@ def test_a_second_up_on_the_same_state_directory_is_refused(tmp_path: Path) -> N
     assert done.returncode == 1
     assert "another kaiwo-gpu up is running" in done.stderr
     assert not (tmp_path / "etcd").exists()
+
+
+async def test_up_stops_an_etcd_a_killed_up_left_behind(tmp_path: Path) -> None:
+    """Found by its pid file, even when the state directory is given as a relative path."""
+    state = tmp_path / "state"
+    state.mkdir()
+    leftover = LocalEtcd(state / "etcd", pid_path=state / "etcd.pid")
+    leftover.start()
+    assert leftover.process is not None
+    up = subprocess.Popen(
+        [
+            *KAIWO_GPU,
+            "up",
+            "--nodes=1",
+            "--gpus=1",
+            "--state-dir=state",
+            f"--listen=127.0.0.1:{free_port()}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "kaiwo-gpu is up" not in seen and time.monotonic() < deadline:
+            seen += await asyncio.to_thread(up.stdout.readline)
+        assert "kaiwo-gpu is up" in seen, seen
+        assert leftover.process.wait(10) is not None, "the leftover etcd must be stopped"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(20) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+        leftover.stop(kill=True)

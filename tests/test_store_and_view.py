@@ -33,6 +33,7 @@ def test_key_layout_round_trips_and_rejects_foreign_keys() -> None:
     assert layout.parse(layout.request("slurm/123")) == (KeyKind.REQUEST, "slurm/123")
     assert layout.parse(layout.gpu("GPU-1")) == (KeyKind.GPU, "GPU-1")
     assert layout.parse(b"/k/v1/other/x") is None
+    assert layout.parse(b"/k/v1/nodes/nested/nodes/n") is None  # a prefix inside ours
     assert layout.parse(b"/elsewhere/nodes/x") is None
     for bad in ("k/v1/", "/k/v1", "/k//v1/", "/k v/"):
         with pytest.raises(InvalidArgumentError, match="prefix"):
@@ -284,6 +285,14 @@ async def test_the_inventory_cordons_and_removes_its_own_nodes_only(
     )
     assert await register_nodes(store, layout, parse_inventory(INVENTORY)) == (2, 0)
     assert await register_nodes(store, layout, parse_inventory(INVENTORY)) == (0, 0)
+    # A nested prefix is another cluster: registering there leaves these nodes alone...
+    nested = KeyLayout(f"{prefix}nodes/other/")
+    assert await register_nodes(store, nested, parse_inventory(INVENTORY)) == (2, 0)
+    # ...and a file naming an agent's node does not overwrite it.
+    clash = parse_inventory(
+        INVENTORY + "  - {name: from-an-agent, gpus: [{model: MI210, count: 1}]}\n"
+    )
+    assert await register_nodes(store, layout, clash) == (0, 0)
     smaller = parse_inventory(
         "nodes:\n"
         "  - {name: node-a, schedulable: false, reason: drained for repair,"
@@ -292,6 +301,8 @@ async def test_the_inventory_cordons_and_removes_its_own_nodes_only(
     assert await register_nodes(store, layout, smaller) == (1, 1)
     state = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
     assert set(state.nodes) == {"node-a", "from-an-agent"}
+    assert not state.nodes["from-an-agent"].gpus
+    assert len((await store.read_prefix(nested.node("")))[1]) == 2
     node_a = state.snapshot().nodes["node-a"]
     assert not node_a.schedulable
     assert node_a.unschedulable_reason == "drained for repair"
@@ -308,3 +319,14 @@ async def test_reads_a_prefix_in_pages(etcd: LocalEtcd, prefix: str) -> None:
     await store.commit(Txn(deletes=tuple(keys)))
     assert revision < await store.revision()
     await store.close()
+
+
+def test_a_record_under_another_allocations_key_is_unreadable() -> None:
+    layout = KeyLayout("/k/v1/")
+    state = ViewState(layout)
+    record = types_pb2.Allocation(id="x", request_id="r-x")
+    state.apply(2, [Change(layout.allocation("a1"), record.SerializeToString(), 2)])
+    assert state.unreadable_allocations == {"a1"}
+    assert state.blocked_reason is not None
+    state.apply(3, [Change(layout.allocation("a1"), None, 3)])
+    assert state.blocked_reason is None

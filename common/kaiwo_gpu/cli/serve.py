@@ -53,6 +53,8 @@ def _duration(text: str) -> int:
 
 
 def _address(text: str) -> str:
+    if text.startswith("unix:") and len(text) > len("unix:"):
+        return text  # a Unix socket path, as gRPC spells it
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not host:port, e.g. 127.0.0.1:50051")
@@ -221,17 +223,16 @@ def add_up_parser(commands: Subcommands) -> None:
 
 def run_up(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
-    args.state_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(args.state_dir / "up.lock"):
-        data_dir = args.state_dir / "etcd"
-        _stop_leftover_etcd(args.state_dir / "etcd.pid", data_dir)
+    state_dir: Path = args.state_dir.resolve()  # the leftover check compares full paths
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(state_dir / "up.lock"):
+        data_dir = state_dir / "etcd"
+        _stop_leftover_etcd(state_dir / "etcd.pid", data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
-        etcd = LocalEtcd(data_dir, log_path=args.state_dir / "etcd.log")
+        etcd = LocalEtcd(data_dir, log_path=state_dir / "etcd.log", pid_path=state_dir / "etcd.pid")
         try:
             etcd.start()
-            assert etcd.process is not None
-            (args.state_dir / "etcd.pid").write_text(str(etcd.process.pid))
-            inventory = args.state_dir / "nodes.yaml"
+            inventory = state_dir / "nodes.yaml"
             inventory.write_text(synthetic_inventory_yaml(args.nodes, args.gpus, args.model))
             settings = CoordinatorSettings(
                 listen=args.listen,
@@ -248,7 +249,6 @@ def run_up(args: argparse.Namespace) -> None:
             asyncio.run(serve())
         finally:
             etcd.stop()
-            (args.state_dir / "etcd.pid").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

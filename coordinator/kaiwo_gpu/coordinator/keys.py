@@ -66,6 +66,9 @@ class KeyLayout:
         if not name:
             return None
         try:
-            return KeyKind(kind_name), name
+            kind = KeyKind(kind_name)
         except ValueError:
             return None
+        if "/" in name and kind is not KeyKind.REQUEST:
+            return None  # another prefix nested inside ours (request ids may hold "/")
+        return kind, name

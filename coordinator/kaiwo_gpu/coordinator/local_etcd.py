@@ -51,9 +51,15 @@ class LocalEtcd:
     """Start, stop (gently or with SIGKILL) and restart on the same ports and data."""
 
     def __init__(
-        self, data_dir: Path, *, host: str = "127.0.0.1", log_path: Path | None = None
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        pid_path: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.pid_path = pid_path
         self.host = host
         self.client_port = free_port(host)
         self.peer_port = free_port(host)
@@ -92,6 +98,8 @@ class LocalEtcd:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        if self.pid_path is not None:  # at once, so a killed parent's etcd can be found
+            self.pid_path.write_text(str(self.process.pid))
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -120,6 +128,8 @@ class LocalEtcd:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.pid_path is not None:
+            self.pid_path.unlink(missing_ok=True)
 
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)

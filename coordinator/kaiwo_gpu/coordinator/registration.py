@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import structlog
 from google.protobuf.message import DecodeError
 
-from kaiwo_gpu.coordinator.changes import Put, Txn
-from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS
+from kaiwo_gpu.common.errors import ConflictError
+from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
 from kaiwo_gpu.coordinator.inventory import SOURCE_LABEL
-from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import types_pb2
+
+log = structlog.get_logger(__name__)
+MAX_ATTEMPTS = 3
 
 
 async def register_nodes(
@@ -25,23 +29,56 @@ async def register_nodes(
     """Makes etcd hold exactly the inventory's nodes: (written, removed).
 
     Unchanged records are left alone; nodes an inventory registered earlier and the file no
-    longer lists are deleted. Nodes of any other source (agents) are never touched.
+    longer lists are deleted. A node registered by anyone else (an agent) is never touched,
+    not even when the file names it. Every write requires the record it read to be
+    unchanged, so a concurrent writer is never overwritten; on a clash it reads again.
     """
+    for _ in range(MAX_ATTEMPTS - 1):
+        outcome = await _register_once(store, layout, nodes)
+        if outcome is not None:
+            return outcome
+    outcome = await _register_once(store, layout, nodes)
+    if outcome is None:
+        raise ConflictError("node records kept changing while the inventory was written")
+    return outcome
+
+
+async def _register_once(
+    store: EtcdStore, layout: KeyLayout, nodes: Sequence[types_pb2.NodeStatus]
+) -> tuple[int, int] | None:
     _, existing = await store.read_prefix(layout.node(""))
-    current = {kv.key: kv.value for kv in existing}
-    wanted = {layout.node(node.name): node.SerializeToString(deterministic=True) for node in nodes}
-    puts = [Put(key, value) for key, value in wanted.items() if current.get(key) != value]
-    deletes = [
-        key for key, value in current.items() if key not in wanted and _from_inventory(value)
+    current: dict[str, KeyValue] = {}
+    for found in existing:
+        parsed = layout.parse(found.key)
+        if parsed is not None and parsed[0] is KeyKind.NODE:
+            current[parsed[1]] = found
+    wanted = {node.name: node.SerializeToString(deterministic=True) for node in nodes}
+    changes: list[Txn] = []
+    for name, value in wanted.items():
+        kv = current.get(name)
+        if kv is not None and not _from_inventory(kv.value):
+            log.warning("node is registered by someone else; inventory entry ignored", node=name)
+        elif kv is None or kv.value != value:
+            revision = kv.mod_revision if kv is not None else 0
+            changes.append(
+                Txn(
+                    expect_mod_revision=((layout.node(name), revision),),
+                    puts=(Put(layout.node(name), value),),
+                )
+            )
+    removed = [
+        Txn(expect_mod_revision=((kv.key, kv.mod_revision),), deletes=(kv.key,))
+        for name, kv in current.items()
+        if name not in wanted and _from_inventory(kv.value)
     ]
-    for start in range(0, len(puts), MAX_TXN_OPS):
-        await store.commit(Txn(puts=tuple(puts[start : start + MAX_TXN_OPS])))
-    for start in range(0, len(deletes), MAX_TXN_OPS):
-        await store.commit(Txn(deletes=tuple(deletes[start : start + MAX_TXN_OPS])))
-    return len(puts), len(deletes)
+    results = [await store.commit(txn) for txn in (*changes, *removed)]
+    if not all(result.succeeded for result in results):
+        return None
+    return len(changes), len(removed)
 
 
 def _from_inventory(value: bytes) -> bool:
+    """Only records an inventory wrote carry its label; unreadable ones are left alone."""
     record = types_pb2.NodeStatus()
     try:
         record.ParseFromString(value)

@@ -209,6 +209,7 @@ class ClusterSnapshot:
         The view applies a watch response's allocations this way, so the per-snapshot
         copying is paid once per batch, not once per allocation.
         """
+        upserts = tuple(upserts)
         allocations = self.allocations.copy()
         replaced: set[str] = set()
         touched: set[int] = set()
@@ -219,15 +220,17 @@ class ClusterSnapshot:
                 touched.update(self._positions(old))
         fresh = {a.allocation_id: a for a in upserts}
         allocations.update(fresh)
+        added: dict[int, list[str]] = {}
         for allocation in fresh.values():
-            touched.update(self._positions(allocation))
+            for pos in self._positions(allocation):
+                added.setdefault(pos, []).append(allocation.allocation_id)
+        touched.update(added)
         changed_usage: dict[int, GpuUsage] = {}
         changed_holders: dict[int, tuple[str, ...]] = {}
         for pos in touched:
             uuid = self.gpus[pos].uuid
             kept = [h for h in self.holders[pos] if h not in replaced]
-            added = [a.allocation_id for a in fresh.values() if pos in self._positions(a)]
-            holders = (*kept, *added)
+            holders = (*kept, *added.get(pos, ()))
             usage = GpuUsage()
             for holder_id in holders:
                 holder = allocations[holder_id]

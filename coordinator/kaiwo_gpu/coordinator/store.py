@@ -38,6 +38,10 @@ _CHANNEL_OPTIONS = {
 _HAS_LEADER = (("hasleader", "true"),)
 
 
+class _PageCompacted(UnavailableError):
+    """The revision a paged read pinned was compacted between pages."""
+
+
 class CompactedError(Exception):
     """The watch asked for history etcd has already compacted; re-list and start over."""
 
@@ -55,6 +59,10 @@ def parse_endpoints(endpoints: Sequence[str]) -> tuple[str, int, str]:
     parsed: list[tuple[str, int]] = []
     for endpoint in endpoints:
         text = endpoint.removeprefix("http://")
+        if "://" in text:
+            raise InvalidArgumentError(
+                "etcd endpoint", endpoint, "host:port or http://host:port (TLS to etcd comes later)"
+            )
         host, sep, port_text = text.rpartition(":")
         if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise InvalidArgumentError("etcd endpoint", endpoint, "host:port, e.g. 127.0.0.1:2379")
@@ -115,6 +123,8 @@ class EtcdStore:
                 f"etcd at {self.target} is out of space ({detail}); compact and defragment it "
                 "and disarm the NOSPACE alarm"
             )
+        if code is StatusCode.OUT_OF_RANGE:
+            return _PageCompacted(f"etcd at {self.target}: {detail}")
         if code in _UNREACHABLE:
             return _unavailable(error, self.target)
         # CANCELLED, UNKNOWN, INTERNAL...: the call may or may not have taken effect.
@@ -127,6 +137,12 @@ class EtcdStore:
         the message size limit and the result is still one consistent snapshot.
         """
         await self.connect()
+        for _ in range(3):  # history compacted between pages: start again, at once
+            with contextlib.suppress(_PageCompacted):
+                return await self._read_pages(prefix, page_size)
+        return await self._read_pages(prefix, page_size)
+
+    async def _read_pages(self, prefix: bytes, page_size: int) -> tuple[int, list[KeyValue]]:
         end = aetcd.utils.prefix_range_end(prefix)
         start, revision = prefix, 0
         kvs: list[KeyValue] = []

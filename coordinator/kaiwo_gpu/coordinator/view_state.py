@@ -132,6 +132,8 @@ class ViewState:
         record = types_pb2.Allocation()
         try:
             record.ParseFromString(change.value)
+            if record.id != allocation_id:
+                raise ValueError(f"record {record.id!r} stored under {allocation_id!r}")
             placed = placed_from_record(record)
         except Exception:  # any record we cannot account for blocks placement
             self._forget_allocation(allocation_id)
