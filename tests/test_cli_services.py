@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -170,15 +172,28 @@ async def test_environment_configures_and_sigterm_stops_gracefully(
 
 async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
+    args = ["--nodes=2", "--gpus=2", f"--listen={listen}", f"--state-dir={tmp_path}"]
+    async with _up(args, tmp_path) as (up, banner):
+        async with grpc.aio.insecure_channel(listen) as channel:
+            api = allocation_pb2_grpc.AllocationServiceStub(channel)
+            stats = await api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+            assert (stats.node_count, stats.gpu_count) == (2, 4)
+            placed = await api.Allocate(request("up-1", fraction_millis=500))
+            assert placed.allocation.environment["ROCR_VISIBLE_DEVICES"] in {"0", "1"}
+        up.send_signal(signal.SIGINT)
+        assert up.wait(20) == 0
+    etcd_endpoint = banner.split("etcd on ", 1)[1].split(",", 1)[0]
+    host, port = etcd_endpoint.rsplit(":", 1)
+    assert not _accepts_connections(host, int(port)), "etcd must stop with kaiwo-gpu up"
+    assert not (tmp_path / "etcd.pid").exists()
+
+
+@contextlib.asynccontextmanager
+async def _up(args: list[str], cwd: Path) -> AsyncIterator[tuple[subprocess.Popen[str], str]]:
+    """`kaiwo-gpu up` running until its banner is printed; killed on the way out if needed."""
     up = subprocess.Popen(
-        [
-            *KAIWO_GPU,
-            "up",
-            "--nodes=2",
-            "--gpus=2",
-            f"--listen={listen}",
-            f"--state-dir={tmp_path}",
-        ],
+        [*KAIWO_GPU, "up", *args],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -191,18 +206,7 @@ async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) 
         while "kaiwo-gpu is up" not in seen and time.monotonic() < deadline:
             seen += await asyncio.to_thread(up.stdout.readline)
         assert "kaiwo-gpu is up" in seen, seen
-        async with grpc.aio.insecure_channel(listen) as channel:
-            api = allocation_pb2_grpc.AllocationServiceStub(channel)
-            stats = await api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
-            assert (stats.node_count, stats.gpu_count) == (2, 4)
-            placed = await api.Allocate(request("up-1", fraction_millis=500))
-            assert placed.allocation.environment["ROCR_VISIBLE_DEVICES"] in {"0", "1"}
-        up.send_signal(signal.SIGINT)
-        assert up.wait(20) == 0
-        etcd_endpoint = seen.split("etcd on ", 1)[1].split(",", 1)[0]
-        host, port = etcd_endpoint.rsplit(":", 1)
-        assert not _accepts_connections(host, int(port)), "etcd must stop with kaiwo-gpu up"
-        assert not (tmp_path / "etcd.pid").exists()
+        yield up, seen
     finally:
         if up.poll() is None:
             up.kill()
@@ -235,35 +239,11 @@ async def test_up_stops_an_etcd_a_killed_up_left_behind(tmp_path: Path) -> None:
     leftover = LocalEtcd(state / "etcd", pid_path=state / "etcd.pid")
     leftover.start()
     assert leftover.process is not None
-    up = subprocess.Popen(
-        [
-            *KAIWO_GPU,
-            "up",
-            "--nodes=1",
-            "--gpus=1",
-            "--state-dir=state",
-            f"--listen=127.0.0.1:{free_port()}",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    args = ["--nodes=1", "--gpus=1", "--state-dir=state", f"--listen=127.0.0.1:{free_port()}"]
     try:
-        assert up.stdout is not None
-        deadline = time.monotonic() + 30
-        seen = ""
-        while "kaiwo-gpu is up" not in seen and time.monotonic() < deadline:
-            seen += await asyncio.to_thread(up.stdout.readline)
-        assert "kaiwo-gpu is up" in seen, seen
-        assert leftover.process.wait(10) is not None, "the leftover etcd must be stopped"
-        up.send_signal(signal.SIGINT)
-        assert up.wait(20) == 0
+        async with _up(args, tmp_path) as (up, _):
+            assert leftover.process.wait(10) is not None, "the leftover etcd must be stopped"
+            up.send_signal(signal.SIGINT)
+            assert up.wait(20) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
         leftover.stop(kill=True)
