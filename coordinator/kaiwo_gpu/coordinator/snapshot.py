@@ -158,56 +158,22 @@ class ClusterSnapshot:
 
     def with_allocation(self, allocation: PlacedAllocation) -> ClusterSnapshot:
         """The snapshot after `allocation` was committed (replacing one with the same id)."""
-        base = self
-        if allocation.allocation_id in self.allocations:
-            base = self.without_allocation(allocation.allocation_id)
-        allocations = base.allocations.copy()
-        allocations[allocation.allocation_id] = allocation
-        changed_usage: dict[int, GpuUsage] = {}
-        changed_holders: dict[int, tuple[str, ...]] = {}
-        for share in allocation.shares:
-            pos = base.position.get(share.gpu_uuid)
-            if pos is None:
-                continue
-            current = changed_usage.get(pos, base.usage[pos])
-            changed_usage[pos] = current.plus(share, allocation.blocks_sharing)
-            changed_holders[pos] = (
-                *changed_holders.get(pos, base.holders[pos]),
-                allocation.allocation_id,
-            )
-        return base._derive(allocations, changed_usage, changed_holders)
+        return self.with_changes((allocation,), ())
 
     def without_allocation(self, allocation_id: str) -> ClusterSnapshot:
         """The snapshot after `allocation_id` was released; unknown ids change nothing."""
-        allocation = self.allocations.get(allocation_id)
-        if allocation is None:
+        if allocation_id not in self.allocations:
             return self
-        allocations = self.allocations.copy()
-        del allocations[allocation_id]
-        changed_usage: dict[int, GpuUsage] = {}
-        changed_holders: dict[int, tuple[str, ...]] = {}
-        for share in allocation.shares:
-            pos = self.position.get(share.gpu_uuid)
-            if pos is None:
-                continue
-            remaining = tuple(h for h in self.holders[pos] if h != allocation_id)
-            changed_holders[pos] = remaining
-            usage = GpuUsage()
-            for holder_id in remaining:
-                holder = allocations[holder_id]
-                for other in holder.shares:
-                    if other.gpu_uuid == share.gpu_uuid:
-                        usage = usage.plus(other, holder.blocks_sharing)
-            changed_usage[pos] = usage
-        return self._derive(allocations, changed_usage, changed_holders)
+        return self.with_changes((), (allocation_id,))
 
     def with_changes(
         self, upserts: Iterable[PlacedAllocation], removals: Iterable[str]
     ) -> ClusterSnapshot:
-        """The snapshot after many commits at once: one derivation for all of them.
+        """The snapshot after any number of commits and releases: one derivation for all.
 
-        The view applies a watch response's allocations this way, so the per-snapshot
-        copying is paid once per batch, not once per allocation.
+        Only the GPUs they touch are recomputed, from their holders. The view applies
+        everything that changed since its last snapshot this way, so the per-snapshot
+        copying is paid once per decision, not once per allocation.
         """
         upserts = tuple(upserts)
         allocations = self.allocations.copy()
