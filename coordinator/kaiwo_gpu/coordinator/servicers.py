@@ -6,9 +6,10 @@ logged and answered INTERNAL without internals.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -24,6 +25,7 @@ from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 log = structlog.get_logger(__name__)
 
 _ALLOCATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 
@@ -33,19 +35,26 @@ def check_allocation_id(value: str) -> str:
     return value
 
 
-async def _answer(
-    context: grpc.aio.ServicerContext[object, object],
-    rpc: str,
-    work: Callable[[], Awaitable[Reply]],
-) -> Reply:
-    try:
-        return await work()
-    except KaiwoGpuError as error:
-        await context.abort(grpc.StatusCode[error.status_code], error.message)
-    except Exception:
-        log.exception("rpc failed", rpc=rpc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed inside the coordinator")
-    raise AssertionError("abort raises")  # pragma: no cover
+Context = grpc.aio.ServicerContext[object, object]
+Handler = Callable[[Any, Request, Context], Awaitable[Reply]]
+
+
+def _mapped_errors(handler: Handler[Request, Reply]) -> Handler[Request, Reply]:
+    """Answers a `KaiwoGpuError` with its status and message, anything else with INTERNAL."""
+    rpc = handler.__name__
+
+    @functools.wraps(handler)
+    async def answer(servicer: Any, request: Request, context: Context) -> Reply:
+        try:
+            return await handler(servicer, request, context)
+        except KaiwoGpuError as error:
+            await context.abort(grpc.StatusCode[error.status_code], error.message)
+        except Exception:
+            log.exception("rpc failed", rpc=rpc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed inside the coordinator")
+        raise AssertionError("abort raises")  # pragma: no cover
+
+    return answer
 
 
 class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
@@ -53,80 +62,68 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         self.allocator = allocator
         self.view = view
 
+    @_mapped_errors
     async def Allocate(
         self,
         request: allocation_pb2.AllocateRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.AllocateResponse:
-        async def work() -> allocation_pb2.AllocateResponse:
-            parsed = request_from_proto(request.request)
-            record, replayed = await self.allocator.allocate(parsed)
-            log.info(
-                "allocated",
-                request_id=parsed.request_id,
-                allocation_id=record.id,
-                node=record.node,
-                replayed=replayed,
-            )
-            return allocation_pb2.AllocateResponse(allocation=record, replayed=replayed)
+        parsed = request_from_proto(request.request)
+        record, replayed = await self.allocator.allocate(parsed)
+        log.info(
+            "allocated",
+            request_id=parsed.request_id,
+            allocation_id=record.id,
+            node=record.node,
+            replayed=replayed,
+        )
+        return allocation_pb2.AllocateResponse(allocation=record, replayed=replayed)
 
-        return await _answer(context, "Allocate", work)
-
+    @_mapped_errors
     async def Release(
         self,
         request: allocation_pb2.ReleaseRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.ReleaseResponse:
-        async def work() -> allocation_pb2.ReleaseResponse:
-            record = await self.allocator.release(check_allocation_id(request.allocation_id))
-            log.info("released", allocation_id=record.id, node=record.node)
-            return allocation_pb2.ReleaseResponse(allocation=record)
+        record = await self.allocator.release(check_allocation_id(request.allocation_id))
+        log.info("released", allocation_id=record.id, node=record.node)
+        return allocation_pb2.ReleaseResponse(allocation=record)
 
-        return await _answer(context, "Release", work)
-
+    @_mapped_errors
     async def KeepAlive(
         self,
         request: allocation_pb2.KeepAliveRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.KeepAliveResponse:
-        async def work() -> allocation_pb2.KeepAliveResponse:
-            expires_at, ttl_s = await self.allocator.keep_alive(
-                check_allocation_id(request.allocation_id)
-            )
-            return allocation_pb2.KeepAliveResponse(
-                expires_at=timestamp(expires_at), ttl_seconds=ttl_s
-            )
+        expires_at, ttl_s = await self.allocator.keep_alive(
+            check_allocation_id(request.allocation_id)
+        )
+        return allocation_pb2.KeepAliveResponse(expires_at=timestamp(expires_at), ttl_seconds=ttl_s)
 
-        return await _answer(context, "KeepAlive", work)
-
+    @_mapped_errors
     async def GetAllocation(
         self,
         request: allocation_pb2.GetAllocationRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.GetAllocationResponse:
-        async def work() -> allocation_pb2.GetAllocationResponse:
-            allocation_id = check_allocation_id(request.allocation_id)
-            await self.allocator.caught_up()
-            record, _ = await self.allocator.record(allocation_id)
-            return allocation_pb2.GetAllocationResponse(allocation=record)
+        allocation_id = check_allocation_id(request.allocation_id)
+        await self.allocator.caught_up()
+        record, _ = await self.allocator.record(allocation_id)
+        return allocation_pb2.GetAllocationResponse(allocation=record)
 
-        return await _answer(context, "GetAllocation", work)
-
+    @_mapped_errors
     async def ListAllocations(
         self,
         request: allocation_pb2.ListAllocationsRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.ListAllocationsResponse:
-        async def work() -> allocation_pb2.ListAllocationsResponse:
-            await self.allocator.caught_up()
-            return list_allocations(self.view.state, request)
-
-        return await _answer(context, "ListAllocations", work)
+        await self.allocator.caught_up()
+        return list_allocations(self.view.state, request)
 
     async def WatchAllocations(
         self,
         request: allocation_pb2.WatchAllocationsRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
         """Every current allocation as ADDED, then changes as they happen."""
         await self.allocator.caught_up()
@@ -158,28 +155,24 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         finally:
             self.view.unsubscribe(subscription)
 
+    @_mapped_errors
     async def ListNodes(
         self,
         request: allocation_pb2.ListNodesRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.ListNodesResponse:
-        async def work() -> allocation_pb2.ListNodesResponse:
-            await self.allocator.caught_up()
-            if not self.view.state.nodes and not self.view.connected:
-                raise UnavailableError("the coordinator has not read the cluster from etcd yet")
-            return allocation_pb2.ListNodesResponse(
-                nodes=list(node_statuses(self.view.state, request.labels))
-            )
+        await self.allocator.caught_up()
+        if not self.view.state.nodes and not self.view.connected:
+            raise UnavailableError("the coordinator has not read the cluster from etcd yet")
+        return allocation_pb2.ListNodesResponse(
+            nodes=list(node_statuses(self.view.state, request.labels))
+        )
 
-        return await _answer(context, "ListNodes", work)
-
+    @_mapped_errors
     async def GetClusterStats(
         self,
         request: allocation_pb2.GetClusterStatsRequest,
-        context: grpc.aio.ServicerContext[object, object],
+        context: Context,
     ) -> allocation_pb2.GetClusterStatsResponse:
-        async def work() -> allocation_pb2.GetClusterStatsResponse:
-            await self.allocator.caught_up()
-            return cluster_stats(self.view.state)
-
-        return await _answer(context, "GetClusterStats", work)
+        await self.allocator.caught_up()
+        return cluster_stats(self.view.state)
