@@ -89,7 +89,7 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
     store, layout, stale = await _loaded(etcd, prefix)
     first = CommitPlan(layout, stale)
     made = _record(stale, "r-1", 700)
-    first.add(made)
+    assert first.add(made)
     assert (await store.commit(first.txn())).succeeded
 
     # Another coordinator still holds the old view and puts 700 more on the same GPU.
@@ -97,7 +97,7 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
     again = _record(stale, "r-2", 700)
     uuid = made.gpus[0].uuid
     assert again.gpus[0].uuid == uuid
-    second.add(again)
+    assert second.add(again)
     result = await store.commit(second.txn())
     assert not result.succeeded
     assert result.current[layout.gpu(uuid)].mod_revision > stale.gpu_revisions.get(uuid, 0)
@@ -106,7 +106,7 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
     revision, kvs = await store.read_prefix(layout.all_keys)
     fresh = ViewState.load(layout, revision, kvs)
     twin = CommitPlan(layout, fresh)
-    twin.add(_record(fresh, "r-1", 100, allocation_id="another"))
+    assert twin.add(_record(fresh, "r-1", 100, allocation_id="another"))
     assert not (await store.commit(twin.txn())).succeeded
     await store.close()
 
@@ -129,9 +129,8 @@ async def test_commit_plan_stays_within_etcd_txn_limits(
         record = allocation_record(
             request, decision, f"id-{i}", lease_id=0, created_at=NOW, expires_at=None
         )
-        if not plan.fits(record):
+        if not plan.add(record):
             break
-        plan.add(record)
         snapshot = snapshot.with_allocation(decision.as_allocation(f"id-{i}"))
     assert 30 < len(plan.allocations) < 400
     assert plan.txn().size <= MAX_TXN_OPS
@@ -150,7 +149,7 @@ async def test_view_follows_changes_and_resumes_after_etcd_restart(
     subscription = view.subscribe()
     record = _record(view.state, "v-1", 500, allocation_id="v1")
     plan = CommitPlan(layout, view.state)
-    plan.add(record)
+    assert plan.add(record)
     result = await store.commit(plan.txn())
     await view.wait_for(result.revision, 10)
     assert "v1" in view.state.allocations
@@ -206,7 +205,7 @@ async def test_view_relists_after_compaction_and_reports_what_changed(
     await view.start()
     gone = _record(view.state, "gone", 300)
     plan = CommitPlan(layout, view.state)
-    plan.add(gone)
+    assert plan.add(gone)
     await view.wait_for((await store.commit(plan.txn())).revision, 10)
     await view.stop()  # the coordinator is cut off while etcd moves on
     subscription = view.subscribe()
@@ -214,7 +213,7 @@ async def test_view_relists_after_compaction_and_reports_what_changed(
     fresh_state = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
     added = _record(fresh_state, "added", 300)
     plan = CommitPlan(layout, fresh_state)
-    plan.add(added)
+    assert plan.add(added)
     await store.commit(plan.txn())
     deleted = await store.commit(_delete(layout, gone.id, gone.request_id))
     await store.compact(deleted.revision)

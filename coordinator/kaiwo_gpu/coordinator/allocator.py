@@ -409,10 +409,9 @@ class Allocator:
             record = allocation_record(
                 item.request, decision, allocation_id, lease_id=0, created_at=now, expires_at=None
             )
-            if not plan.fits(record):
+            if not plan.add(record):
                 leftover.append(item)
                 continue
-            plan.add(record)
             planned.append((item, record))
             snapshot = snapshot.with_allocation(decision.as_allocation(allocation_id))
             scheduler_state = decision.state

@@ -43,18 +43,20 @@ class CommitPlan:
         expect[layout.request(record.request_id)] = 0
         return expect, puts
 
-    def fits(self, record: types_pb2.Allocation) -> bool:
+    def add(self, record: types_pb2.Allocation) -> bool:
+        """Plans `record` if it fits in the transaction; False (and no change) if not.
+
+        Its lease may still be filled in before `txn()` is called.
+        """
         expect, puts = self._growth(record)
         compares = len(self._expect) + len(expect)
         operations = len(self._puts) + len(puts) + 2 * (len(self.allocations) + 1)
-        return max(compares, operations) <= MAX_TXN_OPS
-
-    def add(self, record: types_pb2.Allocation) -> None:
-        """Plans `record`; its lease may still be filled in before `txn()` is called."""
-        expect, puts = self._growth(record)
+        if max(compares, operations) > MAX_TXN_OPS:
+            return False
         self._expect.update(expect)
         self._puts.extend(puts)
         self.allocations.append(record)
+        return True
 
     def txn(self) -> Txn:
         records = [
