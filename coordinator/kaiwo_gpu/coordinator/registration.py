@@ -8,12 +8,14 @@ coordinator that is given an inventory must be given the same one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import structlog
 from google.protobuf.message import DecodeError
 
 from kaiwo_gpu.common.errors import ConflictError
 from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
+from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS
 from kaiwo_gpu.coordinator.inventory import SOURCE_LABEL
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.store import EtcdStore
@@ -21,6 +23,7 @@ from kaiwo_gpu.v1 import types_pb2
 
 log = structlog.get_logger(__name__)
 MAX_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 async def register_nodes(
@@ -53,28 +56,37 @@ async def _register_once(
         if parsed is not None and parsed[0] is KeyKind.NODE:
             current[parsed[1]] = found
     wanted = {node.name: node.SerializeToString(deterministic=True) for node in nodes}
-    changes: list[Txn] = []
+    writes: list[tuple[bytes, int, bytes]] = []  # (key, revision read, new value)
     for name, value in wanted.items():
         kv = current.get(name)
         if kv is not None and not _from_inventory(kv.value):
             log.warning("node is registered by someone else; inventory entry ignored", node=name)
         elif kv is None or kv.value != value:
-            revision = kv.mod_revision if kv is not None else 0
-            changes.append(
-                Txn(
-                    expect_mod_revision=((layout.node(name), revision),),
-                    puts=(Put(layout.node(name), value),),
-                )
-            )
-    removed = [
-        Txn(expect_mod_revision=((kv.key, kv.mod_revision),), deletes=(kv.key,))
+            writes.append((layout.node(name), kv.mod_revision if kv is not None else 0, value))
+    removals = [
+        (kv.key, kv.mod_revision)
         for name, kv in current.items()
         if name not in wanted and _from_inventory(kv.value)
     ]
-    results = [await store.commit(txn) for txn in (*changes, *removed)]
-    if not all(result.succeeded for result in results):
-        return None
-    return len(changes), len(removed)
+    txns = [
+        Txn(
+            expect_mod_revision=tuple((key, revision) for key, revision, _ in chunk),
+            puts=tuple(Put(key, value) for key, _, value in chunk),
+        )
+        for chunk in _chunks(writes)
+    ]
+    txns += [
+        Txn(expect_mod_revision=tuple(chunk), deletes=tuple(key for key, _ in chunk))
+        for chunk in _chunks(removals)
+    ]
+    for txn in txns:  # a few nodes per etcd round trip, each guarded by what we read
+        if not (await store.commit(txn)).succeeded:
+            return None
+    return len(writes), len(removals)
+
+
+def _chunks(items: list[T]) -> list[list[T]]:
+    return [items[start : start + MAX_TXN_OPS] for start in range(0, len(items), MAX_TXN_OPS)]
 
 
 def _from_inventory(value: bytes) -> bool:
