@@ -24,6 +24,7 @@ from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 INVENTORY = """\
@@ -83,8 +84,8 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
             assert record.id == name
             assert kv.lease == record.lease_id
             allocations[name] = record
-        elif kind is KeyKind.REQUEST and kv.value.startswith(b"released:"):
-            tombstones[name] = kv.value.removeprefix(b"released:").decode()
+        elif kind is KeyKind.REQUEST and kv.value.startswith(RELEASED_PREFIX):
+            tombstones[name] = kv.value.removeprefix(RELEASED_PREFIX).decode()
         elif kind is KeyKind.REQUEST:
             request_keys[name] = kv.value.decode()
         elif kind is KeyKind.NODE:

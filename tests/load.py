@@ -7,11 +7,12 @@ retries safe) and records what the coordinators said, for the audit to check aga
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+Reply = TypeVar("Reply")
 FRACTIONS = (100, 150, 250, 300, 500, 750, 1000)
 MEMORIES = (0, 0, 1024, 8192, 32768)
 
@@ -58,13 +60,12 @@ def _random_request(rng: random.Random, request_id: str) -> types_pb2.Allocation
 
 
 async def _with_retries(
-    call: object, result: LoadResult, deadline: float
-) -> tuple[object | None, grpc.StatusCode | None]:
+    call: Callable[[], Awaitable[Reply]], result: LoadResult, deadline: float
+) -> tuple[Reply | None, grpc.StatusCode | None]:
     """(reply, None) or (None, final status code); retries transient failures until deadline."""
-    factory = call
     while True:
         try:
-            return await factory(), None  # type: ignore[operator]
+            return await call(), None
         except grpc.aio.AioRpcError as error:
             if error.code() in RETRYABLE and time.monotonic() < deadline:
                 result.retries += 1
@@ -95,10 +96,10 @@ async def run_client(
         if held and rng.random() < 0.45:
             allocation_id = held.pop(rng.randrange(len(held)))
             release = allocation_pb2.ReleaseRequest(allocation_id=allocation_id)
-            reply, code = await _with_retries(
-                lambda api=api, release=release: api.Release(release), result, deadline
+            released, code = await _with_retries(
+                functools.partial(api.Release, release), result, deadline
             )
-            if reply is not None or code is grpc.StatusCode.NOT_FOUND:
+            if released is not None or code is grpc.StatusCode.NOT_FOUND:
                 # NOT_FOUND after a retry: the first attempt released it before failing.
                 result.released.add(allocation_id)
             else:
@@ -108,9 +109,9 @@ async def run_client(
             message = allocation_pb2.AllocateRequest(request=_random_request(rng, request_id))
             message.request.owner = f"worker-{worker}"
             reply, code = await _with_retries(
-                lambda api=api, message=message: api.Allocate(message), result, deadline
+                functools.partial(api.Allocate, message), result, deadline
             )
-            if isinstance(reply, allocation_pb2.AllocateResponse):
+            if reply is not None:
                 result.allocated[request_id] = reply.allocation.id
                 result.served_by[pick] = result.served_by.get(pick, 0) + 1
                 held.append(reply.allocation.id)

@@ -224,10 +224,9 @@ async def test_health_and_reflection_are_served(running: Running) -> None:
     responses = reflection.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])
     )
-    async for response in responses:
-        names = {s.name for s in response.list_services_response.service}
-        assert "kaiwo_gpu.v1.AllocationService" in names
-        break
+    response = await anext(aiter(responses))
+    names = {s.name for s in response.list_services_response.service}
+    assert "kaiwo_gpu.v1.AllocationService" in names
 
 
 BAD_REQUESTS = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -15,6 +16,9 @@ from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running, coordinator_running
 from tests.harness import request
+
+if TYPE_CHECKING:
+    from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
 ZONE_B = types_pb2.Selector(node_labels={"zone": "b"})
 
@@ -34,8 +38,8 @@ def _blocked(running: Running) -> bool:
     return running.coordinator.view.state.blocked_reason is not None
 
 
-async def _node_b_gpus(api: object) -> list[str]:
-    reply = await api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))  # type: ignore[attr-defined]
+async def _node_b_gpus(api: AllocationServiceAsyncStub) -> list[str]:
+    reply = await api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))
     return [gpu.inventory.uuid for node in reply.nodes for gpu in node.gpus]
 
 
@@ -53,16 +57,15 @@ async def test_unknown_isolation_in_a_record_blocks_its_gpu(
         )
         await _put(running, KeyLayout(prefix).allocation(record.id), record.SerializeToString())
         await _put(running, KeyLayout(prefix).request("future-1"), b"from-the-future")
-        selector = types_pb2.Selector(node_labels={"zone": "b"}, exclude_gpus=[])
         placed = [
-            (await running.api.Allocate(request(f"b-{i}", fraction_millis=500, selector=selector)))
+            (await running.api.Allocate(request(f"b-{i}", fraction_millis=500, selector=ZONE_B)))
             .allocation.gpus[0]
             .uuid
             for i in range(2)
         ]
         assert uuid not in placed, "a GPU held by an unknown isolation counts as exclusive"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await running.api.Allocate(request("b-2", fraction_millis=500, selector=selector))
+            await running.api.Allocate(request("b-2", fraction_millis=500, selector=ZONE_B))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

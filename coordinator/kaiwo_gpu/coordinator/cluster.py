@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from kaiwo_gpu.common.models import Health, Isolation, Labels
 
+MAX_COMPUTE_UNITS = 4096
+"""The most compute units a GPU may report; a CU id at or above it is no GPU's."""
+
 GpuKey = tuple[str, int]
 """(node name, device index): the canonical order of GPUs in a cluster."""
 

@@ -25,6 +25,7 @@ import yaml
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
+from kaiwo_gpu.coordinator.cluster import MAX_COMPUTE_UNITS
 from kaiwo_gpu.v1 import types_pb2
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
@@ -79,7 +80,7 @@ def _gpus(
             f"vram_mib and compute_units for a model other than {', '.join(GPU_MODELS)}",
         )
     vram_mib = _int(vram, f"{where}.vram_mib", 1, 16 * 1024 * 1024)
-    compute_units = _int(units, f"{where}.compute_units", 1, 4096)
+    compute_units = _int(units, f"{where}.compute_units", 1, MAX_COMPUTE_UNITS)
     partition = entry.get("compute_partition", "")
     if partition not in _PARTITIONS:
         raise InvalidArgumentError(

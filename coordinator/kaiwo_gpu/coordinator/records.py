@@ -13,7 +13,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
 from kaiwo_gpu.common.wire import isolation_from_proto, isolation_to_proto, request_to_proto
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation
+from kaiwo_gpu.coordinator.cluster import (
+    MAX_COMPUTE_UNITS,
+    Gpu,
+    GpuShare,
+    Node,
+    PlacedAllocation,
+)
 from kaiwo_gpu.coordinator.engine import Placement
 from kaiwo_gpu.coordinator.environment import launch_environment
 from kaiwo_gpu.v1 import types_pb2
@@ -24,9 +30,6 @@ _HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {
     types_pb2.HEALTH_DEGRADED: Health.DEGRADED,
     types_pb2.HEALTH_UNHEALTHY: Health.UNHEALTHY,
 }
-MAX_COMPUTE_UNIT_ID = 4096
-"""CU ids at or above this are no GPU's; the inventory allows at most 4096 CUs."""
-
 HEALTH_TO_PROTO: dict[Health, types_pb2.Health.ValueType] = {
     Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
     Health.DEGRADED: types_pb2.HEALTH_DEGRADED,
@@ -80,7 +83,7 @@ def placed_from_record(record: types_pb2.Allocation) -> PlacedAllocation:
     blocks = not sharing or isolation in (Isolation.EXCLUSIVE, Isolation.PARTITION)
     shares: dict[str, GpuShare] = {}
     for grant in record.gpus:
-        units = [cu for cu in grant.compute_units if cu < MAX_COMPUTE_UNIT_ID]
+        units = [cu for cu in grant.compute_units if cu < MAX_COMPUTE_UNITS]
         if len(units) < len(grant.compute_units):
             blocks = True  # a CU id no GPU has: hold the whole GPU rather than guess
         before = shares.get(grant.uuid, GpuShare(grant.uuid, 0, 0))
