@@ -14,9 +14,9 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from kaiwo_gpu.common.errors import FailedPreconditionError, InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
@@ -35,6 +35,8 @@ from kaiwo_gpu.coordinator.settings import (
 )
 from kaiwo_gpu.coordinator.store import parse_endpoints
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -61,34 +63,42 @@ def _address(text: str) -> str:
     return text
 
 
-def _endpoints(text: str) -> tuple[str, ...]:
+def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from one of our parsers: its InvalidArgumentError is a usage error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except InvalidArgumentError as error:
+            raise argparse.ArgumentTypeError(error.message) from None
+
+    return convert
+
+
+def _one_of(what: str, choices: Iterable[str]) -> Callable[[str], str]:
+    """An argparse type that also checks values from the environment (choices= does not)."""
+    allowed = sorted(choices)
+
+    def convert(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {what}; choose from {', '.join(allowed)}"
+            )
+        return text
+
+    return convert
+
+
+def _split_endpoints(text: str) -> tuple[str, ...]:
     endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
-    try:
-        parse_endpoints(endpoints)
-    except InvalidArgumentError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
+    parse_endpoints(endpoints)
     return endpoints
 
 
-def _prefix(text: str) -> str:
-    try:
-        return KeyLayout(text).prefix
-    except InvalidArgumentError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
-
-
-def _strategy(text: str) -> str:
-    if text not in BUILTIN_STRATEGIES:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a strategy; choose from {', '.join(sorted(BUILTIN_STRATEGIES))}"
-        )
-    return text
-
-
-def _log_format(text: str) -> str:
-    if text not in ("console", "json"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a log format; choose console or json")
-    return text
+_endpoints = _checked(_split_endpoints)
+_prefix = _checked(lambda text: KeyLayout(text).prefix)
+_strategy = _one_of("strategy", BUILTIN_STRATEGIES)
+_log_format = _one_of("log format", ("console", "json"))
 
 
 def _seconds(text: str) -> float:
