@@ -171,40 +171,43 @@ class ClusterSnapshot:
     ) -> ClusterSnapshot:
         """The snapshot after any number of commits and releases: one derivation for all.
 
-        Only the GPUs they touch are recomputed, from their holders. The view applies
+        Only the GPUs they touch change: arrivals are added to a GPU's usage, and a GPU
+        something left is summed again from its holders. The view applies
         everything that changed since its last snapshot this way, so the per-snapshot
         copying is paid once per decision, not once per allocation.
         """
         upserts = tuple(upserts)
         allocations = self.allocations.copy()
         replaced: set[str] = set()
-        touched: set[int] = set()
+        emptied: set[int] = set()  # GPUs something left: their usage is summed again
         for allocation_id in (*removals, *(a.allocation_id for a in upserts)):
             old = allocations.pop(allocation_id, None)
             if old is not None:
                 replaced.add(allocation_id)
-                touched.update(self._positions(old))
+                emptied.update(self._positions(old))
         fresh = {a.allocation_id: a for a in upserts}
         allocations.update(fresh)
         added: dict[int, list[str]] = {}
         for allocation in fresh.values():
             for pos in self._positions(allocation):
                 added.setdefault(pos, []).append(allocation.allocation_id)
-        touched.update(added)
         changed_usage: dict[int, GpuUsage] = {}
         changed_holders: dict[int, tuple[str, ...]] = {}
-        for pos in touched:
+        for pos in emptied | added.keys():
+            if pos in emptied:
+                kept = tuple(h for h in self.holders[pos] if h not in replaced)
+                usage, counted = GpuUsage(), (*kept, *added.get(pos, ()))
+            else:  # only arrivals: add them to what is there, whatever the holder count
+                kept, counted = self.holders[pos], tuple(added[pos])
+                usage = self.usage[pos]
             uuid = self.gpus[pos].uuid
-            kept = [h for h in self.holders[pos] if h not in replaced]
-            holders = (*kept, *added.get(pos, ()))
-            usage = GpuUsage()
-            for holder_id in holders:
+            for holder_id in counted:
                 holder = allocations[holder_id]
                 for share in holder.shares:
                     if share.gpu_uuid == uuid:
                         usage = usage.plus(share, holder.blocks_sharing)
             changed_usage[pos] = usage
-            changed_holders[pos] = holders
+            changed_holders[pos] = (*kept, *added.get(pos, ()))
         return self._derive(allocations, changed_usage, changed_holders)
 
     def _positions(self, allocation: PlacedAllocation) -> set[int]:
