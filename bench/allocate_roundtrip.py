@@ -39,9 +39,7 @@ import gc
 import math
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,9 +52,11 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.inventory import load_inventory
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
+from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
@@ -73,7 +73,6 @@ PER_GPU = 1000 // FRACTION_MILLIS  # 100-millis allocations one GPU holds (memor
 TTL_S = 60
 CALL_TIMEOUT_S = 10.0
 SERVING_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 TARGET_P50_RATIO = 1.5
 TARGET_P99_RATIO = 2.0
 TARGET_THROUGHPUT = 1000.0
@@ -265,78 +264,6 @@ def write_inventory(path: Path, nodes: int) -> int:
         encoding="utf-8",
     )
     return sum(len(node.gpus) for node in load_inventory(path))
-
-
-class CoordinatorProcess:
-    """`python -m kaiwo_gpu.cli.main coordinator` as a child process, logging to a file."""
-
-    def __init__(
-        self, etcd_endpoint: str, inventory: Path, log_path: Path, profile: Path | None
-    ) -> None:
-        self.address = f"{HOST}:{free_port(HOST)}"
-        profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-        self.args = [
-            sys.executable,
-            *profiler,
-            "-m",
-            "kaiwo_gpu.cli.main",
-            "coordinator",
-            f"--listen={self.address}",
-            f"--etcd={etcd_endpoint}",
-            f"--prefix={PREFIX}",
-            f"--inventory={inventory}",
-            "--log-format=json",
-        ]
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    async def wait_serving(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if not self.alive():
-                    raise SystemExit(f"the coordinator exited:\n{self.log_tail()}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.1)
-        raise SystemExit(f"the coordinator was not serving in {timeout_s:g}s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM (graceful), then SIGKILL if it does not exit in time."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 # --- bare etcd transactions -------------------------------------------------------------
@@ -742,8 +669,9 @@ async def run(options: Options, workdir: Path) -> int:
     channels: list[grpc.aio.Channel] = []
     try:
         etcd.start()
+        profiler = ["-m", "cProfile", "-o", str(options.profile)] if options.profile else []
         coordinator = CoordinatorProcess(
-            etcd.endpoint, inventory, workdir / "coordinator.log", options.profile
+            etcd.endpoint, PREFIX, inventory, workdir / "coordinator.log", python_args=profiler
         )
         coordinator.start()
         store = EtcdStore([etcd.endpoint])
@@ -841,7 +769,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{FRACTION_MILLIS} millis each"
     )
     with tempfile.TemporaryDirectory(prefix="kaiwo-bench-") as workdir:
-        status = asyncio.run(run(options, Path(workdir)))
+        try:
+            status = asyncio.run(run(options, Path(workdir)))
+        except KaiwoGpuError as error:  # etcd or the coordinator did not come up
+            print(f"benchmark aborted: {error.message}", file=sys.stderr)
+            return 1
     print(f"total {time.perf_counter() - started:.1f} s")
     return status
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the integration tests: coordinator processes, requests, and an etcd audit.
+"""Shared pieces of the integration tests: requests and an etcd audit.
 
 The audit reads etcd directly (never through a coordinator) and checks the invariants that
 must hold whatever the coordinators did: no GPU past 1000 millis or its VRAM, no CU granted
@@ -7,22 +7,11 @@ twice, one allocation per request_id, and a GPU version key for every placed GPU
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.local_etcd import free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.coordinator.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -176,58 +165,3 @@ async def audit_history(endpoint: str, prefix: str) -> int:
     finally:
         await store.close()
     return checked
-
-
-class CoordinatorProcess:
-    """`kaiwo-gpu coordinator` as a child process, so it can be SIGKILLed and restarted."""
-
-    def __init__(self, etcd_endpoint: str, prefix: str, inventory: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.args = [
-            sys.executable,
-            "-m",
-            "kaiwo_gpu.cli.main",
-            "coordinator",
-            f"--listen={self.address}",
-            f"--etcd={etcd_endpoint}",
-            f"--prefix={prefix}",
-            f"--inventory={inventory}",
-            "--log-format=json",
-        ]
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    async def wait_serving(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                assert self.process.poll() is None, self.log_tail()
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"coordinator not serving in {timeout_s}s: {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout_s)

@@ -17,9 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
-from tests.harness import CoordinatorProcess, audit_etcd, request
+from tests.harness import audit_etcd, request
 
 pytestmark = pytest.mark.slow
 KAIWO_GPU = [sys.executable, "-m", "kaiwo_gpu.cli.main"]

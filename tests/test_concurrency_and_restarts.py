@@ -16,10 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 from tests.conftest import coordinator_running
-from tests.harness import CoordinatorProcess, audit_etcd, audit_history, request
+from tests.harness import audit_etcd, audit_history, request
 from tests.load import LoadResult, run_client
 
 if TYPE_CHECKING:

@@ -1,0 +1,102 @@
+"""`kaiwo-gpu coordinator` as a child process on loopback, for tests and benchmarks.
+
+A separate process, so it can be SIGKILLed and restarted, and so a load generator does not
+share its event loop. It logs JSON to a file and is ready once gRPC health says SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kaiwo_gpu.common.errors import UnavailableError
+from kaiwo_gpu.coordinator.local_etcd import free_port
+
+
+class CoordinatorProcess:
+    def __init__(
+        self,
+        etcd_endpoint: str,
+        prefix: str,
+        inventory: Path,
+        log_path: Path,
+        *,
+        python_args: Sequence[str] = (),
+    ) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.args = [
+            sys.executable,
+            *python_args,
+            "-m",
+            "kaiwo_gpu.cli.main",
+            "coordinator",
+            f"--listen={self.address}",
+            f"--etcd={etcd_endpoint}",
+            f"--prefix={prefix}",
+            f"--inventory={inventory}",
+            "--log-format=json",
+        ]
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    async def wait_serving(self, timeout_s: float = 30.0) -> None:
+        """Returns once health says SERVING; raises with the log's tail if it never does."""
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise UnavailableError(f"the coordinator exited:\n{self.log_tail()}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise UnavailableError(
+            f"the coordinator was not serving in {timeout_s:g}s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        """Sends `sig` and waits; SIGKILL when it does not exit in time. Its exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
