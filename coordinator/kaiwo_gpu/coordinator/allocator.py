@@ -477,24 +477,23 @@ class Allocator:
         """
         record, _ = await self.record(allocation_id)
         key = self.layout.allocation(allocation_id)
-        tombstone = Put(
-            self.layout.request(record.request_id),
-            RELEASED_PREFIX + allocation_id.encode(),
-            await self._tombstone_lease_id(),
-        )
-        try:
-            result = await self.store.commit(
-                Txn(expect_present=(key,), puts=(tombstone,), deletes=(key,))
-            )
-        except NotFoundError:  # the tombstone lease vanished (etcd restored?): take a new one
-            self._tombstone_lease = None
-            result = await self.store.commit(
-                Txn(
-                    expect_present=(key,),
-                    puts=(Put(tombstone.key, tombstone.value, await self._tombstone_lease_id()),),
-                    deletes=(key,),
+        request_key = self.layout.request(record.request_id)
+        tombstone = RELEASED_PREFIX + allocation_id.encode()
+        for attempt in range(2):
+            lease_id = await self._tombstone_lease_id()
+            try:
+                result = await self.store.commit(
+                    Txn(
+                        expect_present=(key,),
+                        puts=(Put(request_key, tombstone, lease_id),),
+                        deletes=(key,),
+                    )
                 )
-            )
+                break
+            except NotFoundError:  # the tombstone lease vanished (etcd restored?): a new one
+                self._tombstone_lease = None
+                if attempt:
+                    raise
         if not result.succeeded:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
         self._last_write_revision = max(self._last_write_revision, result.revision)

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.coordinator.records import HEALTH_TO_PROTO
 from kaiwo_gpu.coordinator.view_state import ViewState
@@ -75,7 +76,7 @@ def cluster_stats(state: ViewState) -> allocation_pb2.GetClusterStatsResponse:
         node_count=len(snapshot.nodes),
         schedulable_node_count=sum(1 for node in snapshot.nodes.values() if node.schedulable),
         gpu_count=len(snapshot.gpus),
-        healthy_gpu_count=sum(1 for gpu in snapshot.gpus if gpu.health.value == "healthy"),
+        healthy_gpu_count=sum(1 for gpu in snapshot.gpus if gpu.health is Health.HEALTHY),
         capacity_millis=len(snapshot.gpus) * MILLIS_PER_GPU,
         allocated_millis=sum(usage.allocated_millis for usage in snapshot.usage),
         capacity_memory_mib=sum(gpu.vram_mib for gpu in snapshot.gpus),
