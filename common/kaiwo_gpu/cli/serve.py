@@ -117,38 +117,51 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _env_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help_text: str,
+    *,
+    default: str | None = None,
+    parse: Callable[[str], object] = str,
+) -> None:
+    """A flag whose default comes from its KAIWO_GPU_* variable; both go through `parse`."""
+    variable = ENVIRONMENT[flag.removeprefix("--").replace("-", "_")]
+    shown = "; default %(default)s" if default is not None else ""
+    parser.add_argument(
+        flag,
+        type=parse,
+        default=os.environ.get(variable, default),
+        help=f"{help_text} (${variable}{shown})",
+    )
+
+
 def _add_service_flags(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument(
-        "--listen",
-        type=_address,
-        default=env(ENVIRONMENT["listen"], DEFAULT_LISTEN),
-        help=f"host:port to serve on (${ENVIRONMENT['listen']}; default %(default)s)",
-    )
-    parser.add_argument(
+    _env_flag(parser, "--listen", "host:port to serve on", default=DEFAULT_LISTEN, parse=_address)
+    _env_flag(
+        parser,
         "--strategy",
-        type=_strategy,
-        default=env(ENVIRONMENT["strategy"], DEFAULT_STRATEGY),
-        help=f"default placement strategy: {', '.join(sorted(BUILTIN_STRATEGIES))} "
-        f"(${ENVIRONMENT['strategy']}; default %(default)s)",
+        f"default placement strategy: {', '.join(sorted(BUILTIN_STRATEGIES))}",
+        default=DEFAULT_STRATEGY,
+        parse=_strategy,
     )
-    parser.add_argument(
+    _env_flag(
+        parser,
         "--default-ttl",
-        type=_duration,
-        default=env(ENVIRONMENT["default_ttl"], "0"),
-        help="lease for requests without ttl_seconds, e.g. 90s or 10m; 0 = no lease "
-        f"(${ENVIRONMENT['default_ttl']}; default %(default)s)",
+        "lease for requests without ttl_seconds, e.g. 90s or 10m; 0 = no lease",
+        default="0",
+        parse=_duration,
     )
-    parser.add_argument(
+    _env_flag(
+        parser,
         "--log-format",
-        type=_log_format,
-        default=env("KAIWO_GPU_LOG_FORMAT", "console"),
-        help="console for people, json for log collectors ($KAIWO_GPU_LOG_FORMAT)",
+        "console for people, json for log collectors",
+        default="console",
+        parse=_log_format,
     )
 
 
 def add_coordinator_parser(commands: Subcommands) -> None:
-    env = os.environ.get
     parser = commands.add_parser(
         "coordinator",
         help="serve the allocation API, keeping state in etcd",
@@ -160,23 +173,15 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         epilog="example: kaiwo-gpu coordinator --etcd 10.0.0.5:2379,10.0.0.6:2379 "
         "--inventory /etc/kaiwo-gpu/nodes.yaml --default-ttl 10m",
     )
-    parser.add_argument(
+    _env_flag(
+        parser,
         "--etcd",
-        type=_endpoints,
-        default=env(ENVIRONMENT["etcd"], DEFAULT_ETCD),
-        help=f"comma-separated etcd endpoints (${ENVIRONMENT['etcd']}; default %(default)s)",
+        "comma-separated etcd endpoints",
+        default=DEFAULT_ETCD,
+        parse=_endpoints,
     )
-    parser.add_argument(
-        "--prefix",
-        type=_prefix,
-        default=env(ENVIRONMENT["prefix"], DEFAULT_PREFIX),
-        help=f"etcd key prefix (${ENVIRONMENT['prefix']}; default %(default)s)",
-    )
-    parser.add_argument(
-        "--inventory",
-        default=env(ENVIRONMENT["inventory"]),
-        help=f"YAML file of static nodes to register (${ENVIRONMENT['inventory']})",
-    )
+    _env_flag(parser, "--prefix", "etcd key prefix", default=DEFAULT_PREFIX, parse=_prefix)
+    _env_flag(parser, "--inventory", "YAML file of static nodes to register")
     parser.add_argument(
         "--etcd-wait",
         type=_seconds,

@@ -18,6 +18,7 @@ ENVIRONMENT = {
     "strategy": "KAIWO_GPU_DEFAULT_STRATEGY",
     "default_ttl": "KAIWO_GPU_DEFAULT_TTL",
     "inventory": "KAIWO_GPU_INVENTORY",
+    "log_format": "KAIWO_GPU_LOG_FORMAT",
 }
 """Flag destination -> environment variable that supplies its default."""
 
