@@ -65,7 +65,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def coordinator_running(
-    endpoint: str, prefix: str, inventory: Path, **settings: object
+    endpoint: str, prefix: str, inventory: Path | None, **settings: object
 ) -> AsyncIterator[Running]:
     """A coordinator in this process on `prefix`, stopped (with its channel) on exit."""
     coordinator = Coordinator(

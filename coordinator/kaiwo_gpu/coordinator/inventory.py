@@ -26,13 +26,13 @@ import yaml
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.coordinator.cluster import MAX_COMPUTE_UNITS
+from kaiwo_gpu.coordinator.keys import FROM_INVENTORY, SOURCE_LABEL
 from kaiwo_gpu.v1 import types_pb2
 
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-_UUID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_PARTITIONS = ("", "SPX", "DPX", "TPX", "QPX", "CPX")
+NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+GPU_UUID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+COMPUTE_PARTITIONS = ("", "SPX", "DPX", "TPX", "QPX", "CPX")
 _NODE_KEYS = {"name", "labels", "gpus", "schedulable", "reason"}
-SOURCE_LABEL = "kaiwo.ai/source"
 """Set to `inventory` on nodes this file registers, so they can be removed with it."""
 _GPU_KEYS = {
     "model", "count", "uuid", "index", "bdf", "vram_mib", "compute_units", "compute_partition",
@@ -82,7 +82,7 @@ def _gpus(
     vram_mib = _int(vram, f"{where}.vram_mib", 1, 16 * 1024 * 1024)
     compute_units = _int(units, f"{where}.compute_units", 1, MAX_COMPUTE_UNITS)
     partition = entry.get("compute_partition", "")
-    if partition not in _PARTITIONS:
+    if partition not in COMPUTE_PARTITIONS:
         raise InvalidArgumentError(
             f"{where}.compute_partition", partition, "SPX, DPX, TPX, QPX or CPX"
         )
@@ -112,7 +112,7 @@ def _gpus(
             uuid=_str(
                 entry.get("uuid", _derived_uuid(node, index)),
                 f"{where}.uuid",
-                _UUID,
+                GPU_UUID,
                 "1-128 of [A-Za-z0-9._:-]",
             ),
             index=index,
@@ -140,7 +140,7 @@ def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.Node
     for n, raw in enumerate(entries):
         where = f"{source}: nodes[{n}]"
         entry = _mapping(raw, where, _NODE_KEYS)
-        name = _str(entry.get("name"), f"{where}.name", _NAME, "a DNS-style node name")
+        name = _str(entry.get("name"), f"{where}.name", NODE_NAME, "a DNS-style node name")
         if name in names:
             raise InvalidArgumentError(f"{where}.name", name, "a name not used by another node")
         names.add(name)
@@ -175,7 +175,7 @@ def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.Node
         nodes.append(
             types_pb2.NodeStatus(
                 name=name,
-                labels={**labels, SOURCE_LABEL: "inventory"},
+                labels={**labels, SOURCE_LABEL: FROM_INVENTORY},
                 schedulable=schedulable,
                 unschedulable_reason="" if schedulable else reason,
                 gpus=[

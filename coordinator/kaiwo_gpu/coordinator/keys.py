@@ -5,6 +5,8 @@
 <prefix>requests/<request_id>  the allocation id a client's request_id produced
 <prefix>gpus/<uuid>            empty; rewritten by every placement on the GPU, so a
                                transaction can compare its revision (no over-commit)
+<prefix>agents/<node>          the coordinator an agent is connected to, on the node's
+                               lease: while it exists the agent's node is schedulable
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from enum import Enum
 from kaiwo_gpu.common.errors import InvalidArgumentError
 
 DEFAULT_PREFIX = "/kaiwo-gpu/v1/"
+SOURCE_LABEL = "kaiwo.ai/source"
+"""The node label that says who wrote the record: "inventory" or "agent"."""
+FROM_INVENTORY = "inventory"
+FROM_AGENT = "agent"
 _PREFIX = re.compile(r"^/[A-Za-z0-9._/-]{0,200}/$")
 
 
@@ -24,6 +30,7 @@ class KeyKind(Enum):
     ALLOCATION = "allocations"
     REQUEST = "requests"
     GPU = "gpus"
+    AGENT = "agents"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,9 @@ class KeyLayout:
 
     def gpu(self, uuid: str) -> bytes:
         return self.key(KeyKind.GPU, uuid)
+
+    def agent(self, node: str) -> bytes:
+        return self.key(KeyKind.AGENT, node)
 
     @property
     def all_keys(self) -> bytes:

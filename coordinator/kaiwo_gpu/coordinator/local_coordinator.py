@@ -27,12 +27,14 @@ class CoordinatorProcess:
         self,
         etcd_endpoint: str,
         prefix: str,
-        inventory: Path,
+        inventory: Path | None,
         log_path: Path,
         *,
         python_args: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        address: str | None = None,
     ) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = address or f"127.0.0.1:{free_port()}"
         self.args = [
             sys.executable,
             *python_args,
@@ -42,8 +44,9 @@ class CoordinatorProcess:
             f"--listen={self.address}",
             f"--etcd={etcd_endpoint}",
             f"--prefix={prefix}",
-            f"--inventory={inventory}",
+            *([f"--inventory={inventory}"] if inventory else []),
             "--log-format=json",
+            *extra_args,
         ]
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None

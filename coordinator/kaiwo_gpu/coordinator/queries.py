@@ -8,7 +8,8 @@ from collections.abc import Iterable, Mapping
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
-from kaiwo_gpu.coordinator.records import HEALTH_TO_PROTO
+from kaiwo_gpu.coordinator.agent_reports import NodeReport
+from kaiwo_gpu.coordinator.records import HEALTH_TO_PROTO, timestamp
 from kaiwo_gpu.coordinator.view_state import ViewState
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
@@ -45,7 +46,11 @@ def list_allocations(
     return allocation_pb2.ListAllocationsResponse(allocations=page, next_page_token=token)
 
 
-def node_statuses(state: ViewState, labels: Mapping[str, str]) -> Iterable[types_pb2.NodeStatus]:
+def node_statuses(
+    state: ViewState, labels: Mapping[str, str], reports: Mapping[str, NodeReport]
+) -> Iterable[types_pb2.NodeStatus]:
+    """Nodes as placement sees them (a node whose agent is gone is unschedulable), with
+    usage per GPU and the latest telemetry this coordinator received from its agent."""
     snapshot = state.snapshot()
     for name in sorted(state.nodes):
         record = state.nodes[name]
@@ -53,7 +58,19 @@ def node_statuses(state: ViewState, labels: Mapping[str, str]) -> Iterable[types
             continue
         status = types_pb2.NodeStatus()
         status.CopyFrom(record)
+        placed = snapshot.nodes.get(name)
+        if placed is not None:
+            status.schedulable = placed.schedulable
+            status.unschedulable_reason = placed.unschedulable_reason
+        else:
+            status.schedulable = False
+            status.unschedulable_reason = "its GPU UUIDs clash with another node's"
+        report = reports.get(name)
+        if report is not None:
+            status.last_seen.CopyFrom(timestamp(report.received_at))
         for gpu_status in status.gpus:
+            if report is not None and (sample := report.samples.get(gpu_status.inventory.uuid)):
+                gpu_status.telemetry.CopyFrom(sample.telemetry)
             pos = snapshot.position.get(gpu_status.inventory.uuid)
             if pos is None:
                 continue

@@ -16,8 +16,7 @@ from google.protobuf.message import DecodeError
 from kaiwo_gpu.common.errors import ConflictError
 from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
 from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS
-from kaiwo_gpu.coordinator.inventory import SOURCE_LABEL
-from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import types_pb2
 
@@ -96,4 +95,4 @@ def _from_inventory(value: bytes) -> bool:
         record.ParseFromString(value)
     except DecodeError:
         return False
-    return record.labels.get(SOURCE_LABEL) == "inventory"
+    return record.labels.get(SOURCE_LABEL) == FROM_INVENTORY

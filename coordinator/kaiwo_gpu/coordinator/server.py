@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 from collections.abc import Callable
 
 import grpc
@@ -19,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
+from kaiwo_gpu.coordinator.agent_servicer import AgentServicer, AgentSettings
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.inventory import load_inventory
 from kaiwo_gpu.coordinator.keys import KeyLayout
@@ -28,11 +31,12 @@ from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES
 from kaiwo_gpu.coordinator.view import ClusterView
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, allocation_pb2, allocation_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = allocation_pb2.DESCRIPTOR.services_by_name["AllocationService"].full_name
+AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -65,13 +69,23 @@ class Coordinator:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
-            AllocationServicer(self.allocator, self.view), self.server
+        self.agents = AgentServicer(
+            self.store,
+            self.view,
+            self.layout,
+            AgentSettings(
+                node_ttl_s=settings.node_ttl_s, sample_interval_ms=settings.sample_interval_ms
+            ),
         )
+        allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
+            AllocationServicer(self.allocator, self.view, self.agents.reports), self.server
+        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                AGENT_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -131,6 +145,7 @@ class Coordinator:
         await self._connect()
         self.view.on_connected_change = self._report_etcd
         self.allocator.start()
+        self.agents.start(f"{socket.gethostname()}:{self.port}/{os.getpid()}")
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -147,6 +162,7 @@ class Coordinator:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.agents.stop()
         await self.server.stop(self.settings.shutdown_grace_s)
         await self.allocator.stop()
         await self.view.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -16,6 +16,7 @@ import structlog
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, UnavailableError
 from kaiwo_gpu.common.wire import request_from_proto
+from kaiwo_gpu.coordinator.agent_reports import NodeReport
 from kaiwo_gpu.coordinator.allocator import Allocator
 from kaiwo_gpu.coordinator.queries import cluster_stats, list_allocations, matches, node_statuses
 from kaiwo_gpu.coordinator.records import timestamp
@@ -58,9 +59,15 @@ def _mapped_errors(handler: Handler[Request, Reply]) -> Handler[Request, Reply]:
 
 
 class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
-    def __init__(self, allocator: Allocator, view: ClusterView) -> None:
+    def __init__(
+        self,
+        allocator: Allocator,
+        view: ClusterView,
+        reports: Mapping[str, NodeReport] | None = None,
+    ) -> None:
         self.allocator = allocator
         self.view = view
+        self.reports: Mapping[str, NodeReport] = {} if reports is None else reports
 
     @_mapped_errors
     async def Allocate(
@@ -165,7 +172,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         if not self.view.state.nodes and not self.view.connected:
             raise UnavailableError("the coordinator has not read the cluster from etcd yet")
         return allocation_pb2.ListNodesResponse(
-            nodes=list(node_statuses(self.view.state, request.labels))
+            nodes=list(node_statuses(self.view.state, request.labels, self.reports))
         )
 
     @_mapped_errors

@@ -19,6 +19,8 @@ ENVIRONMENT = {
     "default_ttl": "KAIWO_GPU_DEFAULT_TTL",
     "inventory": "KAIWO_GPU_INVENTORY",
     "log_format": "KAIWO_GPU_LOG_FORMAT",
+    "node_ttl": "KAIWO_GPU_NODE_TTL",
+    "sample_interval": "KAIWO_GPU_SAMPLE_INTERVAL",
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -34,3 +36,7 @@ class CoordinatorSettings:
     etcd_timeout_s: float = 5.0
     startup_wait_s: float = 30.0
     shutdown_grace_s: float = 5.0
+    node_ttl_s: int = 15
+    """An agent's node stays schedulable this long after its coordinator last heard of it."""
+    sample_interval_ms: int = 1000
+    """The telemetry interval the coordinator asks its agents for."""

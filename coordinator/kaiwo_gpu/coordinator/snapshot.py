@@ -210,6 +210,38 @@ class ClusterSnapshot:
             changed_holders[pos] = (*kept, *added.get(pos, ()))
         return self._derive(allocations, changed_usage, changed_holders)
 
+    def with_telemetry(self, changes: Mapping[str, Telemetry | None]) -> ClusterSnapshot:
+        """The snapshot with newer readings (None: forget the GPU's reading).
+
+        Only GPUs whose load score moved are re-indexed, so a stream of samples that change
+        nothing placement cares about costs a dictionary copy, not an index rebuild.
+        """
+        telemetry = dict(self.telemetry)
+        moved: list[int] = []
+        for uuid, reading in changes.items():
+            before = telemetry.get(uuid)
+            if reading is None:
+                telemetry.pop(uuid, None)
+            else:
+                telemetry[uuid] = reading
+            pos = self.position.get(uuid)
+            if pos is not None and before != reading:
+                gpu, usage = self.gpus[pos], self.usage[pos]
+                if load_score(gpu, usage, before) != load_score(gpu, usage, reading):
+                    moved.append(pos)
+        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
+        for slot in ClusterSnapshot.__slots__:
+            setattr(snapshot, slot, getattr(self, slot))
+        snapshot.telemetry = MappingProxyType(telemetry)
+        if moved:
+            snapshot.shared_index = self.shared_index.updated(
+                {pos: snapshot._index_entry(pos, cu_mask=False) for pos in moved}
+            )
+            snapshot.cu_mask_index = self.cu_mask_index.updated(
+                {pos: snapshot._index_entry(pos, cu_mask=True) for pos in moved}
+            )
+        return snapshot
+
     def _positions(self, allocation: PlacedAllocation) -> set[int]:
         return {
             pos

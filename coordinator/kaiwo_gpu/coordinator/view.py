@@ -175,5 +175,6 @@ class ClusterView:
             for allocation_id, record in fresh.allocations.items()
             if allocation_id not in old
         ]
+        fresh.update_telemetry(self.state.telemetry)  # telemetry lives only in memory
         self.state = fresh
         self._publish(events)

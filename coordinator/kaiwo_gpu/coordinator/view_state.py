@@ -11,11 +11,12 @@ capacity that allocation holds is unknown.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from kaiwo_gpu.coordinator.changes import Change, KeyValue
-from kaiwo_gpu.coordinator.cluster import Node, PlacedAllocation
-from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.cluster import Node, PlacedAllocation, Telemetry
+from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL, KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.records import node_from_record, placed_from_record
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -23,6 +24,7 @@ from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 AllocationEvent = allocation_pb2.AllocationEvent
 RELEASED_PREFIX = b"released:"
 """A request key whose value starts with this marks a request_id whose allocation is gone."""
+AGENT_MISSING = "its agent is not connected (stopped, or its node lease expired)"
 
 
 class ViewState:
@@ -43,6 +45,10 @@ class ViewState:
         self.unreadable_nodes: set[str] = set()
         self.unreadable_allocations: set[str] = set()
         self.excluded_nodes: set[str] = set()
+        self.agents: dict[str, str] = {}  # node -> what its presence key says (a coordinator)
+        self.agent_revisions: dict[str, int] = {}
+        self.telemetry: dict[str, Telemetry] = {}  # by GPU UUID; fed by agents, never stored
+        self._telemetry_unsnapped: dict[str, Telemetry | None] = {}
         self._snapshot: ClusterSnapshot | None = None
         self._unsnapped: set[str] = set()  # allocation ids changed since `_snapshot`
 
@@ -79,6 +85,8 @@ class ViewState:
                 self._apply_node(name, change)
             elif kind is KeyKind.REQUEST:
                 self._apply_request(name, change)
+            elif kind is KeyKind.AGENT:
+                self._apply_agent(name, change)
             elif change.value is None:
                 self.gpu_revisions.pop(name, None)
             else:
@@ -96,6 +104,24 @@ class ViewState:
             self.released_requests[request_id] = value[len(RELEASED_PREFIX) :]
         else:
             self.request_keys[request_id] = value
+
+    def _apply_agent(self, node: str, change: Change) -> None:
+        self._snapshot = None
+        if change.value is None:
+            self.agents.pop(node, None)
+            self.agent_revisions.pop(node, None)
+        else:
+            self.agents[node] = change.value.decode(errors="replace")
+            self.agent_revisions[node] = change.revision
+
+    def update_telemetry(self, readings: Mapping[str, Telemetry | None]) -> None:
+        """Newer readings by GPU UUID (None forgets one); the next snapshot carries them."""
+        for uuid, reading in readings.items():
+            if reading is None:
+                self.telemetry.pop(uuid, None)
+            else:
+                self.telemetry[uuid] = reading
+        self._telemetry_unsnapped.update(readings)
 
     def orphaned_request(self, request_id: str) -> str | None:
         """The allocation id a request key names when that allocation is gone, else None.
@@ -183,7 +209,14 @@ class ViewState:
         nodes: list[Node] = []
         self.excluded_nodes = set()
         for name in sorted(self.nodes):
-            node = node_from_record(self.nodes[name])
+            record = self.nodes[name]
+            node = node_from_record(record)
+            if (
+                node.schedulable
+                and record.labels.get(SOURCE_LABEL) == FROM_AGENT
+                and name not in self.agents
+            ):
+                node = replace(node, schedulable=False, unschedulable_reason=AGENT_MISSING)
             uuids = [gpu.uuid for gpu in node.gpus]
             if seen.intersection(uuids) or len(set(uuids)) != len(uuids):
                 self.excluded_nodes.add(name)
@@ -200,8 +233,15 @@ class ViewState:
         """
         if self._snapshot is None:
             self._unsnapped.clear()
-            self._snapshot = ClusterSnapshot.build(self._placeable_nodes(), self._placed.values())
-        elif self._unsnapped:
+            self._telemetry_unsnapped.clear()
+            self._snapshot = ClusterSnapshot.build(
+                self._placeable_nodes(), self._placed.values(), self.telemetry
+            )
+            return self._snapshot
+        if self._telemetry_unsnapped:
+            self._snapshot = self._snapshot.with_telemetry(self._telemetry_unsnapped)
+            self._telemetry_unsnapped = {}
+        if self._unsnapped:
             current = self._snapshot.allocations
             upserts = []
             removals = []

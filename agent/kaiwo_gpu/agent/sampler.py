@@ -1,0 +1,146 @@
+"""One tick of the agent: read every GPU, judge its health, and make the batch to send.
+
+Backends block (amdsmi is a C library), so reads run in a worker thread. A read that is
+still running when the next tick comes is not waited for twice: its GPU keeps its last
+verdict until the sample counts as stale, and then it is unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kaiwo_gpu.agent.backend import DeviceLostError, DiscoveredGpu, GpuBackend, GpuReading
+from kaiwo_gpu.agent.health import GpuHealth, HealthLimits, classify, initial, limits_for, stale
+from kaiwo_gpu.common.models import Health
+from kaiwo_gpu.v1 import agent_pb2, types_pb2
+
+_HEALTH_TO_PROTO = {
+    Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
+    Health.DEGRADED: types_pb2.HEALTH_DEGRADED,
+    Health.UNHEALTHY: types_pb2.HEALTH_UNHEALTHY,
+}
+
+
+def inventory_proto(gpu: DiscoveredGpu) -> types_pb2.GpuInventory:
+    return types_pb2.GpuInventory(
+        uuid=gpu.uuid,
+        index=gpu.index,
+        bdf=gpu.bdf,
+        model=gpu.model,
+        vram_mib=gpu.vram_mib,
+        compute_units=gpu.compute_units,
+        compute_partition=gpu.compute_partition,
+        memory_partition=gpu.memory_partition,
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def telemetry_proto(reading: GpuReading, sampled_at: Timestamp) -> types_pb2.GpuTelemetry:
+    """The wire form of a reading; values a device does not report stay unset."""
+    telemetry = types_pb2.GpuTelemetry(sampled_at=sampled_at)
+    for name in ("gfx_activity_percent", "umc_activity_percent"):
+        value = getattr(reading, name)
+        if value is not None:
+            setattr(telemetry, name, min(max(int(value), 0), 100))
+    for name in (
+        "edge_temperature_c",
+        "hotspot_temperature_c",
+        "memory_temperature_c",
+        "socket_power_w",
+        "power_limit_w",
+    ):
+        value = _finite(getattr(reading, name))
+        if value is not None:
+            setattr(telemetry, name, value)
+    for name in ("used_vram_mib", "ecc_correctable_total", "ecc_uncorrectable_total"):
+        value = getattr(reading, name)
+        if value is not None and value >= 0:
+            setattr(telemetry, name, int(value))
+    for process in reading.processes:
+        telemetry.processes.add(pid=process.pid, name=process.name[:256], vram_mib=process.vram_mib)
+    return telemetry
+
+
+def read_all(backend: GpuBackend, gpus: Sequence[DiscoveredGpu]) -> dict[str, GpuReading | None]:
+    """Every GPU's reading; None for a GPU that is gone."""
+    readings: dict[str, GpuReading | None] = {}
+    for gpu in gpus:
+        try:
+            readings[gpu.uuid] = backend.read(gpu)
+        except DeviceLostError:
+            readings[gpu.uuid] = None
+    return readings
+
+
+class NodeSampler:
+    """Keeps each GPU's health between ticks and turns readings into telemetry batches."""
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        gpus: Sequence[DiscoveredGpu],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        limits: Mapping[str, HealthLimits] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.gpus = tuple(gpus)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.limits = dict(limits) if limits else {g.uuid: limits_for(g.model) for g in gpus}
+        started = clock()
+        self.health: dict[str, GpuHealth] = {gpu.uuid: initial(started) for gpu in gpus}
+        self.last_readings: dict[str, GpuReading] = {}
+        self._reading: asyncio.Future[dict[str, GpuReading | None]] | None = None
+
+    async def sample(self, wait_s: float) -> agent_pb2.TelemetryBatch:
+        """Reads all GPUs (waiting at most `wait_s` for the backend) and makes a batch."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(
+                asyncio.to_thread(read_all, self.backend, self.gpus)
+            )
+        readings: dict[str, GpuReading | None] | None = None
+        try:
+            readings = await asyncio.wait_for(asyncio.shield(self._reading), wait_s)
+        except TimeoutError:
+            readings = None  # the backend hangs: health turns stale below
+        return self.judge(readings)
+
+    def judge(self, readings: Mapping[str, GpuReading | None] | None) -> agent_pb2.TelemetryBatch:
+        """Health verdicts for this tick and the batch that carries them."""
+        now = self.clock()
+        stamp = Timestamp()
+        stamp.FromDatetime(self.wall_clock())
+        batch = agent_pb2.TelemetryBatch(sampled_at=stamp)
+        for gpu in self.gpus:
+            limits = self.limits[gpu.uuid]
+            previous = self.health[gpu.uuid]
+            if readings is None:
+                verdict = stale(previous, now, limits)
+            else:
+                reading = readings.get(gpu.uuid)
+                verdict = classify(previous, reading, now, limits)
+                if reading is not None:
+                    self.last_readings[gpu.uuid] = reading
+                else:
+                    self.last_readings.pop(gpu.uuid, None)
+            self.health[gpu.uuid] = verdict
+            sample = batch.samples.add(
+                uuid=gpu.uuid,
+                health=_HEALTH_TO_PROTO[verdict.health],
+                health_reason=verdict.reason[:256],
+            )
+            last = self.last_readings.get(gpu.uuid)
+            if last is not None and readings is not None:
+                sample.telemetry.CopyFrom(telemetry_proto(last, stamp))
+        return batch

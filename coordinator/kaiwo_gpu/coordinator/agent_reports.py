@@ -1,0 +1,244 @@
+"""What node agents report, checked at the edge and turned into records (pure).
+
+An agent registers its node's inventory, then sends one telemetry batch per interval.
+Everything is checked before anything is kept: a batch naming a GPU the node does not
+have, or a value out of range, is refused whole, so a broken agent changes nothing.
+Telemetry stays in memory; only the inventory and health changes become node records.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
+from kaiwo_gpu.common.errors import InvalidArgumentError as Invalid
+from kaiwo_gpu.common.models import freeze_labels
+from kaiwo_gpu.coordinator.cluster import MAX_COMPUTE_UNITS, Telemetry
+from kaiwo_gpu.coordinator.inventory import COMPUTE_PARTITIONS, GPU_UUID, NODE_NAME
+from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL
+from kaiwo_gpu.v1 import agent_pb2, types_pb2
+
+MAX_GPUS_PER_NODE = 256
+MAX_PROCESSES = 1024
+MEMORY_PARTITIONS = ("", "NPS1", "NPS2", "NPS4", "NPS8")
+BACKENDS = ("amdsmi", "simulated")
+_MODEL = re.compile(r"^\S{1,64}$")
+_KNOWN_HEALTH = (types_pb2.HEALTH_HEALTHY, types_pb2.HEALTH_DEGRADED, types_pb2.HEALTH_UNHEALTHY)
+_FloatField = Literal[
+    "edge_temperature_c",
+    "hotspot_temperature_c",
+    "memory_temperature_c",
+    "socket_power_w",
+    "power_limit_w",
+]
+_TEMPERATURES: tuple[_FloatField, ...] = (
+    "edge_temperature_c",
+    "hotspot_temperature_c",
+    "memory_temperature_c",
+)
+_POWERS: tuple[_FloatField, ...] = ("socket_power_w", "power_limit_w")
+_PERCENTS: tuple[Literal["gfx_activity_percent", "umc_activity_percent"], ...] = (
+    "gfx_activity_percent",
+    "umc_activity_percent",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    """The latest batch from one node's agent, as this coordinator received it."""
+
+    received_at: datetime
+    samples: Mapping[str, agent_pb2.GpuSample]  # by GPU UUID
+
+
+def node_record(
+    register: agent_pb2.Register,
+    previous: types_pb2.NodeStatus | None,
+    gpu_owners: Mapping[str, str],
+) -> types_pb2.NodeStatus:
+    """The node record an agent's registration makes, or an error naming the field.
+
+    Health and a cordon carry over from the node's previous agent-written record, so a
+    reconnecting agent does not make a bad GPU look healthy until its next batch.
+    """
+    if not NODE_NAME.match(register.node):
+        raise Invalid("register.node", register.node, "a DNS-1123 name of 1-253 characters")
+    if previous is not None and previous.labels.get(SOURCE_LABEL) != FROM_AGENT:
+        raise FailedPreconditionError(
+            f"node {register.node!r} is registered by the static inventory; remove it "
+            "there before running an agent for it"
+        )
+    if register.backend not in BACKENDS:
+        raise Invalid("register.backend", register.backend, " or ".join(BACKENDS))
+    labels = dict(freeze_labels(register.labels, "register.labels"))
+    if SOURCE_LABEL in labels:
+        raise Invalid("register.labels", SOURCE_LABEL, "a label that is not reserved")
+    if not 1 <= len(register.gpus) <= MAX_GPUS_PER_NODE:
+        raise Invalid("register.gpus", len(register.gpus), f"1-{MAX_GPUS_PER_NODE} GPUs")
+    indices: set[int] = set()
+    uuids: set[str] = set()
+    for n, gpu in enumerate(register.gpus):
+        _check_inventory(gpu, f"register.gpus[{n}]")
+        if gpu.index in indices or gpu.uuid in uuids:
+            raise Invalid(f"register.gpus[{n}]", gpu.uuid, "a GPU with a UUID and index of its own")
+        owner = gpu_owners.get(gpu.uuid, register.node)
+        if owner != register.node:
+            raise AlreadyExistsError(
+                f"GPU {gpu.uuid} (register.gpus[{n}].uuid) belongs to node {owner!r}; "
+                "two nodes cannot hold one GPU"
+            )
+        indices.add(gpu.index)
+        uuids.add(gpu.uuid)
+    old = {status.inventory.uuid: status for status in previous.gpus} if previous else {}
+    record = types_pb2.NodeStatus(
+        name=register.node,
+        labels={**labels, SOURCE_LABEL: FROM_AGENT},
+        schedulable=previous.schedulable if previous else True,
+        unschedulable_reason=previous.unschedulable_reason if previous else "",
+    )
+    for gpu in sorted(register.gpus, key=lambda g: g.index):
+        kept = old.get(gpu.uuid)
+        record.gpus.add(
+            inventory=gpu,
+            health=kept.health if kept else types_pb2.HEALTH_HEALTHY,
+            health_reason=kept.health_reason if kept else "",
+        )
+    return record
+
+
+def _check_inventory(gpu: types_pb2.GpuInventory, where: str) -> None:
+    if not GPU_UUID.match(gpu.uuid):
+        raise Invalid(f"{where}.uuid", gpu.uuid, "1-128 of [A-Za-z0-9._:-]")
+    if gpu.index > 255:
+        raise Invalid(f"{where}.index", gpu.index, "0-255")
+    if not _MODEL.match(gpu.model):
+        raise Invalid(f"{where}.model", gpu.model, "a market name of 1-64 characters")
+    if not 1 <= gpu.vram_mib <= 16 * 1024 * 1024:
+        raise Invalid(f"{where}.vram_mib", gpu.vram_mib, "1-16777216 MiB")
+    if not 1 <= gpu.compute_units <= MAX_COMPUTE_UNITS:
+        raise Invalid(f"{where}.compute_units", gpu.compute_units, f"1-{MAX_COMPUTE_UNITS}")
+    if gpu.compute_partition not in COMPUTE_PARTITIONS:
+        raise Invalid(
+            f"{where}.compute_partition", gpu.compute_partition, "empty, SPX, DPX, TPX, QPX or CPX"
+        )
+    if gpu.memory_partition not in MEMORY_PARTITIONS:
+        raise Invalid(
+            f"{where}.memory_partition", gpu.memory_partition, "empty, NPS1, NPS2, NPS4 or NPS8"
+        )
+    if len(gpu.bdf) > 64:
+        raise Invalid(f"{where}.bdf", gpu.bdf, "a PCI address of up to 64 characters")
+
+
+def checked_batch(
+    batch: agent_pb2.TelemetryBatch,
+    record: types_pb2.NodeStatus,
+    owner_of: Callable[[str], str | None],
+) -> dict[str, agent_pb2.GpuSample]:
+    """The batch's samples by UUID, if every one is about this node's GPUs and in range."""
+    if not batch.HasField("sampled_at"):
+        raise Invalid("telemetry.sampled_at", None, "the time the batch was sampled")
+    vram = {status.inventory.uuid: status.inventory.vram_mib for status in record.gpus}
+    samples: dict[str, agent_pb2.GpuSample] = {}
+    for n, sample in enumerate(batch.samples):
+        where = f"telemetry.samples[{n}]"
+        if sample.uuid not in vram:
+            owner = owner_of(sample.uuid)
+            whose = f"belongs to node {owner!r}" if owner else "is not a GPU of any node"
+            raise Invalid(
+                f"{where}.uuid",
+                sample.uuid,
+                f"a GPU of node {record.name!r} ({sample.uuid} {whose})",
+            )
+        if sample.uuid in samples:
+            raise Invalid(f"{where}.uuid", sample.uuid, "one sample per GPU in a batch")
+        _check_sample(sample, where, vram[sample.uuid])
+        samples[sample.uuid] = sample
+    return samples
+
+
+def _check_sample(sample: agent_pb2.GpuSample, where: str, vram_mib: int) -> None:
+    if sample.health not in _KNOWN_HEALTH:
+        raise Invalid(f"{where}.health", sample.health, "HEALTHY, DEGRADED or UNHEALTHY")
+    if len(sample.health_reason) > 256:
+        raise Invalid(f"{where}.health_reason", "(too long)", "up to 256 characters")
+    telemetry = sample.telemetry
+    for percent in _PERCENTS:
+        if telemetry.HasField(percent) and getattr(telemetry, percent) > 100:
+            raise Invalid(f"{where}.telemetry.{percent}", getattr(telemetry, percent), "0-100")
+    for temperature in _TEMPERATURES:
+        _check_float(telemetry, temperature, where, low=-60.0, high=250.0, unit="°C")
+    for power in _POWERS:
+        _check_float(telemetry, power, where, low=0.0, high=10_000.0, unit="W")
+    if telemetry.HasField("used_vram_mib") and telemetry.used_vram_mib > vram_mib:
+        raise Invalid(
+            f"{where}.telemetry.used_vram_mib", telemetry.used_vram_mib, f"0-{vram_mib} MiB"
+        )
+    if len(telemetry.processes) > MAX_PROCESSES:
+        raise Invalid(
+            f"{where}.telemetry.processes", len(telemetry.processes), f"0-{MAX_PROCESSES}"
+        )
+    for p, process in enumerate(telemetry.processes):
+        if len(process.name) > 256 or process.vram_mib > vram_mib:
+            raise Invalid(
+                f"{where}.telemetry.processes[{p}]",
+                process.pid,
+                f"a name of up to 256 characters and 0-{vram_mib} MiB",
+            )
+
+
+def _check_float(
+    telemetry: types_pb2.GpuTelemetry,
+    name: _FloatField,
+    where: str,
+    *,
+    low: float,
+    high: float,
+    unit: str,
+) -> None:
+    if not telemetry.HasField(name):
+        return
+    value = getattr(telemetry, name)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise Invalid(f"{where}.telemetry.{name}", value, f"a finite {low:g}-{high:g} {unit}")
+
+
+def with_health(
+    record: types_pb2.NodeStatus, samples: Mapping[str, agent_pb2.GpuSample]
+) -> types_pb2.NodeStatus | None:
+    """The record with the agent's health verdicts, or None when none changed."""
+    changed = types_pb2.NodeStatus()
+    changed.CopyFrom(record)
+    moved = False
+    for status in changed.gpus:
+        sample = samples.get(status.inventory.uuid)
+        if sample is None:
+            continue
+        if (status.health, status.health_reason) != (sample.health, sample.health_reason):
+            status.health = sample.health
+            status.health_reason = sample.health_reason
+            moved = True
+    return changed if moved else None
+
+
+def placement_reading(telemetry: types_pb2.GpuTelemetry) -> Telemetry:
+    """The part of a sample the load-balanced strategy weighs."""
+    return Telemetry(
+        gfx_activity_percent=telemetry.gfx_activity_percent
+        if telemetry.HasField("gfx_activity_percent")
+        else None,
+        hotspot_temperature_c=telemetry.hotspot_temperature_c
+        if telemetry.HasField("hotspot_temperature_c")
+        else None,
+        socket_power_w=telemetry.socket_power_w if telemetry.HasField("socket_power_w") else None,
+        power_limit_w=telemetry.power_limit_w if telemetry.HasField("power_limit_w") else None,
+    )
+
+
+def gpu_owners(nodes: Sequence[types_pb2.NodeStatus]) -> dict[str, str]:
+    """GPU UUID -> the node whose record names it."""
+    return {status.inventory.uuid: node.name for node in nodes for status in node.gpus}

@@ -1,0 +1,370 @@
+"""The AgentService: node agents register, stream telemetry and receive directives.
+
+One `Connect` stream per agent. Registration writes the node record (no lease: the node
+stays listed while its agent is away) and a presence key `agents/<node>` on a node lease
+this coordinator keeps alive while the stream is up. Without that key an agent's node is
+not schedulable, so a node whose agent died leaves placement within the lease TTL, and at
+once when its stream ends cleanly. Telemetry is kept in memory; only health changes are
+written, each guarded by the record and presence revisions this session wrote, so a
+session that lost its node to a newer connection cannot overwrite it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import structlog
+
+from kaiwo_gpu.common.errors import (
+    ConflictError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    KaiwoGpuError,
+    UnavailableError,
+)
+from kaiwo_gpu.coordinator.agent_reports import (
+    NodeReport,
+    checked_batch,
+    gpu_owners,
+    node_record,
+    placement_reading,
+    with_health,
+)
+from kaiwo_gpu.coordinator.changes import Put, Txn
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.records import timestamp
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.view import ClusterView, Subscription
+from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+
+log = structlog.get_logger(__name__)
+
+REGISTER_WAIT_S = 10.0
+PLACEMENT_COALESCE_S = 0.05
+MAX_REGISTER_ATTEMPTS = 3
+
+Context = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.CoordinatorDirective]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    node_ttl_s: int = 15
+    sample_interval_ms: int = 1000
+
+    @property
+    def silent_limit_s(self) -> float:
+        """How long a connected agent may send nothing before its stream is ended."""
+        return 3 * self.sample_interval_ms / 1000 + 2.0
+
+
+class _Session:
+    """One agent's connection: what it registered and the revisions it wrote."""
+
+    def __init__(self, node: str, lease_id: int, ttl_s: int) -> None:
+        self.node = node
+        self.lease_id = lease_id
+        self.ttl_s = ttl_s
+        self.record = types_pb2.NodeStatus()
+        self.record_revision = 0
+        self.presence_revision = 0
+        self.placements_changed = asyncio.Event()
+        self.placements_changed.set()  # the first list goes out at once
+        self.closing = asyncio.Event()  # the coordinator is stopping: end the stream now
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        store: EtcdStore,
+        view: ClusterView,
+        layout: KeyLayout,
+        settings: AgentSettings,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.view = view
+        self.layout = layout
+        self.settings = settings
+        self.clock = clock
+        self.coordinator_id = "coordinator"
+        self.reports: dict[str, NodeReport] = {}
+        self.rejected_batches = 0
+        self._sessions: dict[str, _Session] = {}
+        self._stopping = False
+        self._feed: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def start(self, coordinator_id: str) -> None:
+        self.coordinator_id = coordinator_id
+        self._feed = asyncio.create_task(self._follow_placements(), name="agent-placement-feed")
+
+    async def stop(self) -> None:
+        """Before the server stops: sessions then end without revoking their node leases,
+        so agents that reconnect to another coordinator within the TTL do not flap."""
+        self._stopping = True
+        for session in self._sessions.values():
+            session.closing.set()
+        if self._feed is not None:
+            self._feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed
+
+    async def _follow_placements(self) -> None:
+        subscription = self.view.subscribe()
+        try:
+            while True:
+                event = await subscription.queue.get()
+                if event is None:  # fell behind: tell every session to resend
+                    subscription = self._resubscribe(subscription)
+                    for session in self._sessions.values():
+                        session.placements_changed.set()
+                    continue
+                listener = self._sessions.get(event.allocation.node)
+                if listener is not None:
+                    listener.placements_changed.set()
+        finally:
+            self.view.unsubscribe(subscription)
+
+    def _resubscribe(self, old: Subscription) -> Subscription:
+        self.view.unsubscribe(old)
+        return self.view.subscribe()
+
+    async def Connect(  # type: ignore[override]
+        self,
+        request_iterator: Any,
+        context: Context,
+    ) -> None:
+        session: _Session | None = None
+        try:
+            first: object = await asyncio.wait_for(context.read(), REGISTER_WAIT_S)
+            if not isinstance(first, agent_pb2.AgentMessage) or not first.HasField("register"):
+                raise InvalidArgumentError("first message", "telemetry", "register")
+            session = await self._register(first.register)
+            await self._serve(session, context)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no register message within {REGISTER_WAIT_S:g}s of connecting",
+            )
+        except KaiwoGpuError as error:
+            if isinstance(error, InvalidArgumentError):
+                self.rejected_batches += 1
+            log.warning(
+                "agent stream refused",
+                node=session.node if session else None,
+                status=error.status_code,
+                error=error.message,
+            )
+            await context.abort(grpc.StatusCode[error.status_code], error.message)
+        finally:
+            if session is not None:
+                self._end(session)
+
+    async def _serve(self, session: _Session, context: Context) -> None:
+        tasks = [
+            asyncio.create_task(self._read_batches(session, context)),
+            asyncio.create_task(self._send_directives(session, context)),
+            asyncio.create_task(self._keep_lease(session)),
+            asyncio.create_task(session.closing.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # raises what ended the session, if anything
+
+    def _end(self, session: _Session) -> None:
+        if self._sessions.get(session.node) is not session:
+            return  # a newer connection of the same node holds it now
+        del self._sessions[session.node]
+        # The last report stays, so ListNodes shows when the node was last seen; placement
+        # forgets its readings (the node is unschedulable until its agent returns).
+        report = self.reports.get(session.node)
+        if report is not None:
+            self.view.state.update_telemetry(dict.fromkeys(report.samples))
+        log.info("agent disconnected", node=session.node)
+        if not self._stopping:
+            self._in_background(self._revoke(session.lease_id))
+
+    async def _revoke(self, lease_id: int) -> None:
+        with contextlib.suppress(KaiwoGpuError):
+            await self.store.revoke_lease(lease_id)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _register(self, register: agent_pb2.Register) -> _Session:
+        """Writes the node record (when it changed) and the presence key, on a new lease."""
+        others = gpu_owners(
+            [record for name, record in self.view.state.nodes.items() if name != register.node]
+        )
+        node_record(register, None, others)  # refuse bad input before granting anything
+        lease_id, ttl_s = await self.store.grant_lease(self.settings.node_ttl_s)
+        session = _Session(register.node, lease_id, ttl_s)
+        try:
+            for _ in range(MAX_REGISTER_ATTEMPTS):
+                if await self._write_registration(session, register, others):
+                    break
+            else:
+                raise ConflictError(f"node {register.node!r} kept changing while it registered")
+        except BaseException:
+            self._in_background(self._revoke(lease_id))
+            raise
+        replaced = self._sessions.get(session.node)
+        self._sessions[session.node] = session
+        last = self.reports.get(session.node)
+        self.reports[session.node] = NodeReport(self.clock(), last.samples if last else {})
+        log.info(
+            "agent registered",
+            node=session.node,
+            gpus=len(register.gpus),
+            backend=register.backend,
+            agent_version=register.agent_version,
+            replaced_connection=replaced is not None,
+        )
+        return session
+
+    async def _write_registration(
+        self, session: _Session, register: agent_pb2.Register, others: dict[str, str]
+    ) -> bool:
+        node_key = self.layout.node(session.node)
+        _, current = await self.store.read(node_key)
+        previous = None
+        if current is not None:
+            previous = types_pb2.NodeStatus()
+            try:
+                previous.ParseFromString(current.value)
+            except Exception:  # an unreadable record is replaced by the agent's
+                previous = None
+        record = node_record(register, previous, others)
+        presence = Put(
+            self.layout.agent(session.node), self.coordinator_id.encode(), lease=session.lease_id
+        )
+        revision_read = current.mod_revision if current is not None else 0
+        unchanged = current is not None and current.value == record.SerializeToString(
+            deterministic=True
+        )
+        txn = Txn(
+            expect_mod_revision=((node_key, revision_read),),
+            puts=(presence,)
+            if unchanged
+            else (Put(node_key, record.SerializeToString(deterministic=True)), presence),
+        )
+        result = await self.store.commit(txn)
+        if not result.succeeded:
+            return False
+        session.record = record
+        session.record_revision = revision_read if unchanged else result.revision
+        session.presence_revision = result.revision
+        return True
+
+    async def _read_batches(self, session: _Session, context: Context) -> None:
+        limit_s = self.settings.silent_limit_s
+        while True:
+            try:
+                message: object = await asyncio.wait_for(context.read(), limit_s)
+            except TimeoutError:
+                raise UnavailableError(
+                    f"no telemetry from node {session.node!r} for {limit_s:g}s; reconnect"
+                ) from None
+            if not isinstance(message, agent_pb2.AgentMessage):
+                return  # grpc.aio.EOF: the agent closed its side
+            if not message.HasField("telemetry"):
+                raise InvalidArgumentError("message", "register", "telemetry after registering")
+            await self._ingest(session, message.telemetry)
+
+    async def _ingest(self, session: _Session, batch: agent_pb2.TelemetryBatch) -> None:
+        samples = checked_batch(batch, session.record, self._owner_of)
+        self.reports[session.node] = NodeReport(received_at=self.clock(), samples=samples)
+        self.view.state.update_telemetry(
+            {uuid: placement_reading(sample.telemetry) for uuid, sample in samples.items()}
+        )
+        changed = with_health(session.record, samples)
+        if changed is not None:
+            await self._write_health(session, changed)
+
+    def _owner_of(self, uuid: str) -> str | None:
+        """Which node names the GPU (only asked when a batch is refused)."""
+        return gpu_owners(list(self.view.state.nodes.values())).get(uuid)
+
+    async def _write_health(self, session: _Session, record: types_pb2.NodeStatus) -> None:
+        """Writes health verdicts while this session still holds the node."""
+        node_key = self.layout.node(session.node)
+        txn = Txn(
+            expect_mod_revision=(
+                (node_key, session.record_revision),
+                (self.layout.agent(session.node), session.presence_revision),
+            ),
+            puts=(Put(node_key, record.SerializeToString(deterministic=True)),),
+            read_on_failure=(node_key,),
+        )
+        result = await self.store.commit(txn)
+        if not result.succeeded:
+            raise FailedPreconditionError(
+                f"node {session.node!r} changed under this connection (another connection "
+                "registered it, or its record was edited); reconnect to register again"
+            )
+        session.record = record
+        session.record_revision = result.revision
+        log.info(
+            "gpu health changed",
+            node=session.node,
+            gpus={
+                status.inventory.uuid: types_pb2.Health.Name(status.health)
+                for status in record.gpus
+            },
+        )
+
+    async def _send_directives(self, session: _Session, context: Context) -> None:
+        await context.write(
+            agent_pb2.CoordinatorDirective(
+                registered=agent_pb2.Registered(
+                    coordinator_id=self.coordinator_id,
+                    sample_interval_ms=self.settings.sample_interval_ms,
+                )
+            )
+        )
+        while True:
+            await session.placements_changed.wait()
+            session.placements_changed.clear()
+            await context.write(
+                agent_pb2.CoordinatorDirective(placed_allocations=self._placed_on(session.node))
+            )
+            await asyncio.sleep(PLACEMENT_COALESCE_S)  # one message for a burst of changes
+
+    def _placed_on(self, node: str) -> agent_pb2.PlacedAllocations:
+        state = self.view.state
+        snapshot = state.snapshot()
+        ids: set[str] = set()
+        placed = snapshot.nodes.get(node)
+        for gpu in placed.gpus if placed is not None else ():
+            ids.update(snapshot.holders[snapshot.position[gpu.uuid]])
+        return agent_pb2.PlacedAllocations(
+            allocations=[state.allocations[i] for i in sorted(ids) if i in state.allocations],
+            as_of=timestamp(self.clock()),
+        )
+
+    async def _keep_lease(self, session: _Session) -> None:
+        interval_s = max(session.ttl_s / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                ttl = await self.store.refresh_lease(session.lease_id)
+            except UnavailableError as error:
+                log.warning("cannot renew node lease", node=session.node, error=error.message)
+                continue
+            if ttl <= 0:
+                raise UnavailableError(
+                    f"the lease of node {session.node!r} expired; reconnect to register again"
+                )

@@ -1,0 +1,401 @@
+"""Node agents against a real coordinator and etcd on loopback.
+
+Agents register their node, stream telemetry and health, and hold a node lease; the
+coordinator keeps telemetry in memory, writes health changes, and takes nodes whose agent
+is gone and GPUs their agent calls unhealthy out of placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.view_state import AGENT_MISSING
+from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
+
+from .agents import RawAgent, agents_running, batch, eventually, nodes_by_name, raw_inventory
+from .conftest import Running, coordinator_running
+from .harness import request
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = {"node_ttl_s": 2, "sample_interval_ms": 200}
+
+
+def address(running: Running) -> str:
+    return f"127.0.0.1:{running.coordinator.port}"
+
+
+async def test_agents_register_and_their_telemetry_shows_in_list_nodes(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["sim-a", "sim-b", "sim-c"]) as agents,
+    ):
+
+        async def all_reporting() -> dict[str, types_pb2.NodeStatus] | None:
+            nodes = await nodes_by_name(running.api)
+            ready = len(nodes) == 3 and all(
+                node.schedulable
+                and node.HasField("last_seen")
+                and all(gpu.telemetry.HasField("sampled_at") for gpu in node.gpus)
+                for node in nodes.values()
+            )
+            return nodes if ready else None
+
+        nodes = await eventually(all_reporting)
+        for agent in agents:
+            node = nodes[agent.settings.node]
+            assert node.labels["kaiwo.ai/source"] == "agent"
+            assert [gpu.inventory.uuid for gpu in node.gpus] == [gpu.uuid for gpu in agent.gpus]
+            for gpu in node.gpus:
+                telemetry = gpu.telemetry
+                assert gpu.health == types_pb2.HEALTH_HEALTHY
+                assert gpu.inventory.model == "MI300X"
+                assert gpu.inventory.vram_mib == 192 * 1024
+                assert 0 <= telemetry.gfx_activity_percent <= 100
+                assert 20 < telemetry.hotspot_temperature_c < 110
+                assert 0 < telemetry.socket_power_w <= telemetry.power_limit_w
+                assert telemetry.HasField("used_vram_mib")
+        # The coordinator asked for its interval, and the agents took it.
+        assert {agent.uplink.status.interval_ms for agent in agents} == {200}
+
+
+async def test_load_follows_placements_on_simulated_agents(etcd: LocalEtcd, prefix: str) -> None:
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["sim-a"]) as (agent,),
+    ):
+        await eventually(lambda: _schedulable(running, "sim-a"))
+        reply = await running.api.Allocate(
+            request("busy", fraction_millis=1000, memory_mib=100_000)
+        )
+        uuid = reply.allocation.gpus[0].uuid
+
+        async def busy() -> types_pb2.GpuStatus | None:
+            node = (await nodes_by_name(running.api))["sim-a"]
+            gpu = next(g for g in node.gpus if g.inventory.uuid == uuid)
+            return gpu if gpu.telemetry.gfx_activity_percent >= 80 else None
+
+        gpu = await eventually(busy)
+        assert gpu.telemetry.used_vram_mib >= 100_000
+        assert [p.vram_mib for p in gpu.telemetry.processes]
+        assert agent.uplink.status.placed[uuid].millis == 1000
+
+
+async def _schedulable(running: Running, name: str) -> types_pb2.NodeStatus | None:
+    node = (await nodes_by_name(running.api)).get(name)
+    return node if node is not None and node.schedulable else None
+
+
+async def _unschedulable(running: Running, name: str) -> types_pb2.NodeStatus | None:
+    node = (await nodes_by_name(running.api)).get(name)
+    return node if node is not None and not node.schedulable else None
+
+
+async def test_an_unhealthy_gpu_stops_receiving_placements(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path
+) -> None:
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["sim-a"], faults_dir=tmp_path) as (agent,),
+    ):
+        await eventually(lambda: _schedulable(running, "sim-a"))
+        hot, cool = agent.gpus[0].uuid, agent.gpus[1].uuid
+        (tmp_path / "sim-a.yaml").write_text("0: overheat\n")
+
+        async def gpu_health(uuid: str, wanted: int) -> types_pb2.GpuStatus | None:
+            node = (await nodes_by_name(running.api))["sim-a"]
+            gpu = next(g for g in node.gpus if g.inventory.uuid == uuid)
+            return gpu if gpu.health == wanted else None
+
+        sick = await eventually(lambda: gpu_health(hot, types_pb2.HEALTH_UNHEALTHY))
+        assert "hotspot" in sick.health_reason
+        # The verdict is in etcd, not only in this coordinator's memory.
+        store = EtcdStore([etcd.endpoint])
+        try:
+            _, kv = await store.read(KeyLayout(prefix).node("sim-a"))
+        finally:
+            await store.close()
+        assert kv is not None
+        record = types_pb2.NodeStatus.FromString(kv.value)
+        assert record.gpus[0].health == types_pb2.HEALTH_UNHEALTHY
+
+        placed = [
+            (await running.api.Allocate(request(f"half-{n}", fraction_millis=500)))
+            .allocation.gpus[0]
+            .uuid
+            for n in range(2)
+        ]
+        assert placed == [cool, cool]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.api.Allocate(request("third", fraction_millis=500))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "unhealthy" in (refused.value.details() or "")
+
+        (tmp_path / "sim-a.yaml").write_text("0: none\n")
+        await eventually(lambda: gpu_health(hot, types_pb2.HEALTH_HEALTHY))
+        again = await running.api.Allocate(request("third", fraction_millis=500))
+        assert again.allocation.gpus[0].uuid == hot
+
+
+async def test_load_balanced_placement_follows_live_telemetry(etcd: LocalEtcd, prefix: str) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        gpus = raw_inventory("raw-lb")
+        agent = RawAgent(running.channel, "raw-lb", gpus)
+        try:
+            await agent.register()
+            busy, idle = gpus[0].uuid, gpus[1].uuid
+            for label, hot, cold in (("first", busy, idle), ("second", idle, busy)):
+                await agent.send(
+                    batch(
+                        {
+                            hot: types_pb2.GpuTelemetry(gfx_activity_percent=95),
+                            cold: types_pb2.GpuTelemetry(gfx_activity_percent=5),
+                        }
+                    )
+                )
+
+                async def reported(hot: str = hot) -> bool | None:
+                    node = (await nodes_by_name(running.api))["raw-lb"]
+                    activity = {
+                        g.inventory.uuid: g.telemetry.gfx_activity_percent for g in node.gpus
+                    }
+                    return True if activity[hot] == 95 else None
+
+                await eventually(reported)
+                reply = await running.api.Allocate(
+                    request(f"lb-{label}", fraction_millis=100, strategy="load-balanced")
+                )
+                assert reply.allocation.gpus[0].uuid == cold
+                await running.api.Release(
+                    allocation_pb2.ReleaseRequest(allocation_id=reply.allocation.id)
+                )
+        finally:
+            agent.close()
+
+
+BOGUS: list[tuple[str, str, object]] = [
+    ("unknown GPU", "samples[0].uuid", {"GPU-nobody": types_pb2.GpuTelemetry()}),
+    (
+        "another node's GPU",
+        "belongs to node 'raw-other'",
+        {"RAW-raw-other-0": types_pb2.GpuTelemetry()},
+    ),
+    (
+        "NaN temperature",
+        "hotspot_temperature_c",
+        {0: types_pb2.GpuTelemetry(hotspot_temperature_c=math.nan)},
+    ),
+    ("negative power", "socket_power_w", {0: types_pb2.GpuTelemetry(socket_power_w=-5.0)}),
+    ("infinite power limit", "power_limit_w", {0: types_pb2.GpuTelemetry(power_limit_w=math.inf)}),
+    (
+        "activity over 100",
+        "gfx_activity_percent",
+        {0: types_pb2.GpuTelemetry(gfx_activity_percent=101)},
+    ),
+    ("more VRAM than the GPU", "used_vram_mib", {0: types_pb2.GpuTelemetry(used_vram_mib=10**9)}),
+]
+
+
+@pytest.mark.parametrize(("case", "named", "samples"), BOGUS, ids=[c[0] for c in BOGUS])
+async def test_a_bogus_batch_is_refused_and_changes_nothing(
+    etcd: LocalEtcd,
+    prefix: str,
+    case: str,
+    named: str,
+    samples: dict[object, types_pb2.GpuTelemetry],
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        other = RawAgent(running.channel, "raw-other", raw_inventory("raw-other"))
+        gpus = raw_inventory("raw-node")
+        agent = RawAgent(running.channel, "raw-node", gpus)
+        try:
+            await other.register()
+            await agent.register()
+            good = types_pb2.GpuTelemetry(gfx_activity_percent=42, hotspot_temperature_c=50.0)
+            await agent.send(batch({gpus[0].uuid: good}))
+
+            async def reported() -> types_pb2.NodeStatus | None:
+                node = (await nodes_by_name(running.api)).get("raw-node")
+                return node if node and node.gpus[0].telemetry.gfx_activity_percent == 42 else None
+
+            before = await reported()
+            assert before is not None
+            store = EtcdStore([etcd.endpoint])
+            key = KeyLayout(prefix).node("raw-node")
+            try:
+                _, record_before = await store.read(key)
+                keyed = {gpus[0].uuid if k == 0 else k: v for k, v in samples.items()}
+                await agent.send(batch(keyed))  # type: ignore[arg-type]
+                code, message = await agent.status()
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (case, message)
+                assert named in message
+                _, record_after = await store.read(key)
+            finally:
+                await store.close()
+            assert record_after is not None
+            assert record_before is not None
+            assert record_after.value == record_before.value
+            assert record_after.mod_revision == record_before.mod_revision
+            after = (await nodes_by_name(running.api))["raw-node"]
+            assert after.gpus[0].telemetry == before.gpus[0].telemetry
+            assert after.last_seen == before.last_seen
+        finally:
+            agent.close()
+            other.close()
+
+
+@pytest.mark.parametrize(
+    ("register", "status", "named"),
+    [
+        (
+            agent_pb2.Register(node="Bad_Name", backend="simulated"),
+            "INVALID_ARGUMENT",
+            "register.node",
+        ),
+        (
+            agent_pb2.Register(node="no-gpus", backend="simulated"),
+            "INVALID_ARGUMENT",
+            "register.gpus",
+        ),
+        (agent_pb2.Register(node="odd", backend="cuda"), "INVALID_ARGUMENT", "register.backend"),
+        (
+            agent_pb2.Register(
+                node="steals", backend="simulated", gpus=raw_inventory("raw-owner")[:1]
+            ),
+            "ALREADY_EXISTS",
+            "belongs to node 'raw-owner'",
+        ),
+        (
+            agent_pb2.Register(
+                node="zero-vram",
+                backend="simulated",
+                gpus=[types_pb2.GpuInventory(uuid="Z-0", model="MI300X", compute_units=304)],
+            ),
+            "INVALID_ARGUMENT",
+            "register.gpus[0].vram_mib",
+        ),
+    ],
+    ids=["bad name", "no GPUs", "unknown backend", "another node's GPU", "zero VRAM"],
+)
+async def test_a_bad_registration_is_refused_and_writes_nothing(
+    etcd: LocalEtcd, prefix: str, register: agent_pb2.Register, status: str, named: str
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        owner = RawAgent(running.channel, "raw-owner", raw_inventory("raw-owner"))
+        try:
+            await owner.register()
+            store = EtcdStore([etcd.endpoint])
+            try:
+                revision = await store.revision()
+                raw = RawAgent(running.channel, register.node, list(register.gpus))
+                await raw.call.write(agent_pb2.AgentMessage(register=register))
+                code, message = await raw.status()
+                assert (code.name, named in message) == (status, True), message
+                _, written = await store.read_prefix(KeyLayout(prefix).node(register.node))
+                assert written == [] or register.node == "raw-owner"
+                assert await store.revision() == revision
+            finally:
+                await store.close()
+        finally:
+            owner.close()
+
+
+async def test_an_inventory_node_cannot_be_taken_over_by_an_agent(
+    etcd: LocalEtcd,
+    prefix: str,
+    inventory: Path,
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, inventory, **FAST) as running:
+        raw = RawAgent(
+            running.channel,
+            "node-a",
+            [types_pb2.GpuInventory(uuid="X-0", model="MI300X", vram_mib=1, compute_units=1)],
+        )
+        await raw.call.write(
+            agent_pb2.AgentMessage(
+                register=agent_pb2.Register(node="node-a", gpus=raw.gpus, backend="simulated")
+            )
+        )
+        code, message = await raw.status()
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "static inventory" in message
+
+
+async def test_a_node_leaves_placement_when_its_agent_goes_and_returns_with_it(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        async with agents_running(address(running), ["sim-a"]):
+            await eventually(lambda: _schedulable(running, "sim-a"))
+        node = await eventually(lambda: _unschedulable(running, "sim-a"))
+        assert node.unschedulable_reason == AGENT_MISSING
+        assert node.HasField("last_seen")  # still listed, with when it was last heard of
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.api.Allocate(request("while-away", fraction_millis=100))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        async with agents_running(address(running), ["sim-a"]):
+            await eventually(lambda: _schedulable(running, "sim-a"))
+            reply = await running.api.Allocate(request("while-back", fraction_millis=100))
+            assert reply.allocation.node == "sim-a"
+
+
+async def test_a_second_connection_takes_the_node_and_the_first_may_not_write(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        gpus = raw_inventory("raw-twice")
+        first = RawAgent(running.channel, "raw-twice", gpus)
+        second = RawAgent(running.channel, "raw-twice", gpus)
+        try:
+            await first.register()
+            await second.register()
+            sick = batch({gpus[0].uuid: types_pb2.GpuTelemetry()})
+            sick.telemetry.samples[0].health = types_pb2.HEALTH_UNHEALTHY
+            sick.telemetry.samples[0].health_reason = "from the stale connection"
+            await first.send(sick)
+            code, message = await first.status()
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "another connection" in message
+            node = (await nodes_by_name(running.api))["raw-twice"]
+            assert node.schedulable  # the second connection still holds it
+            assert node.gpus[0].health == types_pb2.HEALTH_HEALTHY
+        finally:
+            first.close()
+            second.close()
+
+
+async def test_agent_closes_its_stream_cleanly_and_the_lease_is_revoked_at_once(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(
+        etcd.endpoint, prefix, None, node_ttl_s=60, sample_interval_ms=200
+    ) as running:
+        async with agents_running(address(running), ["sim-a"]):
+            await eventually(lambda: _schedulable(running, "sim-a"))
+        # With a 60 s lease only a revoke can make this happen within the test's timeout.
+        await eventually(lambda: _unschedulable(running, "sim-a"), timeout_s=10)
+
+
+async def test_an_agent_that_falls_silent_is_disconnected(etcd: LocalEtcd, prefix: str) -> None:
+    async with coordinator_running(
+        etcd.endpoint, prefix, None, node_ttl_s=60, sample_interval_ms=100
+    ) as running:
+        silent = RawAgent(running.channel, "raw-silent", raw_inventory("raw-silent"))
+        try:
+            await silent.register()
+            code, message = await asyncio.wait_for(silent.status(), 30)
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "no telemetry" in message
+            await eventually(lambda: _unschedulable(running, "raw-silent"))
+        finally:
+            silent.close()
