@@ -19,7 +19,8 @@ import pytest
 
 from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+from tests.agents import eventually
 from tests.harness import audit_etcd, request
 
 pytestmark = pytest.mark.slow
@@ -177,10 +178,26 @@ async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) 
     async with _up(args, tmp_path) as (up, banner):
         async with grpc.aio.insecure_channel(listen) as channel:
             api = allocation_pb2_grpc.AllocationServiceStub(channel)
-            stats = await api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+
+            async def agents_in() -> allocation_pb2.GetClusterStatsResponse | None:
+                stats = await api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+                return stats if stats.schedulable_node_count == 2 else None
+
+            stats = await eventually(agents_in)
             assert (stats.node_count, stats.gpu_count) == (2, 4)
             placed = await api.Allocate(request("up-1", fraction_millis=500))
             assert placed.allocation.environment["ROCR_VISIBLE_DEVICES"] in {"0", "1"}
+            # The banner's fault file reaches the simulated agent and makes a GPU unhealthy.
+            fault_file = banner.split("> ", 1)[1].split()[0]
+            Path(fault_file).write_text("1: vanish\n")
+
+            async def gpu_gone() -> types_pb2.GpuStatus | None:
+                reply = await api.ListNodes(allocation_pb2.ListNodesRequest())
+                node = next(n for n in reply.nodes if n.name == "node-00")
+                gpu = node.gpus[1]
+                return gpu if gpu.health == types_pb2.HEALTH_UNHEALTHY else None
+
+            assert "not answering" in (await eventually(gpu_gone)).health_reason
         up.send_signal(signal.SIGINT)
         assert up.wait(20) == 0
     etcd_endpoint = banner.split("etcd on ", 1)[1].split(",", 1)[0]
@@ -204,9 +221,10 @@ async def _up(args: list[str], cwd: Path) -> AsyncIterator[tuple[subprocess.Pope
         assert up.stdout is not None
         deadline = time.monotonic() + 30
         seen = ""
-        while "kaiwo-gpu is up" not in seen and time.monotonic() < deadline:
+        while "Ctrl-C stops" not in seen and time.monotonic() < deadline:
             seen += await asyncio.to_thread(up.stdout.readline)
         assert "kaiwo-gpu is up" in seen, seen
+        assert "Ctrl-C stops" in seen, seen
         yield up, seen
     finally:
         if up.poll() is None:

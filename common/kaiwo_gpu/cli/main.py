@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1)
 
     commands.add_parser("strategies", help="list the placement strategies")
-    from kaiwo_gpu.cli.serve import add_coordinator_parser, add_up_parser
+    from kaiwo_gpu.cli.serve import add_agent_parser, add_coordinator_parser, add_up_parser
 
     add_coordinator_parser(commands)
+    add_agent_parser(commands)
     add_up_parser(commands)
     return parser
 
@@ -95,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kaiwo_gpu.cli.serve import run_coordinator
 
             run_coordinator(args)
+        elif args.command == "agent":
+            from kaiwo_gpu.cli.serve import run_agent
+
+            run_agent(args)
         elif args.command == "up":
             from kaiwo_gpu.cli.serve import run_up
 

@@ -1,4 +1,4 @@
-"""`kaiwo-gpu coordinator` and `kaiwo-gpu up`: the commands that run services.
+"""`kaiwo-gpu coordinator`, `kaiwo-gpu agent` and `kaiwo-gpu up`: the commands that run services.
 
 Flags fall back to KAIWO_GPU_* environment variables, so a systemd unit or a container can
 configure the coordinator either way; the settings are built once here and passed down.
@@ -10,20 +10,25 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import signal
+import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from kaiwo_gpu.agent.service import BACKENDS as AGENT_BACKENDS
+from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
+from kaiwo_gpu.agent.service import AgentSettings, NodeAgent, run_until_signalled
 from kaiwo_gpu.common.errors import FailedPreconditionError, InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
-from kaiwo_gpu.common.models import MAX_TTL_SECONDS
+from kaiwo_gpu.common.models import MAX_TTL_SECONDS, freeze_labels
 from kaiwo_gpu.common.units import parse_duration_s
-from kaiwo_gpu.coordinator.inventory import synthetic_inventory_yaml
+from kaiwo_gpu.coordinator.inventory import NODE_NAME
 from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX, KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
@@ -124,9 +129,10 @@ def _env_flag(
     *,
     default: str | None = None,
     parse: Callable[[str], object] = str,
+    environment: Mapping[str, str] = ENVIRONMENT,
 ) -> None:
     """A flag whose default comes from its KAIWO_GPU_* variable; both go through `parse`."""
-    variable = ENVIRONMENT[flag.removeprefix("--").replace("-", "_")]
+    variable = environment[flag.removeprefix("--").replace("-", "_")]
     shown = "; default %(default)s" if default is not None else ""
     parser.add_argument(
         flag,
@@ -182,6 +188,20 @@ def add_coordinator_parser(commands: Subcommands) -> None:
     )
     _env_flag(parser, "--prefix", "etcd key prefix", default=DEFAULT_PREFIX, parse=_prefix)
     _env_flag(parser, "--inventory", "YAML file of static nodes to register")
+    _env_flag(
+        parser,
+        "--node-ttl",
+        "how long an agent's node stays schedulable after its coordinator last heard of it",
+        default="15s",
+        parse=_node_ttl,
+    )
+    _env_flag(
+        parser,
+        "--sample-interval",
+        "the telemetry interval agents are asked for, e.g. 1s or 500ms",
+        default="1s",
+        parse=_interval_ms,
+    )
     parser.add_argument(
         "--etcd-wait",
         type=_seconds,
@@ -201,6 +221,8 @@ def run_coordinator(args: argparse.Namespace) -> None:
         default_ttl_s=args.default_ttl or None,
         inventory=Path(args.inventory) if args.inventory else None,
         startup_wait_s=args.etcd_wait,
+        node_ttl_s=args.node_ttl,
+        sample_interval_ms=args.sample_interval,
     )
 
     async def serve() -> None:
@@ -208,6 +230,132 @@ def run_coordinator(args: argparse.Namespace) -> None:
         await Coordinator(settings).run()
 
     asyncio.run(serve())
+
+
+def _interval_ms(text: str) -> int:
+    """`500ms`, `1s`, `2` (seconds): the sampling interval, 100 ms to 60 s."""
+    try:
+        millis = int(text[:-2]) if text.endswith("ms") else parse_duration_s(text) * 1000
+    except (InvalidArgumentError, ValueError):
+        millis = -1
+    if not 100 <= millis <= 60_000:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an interval like 1s or 500ms (100ms-60s)"
+        )
+    return millis
+
+
+def _node_ttl(text: str) -> int:
+    try:
+        seconds = parse_duration_s(text)
+    except InvalidArgumentError:
+        seconds = -1
+    if not 2 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node TTL like 15s (2s-1h)")
+    return seconds
+
+
+def _node_name(text: str) -> str:
+    if not NODE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a node name: lowercase letters, digits, '-' and '.', up to 253"
+        )
+    return text
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    addresses = tuple(_address(part.strip()) for part in text.split(",") if part.strip())
+    if not addresses:
+        raise argparse.ArgumentTypeError(f"{text!r} names no coordinator address")
+    return addresses
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a label key=value")
+        pairs[key] = value
+    try:
+        return freeze_labels(pairs, "--labels")
+    except InvalidArgumentError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
+def _gpu_count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU count 1-64")
+    return int(text)
+
+
+def _default_node_name() -> str:
+    name = socket.gethostname().lower()
+    return name if NODE_NAME.match(name) else "node"
+
+
+def add_agent_parser(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "agent",
+        help="run the node agent: sample this node's GPUs and stream them to a coordinator",
+        description="Discovers this node's GPUs through amdsmi (or a simulated backend), "
+        "registers them with a coordinator and streams one telemetry batch per interval, "
+        "with each GPU's health. Reconnects to the next coordinator address with jittered "
+        "backoff. While it is connected the node is schedulable. Each flag can also come "
+        "from the environment variable named in its help.",
+        epilog="examples:\n  kaiwo-gpu agent --coordinator 10.0.0.2:50051,10.0.0.3:50051\n"
+        "  kaiwo-gpu agent --backend simulated --node sim-0 --model MI250X --gpus 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    flag = functools.partial(_env_flag, parser, environment=AGENT_ENVIRONMENT)
+    flag("--node", "this node's name", default=_default_node_name(), parse=_node_name)
+    flag(
+        "--coordinator",
+        "comma-separated coordinator addresses, tried in turn",
+        default=DEFAULT_LISTEN,
+        parse=_addresses,
+    )
+    flag(
+        "--backend",
+        "auto (amdsmi, failing when it cannot load), amdsmi or simulated",
+        default="auto",
+        parse=_one_of("backend", AGENT_BACKENDS),
+    )
+    flag(
+        "--interval",
+        "sampling interval until the coordinator sets one",
+        default="1s",
+        parse=_interval_ms,
+    )
+    flag("--labels", "node labels, k=v,k=v", default="", parse=_labels)
+    flag("--log-format", "console or json", default="console", parse=_log_format)
+    simulated = parser.add_argument_group("simulated backend")
+    simulated.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
+    simulated.add_argument("--gpus", type=_gpu_count, default=8, help="GPUs on the node")
+    simulated.add_argument(
+        "--faults",
+        type=Path,
+        help="YAML file of injected faults, e.g. '0: overheat' (overheat, ecc, vanish, "
+        "none); re-read when it changes",
+    )
+    simulated.add_argument("--seed", type=int, default=0)
+
+
+def run_agent(args: argparse.Namespace) -> None:
+    configure_logging(args.log_format)
+    settings = AgentSettings(
+        node=args.node,
+        coordinators=args.coordinator,
+        backend=args.backend,
+        interval_ms=args.interval,
+        labels=args.labels,
+        simulated_model=args.model,
+        simulated_gpus=args.gpus,
+        faults_file=args.faults,
+        seed=args.seed,
+    )
+    agent = NodeAgent(settings)  # fails here, with the reason, when the backend cannot run
+    asyncio.run(run_until_signalled(agent))
 
 
 def _state_dir() -> Path:
@@ -218,14 +366,15 @@ def _state_dir() -> Path:
 def add_up_parser(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "up",
-        help="run a local cluster: etcd and a coordinator over simulated nodes",
-        description="Starts a throwaway etcd on a free loopback port and a coordinator "
-        "serving on --listen, with N static nodes of simulated GPUs registered, and runs "
-        "until Ctrl-C. etcd's data lives under the state directory and is wiped at start.",
+        help="run a local cluster: etcd, a coordinator and simulated node agents",
+        description="Starts a throwaway etcd on a free loopback port, a coordinator serving "
+        "on --listen, and N node agents with simulated GPUs whose load follows what is "
+        "placed on them, and runs until Ctrl-C. etcd's data lives under the state "
+        "directory and is wiped at start.",
         epilog="example: kaiwo-gpu up --nodes 3 --gpus 8 --model MI300X",
     )
     parser.add_argument("--nodes", type=_count, default=3)
-    parser.add_argument("--gpus", type=_count, default=8, help="GPUs per node")
+    parser.add_argument("--gpus", type=_gpu_count, default=8, help="GPUs per node")
     parser.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
     parser.add_argument(
         "--state-dir",
@@ -236,6 +385,14 @@ def add_up_parser(commands: Subcommands) -> None:
     _add_service_flags(parser)
 
 
+def _local_address(listen: str) -> str:
+    """Where a process on this host reaches a server listening on `listen`."""
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        return f"127.0.0.1:{port}"
+    return listen
+
+
 def run_up(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
     state_dir: Path = args.state_dir.resolve()  # the leftover check compares full paths
@@ -244,26 +401,57 @@ def run_up(args: argparse.Namespace) -> None:
         data_dir = state_dir / "etcd"
         _stop_leftover_etcd(state_dir / "etcd.pid", data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
+        faults_dir = state_dir / "faults"
+        shutil.rmtree(faults_dir, ignore_errors=True)
+        faults_dir.mkdir()
         etcd = LocalEtcd(data_dir, log_path=state_dir / "etcd.log", pid_path=state_dir / "etcd.pid")
         try:
             etcd.start()
-            inventory = state_dir / "nodes.yaml"
-            inventory.write_text(synthetic_inventory_yaml(args.nodes, args.gpus, args.model))
             settings = CoordinatorSettings(
                 listen=args.listen,
                 etcd_endpoints=(etcd.endpoint,),
                 default_strategy=args.strategy,
                 default_ttl_s=args.default_ttl or None,
-                inventory=inventory,
             )
-
-            async def serve() -> None:
-                coordinator = Coordinator(settings)
-                await coordinator.run(on_ready=lambda: _print_next_steps(args, etcd, inventory))
-
-            asyncio.run(serve())
+            agents = [
+                AgentSettings(
+                    node=f"node-{n:02d}",
+                    coordinators=(_local_address(args.listen),),
+                    backend="simulated",
+                    simulated_model=args.model,
+                    simulated_gpus=args.gpus,
+                    faults_file=faults_dir / f"node-{n:02d}.yaml",
+                    seed=n,
+                )
+                for n in range(args.nodes)
+            ]
+            asyncio.run(_serve_local_cluster(settings, agents, args, etcd, faults_dir))
         finally:
             etcd.stop()
+
+
+async def _serve_local_cluster(
+    settings: CoordinatorSettings,
+    agent_settings: list[AgentSettings],
+    args: argparse.Namespace,
+    etcd: LocalEtcd,
+    faults_dir: Path,
+) -> None:
+    """The coordinator and the simulated agents in one event loop, until Ctrl-C."""
+    coordinator = Coordinator(settings)
+    agents = [NodeAgent(one) for one in agent_settings]
+    stop = asyncio.Event()
+    running: list[asyncio.Task[None]] = []
+
+    def ready() -> None:
+        running.extend(asyncio.create_task(agent.run(stop)) for agent in agents)
+        _print_next_steps(args, etcd, faults_dir)
+
+    try:
+        await coordinator.run(on_ready=ready)
+    finally:
+        stop.set()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 @contextlib.contextmanager
@@ -296,14 +484,16 @@ def _stop_leftover_etcd(pid_path: Path, data_dir: Path) -> None:
             time.sleep(0.05)
 
 
-def _print_next_steps(args: argparse.Namespace, etcd: LocalEtcd, inventory: Path) -> None:
+def _print_next_steps(args: argparse.Namespace, etcd: LocalEtcd, faults_dir: Path) -> None:
     print(
         f"\nkaiwo-gpu is up: coordinator on {args.listen}, etcd on {etcd.endpoint}, "
-        f"{args.nodes} nodes x {args.gpus} {args.model} (inventory {inventory}).\n"
+        f"{args.nodes} simulated agents (node-00 ...) with {args.gpus} {args.model} each.\n"
         "Try (grpcurl, through server reflection):\n"
-        f"  grpcurl -plaintext {args.listen} kaiwo_gpu.v1.AllocationService/GetClusterStats\n"
+        f"  grpcurl -plaintext {args.listen} kaiwo_gpu.v1.AllocationService/ListNodes\n"
         f'  grpcurl -plaintext -d \'{{"request": {{"request_id": "try-1", '
         f'"fraction_millis": 250}}}}\' {args.listen} kaiwo_gpu.v1.AllocationService/Allocate\n'
-        "Ctrl-C stops the coordinator and etcd.\n",
+        "Make a simulated GPU overheat (overheat, ecc, vanish or none, by GPU index):\n"
+        f"  echo '0: overheat' > {faults_dir}/node-00.yaml\n"
+        "Ctrl-C stops the agents, the coordinator and etcd.\n",
         flush=True,
     )

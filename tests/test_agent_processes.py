@@ -1,0 +1,89 @@
+"""Agents and coordinators as separate processes, killed with SIGKILL and started again."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.view_state import AGENT_MISSING
+
+from .agents import AgentProcess, eventually, nodes_by_name
+from .conftest import Running, coordinator_running
+from .harness import request
+from .test_agents import FAST, _schedulable, _unschedulable, address
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def test_a_killed_agent_leaves_placement_and_its_return_restores_it(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        agent = AgentProcess("proc-a", address(running), tmp_path / "agent.log")
+        agent.start()
+        try:
+            await eventually(lambda: _schedulable(running, "proc-a"), timeout_s=60)
+            assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+            node = await eventually(lambda: _unschedulable(running, "proc-a"))
+            assert node.unschedulable_reason == AGENT_MISSING
+            agent.start()
+            await eventually(lambda: _schedulable(running, "proc-a"), timeout_s=60)
+            reply = await running.api.Allocate(request("after-return", fraction_millis=300))
+            assert reply.allocation.node == "proc-a"
+        finally:
+            agent.stop(signal.SIGKILL)
+
+
+async def _observed(observer: Running, name: str, schedulable: bool) -> bool | None:
+    node = (await nodes_by_name(observer.api)).get(name)
+    return True if node is not None and node.schedulable == schedulable else None
+
+
+async def test_node_lease_expires_when_its_coordinator_dies_and_agents_reconnect_after_restart(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path
+) -> None:
+    """The agent's coordinator is SIGKILLed, so nobody revokes the node lease: another
+    coordinator sees the node go unschedulable only when etcd expires it (TTL 2 s). When
+    the dead coordinator is started again on its address, the agent reconnects."""
+    flags = ("--node-ttl=2s", "--sample-interval=200ms")
+    first = CoordinatorProcess(
+        etcd.endpoint, prefix, None, tmp_path / "first.log", extra_args=flags
+    )
+    first.start()
+    agent = AgentProcess("proc-b", first.address, tmp_path / "agent.log")
+    try:
+        await first.wait_serving()
+        agent.start()
+        async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as observer:
+            await eventually(lambda: _observed(observer, "proc-b", True), timeout_s=60)
+            first.stop(signal.SIGKILL)
+            await eventually(lambda: _observed(observer, "proc-b", False), timeout_s=30)
+            restarted = CoordinatorProcess(
+                etcd.endpoint,
+                prefix,
+                None,
+                tmp_path / "restarted.log",
+                extra_args=flags,
+                address=first.address,
+            )
+            restarted.start()
+            try:
+                await restarted.wait_serving()
+                await eventually(lambda: _observed(observer, "proc-b", True), timeout_s=60)
+            finally:
+                restarted.stop()
+        registrations = [
+            line
+            for line in agent.log().splitlines()
+            if line.startswith("{")
+            and json.loads(line).get("event") == "registered with coordinator"
+        ]
+        assert len(registrations) == 2
+    finally:
+        agent.stop(signal.SIGKILL)
+        first.stop(signal.SIGKILL)
