@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
 from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
@@ -52,6 +53,17 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["coordinator", "--default-ttl", "99999h"],
         ["up", "--nodes", "0"],
         ["up", "--model", "H100"],
+        ["up", "--gpus", "65"],
+        ["coordinator", "--node-ttl", "1s"],
+        ["coordinator", "--sample-interval", "10ms"],
+        ["agent", "--backend", "cuda"],
+        ["agent", "--node", "Not_A_Node"],
+        ["agent", "--coordinator", "nowhere"],
+        ["agent", "--interval", "2h"],
+        ["agent", "--labels", "zone"],
+        ["agent", "--labels", "zone=a b"],
+        ["agent", "--gpus", "0"],
+        ["agent", "--model", "H100"],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv: list[str]) -> None:
@@ -68,10 +80,15 @@ def test_bad_flags_exit_2_with_one_line(argv: list[str]) -> None:
         ("KAIWO_GPU_DEFAULT_STRATEGY", "tetris", "--strategy"),
         ("KAIWO_GPU_LOG_FORMAT", "xml", "--log-format"),
         ("KAIWO_GPU_ETCD_PREFIX", "relative/", "--prefix"),
+        ("KAIWO_GPU_NODE_TTL", "forever", "--node-ttl"),
+        ("KAIWO_GPU_AGENT_BACKEND", "nvml", "--backend"),
+        ("KAIWO_GPU_NODE", "UPPER_case", "--node"),
+        ("KAIWO_GPU_SAMPLE_INTERVAL", "0s", "--interval"),
     ],
 )
 def test_bad_environment_value_is_a_usage_error(variable: str, value: str, flag: str) -> None:
-    done = _run("coordinator", env={variable: value})
+    command = "agent" if variable in AGENT_ENVIRONMENT.values() else "coordinator"
+    done = _run(command, env={variable: value})
     assert done.returncode == 2
     assert flag in done.stderr
     assert "Traceback" not in done.stderr
@@ -113,6 +130,40 @@ def test_sigterm_while_waiting_for_etcd_stops_at_once() -> None:
             waiting.wait()
         if waiting.stderr is not None:
             waiting.stderr.close()
+
+
+@pytest.mark.parametrize("backend", ["auto", "amdsmi"])
+def test_agent_without_rocm_says_why_and_how_to_fix_it(backend: str) -> None:
+    """No ROCm here: amdsmi's import fails with KeyError; the agent must explain, not crash,
+    and `auto` must not fall back to simulated GPUs."""
+    done = _run("agent", f"--backend={backend}", f"--coordinator=127.0.0.1:{free_port()}")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "libamd_smi.so" in done.stderr
+    assert "--backend simulated" in done.stderr
+    assert "agent starting" not in done.stdout + done.stderr
+
+
+def test_agent_stops_on_sigterm_while_no_coordinator_answers(tmp_path: Path) -> None:
+    agent = subprocess.Popen(
+        [*KAIWO_GPU, "agent", "--backend=simulated", f"--coordinator=127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        for line in agent.stdout:  # bounded: the agent retries with backoff until stopped
+            if "coordinator stream ended" in line:
+                break
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(10) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if agent.stdout is not None:
+            agent.stdout.close()
 
 
 def test_unreachable_etcd_exits_1_with_a_message() -> None:

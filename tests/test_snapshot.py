@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation
+from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
 from kaiwo_gpu.coordinator.engine import NoFit, place
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 
-from .cluster_strategies import STRATEGIES, clusters, operations
+from .cluster_strategies import STRATEGIES, clusters, operations, requests, telemetry_readings
 
 
 def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
@@ -102,3 +103,35 @@ def test_duplicate_gpu_uuids_are_refused() -> None:
     gpu = _gpu("n", 0)
     with pytest.raises(ValueError, match="unique"):
         ClusterSnapshot.build([Node("n", (gpu,)), Node("m", (gpu,))])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.data())
+def test_telemetry_updates_equal_a_snapshot_built_with_the_final_readings(
+    nodes: list[Node], data: st.DataObject
+) -> None:
+    """Readings arrive in batches (some forgotten again); the load index must end up as if
+    the snapshot had been built with the last readings, placements included."""
+    uuids = [gpu.uuid for node in nodes for gpu in node.gpus]
+    snapshot = ClusterSnapshot.build(nodes)
+    for request in data.draw(st.lists(requests(), max_size=4)):
+        decision = place(request, snapshot, strategies=STRATEGIES)
+        if not isinstance(decision, NoFit):
+            snapshot = snapshot.with_allocation(decision.as_allocation(f"a-{request.request_id}"))
+    batches = data.draw(
+        st.lists(
+            st.dictionaries(st.sampled_from(uuids), st.none() | telemetry_readings, max_size=4),
+            max_size=6,
+        )
+    )
+    final: dict[str, Telemetry] = {}
+    for batch in batches:
+        snapshot = snapshot.with_telemetry(batch)
+        for uuid, reading in batch.items():
+            if reading is None:
+                final.pop(uuid, None)
+            else:
+                final[uuid] = reading
+    rebuilt = ClusterSnapshot.build(nodes, snapshot.allocations.values(), final)
+    assert dict(snapshot.telemetry) == final
+    assert same(snapshot, rebuilt)

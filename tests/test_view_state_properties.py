@@ -1,8 +1,9 @@
 """The view's cached snapshot, kept up change by change, equals one built from scratch.
 
 Random streams of etcd changes (nodes, allocations, renewals, rewrites, deletions, request
-keys, garbage) are applied one by one, with the snapshot read in between so the cache is
-exercised; the result must match a state loaded from the final keys in one go.
+keys, agents' presence keys, garbage) and telemetry readings are applied one by one, with
+the snapshot read in between so the cache is exercised; the result must match a state
+loaded from the final keys and readings in one go.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kaiwo_gpu.coordinator.changes import Change
-from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.cluster import Telemetry
+from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL, KeyLayout
 from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.view_state import ViewState
 from kaiwo_gpu.v1 import types_pb2
@@ -22,10 +24,11 @@ GPUS = {node: tuple(f"{node}-g{i}" for i in range(2)) for node in NODES}
 ALLOCATIONS = tuple(f"a{i}" for i in range(6))
 
 
-def _node(name: str, health: int, uuids: tuple[str, ...]) -> bytes:
+def _node(name: str, health: int, uuids: tuple[str, ...], *, by_agent: bool = False) -> bytes:
     return types_pb2.NodeStatus(
         name=name,
         schedulable=True,
+        labels={SOURCE_LABEL: FROM_AGENT} if by_agent else {},
         gpus=[
             types_pb2.GpuStatus(
                 inventory=types_pb2.GpuInventory(
@@ -39,16 +42,34 @@ def _node(name: str, health: int, uuids: tuple[str, ...]) -> bytes:
 
 
 node_changes = st.builds(
-    lambda name, health, steal, garbage: (
+    lambda name, health, steal, garbage, by_agent: (
         LAYOUT.node(name),
         b"\xff junk"
         if garbage
-        else _node(name, health, GPUS[name] if not steal else (GPUS["n0"][0], *GPUS[name][1:])),
+        else _node(
+            name,
+            health,
+            GPUS[name] if not steal else (GPUS["n0"][0], *GPUS[name][1:]),
+            by_agent=by_agent,
+        ),
     ),
     st.sampled_from(NODES),
     st.sampled_from([1, 2, 3]),
     st.booleans(),  # take n0's first GPU UUID: a clash
     st.integers(0, 9).map(lambda n: n == 0),
+    st.booleans(),  # written by an agent: schedulable only while its presence key exists
+)
+
+presence_changes = st.builds(
+    lambda name, present: (LAYOUT.agent(name), b"coordinator-1" if present else None),
+    st.sampled_from(NODES),
+    st.booleans(),
+)
+
+readings = st.builds(
+    lambda uuid, activity: ("telemetry", uuid, None if activity < 0 else Telemetry(activity)),
+    st.sampled_from([uuid for uuids in GPUS.values() for uuid in uuids]),
+    st.integers(-1, 100),
 )
 
 allocation_changes = st.builds(
@@ -89,7 +110,10 @@ deletions = st.builds(
     ),
 )
 
-changes = st.lists(st.one_of(node_changes, allocation_changes, deletions), max_size=40)
+changes = st.lists(
+    st.one_of(node_changes, allocation_changes, deletions, presence_changes, readings),
+    max_size=40,
+)
 
 
 def _comparable(snapshot: ClusterSnapshot) -> object:
@@ -99,25 +123,39 @@ def _comparable(snapshot: ClusterSnapshot) -> object:
         sorted(snapshot.allocations),
         snapshot.shared_index,
         snapshot.cu_mask_index,
+        tuple(node.schedulable for node in snapshot.nodes.values()),
+        dict(snapshot.telemetry),
     )
 
 
 @settings(max_examples=300, deadline=None)
 @given(changes, st.lists(st.booleans(), min_size=40, max_size=40))
 def test_incremental_state_equals_a_fresh_load(
-    stream: list[tuple[bytes, bytes | None]], peeks: list[bool]
+    stream: list[tuple[bytes, bytes | None] | tuple[str, str, Telemetry | None]],
+    peeks: list[bool],
 ) -> None:
     state = ViewState(LAYOUT)
     final: dict[bytes, tuple[bytes, int]] = {}
-    for revision, ((key, value), peek) in enumerate(zip(stream, peeks, strict=False), start=2):
-        state.apply(revision, [Change(key, value, revision)])
-        if value is None:
-            final.pop(key, None)
+    telemetry: dict[str, Telemetry] = {}
+    for revision, (step, peek) in enumerate(zip(stream, peeks, strict=False), start=2):
+        if len(step) == 3:
+            _, uuid, reading = step
+            state.update_telemetry({uuid: reading})
+            if reading is None:
+                telemetry.pop(uuid, None)
+            else:
+                telemetry[uuid] = reading
         else:
-            final[key] = (value, revision)
+            key, value = step
+            state.apply(revision, [Change(key, value, revision)])
+            if value is None:
+                final.pop(key, None)
+            else:
+                final[key] = (value, revision)
         if peek:
             state.snapshot()
     fresh = ViewState(LAYOUT)
+    fresh.update_telemetry(telemetry)
     fresh.apply(
         len(stream) + 1,
         [Change(key, value, revision) for key, (value, revision) in sorted(final.items())],

@@ -1,0 +1,111 @@
+"""The agent's pure pieces: backoff, placements per GPU, and a tick's verdicts."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading
+from kaiwo_gpu.agent.sampler import NodeSampler, telemetry_proto
+from kaiwo_gpu.agent.uplink import backoff_delay, placed_shares
+from kaiwo_gpu.v1 import agent_pb2, types_pb2
+
+
+@given(st.integers(0, 200), st.integers(0, 2**32))
+def test_backoff_is_jittered_within_its_exponential_cap(attempt: int, seed: int) -> None:
+    delay = backoff_delay(attempt, random.Random(seed), base_s=0.2, cap_s=10.0)
+    assert 0.0 <= delay <= min(10.0, 0.2 * 2**attempt)
+
+
+def test_backoff_spreads_agents_out() -> None:
+    """Many agents losing one coordinator must not all come back at the same moment."""
+    rng = random.Random(7)
+    delays = [backoff_delay(5, rng, base_s=0.2, cap_s=10.0) for _ in range(200)]
+    assert max(delays) - min(delays) > 3.0
+    assert len({round(d, 3) for d in delays}) > 150
+
+
+def test_placements_are_summed_per_gpu() -> None:
+    placed = agent_pb2.PlacedAllocations(
+        allocations=[
+            types_pb2.Allocation(
+                id="a",
+                gpus=[
+                    types_pb2.GpuGrant(uuid="g0", granted_millis=250, granted_memory_mib=1000),
+                    types_pb2.GpuGrant(uuid="g1", granted_millis=250, granted_memory_mib=1000),
+                ],
+            ),
+            types_pb2.Allocation(
+                id="b",
+                gpus=[types_pb2.GpuGrant(uuid="g0", granted_millis=500, granted_memory_mib=5)],
+            ),
+        ]
+    )
+    shares = placed_shares(placed)
+    assert (shares["g0"].millis, shares["g0"].memory_mib, shares["g0"].allocations) == (
+        750,
+        1005,
+        2,
+    )
+    assert shares["g1"].allocations == 1
+
+
+def test_unreported_and_non_finite_values_stay_unset_on_the_wire() -> None:
+    stamp = agent_pb2.TelemetryBatch().sampled_at
+    telemetry = telemetry_proto(
+        GpuReading(gfx_activity_percent=140, hotspot_temperature_c=math.nan, socket_power_w=300.0),
+        stamp,
+    )
+    assert telemetry.gfx_activity_percent == 100
+    assert not telemetry.HasField("hotspot_temperature_c")
+    assert not telemetry.HasField("edge_temperature_c")
+    assert telemetry.socket_power_w == 300.0
+
+
+GPU = DiscoveredGpu("g0", 0, "0000:05:00.0", "MI300X", 192 * 1024, 304)
+
+
+class HangingBackend:
+    """A backend whose read blocks until released, as a wedged driver call would."""
+
+    name = "hanging"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def discover(self) -> tuple[DiscoveredGpu, ...]:
+        return (GPU,)
+
+    def read(self, gpu: DiscoveredGpu) -> GpuReading:
+        self.release.wait(10)
+        return GpuReading(gfx_activity_percent=1)
+
+    def close(self) -> None:
+        self.release.set()
+
+
+async def test_a_hanging_backend_makes_its_gpus_unhealthy_once_samples_are_stale() -> None:
+    now = [0.0]
+    backend = HangingBackend()
+    sampler = NodeSampler(backend, [GPU], clock=lambda: now[0])
+    try:
+        first = await sampler.sample(wait_s=0.05)
+        assert first.samples[0].health == types_pb2.HEALTH_HEALTHY  # not stale yet
+        assert not first.samples[0].telemetry.HasField("sampled_at")
+        now[0] = 60.0
+        later = await sampler.sample(wait_s=0.05)
+        assert later.samples[0].health == types_pb2.HEALTH_UNHEALTHY
+        assert "no sample" in later.samples[0].health_reason
+    finally:
+        backend.close()
+
+
+def test_a_lost_device_is_unhealthy_at_once() -> None:
+    sampler = NodeSampler(HangingBackend(), [GPU], clock=lambda: 1.0)
+    batch = sampler.judge({GPU.uuid: None})
+    assert batch.samples[0].health == types_pb2.HEALTH_UNHEALTHY
+    assert "not answering" in batch.samples[0].health_reason
