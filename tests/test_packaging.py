@@ -8,8 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import kaiwo_gpu
+from kaiwo_gpu.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_ROOTS = ("common", "agent", "coordinator")
@@ -67,3 +69,20 @@ def test_the_wheel_has_kaiwo_gpu_as_its_only_top_level_package(tmp_path: Path) -
     assert (
         "kaiwo-gpu = kaiwo_gpu.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
+
+
+def test_the_shipped_deployments_run_commands_the_cli_accepts() -> None:
+    """docker-compose, the DaemonSet and the systemd unit must not drift from the flags."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    commands = [
+        service["command"] for service in compose["services"].values() if "build" in service
+    ]
+    daemonset = yaml.safe_load((REPO / "deploy/kubernetes/agent-daemonset.yaml").read_text())
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    commands.append(container["args"])
+    unit = (REPO / "deploy/systemd/kaiwo-gpu-agent.service").read_text()
+    (start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    commands.append(start.split()[1:])
+    assert len(commands) == 5
+    for command in commands:
+        build_parser().parse_args(command)  # exits 2 on an unknown or bad flag
