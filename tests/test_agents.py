@@ -349,7 +349,7 @@ async def test_a_node_leaves_placement_when_its_agent_goes_and_returns_with_it(
             assert reply.allocation.node == "sim-a"
 
 
-async def test_a_second_connection_takes_the_node_and_the_first_may_not_write(
+async def test_a_second_connection_takes_the_node_and_the_first_is_ended(
     etcd: LocalEtcd, prefix: str
 ) -> None:
     async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
@@ -359,19 +359,49 @@ async def test_a_second_connection_takes_the_node_and_the_first_may_not_write(
         try:
             await first.register()
             await second.register()
-            sick = batch({gpus[0].uuid: types_pb2.GpuTelemetry()})
-            sick.telemetry.samples[0].health = types_pb2.HEALTH_UNHEALTHY
-            sick.telemetry.samples[0].health_reason = "from the stale connection"
-            await first.send(sick)
             code, message = await first.status()
             assert code == grpc.StatusCode.FAILED_PRECONDITION
             assert "another connection" in message
-            node = (await nodes_by_name(running.api))["raw-twice"]
-            assert node.schedulable  # the second connection still holds it
+            await second.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry()}))
+            node = await eventually(lambda: _schedulable(running, "raw-twice"))
             assert node.gpus[0].health == types_pb2.HEALTH_HEALTHY
         finally:
             first.close()
             second.close()
+
+
+async def test_a_node_taken_through_another_coordinator_ends_the_old_stream(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as one,
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as other,
+    ):
+        gpus = raw_inventory("raw-moved")
+        old = RawAgent(one.channel, "raw-moved", gpus)
+        new = RawAgent(other.channel, "raw-moved", gpus)
+        try:
+            await old.register()
+            await new.register()
+            # The old coordinator learns of the takeover through etcd; its next batch ends it,
+            # even one that would write nothing.
+            await eventually(
+                lambda: _presence_seen(one, "raw-moved", other.coordinator.agents.coordinator_id)
+            )
+            await old.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry(gfx_activity_percent=1)}))
+            code, message = await old.status()
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "another connection" in message
+            node = (await nodes_by_name(other.api))["raw-moved"]
+            assert node.schedulable
+            assert node.gpus[0].health == types_pb2.HEALTH_HEALTHY
+        finally:
+            old.close()
+            new.close()
+
+
+async def _presence_seen(running: Running, node: str, holder: str) -> bool | None:
+    return True if running.coordinator.view.state.agents.get(node) == holder else None
 
 
 async def test_agent_closes_its_stream_cleanly_and_the_lease_is_revoked_at_once(

@@ -75,7 +75,8 @@ class _Session:
         self.presence_revision = 0
         self.placements_changed = asyncio.Event()
         self.placements_changed.set()  # the first list goes out at once
-        self.closing = asyncio.Event()  # the coordinator is stopping: end the stream now
+        self.closing = asyncio.Event()  # end the stream now: stopping, or replaced
+        self.closed_because: KaiwoGpuError | None = None  # None: end it with OK
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -181,10 +182,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
             task.result()  # raises what ended the session, if anything
+        if session.closing.is_set() and session.closed_because is not None:
+            raise session.closed_because
 
     def _end(self, session: _Session) -> None:
         if self._sessions.get(session.node) is not session:
-            return  # a newer connection of the same node holds it now
+            # A newer connection holds the node, its presence key on its own lease: this
+            # session's lease holds nothing any more.
+            self._in_background(self._revoke(session.lease_id))
+            return
         del self._sessions[session.node]
         # The last report stays, so ListNodes shows when the node was last seen; placement
         # forgets its readings (the node is unschedulable until its agent returns).
@@ -222,6 +228,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self._in_background(self._revoke(lease_id))
             raise
         replaced = self._sessions.get(session.node)
+        if replaced is not None:  # the older stream of this node ends now
+            replaced.closed_because = FailedPreconditionError(
+                f"node {session.node!r} registered through another connection; this one ends"
+            )
+            replaced.closing.set()
         self._sessions[session.node] = session
         last = self.reports.get(session.node)
         self.reports[session.node] = NodeReport(self.clock(), last.samples if last else {})
@@ -282,7 +293,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 return  # grpc.aio.EOF: the agent closed its side
             if not message.HasField("telemetry"):
                 raise InvalidArgumentError("message", "register", "telemetry after registering")
+            self._check_still_held(session)
             await self._ingest(session, message.telemetry)
+
+    def _check_still_held(self, session: _Session) -> None:
+        """Another coordinator took the node when etcd shows a newer presence key."""
+        seen = self.view.state.agent_revisions.get(session.node, 0)
+        if seen > session.presence_revision:
+            raise FailedPreconditionError(
+                f"node {session.node!r} registered through another connection; this one ends"
+            )
 
     async def _ingest(self, session: _Session, batch: agent_pb2.TelemetryBatch) -> None:
         samples = checked_batch(batch, session.record, self._owner_of)
