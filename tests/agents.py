@@ -42,7 +42,7 @@ async def nodes_by_name(api: AllocationServiceStub) -> dict[str, types_pb2.NodeS
 
 @contextlib.asynccontextmanager
 async def agents_running(
-    address: str,
+    address: str | tuple[str, ...],
     names: list[str],
     *,
     gpus: int = 2,
@@ -55,7 +55,7 @@ async def agents_running(
         NodeAgent(
             AgentSettings(
                 node=name,
-                coordinators=(address,),
+                coordinators=(address,) if isinstance(address, str) else address,
                 backend="simulated",
                 interval_ms=interval_ms,
                 simulated_model=model,

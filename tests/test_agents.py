@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.coordinator.view_state import AGENT_MISSING
 from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
@@ -429,3 +429,16 @@ async def test_an_agent_that_falls_silent_is_disconnected(etcd: LocalEtcd, prefi
             await eventually(lambda: _unschedulable(running, "raw-silent"))
         finally:
             silent.close()
+
+
+async def test_an_agent_tries_the_next_address_when_one_does_not_answer(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running((dead, address(running)), ["sim-a"]) as (agent,),
+    ):
+        await eventually(lambda: _schedulable(running, "sim-a"))
+        assert agent.uplink.status.coordinator == address(running)
+        assert agent.uplink.status.last_error.startswith("UNAVAILABLE")
