@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,53 @@ async def test_node_lease_expires_when_its_coordinator_dies_and_agents_reconnect
     finally:
         agent.stop(signal.SIGKILL)
         first.stop(signal.SIGKILL)
+
+
+HUNG_AGENT = """
+import asyncio, sys, threading
+from kaiwo_gpu.agent.service import AgentSettings, NodeAgent, run_until_signalled
+from kaiwo_gpu.agent.simulated import SimulatedBackend
+
+class Hanging(SimulatedBackend):
+    def read(self, gpu):
+        print("read hangs now", flush=True)
+        threading.Event().wait()  # a driver call that never returns
+
+    def close(self):
+        print("closed under a running read", flush=True)
+
+settings = AgentSettings(node="hung", coordinators=(sys.argv[1],), backend="simulated")
+agent = NodeAgent(settings, backend=Hanging(node="hung", model="MI300X", count=1))
+asyncio.run(run_until_signalled(agent))
+print("exited", flush=True)
+"""
+
+
+async def test_sigterm_stops_an_agent_whose_gpu_read_hangs(etcd: LocalEtcd, prefix: str) -> None:
+    """A read stuck in the driver must not keep the agent from exiting, nor be closed under."""
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", HUNG_AGENT, address(running)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert agent.stdout is not None
+            seen = ""
+            for _ in range(200):  # bounded: the first tick after registering reads
+                seen += await asyncio.wait_for(asyncio.to_thread(agent.stdout.readline), 30)
+                if "read hangs now" in seen:
+                    break
+            assert "read hangs now" in seen, seen
+            agent.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(agent.wait, 15) == 0
+            rest = agent.stdout.read()
+            assert "exited" in rest
+            assert "closed under a running read" not in rest
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            if agent.stdout is not None:
+                agent.stdout.close()

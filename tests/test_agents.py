@@ -8,12 +8,18 @@ is gone and GPUs their agent calls unhealthy out of placement.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading
+from kaiwo_gpu.agent.sampler import inventory_proto
+from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
+from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
@@ -442,3 +448,42 @@ async def test_an_agent_tries_the_next_address_when_one_does_not_answer(
         await eventually(lambda: _schedulable(running, "sim-a"))
         assert agent.uplink.status.coordinator == address(running)
         assert agent.uplink.status.last_error.startswith("UNAVAILABLE")
+
+
+class SlowBackend(SimulatedBackend):
+    """Reads take a while, as amdsmi's can: the stream may end while one is running."""
+
+    def read(self, gpu: DiscoveredGpu) -> GpuReading:
+        time.sleep(0.15)
+        return super().read(gpu)
+
+
+async def test_an_agent_survives_its_stream_ending_during_a_read(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        settings = AgentSettings(
+            node="sim-slow", coordinators=(address(running),), backend="simulated"
+        )
+        agent = NodeAgent(settings, SlowBackend(node="sim-slow", model="MI300X", count=2))
+        agent.uplink.backoff_base_s = 0.05
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            for round_ in range(5):  # each takeover ends the agent's stream, mostly mid-read
+                await eventually(functools.partial(_registered, agent, round_ + 1))
+                await asyncio.sleep(0.2)
+                raw = RawAgent(
+                    running.channel, "sim-slow", [inventory_proto(g) for g in agent.gpus]
+                )
+                await raw.register()
+                raw.close()
+            assert not task.done(), task
+            await eventually(lambda: _registered(agent, 6))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+
+async def _registered(agent: NodeAgent, times: int) -> bool | None:
+    return True if agent.uplink.status.registrations >= times else None

@@ -1,14 +1,18 @@
 """One tick of the agent: read every GPU, judge its health, and make the batch to send.
 
-Backends block (amdsmi is a C library), so reads run in a worker thread. A read that is
-still running when the next tick comes is not waited for twice: its GPU keeps its last
-verdict until the sample counts as stale, and then it is unhealthy.
+Backends block (amdsmi is a C library), so reads run in a daemon thread of their own: a
+read that hangs in the driver can neither stall the event loop nor keep the process from
+exiting on SIGTERM. A read that is still running when the next tick comes is not started
+twice: its GPUs keep their last verdict until the sample counts as stale, and then they
+are unhealthy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -103,12 +107,42 @@ class NodeSampler:
         self.last_readings: dict[str, GpuReading] = {}
         self._reading: asyncio.Future[dict[str, GpuReading | None]] | None = None
 
+    @property
+    def reading(self) -> bool:
+        """Whether a backend read is still in flight (then the backend must not be closed)."""
+        return self._reading is not None and not self._reading.done()
+
+    def _start_read(self) -> asyncio.Future[dict[str, GpuReading | None]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, GpuReading | None]] = loop.create_future()
+
+        def settle(
+            outcome: dict[str, GpuReading | None] | None, error: BaseException | None
+        ) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outcome or {})
+
+        def work() -> None:
+            try:
+                outcome = read_all(self.backend, self.gpus)
+            except BaseException as error:  # handed to the event loop, not lost
+                with contextlib.suppress(RuntimeError):  # the loop is gone: exiting
+                    loop.call_soon_threadsafe(settle, None, error)
+                return
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, outcome, None)
+
+        threading.Thread(target=work, name="gpu-read", daemon=True).start()
+        return future
+
     async def sample(self, wait_s: float) -> agent_pb2.TelemetryBatch:
         """Reads all GPUs (waiting at most `wait_s` for the backend) and makes a batch."""
         if self._reading is None or self._reading.done():
-            self._reading = asyncio.ensure_future(
-                asyncio.to_thread(read_all, self.backend, self.gpus)
-            )
+            self._reading = self._start_read()
         readings: dict[str, GpuReading | None] | None = None
         try:
             readings = await asyncio.wait_for(asyncio.shield(self._reading), wait_s)

@@ -157,7 +157,10 @@ class NodeAgent:
         try:
             await self.uplink.run(stop)
         finally:
-            self.backend.close()
+            if self.sampler.reading:  # closing a library under a running call is unsafe
+                log.warning("a GPU read is still running; leaving the backend open")
+            else:
+                self.backend.close()
             log.info("agent stopped", node=self.settings.node)
 
 

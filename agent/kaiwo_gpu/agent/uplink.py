@@ -26,6 +26,9 @@ log = structlog.get_logger(__name__)
 
 MIN_INTERVAL_MS = 100
 MAX_INTERVAL_MS = 60_000
+STEADY_SESSION_S = 30.0
+"""A session shorter than this does not reset the backoff (two agents sharing a node name,
+or a coordinator that refuses us, must not turn into a reconnect storm)."""
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -93,34 +96,44 @@ class Uplink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stays connected to some coordinator until `stop` is set."""
+        loop = asyncio.get_running_loop()
         attempt = 0
         turn = 0
         while not stop.is_set():
             address = self.addresses[turn % len(self.addresses)]
             registered_before = self.status.registrations
+            started = loop.time()
             try:
                 await self._session(address, stop)
             except grpc.aio.AioRpcError as error:
-                self.status.last_error = f"{error.code().name}: {error.details()}"
-                log.warning(
-                    "coordinator stream ended",
-                    node=self.register.node,
-                    coordinator=address,
-                    status=error.code().name,
-                    error=error.details(),
-                )
+                self._ended(address, error.code().name, error.details() or "")
+            except asyncio.InvalidStateError:  # the coordinator ended the call mid-write
+                self._ended(address, "CLOSED", "the coordinator closed the stream")
+            except Exception as error:  # an agent must outlive any one stream
+                log.exception("coordinator stream failed", node=self.register.node)
+                self._ended(address, type(error).__name__, str(error))
             finally:
                 self.status.connected = False
             if stop.is_set():
                 return
-            if self.status.registrations > registered_before:
-                attempt = 0  # it worked for a while: start the backoff over
-            else:
+            if self.status.registrations == registered_before:
                 turn += 1  # this one did not answer: try the next address
+            elif loop.time() - started >= STEADY_SESSION_S:
+                attempt = 0  # it worked for a while: start the backoff over
             delay = backoff_delay(attempt, self.rng, self.backoff_base_s, self.backoff_cap_s)
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
+
+    def _ended(self, address: str, status: str, details: str) -> None:
+        self.status.last_error = f"{status}: {details}"
+        log.warning(
+            "coordinator stream ended",
+            node=self.register.node,
+            coordinator=address,
+            status=status,
+            error=details,
+        )
 
     async def _session(self, address: str, stop: asyncio.Event) -> None:
         async with grpc.aio.insecure_channel(address, options=KEEPALIVE_OPTIONS) as channel:
@@ -153,6 +166,9 @@ class Uplink:
             interval_s = self.status.interval_ms / 1000
             self.before_tick()
             batch = await self.sampler.sample(wait_s=interval_s / 2)
+            if directives.done():  # ended while the GPUs were read
+                directives.result()
+                return
             if registered.is_set():  # a batch before the answer could race a refusal
                 await call.write(agent_pb2.AgentMessage(telemetry=batch))
                 self.status.batches_sent += 1

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -290,7 +291,8 @@ def _gpu_count(text: str) -> int:
 
 
 def _default_node_name() -> str:
-    name = socket.gethostname().lower()
+    """The host name, made a DNS-1123 name (GPU_01 -> gpu-01), so nodes stay distinct."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:253]
     return name if NODE_NAME.match(name) else "node"
 
 
