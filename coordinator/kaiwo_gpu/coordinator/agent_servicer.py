@@ -365,13 +365,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     def _placed_on(self, node: str) -> agent_pb2.PlacedAllocations:
         state = self.view.state
-        snapshot = state.snapshot()
-        ids: set[str] = set()
-        placed = snapshot.nodes.get(node)
-        for gpu in placed.gpus if placed is not None else ():
-            ids.update(snapshot.holders[snapshot.position[gpu.uuid]])
+        held = sorted(state.allocations_by_node.get(node, ()))
         return agent_pb2.PlacedAllocations(
-            allocations=[state.allocations[i] for i in sorted(ids) if i in state.allocations],
+            allocations=[state.allocations[i] for i in held],
             as_of=timestamp(self.clock()),
         )
 

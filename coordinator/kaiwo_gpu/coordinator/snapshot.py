@@ -210,6 +210,36 @@ class ClusterSnapshot:
             changed_holders[pos] = (*kept, *added.get(pos, ()))
         return self._derive(allocations, changed_usage, changed_holders)
 
+    def with_nodes(self, nodes: Iterable[Node]) -> ClusterSnapshot:
+        """The snapshot with nodes replaced in place: same GPU UUIDs at the same positions,
+        new health, schedulability, labels or figures. Agents change these at their own
+        pace (connects, health verdicts), so this must not cost a rebuild."""
+        node_map = dict(self.nodes)
+        gpus = list(self.gpus)
+        node_of = list(self.node_of)
+        moved: set[int] = set()
+        for node in nodes:
+            node_map[node.name] = node
+            for gpu in node.gpus:
+                pos = self.position[gpu.uuid]
+                gpus[pos] = gpu
+                node_of[pos] = node
+                moved.add(pos)
+        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
+        for slot in ClusterSnapshot.__slots__:
+            setattr(snapshot, slot, getattr(self, slot))
+        snapshot.nodes = MappingProxyType(node_map)
+        snapshot.gpus = tuple(gpus)
+        snapshot.node_of = tuple(node_of)
+        snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
+        snapshot.shared_index = self.shared_index.updated(
+            {pos: snapshot._index_entry(pos, cu_mask=False) for pos in moved}
+        )
+        snapshot.cu_mask_index = self.cu_mask_index.updated(
+            {pos: snapshot._index_entry(pos, cu_mask=True) for pos in moved}
+        )
+        return snapshot
+
     def with_telemetry(self, changes: Mapping[str, Telemetry | None]) -> ClusterSnapshot:
         """The snapshot with newer readings (None: forget the GPU's reading).
 

@@ -45,12 +45,14 @@ class ViewState:
         self.unreadable_nodes: set[str] = set()
         self.unreadable_allocations: set[str] = set()
         self.excluded_nodes: set[str] = set()
+        self.allocations_by_node: dict[str, set[str]] = {}
         self.agents: dict[str, str] = {}  # node -> what its presence key says (a coordinator)
         self.agent_revisions: dict[str, int] = {}
         self.telemetry: dict[str, Telemetry] = {}  # by GPU UUID; fed by agents, never stored
         self._telemetry_unsnapped: dict[str, Telemetry | None] = {}
         self._snapshot: ClusterSnapshot | None = None
         self._unsnapped: set[str] = set()  # allocation ids changed since `_snapshot`
+        self._nodes_unsnapped: set[str] = set()  # nodes whose record or presence changed
 
     @classmethod
     def load(cls, layout: KeyLayout, revision: int, kvs: Iterable[KeyValue]) -> ViewState:
@@ -106,7 +108,7 @@ class ViewState:
             self.request_keys[request_id] = value
 
     def _apply_agent(self, node: str, change: Change) -> None:
-        self._snapshot = None
+        self._nodes_unsnapped.add(node)
         if change.value is None:
             self.agents.pop(node, None)
             self.agent_revisions.pop(node, None)
@@ -145,7 +147,15 @@ class ViewState:
             if self.allocation_by_request.get(previous.request_id) == allocation_id:
                 del self.allocation_by_request[previous.request_id]
             self._unsnapped.add(allocation_id)
+            self._unindex_node(previous.node, allocation_id)
         return previous
+
+    def _unindex_node(self, node: str, allocation_id: str) -> None:
+        held = self.allocations_by_node.get(node)
+        if held is not None:
+            held.discard(allocation_id)
+            if not held:
+                del self.allocations_by_node[node]
 
     def _apply_allocation(self, allocation_id: str, change: Change) -> AllocationEvent | None:
         if change.value is None:
@@ -173,6 +183,9 @@ class ViewState:
             and self.allocation_by_request.get(previous.request_id) == allocation_id
         ):
             del self.allocation_by_request[previous.request_id]
+        if previous is not None and previous.node != record.node:
+            self._unindex_node(previous.node, allocation_id)
+        self.allocations_by_node.setdefault(record.node, set()).add(allocation_id)
         self.allocations[allocation_id] = record
         self._placed[allocation_id] = placed
         self.allocation_revisions[allocation_id] = change.revision
@@ -185,7 +198,7 @@ class ViewState:
         )
 
     def _apply_node(self, name: str, change: Change) -> None:
-        self._snapshot = None
+        self._nodes_unsnapped.add(name)
         self.unreadable_nodes.discard(name)
         if change.value is None:
             self.nodes.pop(name, None)
@@ -209,14 +222,7 @@ class ViewState:
         nodes: list[Node] = []
         self.excluded_nodes = set()
         for name in sorted(self.nodes):
-            record = self.nodes[name]
-            node = node_from_record(record)
-            if (
-                node.schedulable
-                and record.labels.get(SOURCE_LABEL) == FROM_AGENT
-                and name not in self.agents
-            ):
-                node = replace(node, schedulable=False, unschedulable_reason=AGENT_MISSING)
+            node = self._node(name, self.nodes[name])
             uuids = [gpu.uuid for gpu in node.gpus]
             if seen.intersection(uuids) or len(set(uuids)) != len(uuids):
                 self.excluded_nodes.add(name)
@@ -225,13 +231,49 @@ class ViewState:
             nodes.append(node)
         return nodes
 
+    def _node(self, name: str, record: types_pb2.NodeStatus) -> Node:
+        """The node as placement sees it: an agent's node needs its agent connected."""
+        node = node_from_record(record)
+        if (
+            node.schedulable
+            and record.labels.get(SOURCE_LABEL) == FROM_AGENT
+            and name not in self.agents
+        ):
+            node = replace(node, schedulable=False, unschedulable_reason=AGENT_MISSING)
+        return node
+
+    def _changed_nodes(self, snapshot: ClusterSnapshot) -> list[Node] | None:
+        """Nodes changed in place (same GPUs at the same positions), or None when the
+        change needs a rebuild: a node that came, went, turned unreadable or moved GPUs."""
+        changed: list[Node] = []
+        for name in self._nodes_unsnapped:
+            record = self.nodes.get(name)
+            old = snapshot.nodes.get(name)
+            if record is None or old is None or name in self.excluded_nodes:
+                if record is None and old is None and name not in self.excluded_nodes:
+                    continue  # a presence key for a node that has no record: nothing to do
+                return None
+            node = self._node(name, record)
+            if _layout(node) != _layout(old):
+                return None
+            changed.append(node)
+        return changed
+
     def snapshot(self) -> ClusterSnapshot:
         """The engine's view: rebuilt after node changes, else derived from the last one.
 
         Allocation changes since the last snapshot are applied in one step; a renewal
         (same placement, new expiry) changes nothing.
         """
+        if self._snapshot is not None and self._nodes_unsnapped:
+            changed = self._changed_nodes(self._snapshot)
+            if changed is None:
+                self._snapshot = None
+            elif changed:
+                self._snapshot = self._snapshot.with_nodes(changed)
+            self._nodes_unsnapped.clear()
         if self._snapshot is None:
+            self._nodes_unsnapped.clear()
             self._unsnapped.clear()
             self._telemetry_unsnapped.clear()
             self._snapshot = ClusterSnapshot.build(
@@ -256,3 +298,7 @@ class ViewState:
             if upserts or removals:
                 self._snapshot = self._snapshot.with_changes(upserts, removals)
         return self._snapshot
+
+
+def _layout(node: Node) -> list[tuple[str, int]]:
+    return sorted((gpu.uuid, gpu.index) for gpu in node.gpus)
