@@ -12,6 +12,7 @@ from kaiwo_gpu.coordinator.agent_reports import (
     checked_batch,
     node_record,
     placement_reading,
+    trimmed,
     with_health,
 )
 from kaiwo_gpu.coordinator.keys import SOURCE_LABEL
@@ -32,7 +33,7 @@ def no_owner(uuid: str) -> str | None:
 
 def test_registration_makes_an_agent_record_with_healthy_gpus_in_index_order() -> None:
     gpus = list(reversed(raw_inventory("n1")))
-    record = node_record(register(gpus=gpus, labels={"zone": "a"}), None, {})
+    record = node_record(register(gpus=gpus, labels={"zone": "a"}), None, no_owner)
     assert record.labels == {"zone": "a", SOURCE_LABEL: "agent"}
     assert [status.inventory.index for status in record.gpus] == [0, 1]
     assert {status.health for status in record.gpus} == {types_pb2.HEALTH_HEALTHY}
@@ -40,12 +41,12 @@ def test_registration_makes_an_agent_record_with_healthy_gpus_in_index_order() -
 
 
 def test_reregistration_keeps_health_verdicts_and_a_cordon() -> None:
-    first = node_record(register(), None, {})
+    first = node_record(register(), None, no_owner)
     first.gpus[1].health = types_pb2.HEALTH_UNHEALTHY
     first.gpus[1].health_reason = "2 uncorrectable ECC errors"
     first.schedulable = False
     first.unschedulable_reason = "drained for maintenance"
-    again = node_record(register(), first, {})
+    again = node_record(register(), first, no_owner)
     assert again.gpus[1].health == types_pb2.HEALTH_UNHEALTHY
     assert again.gpus[1].health_reason == "2 uncorrectable ECC errors"
     assert (again.schedulable, again.unschedulable_reason) == (False, "drained for maintenance")
@@ -53,22 +54,22 @@ def test_reregistration_keeps_health_verdicts_and_a_cordon() -> None:
 
 def test_registration_refuses_what_placement_could_not_account_for() -> None:
     with pytest.raises(AlreadyExistsError, match="belongs to node 'other'"):
-        node_record(register(), None, {raw_inventory("n1")[0].uuid: "other"})
+        node_record(register(), None, {raw_inventory("n1")[0].uuid: "other"}.get)
     inventory_node = types_pb2.NodeStatus(name="n1", labels={SOURCE_LABEL: "inventory"})
     with pytest.raises(FailedPreconditionError, match="static inventory"):
-        node_record(register(), inventory_node, {})
+        node_record(register(), inventory_node, no_owner)
     with pytest.raises(Invalid, match=r"register\.labels"):
-        node_record(register(labels={SOURCE_LABEL: "inventory"}), None, {})
+        node_record(register(labels={SOURCE_LABEL: "inventory"}), None, no_owner)
     twice = raw_inventory("n1")
     twice[1].uuid = twice[0].uuid
     with pytest.raises(Invalid, match=r"register.gpus\[1\]"):
-        node_record(register(gpus=twice), None, {})
+        node_record(register(gpus=twice), None, no_owner)
     too_many_cus = raw_inventory("n1")
     too_many_cus[0].compute_units = 5000
     with pytest.raises(Invalid, match=r"register.gpus\[0\].compute_units"):
-        node_record(register(gpus=too_many_cus), None, {})
+        node_record(register(gpus=too_many_cus), None, no_owner)
     with pytest.raises(Invalid, match=r"register\.gpus"):
-        node_record(register(gpus=raw_inventory("n1", 257)), None, {})
+        node_record(register(gpus=raw_inventory("n1", 65)), None, no_owner)
 
 
 def _batch(**telemetry: object) -> agent_pb2.TelemetryBatch:
@@ -83,7 +84,7 @@ def _batch(**telemetry: object) -> agent_pb2.TelemetryBatch:
 
 
 def test_a_good_batch_passes_whole() -> None:
-    record = node_record(register(), None, {})
+    record = node_record(register(), None, no_owner)
     batch = _batch(gfx_activity_percent=40, hotspot_temperature_c=71.5, used_vram_mib=1024)
     samples = checked_batch(batch, record, no_owner)
     assert list(samples) == [record.gpus[0].inventory.uuid]
@@ -104,7 +105,7 @@ def test_a_good_batch_passes_whole() -> None:
     ],
 )
 def test_a_value_out_of_range_names_its_field(fields: dict[str, object], named: str) -> None:
-    record = node_record(register(), None, {})
+    record = node_record(register(), None, no_owner)
     with pytest.raises(Invalid) as refused:
         checked_batch(_batch(**fields), record, no_owner)
     assert named in refused.value.message
@@ -112,7 +113,7 @@ def test_a_value_out_of_range_names_its_field(fields: dict[str, object], named: 
 
 
 def test_a_batch_needs_its_time_and_one_sample_per_gpu() -> None:
-    record = node_record(register(), None, {})
+    record = node_record(register(), None, no_owner)
     untimed = _batch()
     untimed.ClearField("sampled_at")
     with pytest.raises(Invalid, match="sampled_at"):
@@ -124,7 +125,7 @@ def test_a_batch_needs_its_time_and_one_sample_per_gpu() -> None:
 
 
 def test_health_is_rewritten_only_when_a_verdict_changed() -> None:
-    record = node_record(register(), None, {})
+    record = node_record(register(), None, no_owner)
     same = checked_batch(_batch(), record, no_owner)
     assert with_health(record, same) is None
     sick = _batch()
@@ -135,3 +136,14 @@ def test_health_is_rewritten_only_when_a_verdict_changed() -> None:
     assert changed.gpus[0].health == types_pb2.HEALTH_DEGRADED
     assert changed.gpus[1].health == types_pb2.HEALTH_HEALTHY
     assert record.gpus[0].health == types_pb2.HEALTH_HEALTHY  # the input is not changed
+
+
+def test_listnodes_keeps_the_processes_with_the_most_vram() -> None:
+    sample = agent_pb2.GpuSample(uuid="g0")
+    for pid in range(40):
+        sample.telemetry.processes.add(pid=pid, name=f"p{pid}", vram_mib=(pid * 7) % 40)
+    kept = trimmed(sample)
+    assert len(kept.telemetry.processes) == 16
+    assert sorted(p.vram_mib for p in kept.telemetry.processes) == list(range(24, 40))
+    assert len(sample.telemetry.processes) == 40  # the input is not changed
+    assert trimmed(kept) is kept

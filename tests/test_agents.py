@@ -33,6 +33,8 @@ from .harness import request
 pytestmark = pytest.mark.timeout(120)
 
 FAST = {"node_ttl_s": 2, "sample_interval_ms": 200}
+BATCH_GAP_S = 0.15
+"""A coordinator takes at most one batch per half interval from a node; raw agents wait."""
 
 
 def address(running: Running) -> str:
@@ -161,6 +163,7 @@ async def test_load_balanced_placement_follows_live_telemetry(etcd: LocalEtcd, p
             await agent.register()
             busy, idle = gpus[0].uuid, gpus[1].uuid
             for label, hot, cold in (("first", busy, idle), ("second", idle, busy)):
+                await asyncio.sleep(BATCH_GAP_S)
                 await agent.send(
                     batch(
                         {
@@ -241,6 +244,7 @@ async def test_a_bogus_batch_is_refused_and_changes_nothing(
             try:
                 _, record_before = await store.read(key)
                 keyed = {gpus[0].uuid if k == 0 else k: v for k, v in samples.items()}
+                await asyncio.sleep(BATCH_GAP_S)
                 await agent.send(batch(keyed))  # type: ignore[arg-type]
                 code, message = await agent.status()
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, (case, message)
@@ -487,3 +491,75 @@ async def test_an_agent_survives_its_stream_ending_during_a_read(
 
 async def _registered(agent: NodeAgent, times: int) -> bool | None:
     return True if agent.uplink.status.registrations >= times else None
+
+
+async def test_a_connected_agent_keeps_its_node_for_many_lease_ttls(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """The coordinator renews the node lease: with a 2 s TTL, 7 s later it is still held,
+    and the agent took the interval the coordinator asked for, not its own."""
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["sim-a"], interval_ms=1000) as (agent,),
+    ):
+        await eventually(lambda: _schedulable(running, "sim-a"))
+        store = EtcdStore([etcd.endpoint])
+        try:
+            _, presence = await store.read(KeyLayout(prefix).agent("sim-a"))
+            await asyncio.sleep(7)
+            _, still = await store.read(KeyLayout(prefix).agent("sim-a"))
+        finally:
+            await store.close()
+        assert presence is not None
+        assert still is not None
+        assert still.mod_revision == presence.mod_revision  # the same key, kept alive
+        assert (await _schedulable(running, "sim-a")) is not None
+        assert agent.uplink.status.interval_ms == 200
+        assert agent.uplink.status.batches_sent >= 20  # 7 s at 200 ms, not at 1 s
+
+
+async def test_batches_faster_than_the_interval_are_dropped(etcd: LocalEtcd, prefix: str) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        gpus = raw_inventory("raw-flood")
+        flood = RawAgent(running.channel, "raw-flood", gpus)
+        try:
+            await flood.register()
+            for n in range(200):
+                await flood.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry(used_vram_mib=n)}))
+            await flood.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry(used_vram_mib=999)}))
+            agents = running.coordinator.agents
+            await eventually(lambda: _dropped_at_least(agents, 190))
+        finally:
+            flood.close()
+
+
+async def _dropped_at_least(agents: object, count: int) -> bool | None:
+    return True if getattr(agents, "dropped_batches", 0) >= count else None
+
+
+async def test_a_health_change_while_etcd_is_down_is_written_when_it_returns(
+    own_etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(own_etcd.endpoint, prefix, None, **FAST) as running:
+        gpus = raw_inventory("raw-outage")
+        agent = RawAgent(running.channel, "raw-outage", gpus)
+        try:
+            await agent.register()
+            own_etcd.stop(kill=True)
+            sick = batch({gpus[0].uuid: types_pb2.GpuTelemetry()})
+            sick.telemetry.samples[0].health = types_pb2.HEALTH_UNHEALTHY
+            sick.telemetry.samples[0].health_reason = "hotspot 112 C >= limit 110 C"
+            await agent.send(sick)
+            await asyncio.sleep(0.5)
+            own_etcd.start()
+            for _ in range(100):  # the stream stays up; the next batches retry the write
+                await asyncio.sleep(0.2)
+                await agent.send(sick)
+                node = (await nodes_by_name(running.api)).get("raw-outage")
+                if node is not None and node.gpus[0].health == types_pb2.HEALTH_UNHEALTHY:
+                    break
+            assert node is not None
+            assert node.gpus[0].health == types_pb2.HEALTH_UNHEALTHY
+            assert "hotspot" in node.gpus[0].health_reason
+        finally:
+            agent.close()

@@ -164,5 +164,7 @@ def test_incremental_state_equals_a_fresh_load(
     assert state.unreadable_allocations == fresh.unreadable_allocations
     assert state.blocked_reason == fresh.blocked_reason
     assert state.node_revisions == fresh.node_revisions
+    assert state.nodes_by_gpu == fresh.nodes_by_gpu
+    assert state.allocations_by_node == fresh.allocations_by_node
     assert state.allocation_by_request == fresh.allocation_by_request
     assert _comparable(state.snapshot()) == _comparable(fresh.snapshot())

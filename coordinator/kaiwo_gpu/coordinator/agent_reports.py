@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -23,8 +23,11 @@ from kaiwo_gpu.coordinator.inventory import COMPUTE_PARTITIONS, GPU_UUID, NODE_N
 from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
-MAX_GPUS_PER_NODE = 256
+MAX_GPUS_PER_NODE = 64  # 8 MI300X split into CPX partitions
 MAX_PROCESSES = 1024
+KEPT_PROCESSES = 16
+"""Per GPU, the processes with the most VRAM that ListNodes shows; the rest are dropped so
+one busy node cannot push ListNodes past the message size limit."""
 MEMORY_PARTITIONS = ("", "NPS1", "NPS2", "NPS4", "NPS8")
 BACKENDS = ("amdsmi", "simulated")
 _MODEL = re.compile(r"^\S{1,64}$")
@@ -59,7 +62,7 @@ class NodeReport:
 def node_record(
     register: agent_pb2.Register,
     previous: types_pb2.NodeStatus | None,
-    gpu_owners: Mapping[str, str],
+    owner_of: Callable[[str], str | None],
 ) -> types_pb2.NodeStatus:
     """The node record an agent's registration makes, or an error naming the field.
 
@@ -86,8 +89,8 @@ def node_record(
         _check_inventory(gpu, f"register.gpus[{n}]")
         if gpu.index in indices or gpu.uuid in uuids:
             raise Invalid(f"register.gpus[{n}]", gpu.uuid, "a GPU with a UUID and index of its own")
-        owner = gpu_owners.get(gpu.uuid, register.node)
-        if owner != register.node:
+        owner = owner_of(gpu.uuid)
+        if owner is not None and owner != register.node:
             raise AlreadyExistsError(
                 f"GPU {gpu.uuid} (register.gpus[{n}].uuid) belongs to node {owner!r}; "
                 "two nodes cannot hold one GPU"
@@ -225,6 +228,18 @@ def with_health(
     return changed if moved else None
 
 
+def trimmed(sample: agent_pb2.GpuSample) -> agent_pb2.GpuSample:
+    """The sample with at most KEPT_PROCESSES processes, the largest by VRAM."""
+    if len(sample.telemetry.processes) <= KEPT_PROCESSES:
+        return sample
+    kept = sorted(sample.telemetry.processes, key=lambda p: (-p.vram_mib, p.pid))[:KEPT_PROCESSES]
+    short = agent_pb2.GpuSample()
+    short.CopyFrom(sample)
+    del short.telemetry.processes[:]
+    short.telemetry.processes.extend(kept)
+    return short
+
+
 def placement_reading(telemetry: types_pb2.GpuTelemetry) -> Telemetry:
     """The part of a sample the load-balanced strategy weighs."""
     return Telemetry(
@@ -237,8 +252,3 @@ def placement_reading(telemetry: types_pb2.GpuTelemetry) -> Telemetry:
         socket_power_w=telemetry.socket_power_w if telemetry.HasField("socket_power_w") else None,
         power_limit_w=telemetry.power_limit_w if telemetry.HasField("power_limit_w") else None,
     )
-
-
-def gpu_owners(nodes: Sequence[types_pb2.NodeStatus]) -> dict[str, str]:
-    """GPU UUID -> the node whose record names it."""
-    return {status.inventory.uuid: node.name for node in nodes for status in node.gpus}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,9 +32,9 @@ from kaiwo_gpu.common.errors import (
 from kaiwo_gpu.coordinator.agent_reports import (
     NodeReport,
     checked_batch,
-    gpu_owners,
     node_record,
     placement_reading,
+    trimmed,
     with_health,
 )
 from kaiwo_gpu.coordinator.changes import Put, Txn
@@ -96,6 +97,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.coordinator_id = "coordinator"
         self.reports: dict[str, NodeReport] = {}
         self.rejected_batches = 0
+        self.dropped_batches = 0
         self._sessions: dict[str, _Session] = {}
         self._stopping = False
         self._feed: asyncio.Task[None] | None = None
@@ -115,6 +117,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self._feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feed
+        if self._background:  # revokes already under way: let them land, briefly
+            await asyncio.wait(self._background, timeout=2.0)
 
     async def _follow_placements(self) -> None:
         subscription = self.view.subscribe()
@@ -212,9 +216,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _register(self, register: agent_pb2.Register) -> _Session:
         """Writes the node record (when it changed) and the presence key, on a new lease."""
-        others = gpu_owners(
-            [record for name, record in self.view.state.nodes.items() if name != register.node]
-        )
+        state = self.view.state
+
+        def others(uuid: str) -> str | None:
+            return state.gpu_owner(uuid, besides=register.node)
+
         node_record(register, None, others)  # refuse bad input before granting anything
         lease_id, ttl_s = await self.store.grant_lease(self.settings.node_ttl_s)
         session = _Session(register.node, lease_id, ttl_s)
@@ -236,6 +242,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._sessions[session.node] = session
         last = self.reports.get(session.node)
         self.reports[session.node] = NodeReport(self.clock(), last.samples if last else {})
+        for gone in [name for name in self.reports if name not in self.view.state.nodes]:
+            if gone != session.node:  # its record was deleted: forget what it reported
+                del self.reports[gone]
         log.info(
             "agent registered",
             node=session.node,
@@ -247,7 +256,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return session
 
     async def _write_registration(
-        self, session: _Session, register: agent_pb2.Register, others: dict[str, str]
+        self,
+        session: _Session,
+        register: agent_pb2.Register,
+        others: Callable[[str], str | None],
     ) -> bool:
         node_key = self.layout.node(session.node)
         _, current = await self.store.read(node_key)
@@ -282,6 +294,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _read_batches(self, session: _Session, context: Context) -> None:
         limit_s = self.settings.silent_limit_s
+        loop = asyncio.get_running_loop()
+        min_gap_s = self.settings.sample_interval_ms / 2000
+        last_ingest = -math.inf
         while True:
             try:
                 message: object = await asyncio.wait_for(context.read(), limit_s)
@@ -294,6 +309,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if not message.HasField("telemetry"):
                 raise InvalidArgumentError("message", "register", "telemetry after registering")
             self._check_still_held(session)
+            now = loop.time()
+            if now - last_ingest < min_gap_s:  # faster than asked: latest-wins, drop it
+                self.dropped_batches += 1
+                continue
+            last_ingest = now
             await self._ingest(session, message.telemetry)
 
     def _check_still_held(self, session: _Session) -> None:
@@ -306,17 +326,23 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _ingest(self, session: _Session, batch: agent_pb2.TelemetryBatch) -> None:
         samples = checked_batch(batch, session.record, self._owner_of)
-        self.reports[session.node] = NodeReport(received_at=self.clock(), samples=samples)
+        self.reports[session.node] = NodeReport(
+            received_at=self.clock(),
+            samples={uuid: trimmed(sample) for uuid, sample in samples.items()},
+        )
         self.view.state.update_telemetry(
             {uuid: placement_reading(sample.telemetry) for uuid, sample in samples.items()}
         )
         changed = with_health(session.record, samples)
         if changed is not None:
-            await self._write_health(session, changed)
+            try:
+                await self._write_health(session, changed)
+            except UnavailableError as error:  # the next batch carries the verdict again
+                log.warning("health change not written", node=session.node, error=error.message)
 
     def _owner_of(self, uuid: str) -> str | None:
         """Which node names the GPU (only asked when a batch is refused)."""
-        return gpu_owners(list(self.view.state.nodes.values())).get(uuid)
+        return self.view.state.gpu_owner(uuid)
 
     async def _write_health(self, session: _Session, record: types_pb2.NodeStatus) -> None:
         """Writes health verdicts while this session still holds the node."""

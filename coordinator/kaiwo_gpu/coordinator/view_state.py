@@ -46,6 +46,7 @@ class ViewState:
         self.unreadable_allocations: set[str] = set()
         self.excluded_nodes: set[str] = set()
         self.allocations_by_node: dict[str, set[str]] = {}
+        self.nodes_by_gpu: dict[str, set[str]] = {}  # GPU UUID -> the nodes naming it
         self.agents: dict[str, str] = {}  # node -> what its presence key says (a coordinator)
         self.agent_revisions: dict[str, int] = {}
         self.telemetry: dict[str, Telemetry] = {}  # by GPU UUID; fed by agents, never stored
@@ -200,6 +201,13 @@ class ViewState:
     def _apply_node(self, name: str, change: Change) -> None:
         self._nodes_unsnapped.add(name)
         self.unreadable_nodes.discard(name)
+        old = self.nodes.get(name)
+        for status in old.gpus if old is not None else ():
+            named = self.nodes_by_gpu.get(status.inventory.uuid)
+            if named is not None:
+                named.discard(name)
+                if not named:
+                    del self.nodes_by_gpu[status.inventory.uuid]
         if change.value is None:
             self.nodes.pop(name, None)
             self.node_revisions.pop(name, None)
@@ -215,6 +223,12 @@ class ViewState:
             self.unreadable_nodes.add(name)
             return
         self.nodes[name] = record
+        for status in record.gpus:
+            self.nodes_by_gpu.setdefault(status.inventory.uuid, set()).add(name)
+
+    def gpu_owner(self, uuid: str, besides: str = "") -> str | None:
+        """A node other than `besides` whose record names the GPU, if any."""
+        return min((n for n in self.nodes_by_gpu.get(uuid, ()) if n != besides), default=None)
 
     def _placeable_nodes(self) -> list[Node]:
         """Nodes in name order; a node naming a GPU UUID an earlier node has is left out."""
