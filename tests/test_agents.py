@@ -8,6 +8,7 @@ is gone and GPUs their agent calls unhealthy out of placement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
@@ -563,3 +564,26 @@ async def test_a_health_change_while_etcd_is_down_is_written_when_it_returns(
             assert "hotspot" in node.gpus[0].health_reason
         finally:
             agent.close()
+
+
+async def test_an_agent_moves_to_the_next_coordinator_when_its_own_stops(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        second = await stack.enter_async_context(
+            coordinator_running(etcd.endpoint, prefix, None, **FAST)
+        )
+        first_context = coordinator_running(etcd.endpoint, prefix, None, **FAST)
+        first = await stack.enter_async_context(first_context)
+        first_address = address(first)
+        agent = (
+            await stack.enter_async_context(
+                agents_running((first_address, address(second)), ["sim-a"])
+            )
+        )[0]
+        await eventually(lambda: _registered(agent, 1))
+        assert agent.uplink.status.coordinator == first_address
+        await first.coordinator.stop()  # closes its agents' streams
+        await eventually(lambda: _registered(agent, 2))
+        assert agent.uplink.status.coordinator == address(second)
+        await eventually(lambda: _schedulable(second, "sim-a"))

@@ -116,9 +116,13 @@ class Uplink:
                 self.status.connected = False
             if stop.is_set():
                 return
-            if self.status.registrations == registered_before:
-                turn += 1  # this one did not answer: try the next address
-            elif loop.time() - started >= STEADY_SESSION_S:
+            # Next time, the next address: this one did not answer, or it ended our stream
+            # (a coordinator that is stopping closes its streams).
+            turn += 1
+            if (
+                self.status.registrations > registered_before
+                and loop.time() - started >= STEADY_SESSION_S
+            ):
                 attempt = 0  # it worked for a while: start the backoff over
             delay = backoff_delay(attempt, self.rng, self.backoff_base_s, self.backoff_cap_s)
             attempt += 1
