@@ -35,13 +35,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,20 +50,25 @@ from typing import TYPE_CHECKING
 
 import grpc
 import yaml
+from benchlib import (
+    CpuMeter,
+    CpuUse,
+    Stats,
+    local_cluster,
+    positive_int,
+    print_header,
+    run_in_workdir,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.inventory import load_inventory
-from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
-HOST = "127.0.0.1"
 PREFIX = "/bench-allocate/v1/"
 BARE_PREFIX = "/bench-bare/v1/"
 GPU_MODEL = "MI300X"
@@ -72,32 +77,10 @@ FRACTION_MILLIS = 100
 PER_GPU = 1000 // FRACTION_MILLIS  # 100-millis allocations one GPU holds (memory follows)
 TTL_S = 60
 CALL_TIMEOUT_S = 10.0
-SERVING_TIMEOUT_S = 60.0
 TARGET_P50_RATIO = 1.5
 TARGET_P99_RATIO = 2.0
 TARGET_THROUGHPUT = 1000.0
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    count: int
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-    max_ms: float
-
-    @staticmethod
-    def of(samples_ns: Sequence[int]) -> Stats:
-        if not samples_ns:
-            raise SystemExit("a phase took no samples before its time limit; raise --time-limit")
-        ordered = sorted(samples_ns)
-        return Stats(
-            count=len(ordered),
-            p50_ms=_percentile(ordered, 0.50) / 1e6,
-            p99_ms=_percentile(ordered, 0.99) / 1e6,
-            mean_ms=statistics.fmean(ordered) / 1e6,
-            max_ms=ordered[-1] / 1e6,
-        )
+CPU_ROLES = ("client", "coordinator", "etcd")  # this process first
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,17 +112,10 @@ class Counter:
         return self.issued - 1
 
 
-def _percentile(ordered: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    rank = max(1, math.ceil(q * len(ordered)))
-    return float(ordered[rank - 1])
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _stats(samples_ns: Sequence[int]) -> Stats:
+    if not samples_ns:
+        raise SystemExit("a phase took no samples before its time limit; raise --time-limit")
+    return Stats.of(samples_ns)
 
 
 def _non_negative(text: str) -> int:
@@ -173,73 +149,6 @@ async def _timed(
     finally:
         gc.enable()
     return durations
-
-
-# --- CPU accounting ---------------------------------------------------------------------
-
-
-def _process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of a live process from /proc; None where unavailable."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5); utime, stime are 14, 15
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True, slots=True)
-class CpuMark:
-    wall_s: float
-    client_s: float
-    coordinator_s: float | None
-    etcd_s: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class CpuUse:
-    phase: str
-    ops: int
-    wall_s: float
-    client_s: float
-    coordinator_s: float | None
-    etcd_s: float | None
-
-
-class CpuMeter:
-    """CPU used by this client, the coordinator and etcd between a mark and now."""
-
-    def __init__(self, coordinator_pid: int | None, etcd_pid: int | None) -> None:
-        self.coordinator_pid = coordinator_pid
-        self.etcd_pid = etcd_pid
-        self.uses: list[CpuUse] = []
-
-    def mark(self) -> CpuMark:
-        return CpuMark(
-            time.perf_counter(),
-            time.process_time(),
-            _process_cpu_s(self.coordinator_pid),
-            _process_cpu_s(self.etcd_pid),
-        )
-
-    def record(self, mark: CpuMark, phase: str, ops: int) -> None:
-        now = self.mark()
-
-        def delta(after: float | None, before: float | None) -> float | None:
-            return None if after is None or before is None else after - before
-
-        self.uses.append(
-            CpuUse(
-                phase,
-                ops,
-                now.wall_s - mark.wall_s,
-                now.client_s - mark.client_s,
-                delta(now.coordinator_s, mark.coordinator_s),
-                delta(now.etcd_s, mark.etcd_s),
-            )
-        )
 
 
 # --- processes --------------------------------------------------------------------------
@@ -295,7 +204,7 @@ class BareTxns:
 
 
 async def bare_latency(bare: BareTxns, samples: int, deadline: float) -> Stats:
-    return Stats.of(await _timed(samples, deadline, lambda _: bare.commit("GPU-seq")))
+    return _stats(await _timed(samples, deadline, lambda _: bare.commit("GPU-seq")))
 
 
 async def bare_throughput(bare: BareTxns, count: int, workers: int, deadline: float) -> Throughput:
@@ -313,7 +222,7 @@ async def bare_throughput(bare: BareTxns, count: int, workers: int, deadline: fl
     await asyncio.gather(*(worker(w) for w in range(workers)))
     seconds = time.perf_counter() - started
     revisions = await bare.store.revision() - before
-    return Throughput(len(latencies), 0, seconds, revisions, Stats.of(latencies))
+    return Throughput(len(latencies), 0, seconds, revisions, _stats(latencies))
 
 
 # --- Allocate through the coordinator ---------------------------------------------------
@@ -398,9 +307,7 @@ async def allocate_throughput(
     revisions = await store.revision() - before
     if counter.failures:
         print(f"  {len(counter.failures)} failed, first: {counter.failures[0]}", flush=True)
-    return Throughput(
-        len(latencies), len(counter.failures), seconds, revisions, Stats.of(latencies)
-    )
+    return Throughput(len(latencies), len(counter.failures), seconds, revisions, _stats(latencies))
 
 
 async def release_all(
@@ -431,8 +338,7 @@ def print_latencies(rows: Sequence[tuple[str, Stats]], baseline: Stats) -> None:
         f"{'operation':<34}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'max ms':>9}"
         f"{'p50/txn':>9}{'p99/txn':>9}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for name, s in rows:
         print(
             f"{name:<34}{s.count:>6}{s.p50_ms:>9.3f}{s.p99_ms:>9.3f}{s.mean_ms:>9.3f}"
@@ -445,8 +351,7 @@ def print_throughputs(rows: Sequence[tuple[str, Throughput]]) -> None:
         f"{'operation':<34}{'done':>6}{'failed':>7}{'s':>7}{'per s':>9}{'commits':>8}"
         f"{'per commit':>11}{'p50 ms':>9}{'p99 ms':>9}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for name, t in rows:
         per_commit = t.done / t.revisions if t.revisions else float("nan")
         print(
@@ -459,25 +364,19 @@ def print_cpu(uses: Sequence[CpuUse]) -> None:
     def seconds(value: float | None) -> str:
         return f"{value:>8.2f}" if value is not None else f"{'?':>8}"
 
-    def per_op(value: float | None, ops: int) -> str:
-        return f"{value * 1000 / ops:>8.3f}" if value is not None and ops else f"{'?':>8}"
+    def per_op(value_ms: float | None) -> str:
+        return f"{value_ms:>8.3f}" if value_ms is not None else f"{'?':>8}"
 
-    cpus = os.cpu_count() or 1
     header = (
         f"{'phase':<34}{'ops':>6}{'wall s':>8}{'client':>8}{'coord':>8}{'etcd':>8}"
         f"{'client':>8}{'coord':>8}{'etcd':>8}{'busy':>6}"
     )
     print(f"{'':<34}{'':>6}{'':>8}{'--- CPU seconds ---':>24}{'--- CPU ms per op ---':>24}")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for use in uses:
-        known = [v for v in (use.client_s, use.coordinator_s, use.etcd_s) if v is not None]
-        busy = sum(known) / (use.wall_s * cpus) if use.wall_s > 0 else 0.0
-        print(
-            f"{use.phase:<34}{use.ops:>6}{use.wall_s:>8.2f}{seconds(use.client_s)}"
-            f"{seconds(use.coordinator_s)}{seconds(use.etcd_s)}{per_op(use.client_s, use.ops)}"
-            f"{per_op(use.coordinator_s, use.ops)}{per_op(use.etcd_s, use.ops)}{busy:>6.0%}"
-        )
+        used = "".join(seconds(use.by_role[role]) for role in CPU_ROLES)
+        per_ops = "".join(per_op(use.per_op_ms(role)) for role in CPU_ROLES)
+        print(f"{use.phase:<34}{use.ops:>6}{use.wall_s:>8.2f}{used}{per_ops}{use.busy:>6.0%}")
 
 
 def print_targets(bare: Stats, allocate: Stats, throughput: Throughput) -> None:
@@ -504,8 +403,7 @@ def print_targets(bare: Stats, allocate: Stats, throughput: Throughput) -> None:
         ),
     ]
     header = f"{'target':<34}{'value':>9}{'wanted':>10}  verdict"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for name, value, wanted, verdict in rows:
         print(f"{name:<34}{value:>9}{wanted:>10}  {verdict}")
 
@@ -564,7 +462,7 @@ async def measure(
     check = health_pb2.HealthCheckRequest()
     await _timed(options.warmup, deadline(), lambda _: health.Check(check, timeout=CALL_TIMEOUT_S))
     mark = meter.mark()
-    health_stats = Stats.of(
+    health_stats = _stats(
         await _timed(
             options.samples, deadline(), lambda _: health.Check(check, timeout=CALL_TIMEOUT_S)
         )
@@ -579,7 +477,7 @@ async def measure(
         await Sequential(apis[0], f"warm-{name}", ttl_s).warm(options.warmup, deadline())
         timed = Sequential(apis[0], name, ttl_s)
         mark = meter.mark()
-        stats = Stats.of(await _timed(options.samples, deadline(), timed.allocate))
+        stats = _stats(await _timed(options.samples, deadline(), timed.allocate))
         meter.record(mark, label, stats.count)
         rows.append((stats, int(statistics.median(timed.record_bytes))))
         print(f"{label}: Allocate p50 {stats.p50_ms:.3f} ms", flush=True)
@@ -663,52 +561,47 @@ async def run(options: Options, workdir: Path) -> int:
     inventory = workdir / "nodes.yaml"
     gpus = write_inventory(inventory, nodes)
 
-    etcd = LocalEtcd(workdir / "etcd", host=HOST, log_path=workdir / "etcd.log")
-    coordinator: CoordinatorProcess | None = None
+    profiler = ["-m", "cProfile", "-o", str(options.profile)] if options.profile else []
     store: EtcdStore | None = None
     channels: list[grpc.aio.Channel] = []
-    try:
-        etcd.start()
-        profiler = ["-m", "cProfile", "-o", str(options.profile)] if options.profile else []
-        coordinator = CoordinatorProcess(
-            etcd.endpoint, PREFIX, inventory, workdir / "coordinator.log", python_args=profiler
-        )
-        coordinator.start()
-        store = EtcdStore([etcd.endpoint])
-        await store.connect()
-        await coordinator.wait_serving(SERVING_TIMEOUT_S)
-        print(
-            f"etcd {etcd.endpoint} (data in {workdir}), coordinator pid {coordinator.pid} "
-            f"on {coordinator.address}, {nodes} nodes x {GPUS_PER_NODE} {GPU_MODEL} = "
-            f"{gpus} GPUs",
-            flush=True,
-        )
-        channels = [grpc.aio.insecure_channel(coordinator.address) for _ in range(options.clients)]
-        apis: list[AllocationServiceAsyncStub] = [
-            allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels
-        ]
-        meter = CpuMeter(coordinator.pid, etcd.process.pid if etcd.process else None)
-        results = await measure(options, store, apis, channels[0], meter)
-        if not coordinator.alive():
-            print(f"the coordinator exited early:\n{coordinator.log_tail()}")
-            return 1
-        report(options, results, meter)
-        return 0
-    finally:
-        for channel in channels:
-            await channel.close()
-        if store is not None:
-            await store.close()
-        if coordinator is not None:
-            coordinator.stop()
-        etcd.stop()
+    async with local_cluster(workdir, PREFIX, inventory, python_args=profiler) as cluster:
+        coordinator = cluster.coordinator
+        try:
+            store = EtcdStore([cluster.etcd.endpoint])
+            await store.connect()
+            print(
+                f"etcd {cluster.etcd.endpoint} (data in {workdir}), coordinator pid "
+                f"{coordinator.pid} on {coordinator.address}, {nodes} nodes x {GPUS_PER_NODE} "
+                f"{GPU_MODEL} = {gpus} GPUs",
+                flush=True,
+            )
+            channels = [
+                grpc.aio.insecure_channel(coordinator.address) for _ in range(options.clients)
+            ]
+            apis: list[AllocationServiceAsyncStub] = [
+                allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels
+            ]
+            meter = CpuMeter(
+                {"coordinator": [coordinator.pid], "etcd": [cluster.etcd_pid]},
+                this_process="client",
+            )
+            results = await measure(options, store, apis, channels[0], meter)
+            if cluster.coordinator_exited():
+                return 1
+            report(options, results, meter)
+            return 0
+        finally:
+            for channel in channels:
+                await channel.close()
+            if store is not None:
+                await store.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--samples",
-        type=_positive,
+        type=positive_int,
         default=500,
         help="timed sequential calls per latency row (default 500)",
     )
@@ -717,16 +610,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--allocations",
-        type=_positive,
+        type=positive_int,
         default=4000,
         help="allocations (and bare txns) in each throughput row (default 4000)",
     )
     parser.add_argument(
-        "--clients", type=_positive, default=32, help="concurrent clients (default 32)"
+        "--clients", type=positive_int, default=32, help="concurrent clients (default 32)"
     )
     parser.add_argument(
         "--nodes",
-        type=_positive,
+        type=positive_int,
         default=64,
         help=f"inventory nodes of {GPUS_PER_NODE} {GPU_MODEL}, raised if too few (default 64)",
     )
@@ -738,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--value-bytes",
-        type=_positive,
+        type=positive_int,
         default=600,
         help="size of the record the bare txn writes (default 600)",
     )
@@ -768,14 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{options.allocations} allocations x {options.clients} clients, "
         f"{FRACTION_MILLIS} millis each"
     )
-    with tempfile.TemporaryDirectory(prefix="kaiwo-bench-") as workdir:
-        try:
-            status = asyncio.run(run(options, Path(workdir)))
-        except KaiwoGpuError as error:  # etcd or the coordinator did not come up
-            print(f"benchmark aborted: {error.message}", file=sys.stderr)
-            return 1
-    print(f"total {time.perf_counter() - started:.1f} s")
-    return status
+    return run_in_workdir(functools.partial(run, options), started)
 
 
 if __name__ == "__main__":

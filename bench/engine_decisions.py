@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import platform
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
+
+from benchlib import Stats, positive_int, print_header
 
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
@@ -42,24 +42,6 @@ TARGET_SIZE = 10_000
 TARGET_P99_US = 100.0
 WARMUP = 100
 BASELINE_LIST_LEN = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    p50_us: float
-    p99_us: float
-    mean_us: float
-    max_us: float
-
-    @staticmethod
-    def of(samples_ns: Sequence[int]) -> Stats:
-        ordered = sorted(samples_ns)
-        return Stats(
-            p50_us=_percentile(ordered, 0.50) / 1000,
-            p99_us=_percentile(ordered, 0.99) / 1000,
-            mean_us=statistics.fmean(ordered) / 1000,
-            max_us=ordered[-1] / 1000,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +69,6 @@ class Fill:
     seconds: float
 
 
-def _percentile(ordered: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    rank = max(1, math.ceil(q * len(ordered)))
-    return float(ordered[rank - 1])
-
-
 def _parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -101,13 +77,6 @@ def _parse_sizes(text: str) -> list[int]:
     if not sizes or any(size < GPUS_PER_NODE for size in sizes):
         raise argparse.ArgumentTypeError(f"sizes must be at least {GPUS_PER_NODE} GPUs each")
     return sizes
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _timed(samples: int, operation: Callable[[int], object]) -> list[int]:
@@ -238,8 +207,7 @@ def print_decisions(rows: Sequence[DecisionRow], baseline: Stats) -> None:
         f"{'GPUs':>6}  {'strategy':<14}{'p50 us':>9}{'p99 us':>9}{'mean us':>9}"
         f"{'max us':>10}{'NoFit':>8}{'p50/base':>10}  target"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for row in rows:
         s = row.stats
         print(
@@ -254,8 +222,7 @@ def print_updates(rows: Sequence[UpdateRow], baseline: Stats) -> None:
         f"{'GPUs':>6}  {'with p50':>9}{'with p99':>9}{'w/o p50':>9}{'w/o p99':>9}"
         f"{'pair p50':>10}{'pair p99':>10}{'p50/base':>10}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for row in rows:
         w, o, p = row.with_stats, row.without_stats, row.pair_stats
         print(
@@ -274,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--decisions",
-        type=_positive,
+        type=positive_int,
         default=2000,
         help="timed decisions per size and strategy (default 2000)",
     )
