@@ -7,7 +7,10 @@ twice, one allocation per request_id, and a GPU version key for every placed GPU
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kaiwo_gpu.coordinator.changes import Put, Txn
@@ -165,3 +168,23 @@ async def audit_history(endpoint: str, prefix: str) -> int:
     finally:
         await store.close()
     return checked
+
+
+@contextlib.contextmanager
+def child(args: Sequence[str], **popen: object) -> Iterator[subprocess.Popen[str]]:
+    """A child process with stdout and stderr on one text pipe, killed if still running."""
+    process = subprocess.Popen(
+        list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,  # type: ignore[call-overload]
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

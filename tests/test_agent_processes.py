@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from kaiwo_gpu.coordinator.view_state import AGENT_MISSING
 
 from .agents import AgentProcess, eventually, nodes_by_name
 from .conftest import Running, coordinator_running
-from .harness import request
+from .harness import child, request
 from .test_agents import FAST, _schedulable, _unschedulable, address
 
 pytestmark = pytest.mark.timeout(180)
@@ -115,13 +114,7 @@ print("exited", flush=True)
 async def test_sigterm_stops_an_agent_whose_gpu_read_hangs(etcd: LocalEtcd, prefix: str) -> None:
     """A read stuck in the driver must not keep the agent from exiting, nor be closed under."""
     async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
-        agent = subprocess.Popen(
-            [sys.executable, "-c", HUNG_AGENT, address(running)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
+        with child([sys.executable, "-c", HUNG_AGENT, address(running)]) as agent:
             assert agent.stdout is not None
             seen = ""
             for _ in range(200):  # bounded: the first tick after registering reads
@@ -134,9 +127,3 @@ async def test_sigterm_stops_an_agent_whose_gpu_read_hangs(etcd: LocalEtcd, pref
             rest = agent.stdout.read()
             assert "exited" in rest
             assert "closed under a running read" not in rest
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-            if agent.stdout is not None:
-                agent.stdout.close()

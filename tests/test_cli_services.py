@@ -22,7 +22,7 @@ from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 from tests.agents import eventually
-from tests.harness import audit_etcd, request
+from tests.harness import audit_etcd, child, request
 
 pytestmark = pytest.mark.slow
 KAIWO_GPU = [sys.executable, "-m", "kaiwo_gpu.cli.main"]
@@ -112,24 +112,14 @@ async def test_a_taken_address_is_refused_not_shared(
 
 
 def test_sigterm_while_waiting_for_etcd_stops_at_once() -> None:
-    waiting = subprocess.Popen(
-        [*KAIWO_GPU, "coordinator", f"--etcd=127.0.0.1:{free_port()}", "--listen=127.0.0.1:0"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert waiting.stderr is not None
-        for line in waiting.stderr:  # bounded: the coordinator gives up after 30 s
+    args = [*KAIWO_GPU, "coordinator", f"--etcd=127.0.0.1:{free_port()}", "--listen=127.0.0.1:0"]
+    with child(args) as waiting:
+        assert waiting.stdout is not None
+        for line in waiting.stdout:  # bounded: the coordinator gives up after 30 s
             if "waiting for etcd" in line:
                 break
         waiting.send_signal(signal.SIGTERM)
         assert waiting.wait(10) == 0
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-            waiting.wait()
-        if waiting.stderr is not None:
-            waiting.stderr.close()
 
 
 @pytest.mark.parametrize("backend", ["auto", "amdsmi"])
@@ -144,26 +134,15 @@ def test_agent_without_rocm_says_why_and_how_to_fix_it(backend: str) -> None:
     assert "agent starting" not in done.stdout + done.stderr
 
 
-def test_agent_stops_on_sigterm_while_no_coordinator_answers(tmp_path: Path) -> None:
-    agent = subprocess.Popen(
-        [*KAIWO_GPU, "agent", "--backend=simulated", f"--coordinator=127.0.0.1:{free_port()}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+def test_agent_stops_on_sigterm_while_no_coordinator_answers() -> None:
+    args = [*KAIWO_GPU, "agent", "--backend=simulated", f"--coordinator=127.0.0.1:{free_port()}"]
+    with child(args) as agent:
         assert agent.stdout is not None
         for line in agent.stdout:  # bounded: the agent retries with backoff until stopped
             if "coordinator stream ended" in line:
                 break
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(10) == 0
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
-        if agent.stdout is not None:
-            agent.stdout.close()
 
 
 def test_unreachable_etcd_exits_1_with_a_message() -> None:

@@ -48,16 +48,34 @@ if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _duration(text: str) -> int:
-    try:
-        seconds = parse_duration_s(text)
-    except InvalidArgumentError:
-        seconds = -1
-    if not 0 <= seconds <= MAX_TTL_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration like 90s, 10m or 2h, up to 30d"
-        )
-    return seconds
+def _duration_within(low_s: int, high_s: int, what: str) -> Callable[[str], int]:
+    """An argparse type for a duration (`90s`, `10m`, `2h`) in whole seconds, low-high."""
+
+    def convert(text: str) -> int:
+        try:
+            seconds = parse_duration_s(text)
+        except InvalidArgumentError:
+            seconds = -1
+        if not low_s <= seconds <= high_s:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return seconds
+
+    return convert
+
+
+def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} {low}-{high}")
+        return int(text)
+
+    return convert
+
+
+_duration = _duration_within(0, MAX_TTL_SECONDS, "a duration like 90s, 10m or 2h, up to 30d")
+_node_ttl = _duration_within(2, 3600, "a node TTL like 15s (2s-1h)")
+_count = _whole_number(1, 1000, "a whole number")
+_gpu_count = _whole_number(1, 64, "a GPU count")
 
 
 def _address(text: str) -> str:
@@ -115,12 +133,6 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0-3600)")
     return value
-
-
-def _count(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number 1-1000")
-    return int(text)
 
 
 def _env_flag(
@@ -246,16 +258,6 @@ def _interval_ms(text: str) -> int:
     return millis
 
 
-def _node_ttl(text: str) -> int:
-    try:
-        seconds = parse_duration_s(text)
-    except InvalidArgumentError:
-        seconds = -1
-    if not 2 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a node TTL like 15s (2s-1h)")
-    return seconds
-
-
 def _node_name(text: str) -> str:
     if not NODE_NAME.match(text):
         raise argparse.ArgumentTypeError(
@@ -282,12 +284,6 @@ def _labels(text: str) -> tuple[tuple[str, str], ...]:
         return freeze_labels(pairs, "--labels")
     except InvalidArgumentError as error:
         raise argparse.ArgumentTypeError(error.message) from None
-
-
-def _gpu_count(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 64:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU count 1-64")
-    return int(text)
 
 
 def _default_node_name() -> str:
