@@ -587,3 +587,30 @@ async def test_an_agent_moves_to_the_next_coordinator_when_its_own_stops(
         await eventually(lambda: _registered(agent, 2))
         assert agent.uplink.status.coordinator == address(second)
         await eventually(lambda: _schedulable(second, "sim-a"))
+
+
+async def test_a_node_lease_lost_under_a_live_stream_makes_the_agent_register_again(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """etcd dropped the lease (e.g. it expired while etcd was partitioned away): the
+    coordinator notices at its next renewal, ends the stream, and the agent re-registers."""
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["sim-a"]) as (agent,),
+    ):
+        await eventually(lambda: _schedulable(running, "sim-a"))
+        store = EtcdStore([etcd.endpoint])
+        try:
+            _, presence = await store.read(KeyLayout(prefix).agent("sim-a"))
+            assert presence is not None
+            assert presence.lease
+            await store.revoke_lease(presence.lease)
+            await eventually(lambda: _registered(agent, 2))
+            node = await eventually(lambda: _schedulable(running, "sim-a"))
+            _, again = await store.read(KeyLayout(prefix).agent("sim-a"))
+        finally:
+            await store.close()
+        assert again is not None
+        assert again.lease != presence.lease
+        assert node.schedulable
+        assert "lease" in agent.uplink.status.last_error

@@ -101,11 +101,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._sessions: dict[str, _Session] = {}
         self._stopping = False
         self._feed: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     def start(self, coordinator_id: str) -> None:
         self.coordinator_id = coordinator_id
         self._feed = asyncio.create_task(self._follow_placements(), name="agent-placement-feed")
+        self._renewal = asyncio.create_task(self._keep_leases(), name="agent-node-leases")
 
     async def stop(self) -> None:
         """Before the server stops: sessions then end without revoking their node leases,
@@ -113,10 +115,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._stopping = True
         for session in self._sessions.values():
             session.closing.set()
-        if self._feed is not None:
-            self._feed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._feed
+        for task in (self._feed, self._renewal):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._background:  # revokes already under way: let them land, briefly
             await asyncio.wait(self._background, timeout=2.0)
 
@@ -175,7 +178,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         tasks = [
             asyncio.create_task(self._read_batches(session, context)),
             asyncio.create_task(self._send_directives(session, context)),
-            asyncio.create_task(self._keep_lease(session)),
             asyncio.create_task(session.closing.wait()),
         ]
         try:
@@ -397,16 +399,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             as_of=timestamp(self.clock()),
         )
 
-    async def _keep_lease(self, session: _Session) -> None:
-        interval_s = max(session.ttl_s / 3, 0.5)
+    async def _keep_leases(self) -> None:
+        """Renews every connected node's lease, all over one keep-alive stream, every
+        third of the TTL; a session whose lease is gone ends (its agent registers again)."""
+        interval_s = max(self.settings.node_ttl_s / 3, 0.5)
         while True:
             await asyncio.sleep(interval_s)
+            sessions = list(self._sessions.values())
             try:
-                ttl = await self.store.refresh_lease(session.lease_id)
-            except UnavailableError as error:
-                log.warning("cannot renew node lease", node=session.node, error=error.message)
+                ttls = await self.store.refresh_leases([s.lease_id for s in sessions])
+            except UnavailableError as error:  # etcd keeps leases alive across its restart
+                log.warning("cannot renew node leases", nodes=len(sessions), error=error.message)
                 continue
-            if ttl <= 0:
-                raise UnavailableError(
-                    f"the lease of node {session.node!r} expired; reconnect to register again"
-                )
+            for session in sessions:
+                if ttls.get(session.lease_id, 0) <= 0:
+                    session.closed_because = UnavailableError(
+                        f"the lease of node {session.node!r} expired; reconnect to register again"
+                    )
+                    session.closing.set()

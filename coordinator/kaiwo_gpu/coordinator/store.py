@@ -226,16 +226,26 @@ class EtcdStore:
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Renews the lease; returns its TTL in seconds, 0 when it no longer exists."""
+        return (await self.refresh_leases([lease_id]))[lease_id]
+
+    async def refresh_leases(self, lease_ids: Sequence[int]) -> dict[int, int]:
+        """Renews many leases over one keep-alive stream: lease id -> TTL (0: gone)."""
+        if not lease_ids:
+            return {}
         await self.connect()
+        ttls: dict[int, int] = {}
         try:
             call = self._client.leasestub.LeaseKeepAlive(
-                iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self._timeout_s
+                iter([rpc.LeaseKeepAliveRequest(ID=lease_id) for lease_id in lease_ids]),
+                timeout=self._timeout_s,
             )
             async for reply in call:
-                return int(reply.TTL)
+                ttls[int(reply.ID)] = int(reply.TTL)
+                if len(ttls) == len(set(lease_ids)):
+                    break
         except AioRpcError as error:
             raise self._translate(error) from None
-        return 0
+        return {lease_id: ttls.get(lease_id, 0) for lease_id in lease_ids}
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Drops the lease and every key on it; a lease that is already gone is fine."""
