@@ -245,6 +245,13 @@ class FakeAmdSmi:
     def gpu(self, uuid: str) -> FakeGpu:
         return next(gpu for gpu in self.gpus if gpu.uuid == uuid)
 
+    def fall_off_bus(self, uuid: str) -> None:
+        """What a GPU that dropped off the bus looks like to the real library: its handle
+        still resolves, every sysfs-backed read fails, but the process list (from KFD)
+        still answers."""
+        gpu = self.gpu(uuid)
+        gpu.not_supported |= set(READ_ENTRY_POINTS) - {"amdsmi_get_gpu_process_list"}
+
     def vanish(self, uuid: str) -> None:
         """The device leaves: its handle stops resolving, as after a hot unplug or reset."""
         for address, gpu in list(self._by_address.items()):

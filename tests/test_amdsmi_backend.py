@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kaiwo_gpu.agent.amdsmi_backend import AmdSmiBackend, normalise_model
+from kaiwo_gpu.agent.amdsmi_backend import (
+    AmdSmiBackend,
+    _processes,
+    load_amdsmi,
+    normalise_model,
+)
 from kaiwo_gpu.agent.backend import (
     BackendUnavailableError,
     DeviceLostError,
@@ -33,6 +40,7 @@ from tests.fake_amdsmi import (
     FakeAmdSmi,
     FakeGpu,
     FakeProcess,
+    _StubLibrary,
     installed_fake_amdsmi,
     is_amdsmi_module,
 )
@@ -163,12 +171,27 @@ def test_market_names_become_short_model_names(market_name: str, model: str) -> 
     assert normalise_model(market_name) == model
 
 
-def test_a_uuid_the_library_cannot_give_makes_the_backend_unavailable(fake: FakeAmdSmi) -> None:
+def test_a_gpu_without_a_uuid_is_left_out_and_the_others_offered(fake: FakeAmdSmi) -> None:
     fake.gpus[1].not_supported.add("amdsmi_get_gpu_device_uuid")
     backend = AmdSmiBackend()
-    with pytest.raises(BackendUnavailableError, match=r"no UUID for GPU 1 \(bdf 0000:25:00\.0\)"):
-        backend.discover()
-    backend.close()
+    try:
+        (only,) = backend.discover()
+        assert only.uuid == fake.gpus[0].uuid
+        (why,) = backend.skipped
+        assert re.search(r"no UUID for GPU 1 \(bdf 0000:25:00\.0\)", why)
+    finally:
+        backend.close()
+
+
+def test_no_gpu_with_a_uuid_makes_the_backend_unavailable(fake: FakeAmdSmi) -> None:
+    for gpu in fake.gpus:
+        gpu.not_supported.add("amdsmi_get_gpu_device_uuid")
+    backend = AmdSmiBackend()
+    try:
+        with pytest.raises(BackendUnavailableError, match="no UUID for GPU 0"):
+            backend.discover()
+    finally:
+        backend.close()
 
 
 def test_reads_every_value_in_the_promised_units(fake: FakeAmdSmi, backend: AmdSmiBackend) -> None:
@@ -301,6 +324,64 @@ def test_a_device_that_answers_nothing_is_lost(fake: FakeAmdSmi, backend: AmdSmi
 
     with pytest.raises(DeviceLostError, match="answered none"):
         backend.read(gpu)
+
+
+def test_a_gpu_off_the_bus_is_lost_although_its_process_list_answers(
+    fake: FakeAmdSmi, backend: AmdSmiBackend
+) -> None:
+    first, second = backend.discover()
+    fake.fall_off_bus(first.uuid)
+
+    with pytest.raises(DeviceLostError, match="answered none"):
+        backend.read(first)
+    assert backend.read(second).gfx_activity_percent == 88
+
+
+def test_0xffff_is_a_value_where_the_library_does_not_mean_unsupported(
+    fake: FakeAmdSmi, backend: AmdSmiBackend
+) -> None:
+    gpu = backend.discover()[0]
+    fake.gpus[0].vram_used_mb = 0xFFFF
+    fake.gpus[0].ecc_correctable = 0xFFFF
+
+    reading = backend.read(gpu)
+    assert reading.used_vram_mib == 0xFFFF
+    assert reading.ecc_correctable_total == 0xFFFF
+
+
+def test_process_handles_of_older_amdsmi_count_as_not_reported() -> None:
+    """amdsmi 6.0 listed process handles, not dicts: no crash, just no process VRAM."""
+    assert _processes([ctypes.c_uint32(7), ctypes.c_uint32(8)]) == ()
+    assert _processes("N/A") == ()
+
+
+def test_a_library_of_another_rocm_release_is_explained_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """amdsmi binds every C symbol at import: a libamd_smi.so of another release lacks some."""
+
+    class OlderLibrary(_StubLibrary):
+        def __getattr__(self, name: str) -> Any:
+            if name == "amdsmi_get_gpu_enumeration_info":
+                raise AttributeError(f"libamd_smi.so: undefined symbol: {name}")
+            return super().__getattr__(name)
+
+    real_cdll = ctypes.CDLL
+
+    def cdll(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(name).endswith("libamd_smi.so"):
+            return OlderLibrary(str(name))
+        return real_cdll(name, *args, **kwargs)
+
+    saved = {name: module for name, module in sys.modules.items() if is_amdsmi_module(name)}
+    for name in saved:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    with pytest.raises(BackendUnavailableError) as refused:
+        load_amdsmi()
+    assert "undefined symbol" in str(refused.value)
+    assert "ROCm release" in str(refused.value)
+    assert not any(is_amdsmi_module(name) for name in sys.modules)
 
 
 def test_one_answer_keeps_a_device_in_service(fake: FakeAmdSmi, backend: AmdSmiBackend) -> None:

@@ -27,9 +27,11 @@ from kaiwo_gpu.agent.backend import (
 )
 
 MIB = 1024 * 1024
-# amdsmi fills fields a device does not support with the largest value of the field's type;
-# the Python layer turns only some of them (0xFFFF) into "N/A".
-UNSUPPORTED_SENTINELS = frozenset({0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF})
+# amdsmi fills fields a device does not support with the largest value of the field's type.
+# The Python layer turns the 16-bit one into "N/A" for activity and power only; 0xFFFF is a
+# real value elsewhere (65,535 MiB used, 65,535 correctable errors).
+UNSUPPORTED_SENTINELS = frozenset({0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF})
+UINT16_UNSUPPORTED = 0xFFFF
 # amdsmi 7.0 reports power_limit in W; later headers (7.13) say uW. No GPU has a 100 kW limit.
 POWER_LIMIT_MICROWATT_THRESHOLD = 100_000
 MICROWATTS_PER_WATT = 1_000_000
@@ -62,7 +64,9 @@ def load_amdsmi() -> ModuleType:
     try:
         with contextlib.redirect_stdout(printed):
             import amdsmi  # noqa: PLC0415 - absent or broken on nodes without ROCm
-    except (KeyError, ImportError, OSError) as error:
+    # KeyError: no libamd_smi.so (it prints first); AttributeError: a libamd_smi.so of another
+    # ROCm release, missing a symbol the package binds at import.
+    except (KeyError, ImportError, OSError, AttributeError) as error:
         for name in [name for name in sys.modules if _is_amdsmi_module(name)]:
             if name not in before:
                 del sys.modules[name]
@@ -70,6 +74,7 @@ def load_amdsmi() -> ModuleType:
         detail = f" (amdsmi said: {said})" if said else ""
         raise BackendUnavailableError(
             f"amdsmi could not load libamd_smi.so: {type(error).__name__}: {error}{detail}; "
+            "the amdsmi package must be the one of the node's ROCm release; "
             f"{INSTALL_HINT}"
         ) from error
     module: ModuleType = amdsmi
@@ -115,7 +120,12 @@ def _count(value: object) -> int | None:
 
 def _percent(value: object) -> int | None:
     count = _count(value)
-    return count if count is not None and count <= 100 else None
+    return count if count is not None and count <= 100 else None  # 0xFFFF: over 100
+
+
+def _uint16_watts(value: object) -> float | None:
+    """Power fields are 16-bit in the C structs: 0xFFFF there means not supported."""
+    return None if value == UINT16_UNSUPPORTED else _watts(value)
 
 
 def _temperature_c(value: object) -> float | None:
@@ -139,7 +149,7 @@ def _power_limit_w(value: object) -> float | None:
 def _socket_power_w(power: dict[str, Any]) -> float | None:
     """MI300+ report current_socket_power, older parts average_socket_power; the other is unset."""
     candidates = [
-        _watts(power.get(key))
+        _uint16_watts(power.get(key))
         for key in ("current_socket_power", "average_socket_power", "socket_power")
     ]
     present = [watts for watts in candidates if watts is not None]
@@ -149,9 +159,13 @@ def _socket_power_w(power: dict[str, Any]) -> float | None:
     return present[0] if present else None
 
 
-def _processes(entries: list[dict[str, Any]]) -> tuple[ProcessVram, ...]:
+def _processes(entries: object) -> tuple[ProcessVram, ...]:
+    """amdsmi 6.1+ lists dicts; 6.0 listed process handles (details took another call per
+    process): those, and anything else unexpected, count as not reported."""
     processes = []
-    for entry in entries:
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict):
+            continue
         pid = _count(entry.get("pid"))
         if pid is None:
             continue
@@ -206,6 +220,7 @@ class AmdSmiBackend:
         self._loader = loader
         self._amdsmi: ModuleType | None = None
         self._handles: dict[str, Any] = {}
+        self.skipped: tuple[str, ...] = ()  # why GPUs were left out at discovery
         # amdsmi keeps per-process state; one call at a time keeps init/shutdown race-free.
         self._lock = threading.Lock()
 
@@ -221,10 +236,18 @@ class AmdSmiBackend:
                 ) from error
             gpus: list[DiscoveredGpu] = []
             self._handles = {}
+            skipped: list[str] = []
             for index, handle in enumerate(handles):
-                gpu = self._describe(amdsmi, index, handle)
+                try:
+                    gpu = self._describe(amdsmi, index, handle)
+                except (BackendUnavailableError, DeviceLostError) as error:
+                    skipped.append(str(error))  # one bad GPU must not hide the others
+                    continue
                 self._handles[gpu.uuid] = handle
                 gpus.append(gpu)
+            if skipped and not gpus:
+                raise BackendUnavailableError("; ".join(skipped))
+            self.skipped = tuple(skipped)
             return tuple(gpus)
 
     def read(self, gpu: DiscoveredGpu) -> GpuReading:
@@ -306,14 +329,15 @@ class AmdSmiBackend:
         power = calls(amdsmi.amdsmi_get_power_info, handle) or {}
         vram = calls(amdsmi.amdsmi_get_gpu_vram_usage, handle) or {}
         ecc = calls(amdsmi.amdsmi_get_gpu_total_ecc_count, handle) or {}
-        processes = calls(amdsmi.amdsmi_get_gpu_process_list, handle) or []
         if calls.answered == 0:
-            # A missing sensor is None, but a device that answers nothing at all is gone
-            # (a GPU off the bus reads as missing files, which amdsmi calls "not supported").
+            # A missing sensor is None, but a device whose sensors all fail is gone (a GPU
+            # off the bus reads as missing files, which amdsmi calls "not supported"). The
+            # process list is left out: it comes from KFD and answers even then.
             raise DeviceLostError(
                 f"GPU {gpu.index} ({gpu.uuid}) answered none of its queries: "
                 + "; ".join(calls.failures)
             )
+        processes = calls(amdsmi.amdsmi_get_gpu_process_list, handle) or []
         return GpuReading(
             gfx_activity_percent=_percent(activity.get("gfx_activity")),
             umc_activity_percent=_percent(activity.get("umc_activity")),
