@@ -544,25 +544,34 @@ async def test_a_health_change_while_etcd_is_down_is_written_when_it_returns(
     async with coordinator_running(own_etcd.endpoint, prefix, None, **FAST) as running:
         gpus = raw_inventory("raw-outage")
         agent = RawAgent(running.channel, "raw-outage", gpus)
+        sick = batch({gpus[0].uuid: types_pb2.GpuTelemetry()})
+        sick.telemetry.samples[0].health = types_pb2.HEALTH_UNHEALTHY
+        sick.telemetry.samples[0].health_reason = "hotspot 112 C >= limit 110 C"
+
+        async def keep_sending() -> None:  # an agent's ticks go on while etcd is away
+            for _ in range(300):
+                await agent.send(sick)
+                await asyncio.sleep(0.25)
+
+        sender: asyncio.Task[None] | None = None
         try:
             await agent.register()
             own_etcd.stop(kill=True)
-            sick = batch({gpus[0].uuid: types_pb2.GpuTelemetry()})
-            sick.telemetry.samples[0].health = types_pb2.HEALTH_UNHEALTHY
-            sick.telemetry.samples[0].health_reason = "hotspot 112 C >= limit 110 C"
-            await agent.send(sick)
-            await asyncio.sleep(0.5)
-            own_etcd.start()
-            for _ in range(100):  # the stream stays up; the next batches retry the write
-                await asyncio.sleep(0.2)
-                await agent.send(sick)
+            sender = asyncio.create_task(keep_sending())
+            await asyncio.sleep(1.0)  # the health write fails at least once meanwhile
+            await asyncio.to_thread(own_etcd.start)
+
+            async def written() -> types_pb2.GpuStatus | None:
                 node = (await nodes_by_name(running.api)).get("raw-outage")
-                if node is not None and node.gpus[0].health == types_pb2.HEALTH_UNHEALTHY:
-                    break
-            assert node is not None
-            assert node.gpus[0].health == types_pb2.HEALTH_UNHEALTHY
-            assert "hotspot" in node.gpus[0].health_reason
+                gpu = node.gpus[0] if node is not None else None
+                return gpu if gpu and gpu.health == types_pb2.HEALTH_UNHEALTHY else None
+
+            gpu = await eventually(written)
+            assert "hotspot" in gpu.health_reason
+            assert not sender.done()  # the stream stayed up through the outage
         finally:
+            if sender is not None:
+                sender.cancel()
             agent.close()
 
 

@@ -132,6 +132,7 @@ def test_agent_without_rocm_says_why_and_how_to_fix_it(backend: str) -> None:
     assert "libamd_smi.so" in done.stderr
     assert "--backend simulated" in done.stderr
     assert "agent starting" not in done.stdout + done.stderr
+    assert ("never falls back to simulated" in done.stderr) == (backend == "auto")
 
 
 def test_agent_stops_on_sigterm_while_no_coordinator_answers() -> None:

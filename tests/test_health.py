@@ -164,7 +164,8 @@ def test_a_mixed_worse_streak_goes_only_as_far_as_all_samples_agree(
 
 def test_a_mixed_better_streak_goes_only_as_far_as_all_samples_agree() -> None:
     unhealthy = run([sample(uncorrectable=1)])[-1]
-    better = [sample(uncorrectable=1, hotspot_c=hotspot_c) for hotspot_c in (60, 103, 60)]
+    # The count was cleared (a GPU reset); the samples that follow disagree on how good.
+    better = [sample(uncorrectable=0, hotspot_c=hotspot_c) for hotspot_c in (60, 103, 60)]
     verdicts = run(better, start=unhealthy)
     assert levels(verdicts) == [Health.UNHEALTHY, Health.UNHEALTHY, Health.DEGRADED]
     assert verdicts[-1].reason == "hotspot 103 C >= warn 100 C"
@@ -191,8 +192,9 @@ def test_uncorrectable_ecc_at_the_first_sample_is_unhealthy_at_once() -> None:
     assert Cause.UNCORRECTABLE_ECC in verdict.causes
 
 
-def test_new_uncorrectable_ecc_is_unhealthy_until_clear_after_quiet_samples() -> None:
-    totals = [0, 0, 1, 1, 1, 2, 2, 2, 2]
+def test_uncorrectable_ecc_keeps_a_gpu_unhealthy_until_its_count_is_cleared() -> None:
+    """Quiet samples do not bring it back: only a reset count (GPU reset, reboot) does."""
+    totals = [0, 0, 1, 1, 1, 1, 2, 2, 0, 0, 0]
     verdicts = run([sample(uncorrectable=total) for total in totals])
     assert levels(verdicts) == [
         Health.HEALTHY,
@@ -200,13 +202,16 @@ def test_new_uncorrectable_ecc_is_unhealthy_until_clear_after_quiet_samples() ->
         Health.UNHEALTHY,
         Health.UNHEALTHY,
         Health.UNHEALTHY,
-        Health.UNHEALTHY,  # a further error restarts the count
         Health.UNHEALTHY,
+        Health.UNHEALTHY,
+        Health.UNHEALTHY,
+        Health.UNHEALTHY,  # the count was reset: clear_after (3) clean samples to come back
         Health.UNHEALTHY,
         Health.HEALTHY,
     ]
     assert verdicts[2].reason == "1 uncorrectable ECC error (+1 since the last sample)"
-    assert verdicts[5].reason == "2 uncorrectable ECC errors (+1 since the last sample)"
+    assert verdicts[4].reason == "1 uncorrectable ECC error"
+    assert verdicts[6].reason == "2 uncorrectable ECC errors (+1 since the last sample)"
 
 
 def test_a_reset_ecc_counter_is_a_new_baseline_not_an_error() -> None:
@@ -228,8 +233,9 @@ def test_an_unreported_ecc_total_keeps_the_last_one() -> None:
     assert verdicts[2].reason == verdicts[0].reason  # no new increase counted
 
 
-def test_a_burst_of_correctable_ecc_is_degraded() -> None:
-    totals = [5000, 5100, 5200, 5210, 5220, 5230]
+def test_a_burst_of_correctable_ecc_is_degraded_at_once() -> None:
+    """A burst is an event, not a noisy reading: one interval of it is enough."""
+    totals = [5000, 5010, 5160, 5170, 5180, 5190, 5200]
     verdicts = run([sample(correctable=total) for total in totals])
     assert levels(verdicts) == [
         Health.HEALTHY,  # a large total at the start is history, not a burst
@@ -237,9 +243,10 @@ def test_a_burst_of_correctable_ecc_is_degraded() -> None:
         Health.DEGRADED,
         Health.DEGRADED,
         Health.DEGRADED,
+        Health.HEALTHY,  # three quiet samples
         Health.HEALTHY,
     ]
-    assert verdicts[2].reason == "100 correctable ECC errors since the last sample"
+    assert verdicts[2].reason == "150 correctable ECC errors since the last sample"
 
 
 def test_a_hot_gpu_must_cool_by_the_margin_before_it_counts_as_better() -> None:
@@ -337,8 +344,10 @@ def test_changes_wait_for_their_streak_except_immediate_ones(
     sequence: list[Step], limits: HealthLimits
 ) -> None:
     """Every change to worse waits raise_after samples and every change to better clear_after,
-    counted from the last change; only device loss and new uncorrectable ECC skip the wait."""
-    verdicts = run(to_readings(sequence), limits)
+    counted from the last change; only events (device loss, ECC errors) skip the wait, and a
+    GPU with uncorrectable errors never gets better while its count is above zero."""
+    readings = to_readings(sequence)
+    verdicts = run(readings, limits)
     previous = initial()
     last_change = -1
     for index, verdict in enumerate(verdicts):
@@ -348,10 +357,12 @@ def test_changes_wait_for_their_streak_except_immediate_ones(
         if verdict.health is not previous.health:
             waited = index - last_change
             if SEVERITY[verdict.health] > SEVERITY[previous.health]:
-                immediate = {Cause.DEVICE_LOST, Cause.UNCORRECTABLE_ECC} & verdict.causes
-                assert immediate or waited >= limits.raise_after
+                events = {Cause.DEVICE_LOST, Cause.UNCORRECTABLE_ECC, Cause.CORRECTABLE_ECC}
+                assert events & verdict.causes or waited >= limits.raise_after
             else:
                 assert waited >= limits.clear_after
+                reading = readings[index]
+                assert reading is None or reading.ecc_uncorrectable_total == 0
             last_change = index
         previous = verdict
 

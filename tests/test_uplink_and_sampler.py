@@ -9,9 +9,10 @@ import threading
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading
-from kaiwo_gpu.agent.sampler import NodeSampler, telemetry_proto
+from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading, ProcessVram
+from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto, telemetry_proto
 from kaiwo_gpu.agent.uplink import backoff_delay, placed_shares
+from kaiwo_gpu.coordinator.agent_reports import checked_batch, node_record
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 
@@ -59,11 +60,56 @@ def test_unreported_and_non_finite_values_stay_unset_on_the_wire() -> None:
     telemetry = telemetry_proto(
         GpuReading(gfx_activity_percent=140, hotspot_temperature_c=math.nan, socket_power_w=300.0),
         stamp,
+        vram_mib=1024,
     )
     assert telemetry.gfx_activity_percent == 100
     assert not telemetry.HasField("hotspot_temperature_c")
     assert not telemetry.HasField("edge_temperature_c")
     assert telemetry.socket_power_w == 300.0
+
+
+readings = st.builds(
+    GpuReading,
+    gfx_activity_percent=st.none() | st.integers(-5, 70_000),
+    umc_activity_percent=st.none() | st.integers(-5, 70_000),
+    edge_temperature_c=st.none() | st.floats(),
+    hotspot_temperature_c=st.none() | st.floats(),
+    memory_temperature_c=st.none() | st.floats(),
+    socket_power_w=st.none() | st.floats(),
+    power_limit_w=st.none() | st.floats(),
+    used_vram_mib=st.none() | st.integers(-1, 2**40),
+    ecc_correctable_total=st.none() | st.integers(-1, 2**63),
+    ecc_uncorrectable_total=st.none() | st.integers(-1, 2**63),
+    processes=st.lists(
+        st.builds(
+            ProcessVram,
+            pid=st.integers(0, 2**31),
+            name=st.text(max_size=400),
+            vram_mib=st.integers(-1, 2**40),
+        ),
+        max_size=4,
+    ).map(tuple),
+)
+
+
+@given(st.lists(readings, min_size=1, max_size=2))
+def test_whatever_a_backend_reads_the_coordinator_accepts_the_batch(
+    gpu_readings: list[GpuReading],
+) -> None:
+    """Agent and coordinator share the limits: a sensor glitch never gets a batch refused
+    (which would end the stream and take the node out of placement)."""
+    inventory = [
+        DiscoveredGpu(f"g{i}", i, f"0000:{i:02x}:00.0", "MI300X", 192 * 1024, 304)
+        for i in range(len(gpu_readings))
+    ]
+    register = agent_pb2.Register(
+        node="n1", backend="simulated", gpus=[inventory_proto(gpu) for gpu in inventory]
+    )
+    record = node_record(register, None, lambda uuid: None)
+    sampler = NodeSampler(HangingBackend(), inventory, clock=lambda: 1.0)
+    batch = sampler.judge({gpu.uuid: r for gpu, r in zip(inventory, gpu_readings, strict=True)})
+    samples = checked_batch(batch, record, lambda uuid: None)
+    assert set(samples) == {gpu.uuid for gpu in inventory}
 
 
 GPU = DiscoveredGpu("g0", 0, "0000:05:00.0", "MI300X", 192 * 1024, 304)

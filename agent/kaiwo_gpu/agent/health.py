@@ -2,9 +2,12 @@
 
 Pure: the previous verdict, this tick's reading and the time come in, the next verdict goes
 out. Hysteresis keeps one noisy sample from taking a GPU out of service or putting it back:
-getting worse needs `raise_after` bad samples in a row (a lost device and new uncorrectable
-ECC errors act at once), getting better needs `clear_after` good ones, and a temperature must
-fall `clear_margin_c` below the threshold it crossed before it counts as good again.
+getting worse needs `raise_after` bad samples in a row, getting better needs `clear_after`
+good ones, and a temperature must fall `clear_margin_c` below the threshold it crossed
+before it counts as good again. Events act at once, since they are not noise: a lost device,
+an uncorrectable ECC error, a burst of correctable ones. A GPU with uncorrectable errors
+stays unhealthy while the driver's count is above zero (until a GPU reset or a reboot
+clears it): its memory can no longer be trusted with anyone's job.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Cause(StrEnum):
     STALE = "stale"
 
 
-_IMMEDIATE = frozenset({Cause.DEVICE_LOST, Cause.UNCORRECTABLE_ECC})
+_IMMEDIATE = frozenset({Cause.DEVICE_LOST, Cause.UNCORRECTABLE_ECC, Cause.CORRECTABLE_ECC})
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +134,7 @@ def classify(
         base = previous.last_uncorrectable_total
         # A total below the last one means the driver reset its counters: a new baseline.
         increase = uncorrectable if base is None else max(0, uncorrectable - base)
-        if increase > 0:
+        if uncorrectable > 0:
             findings.append(
                 Verdict(
                     Health.UNHEALTHY,
@@ -279,6 +282,6 @@ def _temperature_severity(value_c: float, limit_c: float, warn_c: float, margin_
 
 def _uncorrectable_reason(total: int, increase: int, *, first: bool) -> str:
     noun = "error" if total == 1 else "errors"
-    if first:
+    if first or not increase:
         return f"{total} uncorrectable ECC {noun}"
     return f"{total} uncorrectable ECC {noun} (+{increase} since the last sample)"

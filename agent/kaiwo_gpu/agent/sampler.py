@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
+import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.agent.backend import DeviceLostError, DiscoveredGpu, GpuBackend, GpuReading
 from kaiwo_gpu.agent.health import GpuHealth, HealthLimits, classify, initial, limits_for, stale
 from kaiwo_gpu.common.models import Health
+from kaiwo_gpu.common.telemetry_limits import (
+    MAX_PERCENT,
+    MAX_PROCESS_NAME,
+    POWER_W,
+    TEMPERATURE_C,
+    within,
+)
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
+
+log = structlog.get_logger(__name__)
 
 _HEALTH_TO_PROTO = {
     Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
@@ -44,33 +53,40 @@ def inventory_proto(gpu: DiscoveredGpu) -> types_pb2.GpuInventory:
     )
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
+def _believable(value: float | None, bounds: tuple[float, float]) -> float | None:
+    return value if value is not None and within(value, bounds) else None
 
 
-def telemetry_proto(reading: GpuReading, sampled_at: Timestamp) -> types_pb2.GpuTelemetry:
-    """The wire form of a reading; values a device does not report stay unset."""
+def telemetry_proto(
+    reading: GpuReading, sampled_at: Timestamp, vram_mib: int
+) -> types_pb2.GpuTelemetry:
+    """The wire form of a reading. Values a device does not report stay unset, and so do
+    values outside what the coordinator believes: a sensor glitch must not get a whole
+    batch refused (and the node's stream with it)."""
     telemetry = types_pb2.GpuTelemetry(sampled_at=sampled_at)
     for name in ("gfx_activity_percent", "umc_activity_percent"):
         value = getattr(reading, name)
         if value is not None:
-            setattr(telemetry, name, min(max(int(value), 0), 100))
-    for name in (
-        "edge_temperature_c",
-        "hotspot_temperature_c",
-        "memory_temperature_c",
-        "socket_power_w",
-        "power_limit_w",
-    ):
-        value = _finite(getattr(reading, name))
+            setattr(telemetry, name, min(max(int(value), 0), MAX_PERCENT))
+    for name in ("edge_temperature_c", "hotspot_temperature_c", "memory_temperature_c"):
+        value = _believable(getattr(reading, name), TEMPERATURE_C)
         if value is not None:
             setattr(telemetry, name, value)
-    for name in ("used_vram_mib", "ecc_correctable_total", "ecc_uncorrectable_total"):
+    for name in ("socket_power_w", "power_limit_w"):
+        value = _believable(getattr(reading, name), POWER_W)
+        if value is not None:
+            setattr(telemetry, name, value)
+    if reading.used_vram_mib is not None and 0 <= reading.used_vram_mib <= vram_mib:
+        telemetry.used_vram_mib = reading.used_vram_mib
+    for name in ("ecc_correctable_total", "ecc_uncorrectable_total"):
         value = getattr(reading, name)
         if value is not None and value >= 0:
             setattr(telemetry, name, int(value))
     for process in reading.processes:
-        telemetry.processes.add(pid=process.pid, name=process.name[:256], vram_mib=process.vram_mib)
+        if 0 <= process.vram_mib <= vram_mib:
+            telemetry.processes.add(
+                pid=process.pid, name=process.name[:MAX_PROCESS_NAME], vram_mib=process.vram_mib
+            )
     return telemetry
 
 
@@ -82,6 +98,9 @@ def read_all(backend: GpuBackend, gpus: Sequence[DiscoveredGpu]) -> dict[str, Gp
             readings[gpu.uuid] = backend.read(gpu)
         except DeviceLostError:
             readings[gpu.uuid] = None
+        except Exception:  # a backend bug: report nothing for this GPU, keep the others
+            log.exception("reading a GPU failed", uuid=gpu.uuid, backend=backend.name)
+            readings[gpu.uuid] = GpuReading()
     return readings
 
 
@@ -176,5 +195,5 @@ class NodeSampler:
             )
             last = self.last_readings.get(gpu.uuid)
             if last is not None and readings is not None:
-                sample.telemetry.CopyFrom(telemetry_proto(last, stamp))
+                sample.telemetry.CopyFrom(telemetry_proto(last, stamp, gpu.vram_mib))
         return batch

@@ -18,6 +18,7 @@ import structlog
 from kaiwo_gpu.agent.amdsmi_backend import AmdSmiBackend
 from kaiwo_gpu.agent.backend import (
     BackendUnavailableError,
+    DeviceLostError,
     FollowsPlacements,
     GpuBackend,
 )
@@ -63,15 +64,7 @@ def open_backend(settings: AgentSettings) -> GpuBackend:
             count=settings.simulated_gpus,
             seed=settings.seed,
         )
-    try:
-        return AmdSmiBackend()
-    except BackendUnavailableError as error:
-        hint = (
-            " (--backend auto uses amdsmi; pass --backend simulated for a demo node)"
-            if settings.backend == "auto"
-            else ""
-        )
-        raise FailedPreconditionError(f"{error}{hint}") from None
+    return AmdSmiBackend()  # loads the library at discovery
 
 
 class NodeAgent:
@@ -82,9 +75,16 @@ class NodeAgent:
         self.backend = backend if backend is not None else open_backend(settings)
         try:
             gpus = self.backend.discover()
-        except BackendUnavailableError as error:
+        except (BackendUnavailableError, DeviceLostError) as error:
             self.backend.close()
-            raise FailedPreconditionError(str(error)) from None
+            hint = (
+                " (--backend auto means amdsmi; it never falls back to simulated GPUs)"
+                if settings.backend == "auto"
+                else ""
+            )
+            raise FailedPreconditionError(f"{error}{hint}") from None
+        for why in getattr(self.backend, "skipped", ()):
+            log.warning("GPU left out at discovery", node=settings.node, reason=why)
         usable = tuple(gpu for gpu in gpus if gpu.vram_mib > 0 and gpu.compute_units > 0)
         for gpu in gpus:
             if gpu not in usable:  # the coordinator could not account for it

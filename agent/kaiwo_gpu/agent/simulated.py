@@ -186,14 +186,17 @@ class SimulatedBackend:
                 self._advance_thermals(state, self._clock())
 
     def clear(self, uuid: str, fault: Fault | None = None) -> None:
-        """Remove one fault, or all of them; temperatures then cool back smoothly."""
+        """Remove one fault, or all of them; temperatures then cool back smoothly, and an
+        ECC fault's uncorrectable count is reset, as the GPU reset that repairs it would."""
         with self._lock:
             state = self._state(uuid)
             self._advance_thermals(state, self._clock())  # an overheat lasts until now
+            before = set(state.faults)
             if fault is None:
                 state.faults.clear()
             else:
                 state.faults.discard(fault)
+            _reset_if_repaired(state, before)
 
     def faults(self, uuid: str) -> frozenset[Fault]:
         with self._lock:
@@ -212,7 +215,9 @@ class SimulatedBackend:
             for uuid, state in self._states.items():
                 self._advance_thermals(state, now_s)  # under the old faults up to now
                 fault = wanted.get(uuid)
+                before = state.faults
                 state.faults = set() if fault is None else {fault}
+                _reset_if_repaired(state, before)
                 self._advance_thermals(state, now_s)  # pins a new overheat at once
 
     def _parse_faults(self, path: Path) -> dict[str, Fault | None]:
@@ -347,3 +352,9 @@ def _processes(index: int, share: PlacedShare, vram_mib: int) -> tuple[ProcessVr
         )
         for number in range(share.allocations)
     )
+
+
+def _reset_if_repaired(state: _GpuState, before: set[Fault]) -> None:
+    """A cleared ECC fault stands for a GPU reset: the driver's uncorrectable count is 0."""
+    if Fault.ECC in before and Fault.ECC not in state.faults:
+        state.ecc_uncorrectable_total = 0

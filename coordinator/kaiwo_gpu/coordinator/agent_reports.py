@@ -8,7 +8,6 @@ Telemetry stays in memory; only the inventory and health changes become node rec
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,13 @@ from typing import Literal
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.common.errors import InvalidArgumentError as Invalid
 from kaiwo_gpu.common.models import freeze_labels
+from kaiwo_gpu.common.telemetry_limits import (
+    MAX_PERCENT,
+    MAX_PROCESS_NAME,
+    POWER_W,
+    TEMPERATURE_C,
+    within,
+)
 from kaiwo_gpu.coordinator.cluster import MAX_COMPUTE_UNITS, Telemetry
 from kaiwo_gpu.coordinator.inventory import COMPUTE_PARTITIONS, GPU_UUID, NODE_NAME
 from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL
@@ -171,12 +177,14 @@ def _check_sample(sample: agent_pb2.GpuSample, where: str, vram_mib: int) -> Non
         raise Invalid(f"{where}.health_reason", "(too long)", "up to 256 characters")
     telemetry = sample.telemetry
     for percent in _PERCENTS:
-        if telemetry.HasField(percent) and getattr(telemetry, percent) > 100:
-            raise Invalid(f"{where}.telemetry.{percent}", getattr(telemetry, percent), "0-100")
+        if telemetry.HasField(percent) and getattr(telemetry, percent) > MAX_PERCENT:
+            raise Invalid(
+                f"{where}.telemetry.{percent}", getattr(telemetry, percent), f"0-{MAX_PERCENT}"
+            )
     for temperature in _TEMPERATURES:
-        _check_float(telemetry, temperature, where, low=-60.0, high=250.0, unit="°C")
+        _check_float(telemetry, temperature, where, TEMPERATURE_C, unit="°C")
     for power in _POWERS:
-        _check_float(telemetry, power, where, low=0.0, high=10_000.0, unit="W")
+        _check_float(telemetry, power, where, POWER_W, unit="W")
     if telemetry.HasField("used_vram_mib") and telemetry.used_vram_mib > vram_mib:
         raise Invalid(
             f"{where}.telemetry.used_vram_mib", telemetry.used_vram_mib, f"0-{vram_mib} MiB"
@@ -186,11 +194,11 @@ def _check_sample(sample: agent_pb2.GpuSample, where: str, vram_mib: int) -> Non
             f"{where}.telemetry.processes", len(telemetry.processes), f"0-{MAX_PROCESSES}"
         )
     for p, process in enumerate(telemetry.processes):
-        if len(process.name) > 256 or process.vram_mib > vram_mib:
+        if len(process.name) > MAX_PROCESS_NAME or process.vram_mib > vram_mib:
             raise Invalid(
                 f"{where}.telemetry.processes[{p}]",
                 process.pid,
-                f"a name of up to 256 characters and 0-{vram_mib} MiB",
+                f"a name of up to {MAX_PROCESS_NAME} characters and 0-{vram_mib} MiB",
             )
 
 
@@ -198,15 +206,15 @@ def _check_float(
     telemetry: types_pb2.GpuTelemetry,
     name: _FloatField,
     where: str,
+    bounds: tuple[float, float],
     *,
-    low: float,
-    high: float,
     unit: str,
 ) -> None:
     if not telemetry.HasField(name):
         return
     value = getattr(telemetry, name)
-    if not math.isfinite(value) or not low <= value <= high:
+    if not within(value, bounds):
+        low, high = bounds
         raise Invalid(f"{where}.telemetry.{name}", value, f"a finite {low:g}-{high:g} {unit}")
 
 
