@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading
 from kaiwo_gpu.agent.sampler import inventory_proto
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
 from kaiwo_gpu.agent.simulated import SimulatedBackend
+from kaiwo_gpu.common.errors import NotFoundError
 from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
@@ -519,7 +521,9 @@ async def test_a_connected_agent_keeps_its_node_for_many_lease_ttls(
         assert agent.uplink.status.batches_sent >= 20  # 7 s at 200 ms, not at 1 s
 
 
-async def test_batches_faster_than_the_interval_are_dropped(etcd: LocalEtcd, prefix: str) -> None:
+async def test_batches_faster_than_the_interval_are_dropped_unless_they_say_something_new(
+    etcd: LocalEtcd, prefix: str
+) -> None:
     async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
         gpus = raw_inventory("raw-flood")
         flood = RawAgent(running.channel, "raw-flood", gpus)
@@ -527,9 +531,28 @@ async def test_batches_faster_than_the_interval_are_dropped(etcd: LocalEtcd, pre
             await flood.register()
             for n in range(200):
                 await flood.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry(used_vram_mib=n)}))
-            await flood.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry(used_vram_mib=999)}))
+            # Inside the same burst, a new verdict is taken all the same.
+            sick = batch({gpus[0].uuid: types_pb2.GpuTelemetry(used_vram_mib=777)})
+            sick.telemetry.samples[0].health = types_pb2.HEALTH_UNHEALTHY
+            sick.telemetry.samples[0].health_reason = "device not answering"
+            await flood.send(sick)
             agents = running.coordinator.agents
-            await eventually(lambda: _dropped_at_least(agents, 190))
+            await eventually(lambda: _dropped_at_least(agents, 150))
+
+            async def verdict_kept() -> types_pb2.GpuStatus | None:
+                node = (await nodes_by_name(running.api))["raw-flood"]
+                gpu = node.gpus[0]
+                return gpu if gpu.health == types_pb2.HEALTH_UNHEALTHY else None
+
+            assert (await eventually(verdict_kept)).telemetry.used_vram_mib == 777
+            await asyncio.sleep(BATCH_GAP_S)  # at the pace asked for, batches are taken again
+            await flood.send(batch({gpus[1].uuid: types_pb2.GpuTelemetry(used_vram_mib=999)}))
+
+            async def paced_kept() -> bool | None:
+                node = (await nodes_by_name(running.api))["raw-flood"]
+                return True if node.gpus[1].telemetry.used_vram_mib == 999 else None
+
+            await eventually(paced_kept)
         finally:
             flood.close()
 
@@ -623,3 +646,48 @@ async def test_a_node_lease_lost_under_a_live_stream_makes_the_agent_register_ag
         assert again.lease != presence.lease
         assert node.schedulable
         assert "lease" in agent.uplink.status.last_error
+
+
+async def test_node_lease_renewal_outlives_an_unexpected_error(
+    etcd: LocalEtcd, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One odd failure of a renewal round must not stop renewal for every node."""
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["sim-a"]),
+    ):
+        await eventually(lambda: _schedulable(running, "sim-a"))
+        store = running.coordinator.store
+        real = store.refresh_leases
+        failures = [NotFoundError("etcd said something unexpected")]
+
+        async def flaky(lease_ids: Sequence[int]) -> dict[int, int]:
+            if failures:
+                raise failures.pop()
+            return await real(lease_ids)
+
+        monkeypatch.setattr(store, "refresh_leases", flaky)
+        await eventually(lambda: _true_if(not failures))
+        await asyncio.sleep(5)  # 2.5 TTLs: only renewals keep the presence key
+        assert (await _schedulable(running, "sim-a")) is not None
+
+
+async def _true_if(condition: bool) -> bool | None:
+    return True if condition else None
+
+
+async def test_many_leases_renew_in_chunks_and_a_gone_one_reads_zero(
+    etcd: LocalEtcd,
+) -> None:
+    store = EtcdStore([etcd.endpoint])
+    try:
+        leases = [(await store.grant_lease(30))[0] for _ in range(1200)]
+        await store.revoke_lease(leases[700])
+        ttls = await store.refresh_leases([*leases, leases[3]])
+    finally:
+        for lease_id in leases:
+            await store.revoke_lease(lease_id)
+        await store.close()
+    assert set(ttls) == set(leases)
+    assert ttls[leases[700]] == 0
+    assert all(ttl > 0 for lease_id, ttl in ttls.items() if lease_id != leases[700])

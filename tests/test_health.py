@@ -214,6 +214,14 @@ def test_uncorrectable_ecc_keeps_a_gpu_unhealthy_until_its_count_is_cleared() ->
     assert verdicts[6].reason == "2 uncorrectable ECC errors (+1 since the last sample)"
 
 
+def test_an_unreported_count_does_not_clear_uncorrectable_ecc() -> None:
+    """A failing ECC query says nothing new: the GPU stays out until a count of 0 comes."""
+    totals = [2, None, None, None, None, 0, 0, 0]
+    verdicts = run([sample(uncorrectable=total) for total in totals])
+    assert levels(verdicts) == [Health.UNHEALTHY] * 7 + [Health.HEALTHY]
+    assert verdicts[4].reason == "2 uncorrectable ECC errors"
+
+
 def test_a_reset_ecc_counter_is_a_new_baseline_not_an_error() -> None:
     verdicts = run([sample(uncorrectable=0), sample(uncorrectable=0, correctable=0)])
     after_reset = classify(
@@ -304,6 +312,7 @@ class Step:
     memory_c: float
     new_uncorrectable: int
     new_correctable: int
+    ecc_reported: bool = True
 
 
 steps = st.builds(
@@ -313,6 +322,7 @@ steps = st.builds(
     memory_c=st.floats(40, 105, allow_nan=False),
     new_uncorrectable=st.sampled_from([0, 0, 0, 0, 1]),
     new_correctable=st.sampled_from([0, 5, 150]),
+    ecc_reported=st.sampled_from([True, True, True, False]),
 )
 limits_strategy = st.builds(
     HealthLimits,
@@ -334,7 +344,13 @@ def to_readings(sequence: Sequence[Step]) -> list[GpuReading | None]:
             readings.append(None)
         else:
             readings.append(
-                sample(step.hotspot_c, step.memory_c, uncorrectable, correctable, edge_c=50)
+                sample(
+                    step.hotspot_c,
+                    step.memory_c,
+                    uncorrectable if step.ecc_reported else None,
+                    correctable if step.ecc_reported else None,
+                    edge_c=50,
+                )
             )
     return readings
 
@@ -361,8 +377,9 @@ def test_changes_wait_for_their_streak_except_immediate_ones(
                 assert events & verdict.causes or waited >= limits.raise_after
             else:
                 assert waited >= limits.clear_after
-                reading = readings[index]
-                assert reading is None or reading.ecc_uncorrectable_total == 0
+                assert not any(  # while errors are counted, nothing gets better
+                    step.new_uncorrectable for step in sequence[: index + 1]
+                )
             last_change = index
         previous = verdict
 

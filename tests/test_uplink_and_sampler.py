@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading, ProcessVram
-from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto, telemetry_proto
+from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto, read_all, telemetry_proto
 from kaiwo_gpu.agent.uplink import backoff_delay, placed_shares
+from kaiwo_gpu.common.telemetry_limits import MAX_PROCESSES
 from kaiwo_gpu.coordinator.agent_reports import checked_batch, node_record
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
@@ -155,3 +156,47 @@ def test_a_lost_device_is_unhealthy_at_once() -> None:
     batch = sampler.judge({GPU.uuid: None})
     assert batch.samples[0].health == types_pb2.HEALTH_UNHEALTHY
     assert "not answering" in batch.samples[0].health_reason
+
+
+class BrokenAfterOneRead:
+    """Reads once (an uncorrectable ECC error), then raises what a buggy layer might."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def discover(self) -> tuple[DiscoveredGpu, ...]:
+        return (GPU,)
+
+    def read(self, gpu: DiscoveredGpu) -> GpuReading:
+        self.reads += 1
+        if self.reads == 1:
+            return GpuReading(ecc_uncorrectable_total=5)
+        raise KeyError("current_socket_power")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_backend_error_keeps_the_verdict_until_the_sample_is_stale() -> None:
+    """A read that fails oddly is no sample, not a clean one: it must not heal the GPU."""
+    now = [0.0]
+    backend = BrokenAfterOneRead()
+    sampler = NodeSampler(backend, [GPU], clock=lambda: now[0])
+    verdicts = []
+    for tick in range(12):
+        now[0] = float(tick)
+        readings = read_all(backend, [GPU])
+        verdicts.append(sampler.judge(readings).samples[0])
+    assert all(v.health == types_pb2.HEALTH_UNHEALTHY for v in verdicts)
+    assert "uncorrectable" in verdicts[5].health_reason
+    assert "no sample" in verdicts[-1].health_reason
+
+
+def test_the_agent_sends_at_most_the_processes_the_coordinator_takes() -> None:
+    stamp = agent_pb2.TelemetryBatch().sampled_at
+    many = tuple(ProcessVram(pid, f"p{pid}", pid % 2000) for pid in range(1500))
+    telemetry = telemetry_proto(GpuReading(processes=many), stamp, vram_mib=1999)
+    assert len(telemetry.processes) == MAX_PROCESSES
+    assert min(p.vram_mib for p in telemetry.processes) == 1500 - MAX_PROCESSES  # the largest

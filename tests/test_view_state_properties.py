@@ -24,15 +24,23 @@ GPUS = {node: tuple(f"{node}-g{i}" for i in range(2)) for node in NODES}
 ALLOCATIONS = tuple(f"a{i}" for i in range(6))
 
 
-def _node(name: str, health: int, uuids: tuple[str, ...], *, by_agent: bool = False) -> bytes:
+def _node(
+    name: str,
+    health: int,
+    uuids: tuple[str, ...],
+    *,
+    by_agent: bool = False,
+    vram_mib: int = 65536,
+    stored_name: str | None = None,
+) -> bytes:
     return types_pb2.NodeStatus(
-        name=name,
+        name=stored_name or name,
         schedulable=True,
         labels={SOURCE_LABEL: FROM_AGENT} if by_agent else {},
         gpus=[
             types_pb2.GpuStatus(
                 inventory=types_pb2.GpuInventory(
-                    uuid=uuid, index=i, model="MI210", vram_mib=65536, compute_units=104
+                    uuid=uuid, index=i, model="MI210", vram_mib=vram_mib, compute_units=104
                 ),
                 health=health,  # type: ignore[arg-type]
             )
@@ -42,7 +50,7 @@ def _node(name: str, health: int, uuids: tuple[str, ...], *, by_agent: bool = Fa
 
 
 node_changes = st.builds(
-    lambda name, health, steal, garbage, by_agent: (
+    lambda name, health, steal, garbage, by_agent, vram_mib, misnamed: (
         LAYOUT.node(name),
         b"\xff junk"
         if garbage
@@ -51,6 +59,8 @@ node_changes = st.builds(
             health,
             GPUS[name] if not steal else (GPUS["n0"][0], *GPUS[name][1:]),
             by_agent=by_agent,
+            vram_mib=vram_mib,
+            stored_name="elsewhere" if misnamed else None,
         ),
     ),
     st.sampled_from(NODES),
@@ -58,6 +68,8 @@ node_changes = st.builds(
     st.booleans(),  # take n0's first GPU UUID: a clash
     st.integers(0, 9).map(lambda n: n == 0),
     st.booleans(),  # written by an agent: schedulable only while its presence key exists
+    st.sampled_from([65536, 65536, 131072]),  # same GPUs, other figures: an in-place change
+    st.integers(0, 9).map(lambda n: n == 0),  # a record naming another node than its key
 )
 
 presence_changes = st.builds(
@@ -123,7 +135,11 @@ def _comparable(snapshot: ClusterSnapshot) -> object:
         sorted(snapshot.allocations),
         snapshot.shared_index,
         snapshot.cu_mask_index,
+        tuple(snapshot.nodes),
         tuple(node.schedulable for node in snapshot.nodes.values()),
+        snapshot.gpus,
+        snapshot.node_of,
+        snapshot.max_vram_mib,
         dict(snapshot.telemetry),
     )
 

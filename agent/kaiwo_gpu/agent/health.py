@@ -130,15 +130,17 @@ def classify(
         return _advance(previous, lost, limits)
     findings: list[Verdict] = []
     uncorrectable = reading.ecc_uncorrectable_total
-    if uncorrectable is not None:
-        base = previous.last_uncorrectable_total
+    base = previous.last_uncorrectable_total
+    # An unreported count is the last one seen: a failing ECC query must not clear it.
+    known = uncorrectable if uncorrectable is not None else base
+    if known is not None:
         # A total below the last one means the driver reset its counters: a new baseline.
-        increase = uncorrectable if base is None else max(0, uncorrectable - base)
-        if uncorrectable > 0:
+        increase = known if base is None else max(0, known - base)
+        if known > 0:
             findings.append(
                 Verdict(
                     Health.UNHEALTHY,
-                    _uncorrectable_reason(uncorrectable, increase, first=base is None),
+                    _uncorrectable_reason(known, increase, first=base is None),
                     frozenset({Cause.UNCORRECTABLE_ECC}),
                 )
             )

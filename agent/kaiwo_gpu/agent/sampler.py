@@ -25,6 +25,7 @@ from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.telemetry_limits import (
     MAX_PERCENT,
     MAX_PROCESS_NAME,
+    MAX_PROCESSES,
     POWER_W,
     TEMPERATURE_C,
     within,
@@ -82,25 +83,26 @@ def telemetry_proto(
         value = getattr(reading, name)
         if value is not None and value >= 0:
             setattr(telemetry, name, int(value))
-    for process in reading.processes:
-        if 0 <= process.vram_mib <= vram_mib:
-            telemetry.processes.add(
-                pid=process.pid, name=process.name[:MAX_PROCESS_NAME], vram_mib=process.vram_mib
-            )
+    believable = [process for process in reading.processes if 0 <= process.vram_mib <= vram_mib]
+    believable.sort(key=lambda process: -process.vram_mib)
+    for process in believable[:MAX_PROCESSES]:
+        telemetry.processes.add(
+            pid=process.pid, name=process.name[:MAX_PROCESS_NAME], vram_mib=process.vram_mib
+        )
     return telemetry
 
 
 def read_all(backend: GpuBackend, gpus: Sequence[DiscoveredGpu]) -> dict[str, GpuReading | None]:
-    """Every GPU's reading; None for a GPU that is gone."""
+    """Every GPU's reading; None for a GPU that is gone, and no entry for one whose read
+    failed some other way (a backend bug): its verdict holds until the sample is stale."""
     readings: dict[str, GpuReading | None] = {}
     for gpu in gpus:
         try:
             readings[gpu.uuid] = backend.read(gpu)
         except DeviceLostError:
             readings[gpu.uuid] = None
-        except Exception:  # a backend bug: report nothing for this GPU, keep the others
+        except Exception:  # a backend bug: no sample for this GPU, keep the others
             log.exception("reading a GPU failed", uuid=gpu.uuid, backend=backend.name)
-            readings[gpu.uuid] = GpuReading()
     return readings
 
 
@@ -178,7 +180,7 @@ class NodeSampler:
         for gpu in self.gpus:
             limits = self.limits[gpu.uuid]
             previous = self.health[gpu.uuid]
-            if readings is None:
+            if readings is None or gpu.uuid not in readings:
                 verdict = stale(previous, now, limits)
             else:
                 reading = readings.get(gpu.uuid)
@@ -194,6 +196,6 @@ class NodeSampler:
                 health_reason=verdict.reason[:256],
             )
             last = self.last_readings.get(gpu.uuid)
-            if last is not None and readings is not None:
+            if last is not None and readings is not None and gpu.uuid in readings:
                 sample.telemetry.CopyFrom(telemetry_proto(last, stamp, gpu.vram_mib))
         return batch

@@ -11,6 +11,8 @@ TEMPERATURE_C = (-60.0, 250.0)
 POWER_W = (0.0, 10_000.0)
 MAX_PERCENT = 100
 MAX_PROCESS_NAME = 256
+MAX_PROCESSES = 1024
+"""Per GPU and batch; an agent sends the ones with the most VRAM."""
 
 
 def within(value: float, bounds: tuple[float, float]) -> bool:

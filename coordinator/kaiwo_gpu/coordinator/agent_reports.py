@@ -20,6 +20,7 @@ from kaiwo_gpu.common.models import freeze_labels
 from kaiwo_gpu.common.telemetry_limits import (
     MAX_PERCENT,
     MAX_PROCESS_NAME,
+    MAX_PROCESSES,
     POWER_W,
     TEMPERATURE_C,
     within,
@@ -30,7 +31,6 @@ from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 MAX_GPUS_PER_NODE = 64  # 8 MI300X split into CPX partitions
-MAX_PROCESSES = 1024
 KEPT_PROCESSES = 16
 """Per GPU, the processes with the most VRAM that ListNodes shows; the rest are dropped so
 one busy node cannot push ListNodes past the message size limit."""

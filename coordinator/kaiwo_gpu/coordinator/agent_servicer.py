@@ -244,7 +244,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._sessions[session.node] = session
         last = self.reports.get(session.node)
         self.reports[session.node] = NodeReport(self.clock(), last.samples if last else {})
-        for gone in [name for name in self.reports if name not in self.view.state.nodes]:
+        state = self.view.state
+        for gone in [n for n in self.reports if n not in state.nodes and n not in self._sessions]:
             if gone != session.node:  # its record was deleted: forget what it reported
                 del self.reports[gone]
         log.info(
@@ -312,8 +313,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 raise InvalidArgumentError("message", "register", "telemetry after registering")
             self._check_still_held(session)
             now = loop.time()
-            if now - last_ingest < min_gap_s:  # faster than asked: latest-wins, drop it
-                self.dropped_batches += 1
+            if now - last_ingest < min_gap_s and not _new_verdicts(session, message.telemetry):
+                self.dropped_batches += 1  # faster than asked, and it changes no verdict
                 continue
             last_ingest = now
             await self._ingest(session, message.telemetry)
@@ -408,12 +409,26 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             sessions = list(self._sessions.values())
             try:
                 ttls = await self.store.refresh_leases([s.lease_id for s in sessions])
-            except UnavailableError as error:  # etcd keeps leases alive across its restart
+            except KaiwoGpuError as error:  # etcd keeps leases alive across its restart
                 log.warning("cannot renew node leases", nodes=len(sessions), error=error.message)
                 continue
+            except Exception:  # renewal must outlive any one failure, or every node expires
+                log.exception("renewing node leases failed", nodes=len(sessions))
+                continue
             for session in sessions:
-                if ttls.get(session.lease_id, 0) <= 0:
+                if ttls.get(session.lease_id, 1) <= 0:  # missing: its chunk failed, unknown
                     session.closed_because = UnavailableError(
                         f"the lease of node {session.node!r} expired; reconnect to register again"
                     )
                     session.closing.set()
+
+
+def _new_verdicts(session: _Session, batch: agent_pb2.TelemetryBatch) -> bool:
+    """Whether the batch carries a health verdict the node record does not have yet."""
+    known = {
+        status.inventory.uuid: (status.health, status.health_reason)
+        for status in session.record.gpus
+    }
+    return any(
+        known.get(sample.uuid) != (sample.health, sample.health_reason) for sample in batch.samples
+    )

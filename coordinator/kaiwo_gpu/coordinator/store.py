@@ -38,6 +38,11 @@ _CHANNEL_OPTIONS = {
 _HAS_LEADER = (("hasleader", "true"),)
 
 
+LEASES_PER_STREAM = 500
+"""Renewals per keep-alive stream: a follower forwards each to the leader in turn, so one
+stream for thousands of leases could outlast its deadline."""
+
+
 class _PageCompacted(UnavailableError):
     """The revision a paged read pinned was compacted between pages."""
 
@@ -226,26 +231,49 @@ class EtcdStore:
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Renews the lease; returns its TTL in seconds, 0 when it no longer exists."""
-        return (await self.refresh_leases([lease_id]))[lease_id]
+        await self.connect()
+        return (await self._refresh_chunk([lease_id]))[lease_id]
 
     async def refresh_leases(self, lease_ids: Sequence[int]) -> dict[int, int]:
-        """Renews many leases over one keep-alive stream: lease id -> TTL (0: gone)."""
-        if not lease_ids:
+        """Renews many leases: lease id -> TTL (0: gone). Chunks of LEASES_PER_STREAM go
+        over concurrent keep-alive streams, each with its own deadline; a lease whose chunk
+        failed is left out (unknown), and only when every chunk failed does this raise."""
+        unique = list(dict.fromkeys(lease_ids))
+        if not unique:
             return {}
         await self.connect()
+        chunks = [
+            unique[start : start + LEASES_PER_STREAM]
+            for start in range(0, len(unique), LEASES_PER_STREAM)
+        ]
+        outcomes = await asyncio.gather(
+            *(self._refresh_chunk(chunk) for chunk in chunks), return_exceptions=True
+        )
         ttls: dict[int, int] = {}
+        failures: list[BaseException] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                failures.append(outcome)
+            else:
+                ttls.update(outcome)
+        if failures and not ttls:
+            raise failures[0]
+        return ttls
+
+    async def _refresh_chunk(self, lease_ids: list[int]) -> dict[int, int]:
+        replies: dict[int, int] = {}
         try:
             call = self._client.leasestub.LeaseKeepAlive(
                 iter([rpc.LeaseKeepAliveRequest(ID=lease_id) for lease_id in lease_ids]),
                 timeout=self._timeout_s,
             )
             async for reply in call:
-                ttls[int(reply.ID)] = int(reply.TTL)
-                if len(ttls) == len(set(lease_ids)):
+                replies[int(reply.ID)] = int(reply.TTL)
+                if len(replies) == len(lease_ids):
                     break
         except AioRpcError as error:
             raise self._translate(error) from None
-        return {lease_id: ttls.get(lease_id, 0) for lease_id in lease_ids}
+        return {lease_id: max(replies.get(lease_id, 0), 0) for lease_id in lease_ids}
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Drops the lease and every key on it; a lease that is already gone is fine."""

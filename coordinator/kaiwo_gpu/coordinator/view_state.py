@@ -217,6 +217,8 @@ class ViewState:
         record = types_pb2.NodeStatus()
         try:
             record.ParseFromString(change.value)
+            if record.name != name:  # placement keys nodes by the record's name
+                raise ValueError(f"record {record.name!r} stored under {name!r}")
             node_from_record(record)
         except Exception:  # an unreadable node takes no placements
             self.nodes.pop(name, None)
