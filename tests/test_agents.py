@@ -23,6 +23,7 @@ from kaiwo_gpu.agent.sampler import inventory_proto
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.common.errors import NotFoundError
+from kaiwo_gpu.coordinator.changes import Txn, TxnResult
 from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
 from kaiwo_gpu.coordinator.store import EtcdStore
@@ -691,3 +692,46 @@ async def test_many_leases_renew_in_chunks_and_a_gone_one_reads_zero(
     assert set(ttls) == set(leases)
     assert ttls[leases[700]] == 0
     assert all(ttl > 0 for lease_id, ttl in ttls.items() if lease_id != leases[700])
+
+
+async def test_two_registrations_at_once_leave_the_later_one_holding_the_node(
+    etcd: LocalEtcd, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first registration's etcd reply comes back late: the coordinator must still
+    keep the connection whose presence key etcd kept, and end the other."""
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        store = running.coordinator.store
+        real_commit = store.commit
+        delayed = [True]
+
+        async def slow_first_reply(txn: Txn) -> TxnResult:
+            result = await real_commit(txn)
+            if delayed and any(put.key.endswith(b"agents/raw-race") for put in txn.puts):
+                delayed.clear()
+                await asyncio.sleep(0.3)
+            return result
+
+        monkeypatch.setattr(store, "commit", slow_first_reply)
+        gpus = raw_inventory("raw-race")
+        first = RawAgent(running.channel, "raw-race", gpus)
+        second = RawAgent(running.channel, "raw-race", gpus)
+        try:
+            first_registered = asyncio.create_task(first.register())
+            await asyncio.sleep(0.05)  # the first one's commit is in etcd, its reply delayed
+            await second.register()
+            await first_registered
+            code, message = await first.status()
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+            await asyncio.sleep(BATCH_GAP_S)
+            await second.send(batch({gpus[0].uuid: types_pb2.GpuTelemetry(used_vram_mib=5)}))
+
+            async def reported_by_second() -> types_pb2.NodeStatus | None:
+                node = await _schedulable(running, "raw-race")
+                return node if node and node.gpus[0].telemetry.used_vram_mib == 5 else None
+
+            await eventually(reported_by_second)  # the second stream is the node's
+            await asyncio.sleep(0.5)
+            assert (await _schedulable(running, "raw-race")) is not None
+        finally:
+            first.close()
+            second.close()

@@ -102,6 +102,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._stopping = False
         self._feed: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._registering: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     def start(self, coordinator_id: str) -> None:
@@ -224,6 +225,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             return state.gpu_owner(uuid, besides=register.node)
 
         node_record(register, None, others)  # refuse bad input before granting anything
+        # One registration of a node at a time here, so the session this coordinator keeps
+        # is the one whose presence key etcd kept (the later write).
+        lock = self._registering.setdefault(register.node, asyncio.Lock())
+        async with lock:  # one small lock per node name this coordinator has seen
+            return await self._take_node(register, others)
+
+    async def _take_node(
+        self, register: agent_pb2.Register, others: Callable[[str], str | None]
+    ) -> _Session:
         lease_id, ttl_s = await self.store.grant_lease(self.settings.node_ttl_s)
         session = _Session(register.node, lease_id, ttl_s)
         try:
