@@ -240,15 +240,8 @@ async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) 
 @contextlib.asynccontextmanager
 async def _up(args: list[str], cwd: Path) -> AsyncIterator[tuple[subprocess.Popen[str], str]]:
     """`kaiwo-gpu up` running until its banner is printed; killed on the way out if needed."""
-    up = subprocess.Popen(
-        [*KAIWO_GPU, "up", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with child([*KAIWO_GPU, "up", *args], cwd=cwd, env=env) as up:
         assert up.stdout is not None
         deadline = time.monotonic() + 30
         seen = ""
@@ -257,12 +250,6 @@ async def _up(args: list[str], cwd: Path) -> AsyncIterator[tuple[subprocess.Pope
         assert "kaiwo-gpu is up" in seen, seen
         assert "Ctrl-C stops" in seen, seen
         yield up, seen
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
 
 
 def _accepts_connections(host: str, port: int) -> bool:
