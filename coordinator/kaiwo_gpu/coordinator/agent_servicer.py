@@ -57,6 +57,7 @@ Context = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.Coordinator
 class AgentSettings:
     node_ttl_s: int = 15
     sample_interval_ms: int = 1000
+    view_wait_s: float = 5.0
 
     @property
     def silent_limit_s(self) -> float:
@@ -103,6 +104,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._feed: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._registering: dict[str, asyncio.Lock] = {}
+        self._last_registration = 0  # etcd revision of this coordinator's latest one
         self._background: set[asyncio.Task[None]] = set()
 
     def start(self, coordinator_id: str) -> None:
@@ -219,6 +221,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _register(self, register: agent_pb2.Register) -> _Session:
         """Writes the node record (when it changed) and the presence key, on a new lease."""
+        # GPU ownership is read from the view: let it hold this coordinator's own
+        # registrations first, or two quick ones could claim one GPU for two nodes.
+        await self.view.wait_for(self._last_registration, self.settings.view_wait_s)
         state = self.view.state
 
         def others(uuid: str) -> str | None:
@@ -303,6 +308,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         session.record = record
         session.record_revision = revision_read if unchanged else result.revision
         session.presence_revision = result.revision
+        self._last_registration = max(self._last_registration, result.revision)
         return True
 
     async def _read_batches(self, session: _Session, context: Context) -> None:
