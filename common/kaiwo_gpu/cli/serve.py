@@ -12,171 +12,58 @@ import contextlib
 import fcntl
 import functools
 import os
-import re
 import shutil
 import signal
-import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from kaiwo_gpu.agent.service import BACKENDS as AGENT_BACKENDS
 from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent, run_until_signalled
-from kaiwo_gpu.common.errors import FailedPreconditionError, InvalidArgumentError
+from kaiwo_gpu.cli import flags
+from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
-from kaiwo_gpu.common.models import MAX_TTL_SECONDS, freeze_labels
-from kaiwo_gpu.common.units import parse_duration_s
-from kaiwo_gpu.coordinator.inventory import NODE_NAME
-from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX, KeyLayout
+from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import (
     DEFAULT_ETCD,
     DEFAULT_LISTEN,
-    ENVIRONMENT,
     CoordinatorSettings,
 )
-from kaiwo_gpu.coordinator.store import parse_endpoints
 from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _duration_within(low_s: int, high_s: int, what: str) -> Callable[[str], int]:
-    """An argparse type for a duration (`90s`, `10m`, `2h`) in whole seconds, low-high."""
-
-    def convert(text: str) -> int:
-        try:
-            seconds = parse_duration_s(text)
-        except InvalidArgumentError:
-            seconds = -1
-        if not low_s <= seconds <= high_s:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return seconds
-
-    return convert
-
-
-def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} {low}-{high}")
-        return int(text)
-
-    return convert
-
-
-_duration = _duration_within(0, MAX_TTL_SECONDS, "a duration like 90s, 10m or 2h, up to 30d")
-_node_ttl = _duration_within(2, 3600, "a node TTL like 15s (2s-1h)")
-_count = _whole_number(1, 1000, "a whole number")
-_gpu_count = _whole_number(1, 64, "a GPU count")
-
-
-def _address(text: str) -> str:
-    if text.startswith("unix:") and len(text) > len("unix:"):
-        return text  # a Unix socket path, as gRPC spells it
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not host:port, e.g. 127.0.0.1:50051")
-    return text
-
-
-def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse type from one of our parsers: its InvalidArgumentError is a usage error."""
-
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except InvalidArgumentError as error:
-            raise argparse.ArgumentTypeError(error.message) from None
-
-    return convert
-
-
-def _one_of(what: str, choices: Iterable[str]) -> Callable[[str], str]:
-    """An argparse type that also checks values from the environment (choices= does not)."""
-    allowed = sorted(choices)
-
-    def convert(text: str) -> str:
-        if text not in allowed:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a {what}; choose from {', '.join(allowed)}"
-            )
-        return text
-
-    return convert
-
-
-def _split_endpoints(text: str) -> tuple[str, ...]:
-    endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
-    parse_endpoints(endpoints)
-    return endpoints
-
-
-_endpoints = _checked(_split_endpoints)
-_prefix = _checked(lambda text: KeyLayout(text).prefix)
-_strategy = _one_of("strategy", BUILTIN_STRATEGIES)
-_log_format = _one_of("log format", ("console", "json"))
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0-3600)")
-    return value
-
-
-def _env_flag(
-    parser: argparse.ArgumentParser,
-    flag: str,
-    help_text: str,
-    *,
-    default: str | None = None,
-    parse: Callable[[str], object] = str,
-    environment: Mapping[str, str] = ENVIRONMENT,
-) -> None:
-    """A flag whose default comes from its KAIWO_GPU_* variable; both go through `parse`."""
-    variable = environment[flag.removeprefix("--").replace("-", "_")]
-    shown = "; default %(default)s" if default is not None else ""
-    parser.add_argument(
-        flag,
-        type=parse,
-        default=os.environ.get(variable, default),
-        help=f"{help_text} (${variable}{shown})",
-    )
-
-
 def _add_service_flags(parser: argparse.ArgumentParser) -> None:
-    _env_flag(parser, "--listen", "host:port to serve on", default=DEFAULT_LISTEN, parse=_address)
-    _env_flag(
+    flags.env_flag(
+        parser, "--listen", "host:port to serve on", default=DEFAULT_LISTEN, parse=flags.address
+    )
+    flags.env_flag(
         parser,
         "--strategy",
         f"default placement strategy: {', '.join(sorted(BUILTIN_STRATEGIES))}",
         default=DEFAULT_STRATEGY,
-        parse=_strategy,
+        parse=flags.strategy,
     )
-    _env_flag(
+    flags.env_flag(
         parser,
         "--default-ttl",
         "lease for requests without ttl_seconds, e.g. 90s or 10m; 0 = no lease",
         default="0",
-        parse=_duration,
+        parse=flags.duration,
     )
-    _env_flag(
+    flags.env_flag(
         parser,
         "--log-format",
         "console for people, json for log collectors",
         default="console",
-        parse=_log_format,
+        parse=flags.log_format,
     )
 
 
@@ -192,32 +79,34 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         epilog="example: kaiwo-gpu coordinator --etcd 10.0.0.5:2379,10.0.0.6:2379 "
         "--inventory /etc/kaiwo-gpu/nodes.yaml --default-ttl 10m",
     )
-    _env_flag(
+    flags.env_flag(
         parser,
         "--etcd",
         "comma-separated etcd endpoints",
         default=DEFAULT_ETCD,
-        parse=_endpoints,
+        parse=flags.endpoints,
     )
-    _env_flag(parser, "--prefix", "etcd key prefix", default=DEFAULT_PREFIX, parse=_prefix)
-    _env_flag(parser, "--inventory", "YAML file of static nodes to register")
-    _env_flag(
+    flags.env_flag(
+        parser, "--prefix", "etcd key prefix", default=DEFAULT_PREFIX, parse=flags.prefix
+    )
+    flags.env_flag(parser, "--inventory", "YAML file of static nodes to register")
+    flags.env_flag(
         parser,
         "--node-ttl",
         "how long an agent's node stays schedulable after its coordinator last heard of it",
         default="15s",
-        parse=_node_ttl,
+        parse=flags.node_ttl,
     )
-    _env_flag(
+    flags.env_flag(
         parser,
         "--sample-interval",
         "the telemetry interval agents are asked for, e.g. 1s or 500ms",
         default="1s",
-        parse=_interval_ms,
+        parse=flags.interval_ms,
     )
     parser.add_argument(
         "--etcd-wait",
-        type=_seconds,
+        type=flags.seconds,
         default=30.0,
         help="seconds to wait for etcd at startup before giving up (default %(default)s)",
     )
@@ -245,53 +134,6 @@ def run_coordinator(args: argparse.Namespace) -> None:
     asyncio.run(serve())
 
 
-def _interval_ms(text: str) -> int:
-    """`500ms`, `1s`, `2` (seconds): the sampling interval, 100 ms to 60 s."""
-    try:
-        millis = int(text[:-2]) if text.endswith("ms") else parse_duration_s(text) * 1000
-    except (InvalidArgumentError, ValueError):
-        millis = -1
-    if not 100 <= millis <= 60_000:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an interval like 1s or 500ms (100ms-60s)"
-        )
-    return millis
-
-
-def _node_name(text: str) -> str:
-    if not NODE_NAME.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a node name: lowercase letters, digits, '-' and '.', up to 253"
-        )
-    return text
-
-
-def _addresses(text: str) -> tuple[str, ...]:
-    addresses = tuple(_address(part.strip()) for part in text.split(",") if part.strip())
-    if not addresses:
-        raise argparse.ArgumentTypeError(f"{text!r} names no coordinator address")
-    return addresses
-
-
-def _labels(text: str) -> tuple[tuple[str, str], ...]:
-    pairs: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a label key=value")
-        pairs[key] = value
-    try:
-        return freeze_labels(pairs, "--labels")
-    except InvalidArgumentError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
-
-
-def _default_node_name() -> str:
-    """The host name, made a DNS-1123 name (GPU_01 -> gpu-01), so nodes stay distinct."""
-    name = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:253]
-    return name if NODE_NAME.match(name) else "node"
-
-
 def add_agent_parser(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "agent",
@@ -305,31 +147,31 @@ def add_agent_parser(commands: Subcommands) -> None:
         "  kaiwo-gpu agent --backend simulated --node sim-0 --model MI250X --gpus 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    flag = functools.partial(_env_flag, parser, environment=AGENT_ENVIRONMENT)
-    flag("--node", "this node's name", default=_default_node_name(), parse=_node_name)
+    flag = functools.partial(flags.env_flag, parser, environment=AGENT_ENVIRONMENT)
+    flag("--node", "this node's name", default=flags.default_node_name(), parse=flags.node_name)
     flag(
         "--coordinator",
         "comma-separated coordinator addresses, tried in turn",
         default=DEFAULT_LISTEN,
-        parse=_addresses,
+        parse=flags.addresses,
     )
     flag(
         "--backend",
         "auto (amdsmi, failing when it cannot load), amdsmi or simulated",
         default="auto",
-        parse=_one_of("backend", AGENT_BACKENDS),
+        parse=flags.one_of("backend", AGENT_BACKENDS),
     )
     flag(
         "--interval",
         "sampling interval until the coordinator sets one",
         default="1s",
-        parse=_interval_ms,
+        parse=flags.interval_ms,
     )
-    flag("--labels", "node labels, k=v,k=v", default="", parse=_labels)
-    flag("--log-format", "console or json", default="console", parse=_log_format)
+    flag("--labels", "node labels, k=v,k=v", default="", parse=flags.labels)
+    flag("--log-format", "console or json", default="console", parse=flags.log_format)
     simulated = parser.add_argument_group("simulated backend")
     simulated.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
-    simulated.add_argument("--gpus", type=_gpu_count, default=8, help="GPUs on the node")
+    simulated.add_argument("--gpus", type=flags.gpu_count, default=8, help="GPUs on the node")
     simulated.add_argument(
         "--faults",
         type=Path,
@@ -371,8 +213,8 @@ def add_up_parser(commands: Subcommands) -> None:
         "directory and is wiped at start.",
         epilog="example: kaiwo-gpu up --nodes 3 --gpus 8 --model MI300X",
     )
-    parser.add_argument("--nodes", type=_count, default=3)
-    parser.add_argument("--gpus", type=_gpu_count, default=8, help="GPUs per node")
+    parser.add_argument("--nodes", type=flags.count, default=3)
+    parser.add_argument("--gpus", type=flags.gpu_count, default=8, help="GPUs per node")
     parser.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
     parser.add_argument(
         "--state-dir",

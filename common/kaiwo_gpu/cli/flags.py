@@ -1,0 +1,179 @@
+"""Flag types and environment fallbacks of the commands that run services.
+
+Every value is checked by the same parser whether it came from a flag or from its
+KAIWO_GPU_* variable, and a bad one is a usage error (exit 2) that says what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
+
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.models import MAX_TTL_SECONDS, freeze_labels
+from kaiwo_gpu.common.units import parse_duration_s
+from kaiwo_gpu.coordinator.inventory import NODE_NAME
+from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.settings import ENVIRONMENT
+from kaiwo_gpu.coordinator.store import parse_endpoints
+from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES
+
+T = TypeVar("T")
+
+
+def duration_within(low_s: int, high_s: int, what: str) -> Callable[[str], int]:
+    """An argparse type for a duration (`90s`, `10m`, `2h`) in whole seconds, low-high."""
+
+    def convert(text: str) -> int:
+        try:
+            seconds = parse_duration_s(text)
+        except InvalidArgumentError:
+            seconds = -1
+        if not low_s <= seconds <= high_s:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return seconds
+
+    return convert
+
+
+def whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} {low}-{high}")
+        return int(text)
+
+    return convert
+
+
+duration = duration_within(0, MAX_TTL_SECONDS, "a duration like 90s, 10m or 2h, up to 30d")
+node_ttl = duration_within(2, 3600, "a node TTL like 15s (2s-1h)")
+count = whole_number(1, 1000, "a whole number")
+gpu_count = whole_number(1, 64, "a GPU count")
+
+
+def address(text: str) -> str:
+    if text.startswith("unix:") and len(text) > len("unix:"):
+        return text  # a Unix socket path, as gRPC spells it
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port, e.g. 127.0.0.1:50051")
+    return text
+
+
+def checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from one of our parsers: its InvalidArgumentError is a usage error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except InvalidArgumentError as error:
+            raise argparse.ArgumentTypeError(error.message) from None
+
+    return convert
+
+
+def one_of(what: str, choices: Iterable[str]) -> Callable[[str], str]:
+    """An argparse type that also checks values from the environment (choices= does not)."""
+    allowed = sorted(choices)
+
+    def convert(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {what}; choose from {', '.join(allowed)}"
+            )
+        return text
+
+    return convert
+
+
+def split_endpoints(text: str) -> tuple[str, ...]:
+    endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
+    parse_endpoints(endpoints)
+    return endpoints
+
+
+endpoints = checked(split_endpoints)
+prefix = checked(lambda text: KeyLayout(text).prefix)
+strategy = one_of("strategy", BUILTIN_STRATEGIES)
+log_format = one_of("log format", ("console", "json"))
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0-3600)")
+    return value
+
+
+def env_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help_text: str,
+    *,
+    default: str | None = None,
+    parse: Callable[[str], object] = str,
+    environment: Mapping[str, str] = ENVIRONMENT,
+) -> None:
+    """A flag whose default comes from its KAIWO_GPU_* variable; both go through `parse`."""
+    variable = environment[flag.removeprefix("--").replace("-", "_")]
+    shown = "; default %(default)s" if default is not None else ""
+    parser.add_argument(
+        flag,
+        type=parse,
+        default=os.environ.get(variable, default),
+        help=f"{help_text} (${variable}{shown})",
+    )
+
+
+def interval_ms(text: str) -> int:
+    """`500ms`, `1s`, `2` (seconds): the sampling interval, 100 ms to 60 s."""
+    try:
+        millis = int(text[:-2]) if text.endswith("ms") else parse_duration_s(text) * 1000
+    except (InvalidArgumentError, ValueError):
+        millis = -1
+    if not 100 <= millis <= 60_000:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an interval like 1s or 500ms (100ms-60s)"
+        )
+    return millis
+
+
+def node_name(text: str) -> str:
+    if not NODE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a node name: lowercase letters, digits, '-' and '.', up to 253"
+        )
+    return text
+
+
+def addresses(text: str) -> tuple[str, ...]:
+    addresses = tuple(address(part.strip()) for part in text.split(",") if part.strip())
+    if not addresses:
+        raise argparse.ArgumentTypeError(f"{text!r} names no coordinator address")
+    return addresses
+
+
+def labels(text: str) -> tuple[tuple[str, str], ...]:
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a label key=value")
+        pairs[key] = value
+    try:
+        return freeze_labels(pairs, "--labels")
+    except InvalidArgumentError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
+def default_node_name() -> str:
+    """The host name, made a DNS-1123 name (GPU_01 -> gpu-01), so nodes stay distinct."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:253]
+    return name if NODE_NAME.match(name) else "node"
