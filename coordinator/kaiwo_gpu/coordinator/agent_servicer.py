@@ -37,9 +37,13 @@ from kaiwo_gpu.coordinator.agent_reports import (
     trimmed,
     with_health,
 )
-from kaiwo_gpu.coordinator.changes import Put, Txn
 from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.records import timestamp
+from kaiwo_gpu.coordinator.registration import (
+    AgentNodeClaim,
+    claim_agent_node,
+    write_agent_health,
+)
 from kaiwo_gpu.coordinator.store import EtcdStore
 from kaiwo_gpu.coordinator.view import ClusterView, Subscription
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, types_pb2
@@ -72,9 +76,7 @@ class _Session:
         self.node = node
         self.lease_id = lease_id
         self.ttl_s = ttl_s
-        self.record = types_pb2.NodeStatus()
-        self.record_revision = 0
-        self.presence_revision = 0
+        self.claim = AgentNodeClaim(types_pb2.NodeStatus(), 0, 0)
         self.placements_changed = asyncio.Event()
         self.placements_changed.set()  # the first list goes out at once
         self.closing = asyncio.Event()  # end the stream now: stopping, or replaced
@@ -243,7 +245,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         session = _Session(register.node, lease_id, ttl_s)
         try:
             for _ in range(MAX_REGISTER_ATTEMPTS):
-                if await self._write_registration(session, register, others):
+                claim = await claim_agent_node(
+                    self.store,
+                    self.layout,
+                    register,
+                    lease_id=lease_id,
+                    holder=self.coordinator_id,
+                    owner_of=others,
+                )
+                if claim is not None:
+                    session.claim = claim
+                    self._last_registration = max(self._last_registration, claim.presence_revision)
                     break
             else:
                 raise ConflictError(f"node {register.node!r} kept changing while it registered")
@@ -273,44 +285,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         return session
 
-    async def _write_registration(
-        self,
-        session: _Session,
-        register: agent_pb2.Register,
-        others: Callable[[str], str | None],
-    ) -> bool:
-        node_key = self.layout.node(session.node)
-        _, current = await self.store.read(node_key)
-        previous = None
-        if current is not None:
-            previous = types_pb2.NodeStatus()
-            try:
-                previous.ParseFromString(current.value)
-            except Exception:  # an unreadable record is replaced by the agent's
-                previous = None
-        record = node_record(register, previous, others)
-        presence = Put(
-            self.layout.agent(session.node), self.coordinator_id.encode(), lease=session.lease_id
-        )
-        revision_read = current.mod_revision if current is not None else 0
-        unchanged = current is not None and current.value == record.SerializeToString(
-            deterministic=True
-        )
-        txn = Txn(
-            expect_mod_revision=((node_key, revision_read),),
-            puts=(presence,)
-            if unchanged
-            else (Put(node_key, record.SerializeToString(deterministic=True)), presence),
-        )
-        result = await self.store.commit(txn)
-        if not result.succeeded:
-            return False
-        session.record = record
-        session.record_revision = revision_read if unchanged else result.revision
-        session.presence_revision = result.revision
-        self._last_registration = max(self._last_registration, result.revision)
-        return True
-
     async def _read_batches(self, session: _Session, context: Context) -> None:
         limit_s = self.settings.silent_limit_s
         loop = asyncio.get_running_loop()
@@ -338,13 +312,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def _check_still_held(self, session: _Session) -> None:
         """Another coordinator took the node when etcd shows a newer presence key."""
         seen = self.view.state.agent_revisions.get(session.node, 0)
-        if seen > session.presence_revision:
+        if seen > session.claim.presence_revision:
             raise FailedPreconditionError(
                 f"node {session.node!r} registered through another connection; this one ends"
             )
 
     async def _ingest(self, session: _Session, batch: agent_pb2.TelemetryBatch) -> None:
-        samples = checked_batch(batch, session.record, self._owner_of)
+        samples = checked_batch(batch, session.claim.record, self._owner_of)
         self.reports[session.node] = NodeReport(
             received_at=self.clock(),
             samples={uuid: trimmed(sample) for uuid, sample in samples.items()},
@@ -352,7 +326,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.view.state.update_telemetry(
             {uuid: placement_reading(sample.telemetry) for uuid, sample in samples.items()}
         )
-        changed = with_health(session.record, samples)
+        changed = with_health(session.claim.record, samples)
         if changed is not None:
             try:
                 await self._write_health(session, changed)
@@ -365,23 +339,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _write_health(self, session: _Session, record: types_pb2.NodeStatus) -> None:
         """Writes health verdicts while this session still holds the node."""
-        node_key = self.layout.node(session.node)
-        txn = Txn(
-            expect_mod_revision=(
-                (node_key, session.record_revision),
-                (self.layout.agent(session.node), session.presence_revision),
-            ),
-            puts=(Put(node_key, record.SerializeToString(deterministic=True)),),
-            read_on_failure=(node_key,),
-        )
-        result = await self.store.commit(txn)
-        if not result.succeeded:
-            raise FailedPreconditionError(
-                f"node {session.node!r} changed under this connection (another connection "
-                "registered it, or its record was edited); reconnect to register again"
-            )
-        session.record = record
-        session.record_revision = result.revision
+        session.claim = await write_agent_health(self.store, self.layout, record, session.claim)
         log.info(
             "gpu health changed",
             node=session.node,
@@ -443,7 +401,7 @@ def _new_verdicts(session: _Session, batch: agent_pb2.TelemetryBatch) -> bool:
     """Whether the batch carries a health verdict the node record does not have yet."""
     known = {
         status.inventory.uuid: (status.health, status.health_reason)
-        for status in session.record.gpus
+        for status in session.claim.record.gpus
     }
     return any(
         known.get(sample.uuid) != (sample.health, sample.health_reason) for sample in batch.samples

@@ -1,4 +1,4 @@
-"""Writes node records to etcd: the static inventory now, agents' registrations later.
+"""Writes node records to etcd: the static inventory's, and those of nodes whose agents connect.
 
 A record that is already there unchanged is left alone, so restarting a coordinator with
 the same inventory does not bump node revisions (and so conflict with placements). Every
@@ -7,18 +7,20 @@ coordinator that is given an inventory must be given the same one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 from google.protobuf.message import DecodeError
 
-from kaiwo_gpu.common.errors import ConflictError
+from kaiwo_gpu.common.errors import ConflictError, FailedPreconditionError
+from kaiwo_gpu.coordinator.agent_reports import node_record
 from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
 from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS
 from kaiwo_gpu.coordinator.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.v1 import types_pb2
+from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)
 MAX_ATTEMPTS = 3
@@ -96,3 +98,78 @@ def _from_inventory(value: bytes) -> bool:
     except DecodeError:
         return False
     return record.labels.get(SOURCE_LABEL) == FROM_INVENTORY
+
+
+@dataclass(frozen=True, slots=True)
+class AgentNodeClaim:
+    """What a connection wrote when it took a node: its guards for later health writes."""
+
+    record: types_pb2.NodeStatus
+    record_revision: int
+    presence_revision: int
+
+
+async def claim_agent_node(
+    store: EtcdStore,
+    layout: KeyLayout,
+    register: agent_pb2.Register,
+    *,
+    lease_id: int,
+    holder: str,
+    owner_of: Callable[[str], str | None],
+) -> AgentNodeClaim | None:
+    """Writes the node record (when it changed) and the presence key on `lease_id`, in one
+    transaction guarded by the record as read; None when it changed meanwhile (read again).
+
+    The presence key is put whoever held it: the newest connection of a node takes it.
+    """
+    node_key = layout.node(register.node)
+    _, current = await store.read(node_key)
+    previous = None
+    if current is not None:
+        previous = types_pb2.NodeStatus()
+        try:
+            previous.ParseFromString(current.value)
+        except DecodeError:  # an unreadable record is replaced by the agent's
+            previous = None
+    record = node_record(register, previous, owner_of)
+    value = record.SerializeToString(deterministic=True)
+    presence = Put(layout.agent(register.node), holder.encode(), lease=lease_id)
+    revision_read = current.mod_revision if current is not None else 0
+    unchanged = current is not None and current.value == value
+    result = await store.commit(
+        Txn(
+            expect_mod_revision=((node_key, revision_read),),
+            puts=(presence,) if unchanged else (Put(node_key, value), presence),
+        )
+    )
+    if not result.succeeded:
+        return None
+    return AgentNodeClaim(
+        record=record,
+        record_revision=revision_read if unchanged else result.revision,
+        presence_revision=result.revision,
+    )
+
+
+async def write_agent_health(
+    store: EtcdStore, layout: KeyLayout, record: types_pb2.NodeStatus, claim: AgentNodeClaim
+) -> AgentNodeClaim:
+    """Writes new health verdicts while `claim` still holds the node (record and presence
+    key unchanged since); the claim to guard the next write with."""
+    node_key = layout.node(record.name)
+    result = await store.commit(
+        Txn(
+            expect_mod_revision=(
+                (node_key, claim.record_revision),
+                (layout.agent(record.name), claim.presence_revision),
+            ),
+            puts=(Put(node_key, record.SerializeToString(deterministic=True)),),
+        )
+    )
+    if not result.succeeded:
+        raise FailedPreconditionError(
+            f"node {record.name!r} changed under this connection (another connection "
+            "registered it, or its record was edited); reconnect to register again"
+        )
+    return AgentNodeClaim(record, result.revision, claim.presence_revision)
