@@ -20,7 +20,7 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.agent.backend import DeviceLostError, DiscoveredGpu, GpuBackend, GpuReading
-from kaiwo_gpu.agent.health import GpuHealth, HealthLimits, classify, initial, limits_for, stale
+from kaiwo_gpu.agent.health import GpuHealth, classify, initial, limits_for, stale
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.telemetry_limits import (
     MAX_PERCENT,
@@ -116,16 +116,14 @@ class NodeSampler:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        limits: Mapping[str, HealthLimits] | None = None,
     ) -> None:
         self.backend = backend
         self.gpus = tuple(gpus)
         self.clock = clock
         self.wall_clock = wall_clock
-        self.limits = dict(limits) if limits else {g.uuid: limits_for(g.model) for g in gpus}
+        self.limits = {gpu.uuid: limits_for(gpu.model) for gpu in gpus}
         started = clock()
         self.health: dict[str, GpuHealth] = {gpu.uuid: initial(started) for gpu in gpus}
-        self.last_readings: dict[str, GpuReading] = {}
         self._reading: asyncio.Future[dict[str, GpuReading | None]] | None = None
 
     @property
@@ -180,22 +178,18 @@ class NodeSampler:
         for gpu in self.gpus:
             limits = self.limits[gpu.uuid]
             previous = self.health[gpu.uuid]
-            if readings is None or gpu.uuid not in readings:
-                verdict = stale(previous, now, limits)
-            else:
-                reading = readings.get(gpu.uuid)
+            sampled = readings is not None and gpu.uuid in readings
+            reading = readings.get(gpu.uuid) if readings is not None else None
+            if sampled:
                 verdict = classify(previous, reading, now, limits)
-                if reading is not None:
-                    self.last_readings[gpu.uuid] = reading
-                else:
-                    self.last_readings.pop(gpu.uuid, None)
+            else:
+                verdict = stale(previous, now, limits)
             self.health[gpu.uuid] = verdict
             sample = batch.samples.add(
                 uuid=gpu.uuid,
                 health=_HEALTH_TO_PROTO[verdict.health],
                 health_reason=verdict.reason[:256],
             )
-            last = self.last_readings.get(gpu.uuid)
-            if last is not None and readings is not None and gpu.uuid in readings:
-                sample.telemetry.CopyFrom(telemetry_proto(last, stamp, gpu.vram_mib))
+            if reading is not None:  # lost or not read this tick: no telemetry to send
+                sample.telemetry.CopyFrom(telemetry_proto(reading, stamp, gpu.vram_mib))
         return batch

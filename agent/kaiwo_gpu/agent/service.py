@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kaiwo_gpu.agent.backend import (
     DeviceLostError,
     FollowsPlacements,
     GpuBackend,
+    PlacedShare,
 )
 from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto
 from kaiwo_gpu.agent.simulated import SimulatedBackend
@@ -119,9 +121,9 @@ class NodeAgent:
         )
         self._faults_mtime: float | None = None
 
-    def _follow_placements(self, shares: object) -> None:
+    def _follow_placements(self, shares: Mapping[str, PlacedShare]) -> None:
         if isinstance(self.backend, FollowsPlacements):
-            self.backend.follow_placements(shares)  # type: ignore[arg-type]
+            self.backend.follow_placements(shares)
 
     def _load_faults(self) -> None:
         """Re-reads the simulated backend's fault file when it changed (tests and demos)."""

@@ -163,29 +163,28 @@ class Uplink:
     ) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
-        while not stop.is_set():
-            if directives.done():
-                directives.result()  # the coordinator ended the stream: raise its status
-                return
-            interval_s = self.status.interval_ms / 1000
-            self.before_tick()
-            batch = await self.sampler.sample(wait_s=interval_s / 2)
-            if directives.done():  # ended while the GPUs were read
-                directives.result()
-                return
-            if registered.is_set():  # a batch before the answer could race a refusal
-                await call.write(agent_pb2.AgentMessage(telemetry=batch))
-                self.status.batches_sent += 1
-            next_tick = max(next_tick + interval_s, loop.time())
-            waiters = {asyncio.ensure_future(stop.wait()), directives}
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED),
-                    next_tick - loop.time(),
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set() and not directives.done():
+                interval_s = self.status.interval_ms / 1000
+                self.before_tick()
+                batch = await self.sampler.sample(wait_s=interval_s / 2)
+                if directives.done():  # the stream ended while the GPUs were read
+                    break
+                if registered.is_set():  # a batch before the answer could race a refusal
+                    await call.write(agent_pb2.AgentMessage(telemetry=batch))
+                    self.status.batches_sent += 1
+                next_tick = max(next_tick + interval_s, loop.time())
+                await asyncio.wait(
+                    {stopping, directives},
+                    timeout=next_tick - loop.time(),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            for waiter in waiters:
-                if waiter is not directives:
-                    waiter.cancel()
+        finally:
+            stopping.cancel()
+        if directives.done():
+            directives.result()  # the coordinator ended the stream: raise its status
+            return
         with contextlib.suppress(grpc.aio.AioRpcError):
             await call.done_writing()
 
