@@ -72,10 +72,9 @@ class AgentSettings:
 class _Session:
     """One agent's connection: what it registered and the revisions it wrote."""
 
-    def __init__(self, node: str, lease_id: int, ttl_s: int) -> None:
+    def __init__(self, node: str, lease_id: int) -> None:
         self.node = node
         self.lease_id = lease_id
-        self.ttl_s = ttl_s
         self.claim = AgentNodeClaim(types_pb2.NodeStatus(), 0, 0)
         self.placements_changed = asyncio.Event()
         self.placements_changed.set()  # the first list goes out at once
@@ -99,7 +98,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.clock = clock
         self.coordinator_id = "coordinator"
         self.reports: dict[str, NodeReport] = {}
-        self.rejected_batches = 0
         self.dropped_batches = 0
         self._sessions: dict[str, _Session] = {}
         self._stopping = False
@@ -166,8 +164,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 f"no register message within {REGISTER_WAIT_S:g}s of connecting",
             )
         except KaiwoGpuError as error:
-            if isinstance(error, InvalidArgumentError):
-                self.rejected_batches += 1
             log.warning(
                 "agent stream refused",
                 node=session.node if session else None,
@@ -241,8 +237,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def _take_node(
         self, register: agent_pb2.Register, others: Callable[[str], str | None]
     ) -> _Session:
-        lease_id, ttl_s = await self.store.grant_lease(self.settings.node_ttl_s)
-        session = _Session(register.node, lease_id, ttl_s)
+        lease_id, _ = await self.store.grant_lease(self.settings.node_ttl_s)
+        session = _Session(register.node, lease_id)
         try:
             for _ in range(MAX_REGISTER_ATTEMPTS):
                 claim = await claim_agent_node(
