@@ -131,14 +131,7 @@ class ClusterSnapshot:
         changed_usage: dict[int, GpuUsage],
         changed_holders: dict[int, tuple[str, ...]],
     ) -> ClusterSnapshot:
-        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
-        snapshot.nodes = self.nodes
-        snapshot.telemetry = self.telemetry
-        snapshot.gpus = self.gpus
-        snapshot.keys = self.keys
-        snapshot.node_of = self.node_of
-        snapshot.position = self.position
-        snapshot.max_vram_mib = self.max_vram_mib
+        snapshot = self._copy()
         snapshot.allocations = MappingProxyType(allocations)
         usage = list(self.usage)
         holders = list(self.holders)
@@ -148,13 +141,27 @@ class ClusterSnapshot:
             holders[pos] = ids
         snapshot.usage = tuple(usage)
         snapshot.holders = tuple(holders)
-        snapshot.shared_index = self.shared_index.updated(
-            {pos: snapshot._index_entry(pos, cu_mask=False) for pos in changed_usage}
-        )
-        snapshot.cu_mask_index = self.cu_mask_index.updated(
-            {pos: snapshot._index_entry(pos, cu_mask=True) for pos in changed_usage}
-        )
+        snapshot._reindex(changed_usage)
         return snapshot
+
+    def _copy(self) -> ClusterSnapshot:
+        """A shallow copy for a derivation to replace some fields of."""
+        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
+        for slot in ClusterSnapshot.__slots__:
+            setattr(snapshot, slot, getattr(self, slot))
+        return snapshot
+
+    def _reindex(self, positions: Iterable[int]) -> None:
+        """Refreshes both indexes' entries for `positions` (only on a fresh derivation)."""
+        positions = tuple(positions)
+        if not positions:
+            return
+        self.shared_index = self.shared_index.updated(
+            {pos: self._index_entry(pos, cu_mask=False) for pos in positions}
+        )
+        self.cu_mask_index = self.cu_mask_index.updated(
+            {pos: self._index_entry(pos, cu_mask=True) for pos in positions}
+        )
 
     def with_allocation(self, allocation: PlacedAllocation) -> ClusterSnapshot:
         """The snapshot after `allocation` was committed (replacing one with the same id)."""
@@ -225,19 +232,12 @@ class ClusterSnapshot:
                 gpus[pos] = gpu
                 node_of[pos] = node
                 moved.add(pos)
-        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
-        for slot in ClusterSnapshot.__slots__:
-            setattr(snapshot, slot, getattr(self, slot))
+        snapshot = self._copy()
         snapshot.nodes = MappingProxyType(node_map)
         snapshot.gpus = tuple(gpus)
         snapshot.node_of = tuple(node_of)
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
-        snapshot.shared_index = self.shared_index.updated(
-            {pos: snapshot._index_entry(pos, cu_mask=False) for pos in moved}
-        )
-        snapshot.cu_mask_index = self.cu_mask_index.updated(
-            {pos: snapshot._index_entry(pos, cu_mask=True) for pos in moved}
-        )
+        snapshot._reindex(moved)
         return snapshot
 
     def with_telemetry(self, changes: Mapping[str, Telemetry | None]) -> ClusterSnapshot:
@@ -259,17 +259,9 @@ class ClusterSnapshot:
                 gpu, usage = self.gpus[pos], self.usage[pos]
                 if load_score(gpu, usage, before) != load_score(gpu, usage, reading):
                     moved.append(pos)
-        snapshot = ClusterSnapshot.__new__(ClusterSnapshot)
-        for slot in ClusterSnapshot.__slots__:
-            setattr(snapshot, slot, getattr(self, slot))
+        snapshot = self._copy()
         snapshot.telemetry = MappingProxyType(telemetry)
-        if moved:
-            snapshot.shared_index = self.shared_index.updated(
-                {pos: snapshot._index_entry(pos, cu_mask=False) for pos in moved}
-            )
-            snapshot.cu_mask_index = self.cu_mask_index.updated(
-                {pos: snapshot._index_entry(pos, cu_mask=True) for pos in moved}
-            )
+        snapshot._reindex(moved)
         return snapshot
 
     def _positions(self, allocation: PlacedAllocation) -> set[int]:
