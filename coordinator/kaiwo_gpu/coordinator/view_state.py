@@ -148,15 +148,8 @@ class ViewState:
             if self.allocation_by_request.get(previous.request_id) == allocation_id:
                 del self.allocation_by_request[previous.request_id]
             self._unsnapped.add(allocation_id)
-            self._unindex_node(previous.node, allocation_id)
+            _unindex(self.allocations_by_node, previous.node, allocation_id)
         return previous
-
-    def _unindex_node(self, node: str, allocation_id: str) -> None:
-        held = self.allocations_by_node.get(node)
-        if held is not None:
-            held.discard(allocation_id)
-            if not held:
-                del self.allocations_by_node[node]
 
     def _apply_allocation(self, allocation_id: str, change: Change) -> AllocationEvent | None:
         if change.value is None:
@@ -185,7 +178,7 @@ class ViewState:
         ):
             del self.allocation_by_request[previous.request_id]
         if previous is not None and previous.node != record.node:
-            self._unindex_node(previous.node, allocation_id)
+            _unindex(self.allocations_by_node, previous.node, allocation_id)
         self.allocations_by_node.setdefault(record.node, set()).add(allocation_id)
         self.allocations[allocation_id] = record
         self._placed[allocation_id] = placed
@@ -203,11 +196,7 @@ class ViewState:
         self.unreadable_nodes.discard(name)
         old = self.nodes.get(name)
         for status in old.gpus if old is not None else ():
-            named = self.nodes_by_gpu.get(status.inventory.uuid)
-            if named is not None:
-                named.discard(name)
-                if not named:
-                    del self.nodes_by_gpu[status.inventory.uuid]
+            _unindex(self.nodes_by_gpu, status.inventory.uuid, name)
         if change.value is None:
             self.nodes.pop(name, None)
             self.node_revisions.pop(name, None)
@@ -314,6 +303,15 @@ class ViewState:
             if upserts or removals:
                 self._snapshot = self._snapshot.with_changes(upserts, removals)
         return self._snapshot
+
+
+def _unindex(index: dict[str, set[str]], key: str, member: str) -> None:
+    """Takes `member` out of `index[key]`, and the key with its last member."""
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
+        if not members:
+            del index[key]
 
 
 def _layout(node: Node) -> list[tuple[str, int]]:
