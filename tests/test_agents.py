@@ -23,6 +23,7 @@ from kaiwo_gpu.agent.sampler import inventory_proto
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.common.errors import NotFoundError
+from kaiwo_gpu.coordinator.agent_servicer import AgentServicer
 from kaiwo_gpu.coordinator.changes import Txn, TxnResult
 from kaiwo_gpu.coordinator.keys import KeyLayout
 from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
@@ -50,7 +51,8 @@ async def test_agents_register_and_their_telemetry_shows_in_list_nodes(
 ) -> None:
     async with (
         coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
-        agents_running(address(running), ["sim-a", "sim-b", "sim-c"]) as agents,
+        # They start at 1 s; the coordinator asks for 200 ms (FAST).
+        agents_running(address(running), ["sim-a", "sim-b", "sim-c"], interval_ms=1000) as agents,
     ):
 
         async def all_reporting() -> dict[str, types_pb2.NodeStatus] | None:
@@ -558,8 +560,8 @@ async def test_batches_faster_than_the_interval_are_dropped_unless_they_say_some
             flood.close()
 
 
-async def _dropped_at_least(agents: object, count: int) -> bool | None:
-    return True if getattr(agents, "dropped_batches", 0) >= count else None
+async def _dropped_at_least(agents: AgentServicer, count: int) -> bool | None:
+    return True if agents.dropped_batches >= count else None
 
 
 async def test_a_health_change_while_etcd_is_down_is_written_when_it_returns(
