@@ -222,6 +222,13 @@ class TestEveryStrategy:
         decision = place(ask(strategy, selector=selector), ClusterSnapshot.build(nodes))
         assert spots(decision) == [("n1", 0)]
 
+    def test_places_only_on_the_named_nodes(self, strategy: str) -> None:
+        nodes = [Node(f"n{i}", (gpu(f"n{i}", 0),)) for i in range(4)]
+        pinned = ask(strategy, selector=Selector(nodes=frozenset({"n2"})))
+        assert spots(place(pinned, ClusterSnapshot.build(nodes))) == [("n2", 0)]
+        elsewhere = ask(strategy, selector=Selector(nodes=frozenset({"n9"})))
+        assert isinstance(place(elsewhere, ClusterSnapshot.build(nodes)), NoFit)
+
     def test_does_not_depend_on_input_order(self, strategy: str) -> None:
         nodes = cluster(3, 2, 2)
         allocations = [holding("a", "n0", 1, 400), holding("b", "n2", 0, 700)]

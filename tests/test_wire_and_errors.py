@@ -21,6 +21,7 @@ def test_request_round_trips_through_the_wire() -> None:
             node_labels=(("zone", "a"),),
             gpu_models=frozenset({"MI300X"}),
             exclude_nodes=frozenset({"n1"}),
+            nodes=frozenset({"n0", "n2"}),
         ),
         strategy="best-fit",
         owner="slurm/7",

@@ -136,12 +136,13 @@ def _check_str(value: object, pattern: re.Pattern[str], field: str, allowed: str
 
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """Where a request may land: node labels that must match, GPU models, exclusions."""
+    """Where a request may land: node labels that must match, GPU models, nodes, exclusions."""
 
     node_labels: Labels = ()
     gpu_models: frozenset[str] = frozenset()
     exclude_nodes: frozenset[str] = frozenset()
     exclude_gpus: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         # Accept any mapping or iterable, keep the frozen, validated form.
@@ -152,10 +153,17 @@ class Selector:
             self, "exclude_nodes", _freeze_names(self.exclude_nodes, "selector.exclude_nodes")
         )
         set_field(self, "exclude_gpus", _freeze_names(self.exclude_gpus, "selector.exclude_gpus"))
+        set_field(self, "nodes", _freeze_names(self.nodes, "selector.nodes"))
 
     @property
     def is_empty(self) -> bool:
-        return not (self.node_labels or self.gpu_models or self.exclude_nodes or self.exclude_gpus)
+        return not (
+            self.node_labels
+            or self.gpu_models
+            or self.exclude_nodes
+            or self.exclude_gpus
+            or self.nodes
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ def selector_from_proto(message: types_pb2.Selector) -> Selector:
         gpu_models=frozenset(message.gpu_models),
         exclude_nodes=frozenset(message.exclude_nodes),
         exclude_gpus=frozenset(message.exclude_gpus),
+        nodes=frozenset(message.nodes),
     )
 
 
@@ -95,6 +96,7 @@ def request_to_proto(request: AllocationRequest) -> types_pb2.AllocationRequest:
             gpu_models=sorted(request.selector.gpu_models),
             exclude_nodes=sorted(request.selector.exclude_nodes),
             exclude_gpus=sorted(request.selector.exclude_gpus),
+            nodes=sorted(request.selector.nodes),
         ),
         strategy=request.strategy or "",
         owner=request.owner,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kaiwo_gpu/v1/types.proto\x12\x0ckaiwo_gpu.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x01\n\x08Selector\x12;\n\x0bnode_labels\x18\x01 \x03(\x0b\x32&.kaiwo_gpu.v1.Selector.NodeLabelsEntry\x12\x12\n\ngpu_models\x18\x02 \x03(\t\x12\x15\n\rexclude_nodes\x18\x03 \x03(\t\x12\x14\n\x0c\x65xclude_gpus\x18\x04 \x03(\t\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x03\n\x11\x41llocationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x17\n\x0f\x66raction_millis\x18\x03 \x01(\r\x12\x12\n\nmemory_mib\x18\x04 \x01(\x04\x12\x14\n\x07sharing\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12*\n\tisolation\x18\x06 \x01(\x0e\x32\x17.kaiwo_gpu.v1.Isolation\x12(\n\x08selector\x18\x07 \x01(\x0b\x32\x16.kaiwo_gpu.v1.Selector\x12\x10\n\x08strategy\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\x12;\n\x06labels\x18\n \x03(\x0b\x32+.kaiwo_gpu.v1.AllocationRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x0b \x01(\r\x12\x16\n\x0eisolation_name\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_sharing\"\x7f\n\x08GpuGrant\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03\x62\x64\x66\x18\x03 \x01(\t\x12\x16\n\x0egranted_millis\x18\x04 \x01(\r\x12\x1a\n\x12granted_memory_mib\x18\x05 \x01(\x04\x12\x15\n\rcompute_units\x18\x06 \x03(\r\"\xfc\x03\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1f.kaiwo_gpu.v1.AllocationRequest\x12\x0c\n\x04node\x18\x04 \x01(\t\x12$\n\x04gpus\x18\x05 \x03(\x0b\x32\x16.kaiwo_gpu.v1.GpuGrant\x12*\n\tisolation\x18\x06 \x01(\x0e\x32\x17.kaiwo_gpu.v1.Isolation\x12\x16\n\x0eisolation_note\x18\x07 \x01(\t\x12>\n\x0b\x65nvironment\x18\x08 \x03(\x0b\x32).kaiwo_gpu.v1.Allocation.EnvironmentEntry\x12\x10\n\x08strategy\x18\t \x01(\t\x12,\n\x05state\x18\n \x01(\x0e\x32\x1d.kaiwo_gpu.v1.AllocationState\x12\x10\n\x08lease_id\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x05\n\x0cGpuTelemetry\x12.\n\nsampled_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x14gfx_activity_percent\x18\x02 \x01(\rH\x00\x88\x01\x01\x12!\n\x14umc_activity_percent\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x12\x65\x64ge_temperature_c\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\"\n\x15hotspot_temperature_c\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12!\n\x14memory_temperature_c\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0esocket_power_w\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1a\n\rpower_limit_w\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x1a\n\rused_vram_mib\x18\t \x01(\x04H\x07\x88\x01\x01\x12\"\n\x15\x65\x63\x63_correctable_total\x18\n \x01(\x04H\x08\x88\x01\x01\x12$\n\x17\x65\x63\x63_uncorrectable_total\x18\x0b \x01(\x04H\t\x88\x01\x01\x12.\n\tprocesses\x18\x0c \x03(\x0b\x32\x1b.kaiwo_gpu.v1.ProcessMemoryB\x17\n\x15_gfx_activity_percentB\x17\n\x15_umc_activity_percentB\x15\n\x13_edge_temperature_cB\x18\n\x16_hotspot_temperature_cB\x17\n\x15_memory_temperature_cB\x11\n\x0f_socket_power_wB\x10\n\x0e_power_limit_wB\x10\n\x0e_used_vram_mibB\x18\n\x16_ecc_correctable_totalB\x1a\n\x18_ecc_uncorrectable_total\"<\n\rProcessMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08vram_mib\x18\x03 \x01(\x04\"\xa5\x01\n\x0cGpuInventory\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03\x62\x64\x66\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08vram_mib\x18\x05 \x01(\x04\x12\x15\n\rcompute_units\x18\x06 \x01(\r\x12\x19\n\x11\x63ompute_partition\x18\x07 \x01(\t\x12\x18\n\x10memory_partition\x18\x08 \x01(\t\"\xc2\x02\n\tGpuStatus\x12-\n\tinventory\x18\x01 \x01(\x0b\x32\x1a.kaiwo_gpu.v1.GpuInventory\x12$\n\x06health\x18\x02 \x01(\x0e\x32\x14.kaiwo_gpu.v1.Health\x12\x15\n\rhealth_reason\x18\x03 \x01(\t\x12\x18\n\x10\x61llocated_millis\x18\x04 \x01(\r\x12\x1c\n\x14\x61llocated_memory_mib\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ree_millis\x18\x06 \x01(\r\x12\x17\n\x0f\x66ree_memory_mib\x18\x07 \x01(\x04\x12\x1a\n\x12\x66ree_compute_units\x18\x08 \x01(\r\x12\x18\n\x10\x61llocation_count\x18\t \x01(\r\x12-\n\ttelemetry\x18\n \x01(\x0b\x32\x1a.kaiwo_gpu.v1.GpuTelemetry\"\x88\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x06labels\x18\x02 \x03(\x0b\x32$.kaiwo_gpu.v1.NodeStatus.LabelsEntry\x12\x13\n\x0bschedulable\x18\x03 \x01(\x08\x12\x1c\n\x14unschedulable_reason\x18\x04 \x01(\t\x12%\n\x04gpus\x18\x05 \x03(\x0b\x32\x17.kaiwo_gpu.v1.GpuStatus\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x83\x01\n\tIsolation\x12\x19\n\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eISOLATION_NONE\x10\x01\x12\x15\n\x11ISOLATION_CU_MASK\x10\x02\x12\x17\n\x13ISOLATION_PARTITION\x10\x03\x12\x17\n\x13ISOLATION_EXCLUSIVE\x10\x04*_\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEALTH_HEALTHY\x10\x01\x12\x13\n\x0fHEALTH_DEGRADED\x10\x02\x12\x14\n\x10HEALTH_UNHEALTHY\x10\x03*\x8d\x01\n\x0f\x41llocationState\x12 \n\x1c\x41LLOCATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41LLOCATION_STATE_ACTIVE\x10\x01\x12\x1d\n\x19\x41LLOCATION_STATE_RELEASED\x10\x02\x12\x1c\n\x18\x41LLOCATION_STATE_EXPIRED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kaiwo_gpu/v1/types.proto\x12\x0ckaiwo_gpu.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x01\n\x08Selector\x12;\n\x0bnode_labels\x18\x01 \x03(\x0b\x32&.kaiwo_gpu.v1.Selector.NodeLabelsEntry\x12\x12\n\ngpu_models\x18\x02 \x03(\t\x12\x15\n\rexclude_nodes\x18\x03 \x03(\t\x12\x14\n\x0c\x65xclude_gpus\x18\x04 \x03(\t\x12\r\n\x05nodes\x18\x05 \x03(\t\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x03\n\x11\x41llocationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x17\n\x0f\x66raction_millis\x18\x03 \x01(\r\x12\x12\n\nmemory_mib\x18\x04 \x01(\x04\x12\x14\n\x07sharing\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12*\n\tisolation\x18\x06 \x01(\x0e\x32\x17.kaiwo_gpu.v1.Isolation\x12(\n\x08selector\x18\x07 \x01(\x0b\x32\x16.kaiwo_gpu.v1.Selector\x12\x10\n\x08strategy\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\x12;\n\x06labels\x18\n \x03(\x0b\x32+.kaiwo_gpu.v1.AllocationRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x0b \x01(\r\x12\x16\n\x0eisolation_name\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_sharing\"\x7f\n\x08GpuGrant\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03\x62\x64\x66\x18\x03 \x01(\t\x12\x16\n\x0egranted_millis\x18\x04 \x01(\r\x12\x1a\n\x12granted_memory_mib\x18\x05 \x01(\x04\x12\x15\n\rcompute_units\x18\x06 \x03(\r\"\xfc\x03\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1f.kaiwo_gpu.v1.AllocationRequest\x12\x0c\n\x04node\x18\x04 \x01(\t\x12$\n\x04gpus\x18\x05 \x03(\x0b\x32\x16.kaiwo_gpu.v1.GpuGrant\x12*\n\tisolation\x18\x06 \x01(\x0e\x32\x17.kaiwo_gpu.v1.Isolation\x12\x16\n\x0eisolation_note\x18\x07 \x01(\t\x12>\n\x0b\x65nvironment\x18\x08 \x03(\x0b\x32).kaiwo_gpu.v1.Allocation.EnvironmentEntry\x12\x10\n\x08strategy\x18\t \x01(\t\x12,\n\x05state\x18\n \x01(\x0e\x32\x1d.kaiwo_gpu.v1.AllocationState\x12\x10\n\x08lease_id\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x05\n\x0cGpuTelemetry\x12.\n\nsampled_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x14gfx_activity_percent\x18\x02 \x01(\rH\x00\x88\x01\x01\x12!\n\x14umc_activity_percent\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x12\x65\x64ge_temperature_c\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\"\n\x15hotspot_temperature_c\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12!\n\x14memory_temperature_c\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0esocket_power_w\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1a\n\rpower_limit_w\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x1a\n\rused_vram_mib\x18\t \x01(\x04H\x07\x88\x01\x01\x12\"\n\x15\x65\x63\x63_correctable_total\x18\n \x01(\x04H\x08\x88\x01\x01\x12$\n\x17\x65\x63\x63_uncorrectable_total\x18\x0b \x01(\x04H\t\x88\x01\x01\x12.\n\tprocesses\x18\x0c \x03(\x0b\x32\x1b.kaiwo_gpu.v1.ProcessMemoryB\x17\n\x15_gfx_activity_percentB\x17\n\x15_umc_activity_percentB\x15\n\x13_edge_temperature_cB\x18\n\x16_hotspot_temperature_cB\x17\n\x15_memory_temperature_cB\x11\n\x0f_socket_power_wB\x10\n\x0e_power_limit_wB\x10\n\x0e_used_vram_mibB\x18\n\x16_ecc_correctable_totalB\x1a\n\x18_ecc_uncorrectable_total\"<\n\rProcessMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08vram_mib\x18\x03 \x01(\x04\"\xa5\x01\n\x0cGpuInventory\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03\x62\x64\x66\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08vram_mib\x18\x05 \x01(\x04\x12\x15\n\rcompute_units\x18\x06 \x01(\r\x12\x19\n\x11\x63ompute_partition\x18\x07 \x01(\t\x12\x18\n\x10memory_partition\x18\x08 \x01(\t\"\xc2\x02\n\tGpuStatus\x12-\n\tinventory\x18\x01 \x01(\x0b\x32\x1a.kaiwo_gpu.v1.GpuInventory\x12$\n\x06health\x18\x02 \x01(\x0e\x32\x14.kaiwo_gpu.v1.Health\x12\x15\n\rhealth_reason\x18\x03 \x01(\t\x12\x18\n\x10\x61llocated_millis\x18\x04 \x01(\r\x12\x1c\n\x14\x61llocated_memory_mib\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ree_millis\x18\x06 \x01(\r\x12\x17\n\x0f\x66ree_memory_mib\x18\x07 \x01(\x04\x12\x1a\n\x12\x66ree_compute_units\x18\x08 \x01(\r\x12\x18\n\x10\x61llocation_count\x18\t \x01(\r\x12-\n\ttelemetry\x18\n \x01(\x0b\x32\x1a.kaiwo_gpu.v1.GpuTelemetry\"\x88\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x06labels\x18\x02 \x03(\x0b\x32$.kaiwo_gpu.v1.NodeStatus.LabelsEntry\x12\x13\n\x0bschedulable\x18\x03 \x01(\x08\x12\x1c\n\x14unschedulable_reason\x18\x04 \x01(\t\x12%\n\x04gpus\x18\x05 \x03(\x0b\x32\x17.kaiwo_gpu.v1.GpuStatus\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x83\x01\n\tIsolation\x12\x19\n\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eISOLATION_NONE\x10\x01\x12\x15\n\x11ISOLATION_CU_MASK\x10\x02\x12\x17\n\x13ISOLATION_PARTITION\x10\x03\x12\x17\n\x13ISOLATION_EXCLUSIVE\x10\x04*_\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEALTH_HEALTHY\x10\x01\x12\x13\n\x0fHEALTH_DEGRADED\x10\x02\x12\x14\n\x10HEALTH_UNHEALTHY\x10\x03*\x8d\x01\n\x0f\x41llocationState\x12 \n\x1c\x41LLOCATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41LLOCATION_STATE_ACTIVE\x10\x01\x12\x1d\n\x19\x41LLOCATION_STATE_RELEASED\x10\x02\x12\x1c\n\x18\x41LLOCATION_STATE_EXPIRED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,36 +40,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALLOCATION_ENVIRONMENTENTRY']._serialized_options = b'8\001'
   _globals['_NODESTATUS_LABELSENTRY']._loaded_options = None
   _globals['_NODESTATUS_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ISOLATION']._serialized_start=2815
-  _globals['_ISOLATION']._serialized_end=2946
-  _globals['_HEALTH']._serialized_start=2948
-  _globals['_HEALTH']._serialized_end=3043
-  _globals['_ALLOCATIONSTATE']._serialized_start=3046
-  _globals['_ALLOCATIONSTATE']._serialized_end=3187
+  _globals['_ISOLATION']._serialized_start=2830
+  _globals['_ISOLATION']._serialized_end=2961
+  _globals['_HEALTH']._serialized_start=2963
+  _globals['_HEALTH']._serialized_end=3058
+  _globals['_ALLOCATIONSTATE']._serialized_start=3061
+  _globals['_ALLOCATIONSTATE']._serialized_end=3202
   _globals['_SELECTOR']._serialized_start=76
-  _globals['_SELECTOR']._serialized_end=263
-  _globals['_SELECTOR_NODELABELSENTRY']._serialized_start=214
-  _globals['_SELECTOR_NODELABELSENTRY']._serialized_end=263
-  _globals['_ALLOCATIONREQUEST']._serialized_start=266
-  _globals['_ALLOCATIONREQUEST']._serialized_end=671
-  _globals['_ALLOCATIONREQUEST_LABELSENTRY']._serialized_start=614
-  _globals['_ALLOCATIONREQUEST_LABELSENTRY']._serialized_end=659
-  _globals['_GPUGRANT']._serialized_start=673
-  _globals['_GPUGRANT']._serialized_end=800
-  _globals['_ALLOCATION']._serialized_start=803
-  _globals['_ALLOCATION']._serialized_end=1311
-  _globals['_ALLOCATION_ENVIRONMENTENTRY']._serialized_start=1261
-  _globals['_ALLOCATION_ENVIRONMENTENTRY']._serialized_end=1311
-  _globals['_GPUTELEMETRY']._serialized_start=1314
-  _globals['_GPUTELEMETRY']._serialized_end=1990
-  _globals['_PROCESSMEMORY']._serialized_start=1992
-  _globals['_PROCESSMEMORY']._serialized_end=2052
-  _globals['_GPUINVENTORY']._serialized_start=2055
-  _globals['_GPUINVENTORY']._serialized_end=2220
-  _globals['_GPUSTATUS']._serialized_start=2223
-  _globals['_GPUSTATUS']._serialized_end=2545
-  _globals['_NODESTATUS']._serialized_start=2548
-  _globals['_NODESTATUS']._serialized_end=2812
-  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=614
-  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=659
+  _globals['_SELECTOR']._serialized_end=278
+  _globals['_SELECTOR_NODELABELSENTRY']._serialized_start=229
+  _globals['_SELECTOR_NODELABELSENTRY']._serialized_end=278
+  _globals['_ALLOCATIONREQUEST']._serialized_start=281
+  _globals['_ALLOCATIONREQUEST']._serialized_end=686
+  _globals['_ALLOCATIONREQUEST_LABELSENTRY']._serialized_start=629
+  _globals['_ALLOCATIONREQUEST_LABELSENTRY']._serialized_end=674
+  _globals['_GPUGRANT']._serialized_start=688
+  _globals['_GPUGRANT']._serialized_end=815
+  _globals['_ALLOCATION']._serialized_start=818
+  _globals['_ALLOCATION']._serialized_end=1326
+  _globals['_ALLOCATION_ENVIRONMENTENTRY']._serialized_start=1276
+  _globals['_ALLOCATION_ENVIRONMENTENTRY']._serialized_end=1326
+  _globals['_GPUTELEMETRY']._serialized_start=1329
+  _globals['_GPUTELEMETRY']._serialized_end=2005
+  _globals['_PROCESSMEMORY']._serialized_start=2007
+  _globals['_PROCESSMEMORY']._serialized_end=2067
+  _globals['_GPUINVENTORY']._serialized_start=2070
+  _globals['_GPUINVENTORY']._serialized_end=2235
+  _globals['_GPUSTATUS']._serialized_start=2238
+  _globals['_GPUSTATUS']._serialized_end=2560
+  _globals['_NODESTATUS']._serialized_start=2563
+  _globals['_NODESTATUS']._serialized_end=2827
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=629
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=674
 # @@protoc_insertion_point(module_scope)

@@ -131,6 +131,7 @@ class Selector(_message.Message):
     GPU_MODELS_FIELD_NUMBER: _builtins.int
     EXCLUDE_NODES_FIELD_NUMBER: _builtins.int
     EXCLUDE_GPUS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """every pair must match the node's labels"""
@@ -147,6 +148,10 @@ class Selector(_message.Message):
     def exclude_gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """GPU UUIDs never to use"""
 
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """only these nodes; empty = any (a batch job's own host)"""
+
     def __init__(
         self,
         *,
@@ -154,10 +159,11 @@ class Selector(_message.Message):
         gpu_models: _abc.Iterable[_builtins.str] | None = ...,
         exclude_nodes: _abc.Iterable[_builtins.str] | None = ...,
         exclude_gpus: _abc.Iterable[_builtins.str] | None = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_gpus", b"exclude_gpus", "exclude_nodes", b"exclude_nodes", "gpu_models", b"gpu_models", "node_labels", b"node_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_gpus", b"exclude_gpus", "exclude_nodes", b"exclude_nodes", "gpu_models", b"gpu_models", "node_labels", b"node_labels", "nodes", b"nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -141,6 +141,7 @@ def check_gpu(request: AllocationRequest, snapshot: ClusterSnapshot, pos: int) -
     selector = request.selector
     if not selector.is_empty and (
         gpu.node in selector.exclude_nodes
+        or (selector.nodes and gpu.node not in selector.nodes)
         or gpu.uuid in selector.exclude_gpus
         or (selector.gpu_models and gpu.model not in selector.gpu_models)
         or not node.has_labels(selector.node_labels)
