@@ -1,6 +1,9 @@
-"""What clients of kaiwo-gpu may use: the request model, units, annotations and errors."""
+"""What clients of kaiwo-gpu may use: the clients, the request model, units, pods and errors."""
 
+from kaiwo_gpu.common.aio_client import AsyncClient, AsyncHeldAllocation
 from kaiwo_gpu.common.annotations import AmdGpuUnit, RequestShape, parse_gpu_annotations
+from kaiwo_gpu.common.client import Client, HeldAllocation
+from kaiwo_gpu.common.client_support import ClientSettings, RetryPolicy
 from kaiwo_gpu.common.errors import (
     ConflictError,
     InvalidArgumentError,
@@ -11,6 +14,8 @@ from kaiwo_gpu.common.errors import (
     error_from_status,
 )
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector, parse_isolation
+from kaiwo_gpu.common.pods import load_manifest, request_from_pod
+from kaiwo_gpu.common.request_builder import build_request
 from kaiwo_gpu.common.units import (
     MILLIS_PER_GPU,
     format_fraction,
@@ -22,20 +27,29 @@ __all__ = [
     "MILLIS_PER_GPU",
     "AllocationRequest",
     "AmdGpuUnit",
+    "AsyncClient",
+    "AsyncHeldAllocation",
+    "Client",
+    "ClientSettings",
     "ConflictError",
     "Health",
+    "HeldAllocation",
     "InvalidArgumentError",
     "Isolation",
     "KaiwoGpuError",
     "NoCapacityError",
     "NotFoundError",
     "RequestShape",
+    "RetryPolicy",
     "Selector",
     "UnavailableError",
+    "build_request",
     "error_from_status",
     "format_fraction",
+    "load_manifest",
     "parse_fraction_millis",
     "parse_gpu_annotations",
     "parse_isolation",
     "parse_memory_mib",
+    "request_from_pod",
 ]
