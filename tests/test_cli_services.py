@@ -64,13 +64,36 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["agent", "--labels", "zone=a b"],
         ["agent", "--gpus", "0"],
         ["agent", "--model", "H100"],
+        ["allocate", "--fraction", "1.5"],
+        ["allocate", "--fraction", "0.05"],
+        ["allocate", "--memory", "4GB"],
+        ["allocate", "--count", "65"],
+        ["allocate", "--isolation", "mig"],
+        ["allocate", "--ttl", "forever"],
+        ["allocate", "--label", "team"],
+        ["allocate", "--strategy", "tetris"],
+        ["allocate", "--node", "Bad_Node"],
+        ["allocate", "--fraction", "0.5", "-o", "xml"],
+        ["allocate", "--amd-gpu-unit", "gpu"],
+        ["allocate", "--fraction", "0.5", "--coordinator", "nowhere"],
+        ["allocate", "--fraction", "0.5", "--timeout", "0s"],
+        ["release", "--output", "csv"],
+        ["get"],
+        ["list", "--label", "team"],
+        ["nodes", "-l", "=x"],
+        ["watch", "--events", "0"],
+        ["stats", "-o", "env"],
+        ["top", "--refresh", "1ms"],
+        ["run", "--fraction", "2", "--", "true"],
+        ["run", "--memory", "lots", "--", "true"],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv: list[str]) -> None:
     done = _run(*argv)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "error:" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Entry point of the `kaiwo-gpu` command.
 
-Bad arguments exit with status 2 and one line on stderr (argparse's convention); errors of
-kaiwo-gpu exit with status 1 and their message, never a traceback.
+Bad arguments exit with status 2 and one line on stderr; errors of the services exit with
+status 1 and their message, and the client commands with the statuses in EXIT_CODES; never
+a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from typing import NoReturn, cast
 
 from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
@@ -18,6 +20,9 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+CLIENT_COMMANDS = frozenset(
+    {"allocate", "release", "get", "list", "nodes", "watch", "stats", "top"}
+)
 
 
 def _positive(text: str) -> int:
@@ -30,6 +35,13 @@ def _positive(text: str) -> int:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _version() -> str:
     try:
         return metadata.version("kaiwo-gpu")
@@ -40,12 +52,18 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kaiwo-gpu",
         description="Fractional GPU allocation for AMD GPU clusters.",
+        epilog="exit status of the client commands: 0 ok, 1 other error, 2 bad flag or "
+        "request, 3 not found, 4 no capacity, 5 coordinator unavailable or timed out, "
+        "6 request id reused or conflict, 130 interrupted; `run` exits with its command's.",
     )
     parser.add_argument("--version", action="version", version=f"kaiwo-gpu {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -67,11 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_parser(commands)
     add_agent_parser(commands)
     add_up_parser(commands)
+    from kaiwo_gpu.cli.client_commands import add_client_parsers
+    from kaiwo_gpu.cli.run import add_run_parser
+
+    add_client_parsers(commands)
+    add_run_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        from kaiwo_gpu.cli.client_commands import run_client_command
+
+        try:
+            return run_client_command(args)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            return EXIT_OK
+    if args.command == "run":
+        from kaiwo_gpu.cli.run import run_command
+
+        return run_command(args)
     try:
         if args.command == "demo":
             from kaiwo_gpu.coordinator.demo import run_demo

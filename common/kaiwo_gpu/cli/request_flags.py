@@ -1,0 +1,196 @@
+"""The allocation flags of `allocate` and `run`, and the request they describe.
+
+Values are checked when parsed (a usage error, exit 2) and again by the request model, whose
+errors are renamed to the flag that carried the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from kaiwo_gpu.cli import flags
+from kaiwo_gpu.common.annotations import AmdGpuUnit
+from kaiwo_gpu.common.client_support import new_request_id
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest
+from kaiwo_gpu.common.request_builder import build_request
+from kaiwo_gpu.common.units import parse_fraction_millis, parse_memory_mib
+
+ttl = flags.duration_within(1, MAX_TTL_SECONDS, "a duration like 90s, 10m or 2h, up to 30d")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key, value
+
+
+def _validated(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """Checks a value at parse time (a usage error) and keeps the text for the builder."""
+
+    def convert(text: str) -> str:
+        flags.checked(parse)(text)
+        return text
+
+    return convert
+
+
+def default_owner() -> str:
+    """`user@host`, so `kaiwo-gpu list --owner` finds what a person holds."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def add_allocation_flags(parser: argparse.ArgumentParser) -> None:
+    """What to ask for; shared by `allocate` and `run`."""
+    group = parser.add_argument_group("allocation")
+    group.add_argument(
+        "--fraction",
+        metavar="F",
+        type=_validated(parse_fraction_millis),
+        help="compute share per GPU, 0.1-1.0",
+    )
+    group.add_argument(
+        "--memory",
+        metavar="SIZE",
+        type=_validated(parse_memory_mib),
+        help="VRAM per GPU: 4Gi, 512Mi or MiB",
+    )
+    group.add_argument(
+        "--count", metavar="N", type=flags.gpu_count, help="GPUs on one node (default 1)"
+    )
+    group.add_argument(
+        "--isolation",
+        metavar="KIND",
+        type=flags.one_of("isolation", ("none", "cu-mask", "partition", "exclusive", "mps")),
+        help="none | cu-mask | partition | exclusive (mps is mapped to cu-mask)",
+    )
+    group.add_argument(
+        "--no-sharing", action="store_true", help="nobody else may share the GPUs granted"
+    )
+    group.add_argument(
+        "--ttl", metavar="DURATION", type=ttl, help="lease, e.g. 10m; renew it or lose it"
+    )
+    group.add_argument(
+        "--label",
+        metavar="K=V",
+        type=key_value,
+        action="append",
+        default=[],
+        help="a label on the allocation (repeat for more)",
+    )
+    group.add_argument("--strategy", metavar="NAME", type=flags.strategy, help="placement strategy")
+    group.add_argument("--owner", help="who holds it (default user@host)")
+    group.add_argument("--request-id", metavar="ID", help="makes a retried allocate idempotent")
+    group.add_argument(
+        "--node",
+        metavar="NAME",
+        type=flags.node_name,
+        action="append",
+        default=[],
+        help="only this node (repeat for a choice of nodes)",
+    )
+    group.add_argument(
+        "--node-selector",
+        metavar="K=V",
+        type=key_value,
+        action="append",
+        default=[],
+        help="only nodes with this label",
+    )
+    group.add_argument(
+        "--gpu-model", metavar="MODEL", action="append", default=[], help="e.g. MI300X"
+    )
+
+
+def request_from_flags(
+    args: argparse.Namespace, *, default_nodes: Sequence[str] = ()
+) -> AllocationRequest:
+    """The request the allocation flags describe; InvalidArgumentError names the flag."""
+    try:
+        return build_request(
+            args.request_id or new_request_id(),
+            fraction=args.fraction,
+            memory=args.memory,
+            count=args.count or 1,
+            isolation=args.isolation or "",
+            sharing=not args.no_sharing,
+            ttl=args.ttl,
+            owner=default_owner() if args.owner is None else args.owner,
+            labels=args.label,
+            strategy=args.strategy,
+            nodes=args.node or default_nodes,
+            node_labels=args.node_selector,
+            gpu_models=args.gpu_model,
+        )
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(_flag_for(error.field), error.value, error.allowed) from None
+
+
+_FLAG_FOR_FIELD = {
+    "request_id": "--request-id",
+    "fraction_millis": "--fraction",
+    "owner": "--owner",
+    "labels": "--label",
+    "selector.node_labels": "--node-selector",
+    "selector.gpu_models": "--gpu-model",
+    "selector.nodes": "--node",
+}
+
+
+def _flag_for(field: str) -> str:
+    base = field.split("[", maxsplit=1)[0].removesuffix(".key")
+    return _FLAG_FOR_FIELD.get(base, f"--{base.replace('_', '-')}")
+
+
+_POD_CONFLICTS = (
+    "fraction",
+    "memory",
+    "count",
+    "isolation",
+    "node_selector",
+    "gpu_model",
+)
+
+
+def request_from_pod_flags(args: argparse.Namespace) -> AllocationRequest:
+    """A request from `--from-pod`; flags may add a TTL, strategy, labels or pin a node."""
+    from kaiwo_gpu.common.pods import load_manifest, request_from_pod
+
+    for name in _POD_CONFLICTS:
+        if getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise InvalidArgumentError(
+                flag, getattr(args, name), "nothing with --from-pod: the pod says how much"
+            )
+    source = "<stdin>" if args.from_pod == "-" else args.from_pod
+    try:
+        text = sys.stdin.read() if args.from_pod == "-" else Path(args.from_pod).read_text()
+    except OSError as error:
+        allowed = f"a readable file ({error.strerror})"
+        raise InvalidArgumentError("--from-pod", args.from_pod, allowed) from None
+    pod = request_from_pod(load_manifest(text, source), amd_gpu_unit=AmdGpuUnit(args.amd_gpu_unit))
+    selector = pod.selector
+    if args.node:
+        selector = replace(selector, nodes=frozenset(args.node))
+    return replace(
+        pod,
+        request_id=args.request_id or pod.request_id,
+        ttl_seconds=args.ttl or pod.ttl_seconds,
+        strategy=args.strategy or pod.strategy,
+        owner=pod.owner if args.owner is None else args.owner,
+        labels=(*pod.labels, *args.label),
+        sharing=pod.sharing and not args.no_sharing,
+        selector=selector,
+    )
