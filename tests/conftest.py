@@ -61,6 +61,7 @@ class Running:
     api: AllocationServiceAsyncStub
     endpoint: str
     prefix: str
+    target: str = ""  # host:port of the coordinator, for clients and the CLI
 
 
 @contextlib.asynccontextmanager
@@ -86,6 +87,7 @@ async def coordinator_running(
             allocation_pb2_grpc.AllocationServiceStub(channel),
             endpoint,
             prefix,
+            f"127.0.0.1:{port}",
         )
     finally:
         await channel.close()

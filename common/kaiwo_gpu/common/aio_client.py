@@ -11,7 +11,7 @@ import builtins
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -137,7 +137,7 @@ class AsyncClient:
 
     async def watch(
         self, *, owner: str = "", node: str = ""
-    ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
+    ) -> AsyncGenerator[allocation_pb2.AllocationEvent, None]:
         """Every current allocation as ADDED, then each change, until the caller stops."""
         message = allocation_pb2.WatchAllocationsRequest(owner=owner, node=node)
         stream = self._stub.WatchAllocations(message)

@@ -12,7 +12,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -153,7 +153,9 @@ class Client:
     def stats(self) -> allocation_pb2.GetClusterStatsResponse:
         return self._call(self._stub.GetClusterStats, allocation_pb2.GetClusterStatsRequest())
 
-    def watch(self, *, owner: str = "", node: str = "") -> Iterator[allocation_pb2.AllocationEvent]:
+    def watch(
+        self, *, owner: str = "", node: str = ""
+    ) -> Generator[allocation_pb2.AllocationEvent, None, None]:
         """Every current allocation as ADDED, then each change, until the caller stops."""
         message = allocation_pb2.WatchAllocationsRequest(owner=owner, node=node)
         stream = self._stub.WatchAllocations(message)

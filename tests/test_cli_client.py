@@ -1,0 +1,325 @@
+"""The client commands as a user runs them: a real `kaiwo-gpu` process against a real coordinator.
+
+Every command's table and JSON (and YAML where offered) is parsed back and compared with what
+the coordinator holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kaiwo_gpu.common import Client
+from tests.conftest import Running
+
+pytestmark = pytest.mark.slow
+KAIWO_GPU = (sys.executable, "-m", "kaiwo_gpu.cli.main")
+
+
+async def cli(
+    running: Running, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *KAIWO_GPU,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KAIWO_GPU_COORDINATOR": running.target, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    assert b"Traceback" not in err, err
+    return process.returncode, out.decode(), err.decode()
+
+
+async def ok(running: Running, *args: str) -> str:
+    code, out, err = await cli(running, *args)
+    assert code == 0, err
+    return out
+
+
+def rows(table: str) -> list[dict[str, str]]:
+    """Parses an aligned table back into dicts by its header's column names."""
+    header, *lines = table.strip().splitlines()
+    names = header.split()
+    return [dict(zip(names, line.split(), strict=True)) for line in lines if line.strip()]
+
+
+def details(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith(" "):
+            fields[key] = value.strip()
+    return fields
+
+
+async def test_allocate_get_list_release_in_every_format(running: Running) -> None:
+    table = await ok(
+        running, "allocate", "--fraction", "0.5", "--memory", "4Gi", "--ttl", "10m",
+        "--label", "team=ml", "--owner", "cli/one", "--node-selector", "zone=a",
+    )  # fmt: skip
+    shown = details(table)
+    allocation_id = shown["id"]
+    assert shown["node"] == "node-a"
+    assert shown["owner"] == "cli/one"
+    assert shown["labels"] == "team=ml"
+    assert f"KAIWO_GPU_ALLOCATION_ID={allocation_id}" in table
+    assert "share 0.5  memory 4Gi" in table
+
+    as_json = json.loads(await ok(running, "get", allocation_id, "-o", "json"))
+    assert as_json["id"] == allocation_id
+    assert as_json["gpus"][0]["granted_millis"] == 500
+    assert as_json["request"]["labels"] == {"team": "ml"}
+    as_yaml = yaml.safe_load(await ok(running, "get", allocation_id, "-o", "yaml"))
+    assert as_yaml == as_json
+    environment = dict(
+        line.split("=", 1)
+        for line in (await ok(running, "get", allocation_id, "-o", "env")).split()
+    )
+    assert environment["KAIWO_GPU_ALLOCATION_ID"] == allocation_id
+    assert environment["ROCR_VISIBLE_DEVICES"] == str(as_json["gpus"][0]["index"])
+
+    second = json.loads(
+        await ok(running, "allocate", "--fraction", "0.25", "--owner", "cli/two", "-o", "json")
+    )
+    listed = rows(await ok(running, "list"))
+    assert {row["ID"] for row in listed} == {allocation_id, second["id"]}
+    mine = rows(await ok(running, "list", "--owner", "cli/one"))
+    assert [(r["ID"], r["NODE"], r["SHARE"], r["MEMORY"], r["OWNER"]) for r in mine] == [
+        (allocation_id, "node-a", "0.5", "4Gi", "cli/one")
+    ]
+    by_label = json.loads(await ok(running, "list", "-l", "team=ml", "-o", "json"))
+    assert [a["id"] for a in by_label["allocations"]] == [allocation_id]
+    by_node = yaml.safe_load(await ok(running, "list", "--node", second["node"], "-o", "yaml"))
+    assert second["id"] in [a["id"] for a in by_node["allocations"]]
+
+    released = rows(await ok(running, "release", allocation_id))
+    assert [r["ID"] for r in released] == [allocation_id]
+    code, _, err = await cli(running, "get", allocation_id)
+    assert code == 3
+    assert allocation_id in err
+    released_json = json.loads(await ok(running, "release", "--owner", "cli/two", "-o", "json"))
+    assert [a["id"] for a in released_json["allocations"]] == [second["id"]]
+    assert json.loads(await ok(running, "list", "-o", "json")) == {"allocations": []}
+
+
+async def test_nodes_and_stats_tables_match_their_json(running: Running) -> None:
+    placed = json.loads(await ok(running, "allocate", "--fraction", "0.25", "-o", "json"))
+    table = rows(await ok(running, "nodes"))
+    assert len(table) == 6  # node-a 4 x MI300X, node-b 2 x MI210
+    nodes = json.loads(await ok(running, "nodes", "-o", "json"))["nodes"]
+    by_gpu = {(n["name"], g["inventory"]["index"]): g for n in nodes for g in n["gpus"]}
+    for row in table:
+        gpu = by_gpu[(row["NODE"], int(row["GPU"]))]
+        assert row["MODEL"] == gpu["inventory"]["model"]
+        assert row["HEALTH"] == "healthy"
+        expected = "0.25/1" if gpu["allocated_millis"] == 250 else "0/1"
+        assert row["ALLOCATED"] == expected
+    assert sum(row["ALLOCATED"] == "0.25/1" for row in table) == 1
+    zone_b = rows(await ok(running, "nodes", "-l", "zone=b"))
+    assert {row["NODE"] for row in zone_b} == {"node-b"}
+
+    stats_table = details(await ok(running, "stats"))
+    stats = json.loads(await ok(running, "stats", "-o", "json"))
+    assert stats_table["allocations"] == str(stats["allocation_count"]) == "1"
+    assert stats_table["gpus"] == f"{stats['healthy_gpu_count']} healthy of {stats['gpu_count']}"
+    assert yaml.safe_load(await ok(running, "stats", "-o", "yaml")) == stats
+    await ok(running, "release", placed["id"])
+
+
+async def test_watch_prints_events_as_json_lines_and_table_rows(running: Running) -> None:
+    with Client(running.target) as client:
+        first = await asyncio.to_thread(client.allocate, fraction=0.25, owner="watch/me")
+        second = await asyncio.to_thread(client.allocate, fraction=0.25, owner="watch/me")
+    lines = await ok(running, "watch", "--owner", "watch/me", "--events", "2", "-o", "json")
+    events = [json.loads(line) for line in lines.splitlines()]
+    assert [e["kind"] for e in events] == ["KIND_ADDED", "KIND_ADDED"]
+    assert {e["allocation"]["id"] for e in events} == {first.id, second.id}
+    table = rows(await ok(running, "watch", "--owner", "watch/me", "--events", "2"))
+    assert {(r["EVENT"], r["ID"]) for r in table} == {("ADDED", first.id), ("ADDED", second.id)}
+    documents = list(
+        yaml.safe_load_all(
+            await ok(running, "watch", "--owner", "watch/me", "--events", "1", "-o", "yaml")
+        )
+    )
+    assert documents[0]["kind"] == "KIND_ADDED"
+
+
+async def test_top_once_shows_nodes_gpus_and_allocations(running: Running) -> None:
+    placed = json.loads(
+        await ok(running, "allocate", "--fraction", "0.5", "--owner", "top/one", "-o", "json")
+    )
+    code, out, err = await cli(running, "top", "--once", env={"COLUMNS": "140"})
+    assert code == 0, err
+    assert "node-a" in out
+    assert "node-b" in out
+    assert placed["id"] in out
+    assert "0.5/1" in out
+
+
+async def test_exit_codes_scripts_can_rely_on(running: Running) -> None:
+    code, _, err = await cli(running, "get", "0123456789abcdef")
+    assert (code, err.count("\n")) == (3, 1)
+    code, _, err = await cli(running, "allocate", "--fraction", "1", "--count", "9")
+    assert code == 4
+    assert "no GPU can take" in err
+    await ok(running, "allocate", "--fraction", "0.25", "--request-id", "cli-reused")
+    code, _, err = await cli(running, "allocate", "--fraction", "0.5", "--request-id", "cli-reused")
+    assert code == 6
+    assert "cli-reused" in err
+    code, _, err = await cli(running, "list", "--coordinator", "127.0.0.1:1", "--timeout", "1s")
+    assert code == 5
+    assert err.startswith("kaiwo-gpu list: ")
+    code, _, err = await cli(running, "release")
+    assert code == 2
+    assert "--owner" in err
+
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: trainer
+  namespace: ml
+  uid: 4a3c
+  labels: {app: trainer}
+  annotations:
+    kaiwo.ai/gpu-memory: "16384"
+    kaiwo.ai/gpu-isolation: mps
+spec:
+  nodeSelector: {zone: a}
+  containers:
+    - name: main
+      image: rocm/pytorch
+      resources:
+        limits: {amd.com/gpu: 500}
+"""
+
+
+async def test_allocate_from_a_pod_manifest(running: Running, tmp_path: Path) -> None:
+    pod = tmp_path / "pod.yaml"
+    pod.write_text(POD)
+    placed = json.loads(
+        await ok(running, "allocate", "--from-pod", str(pod), "--ttl", "5m", "-o", "json")
+    )
+    assert placed["request"]["owner"] == "ml/trainer"
+    assert placed["request_id"] == "k8s:ml/trainer:4a3c"
+    assert placed["node"] == "node-a"
+    assert placed["isolation"] == "ISOLATION_CU_MASK"
+    assert "mps" in placed["isolation_note"]
+    assert placed["gpus"][0]["granted_memory_mib"] == "16384"
+    assert placed["request"]["ttl_seconds"] == 300
+    assert placed["request"]["labels"] == {"app": "trainer"}
+    again = json.loads(
+        await ok(running, "allocate", "--from-pod", str(pod), "--ttl", "5m", "-o", "json")
+    )
+    assert again["id"] == placed["id"]  # the pod's identity makes it idempotent
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(POD.replace("kaiwo.ai/gpu-memory", "kaiwo.ai/gpu-memroy"))
+    code, _, err = await cli(running, "allocate", "--from-pod", str(broken))
+    assert code == 2
+    assert "kaiwo.ai/gpu-memroy" in err
+    assert err.count("\n") == 1
+    code, _, err = await cli(running, "allocate", "--from-pod", str(pod), "--fraction", "0.5")
+    assert code == 2
+    assert "--fraction" in err
+    code, _, err = await cli(running, "allocate", "--from-pod", str(tmp_path / "missing.yaml"))
+    assert code == 2
+    assert "missing.yaml" in err
+
+
+CHILD = """\
+import os, signal, sys, time
+print(os.environ["ROCR_VISIBLE_DEVICES"], os.environ["KAIWO_GPU_ALLOCATION_ID"],
+      os.environ["PASSED_THROUGH"], flush=True)
+mode = sys.argv[1]
+if mode == "exit":
+    sys.exit(7)
+if mode == "trap":
+    signal.signal(signal.SIGTERM, lambda *_: (print("got TERM", flush=True), sys.exit(3)))
+else:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+async def start_run(running: Running, owner: str, *extra: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *KAIWO_GPU, "run", "--node", "node-a", "--fraction", "0.25", "--owner", owner,
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KAIWO_GPU_COORDINATOR": running.target, "PASSED_THROUGH": "yes"},
+    )  # fmt: skip
+
+
+async def owned(running: Running, owner: str) -> list[str]:
+    listing = json.loads(await ok(running, "list", "--owner", owner, "-o", "json"))
+    return [a["id"] for a in listing["allocations"]]
+
+
+async def test_run_passes_environment_and_exit_status_and_releases(running: Running) -> None:
+    process = await start_run(running, "run/exit", "--", sys.executable, "-c", CHILD, "exit")
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 7, err
+    devices, allocation_id, passed = out.decode().split()
+    assert passed == "yes"
+    assert devices.isdigit()
+    assert f"allocation {allocation_id} on node-a" in err.decode()
+    assert await owned(running, "run/exit") == []
+
+
+@pytest.mark.parametrize(
+    ("signum", "mode", "status"),
+    [(signal.SIGTERM, "trap", 3), (signal.SIGINT, "default", 128 + signal.SIGINT)],
+)
+async def test_run_forwards_signals_and_releases(
+    running: Running, signum: int, mode: str, status: int
+) -> None:
+    owner = f"run/{mode}"
+    process = await start_run(running, owner, "--", sys.executable, "-c", CHILD, mode)
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), 60)
+    assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    allocation_id = first.decode().split()[1]
+    assert await owned(running, owner) == [allocation_id]
+    process.send_signal(signum)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == status
+    assert (b"got TERM" in out) == (mode == "trap")
+    assert await owned(running, owner) == []
+
+
+async def test_run_stops_the_command_when_the_lease_is_lost(running: Running) -> None:
+    process = await start_run(
+        running, "run/lost", "--ttl", "3s", "--", sys.executable, "-c", CHILD, "trap"
+    )
+    assert process.stdout is not None
+    allocation_id = (await asyncio.wait_for(process.stdout.readline(), 60)).decode().split()[1]
+    assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    await ok(running, "release", allocation_id)  # an operator takes it away
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 3
+    assert b"got TERM" in out
+    assert b"lease is gone" in err
+
+
+async def test_run_reports_a_missing_command(running: Running) -> None:
+    code, _, err = await cli(
+        running, "run", "--any-node", "--fraction", "0.25", "--", "no-such-cmd"
+    )
+    assert code == 127
+    assert "no-such-cmd: command not found" in err
+    code, _, err = await cli(running, "run", "--fraction", "0.25")
+    assert code == 2
+    assert "no command" in err

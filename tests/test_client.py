@@ -1,0 +1,269 @@
+"""The Python clients against a real coordinator and etcd; their retries against a fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from kaiwo_gpu.common import (
+    AsyncClient,
+    Client,
+    ClientSettings,
+    InvalidArgumentError,
+    NoCapacityError,
+    NotFoundError,
+    RetryPolicy,
+    UnavailableError,
+)
+from kaiwo_gpu.common.errors import AlreadyExistsError
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+from tests.conftest import Running
+
+FAST_RETRY = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05)
+
+
+def until(condition: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
+    """Polls a condition in a thread; the limit only stops a hung test."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.05)
+
+
+async def test_sync_client_allocates_lists_and_releases(running: Running) -> None:
+    def body() -> None:
+        with Client(running.target) as client:
+            placed = client.allocate(
+                request_id="sync-1",
+                fraction=0.5,
+                memory="4Gi",
+                ttl="10m",
+                owner="team/a",
+                labels={"team": "ml"},
+                node_labels={"zone": "a"},
+            )
+            assert placed.node == "node-a"
+            assert placed.gpus[0].granted_millis == 500
+            assert placed.gpus[0].granted_memory_mib == 4096
+            assert placed.request.ttl_seconds == 600
+            assert placed.environment["KAIWO_GPU_ALLOCATION_ID"] == placed.id
+            again = client.allocate(
+                request_id="sync-1",
+                fraction=0.5,
+                memory="4Gi",
+                ttl="10m",
+                owner="team/a",
+                labels={"team": "ml"},
+                node_labels={"zone": "a"},
+            )
+            assert again.id == placed.id
+            assert client.get(placed.id).request.owner == "team/a"
+            assert [a.id for a in client.list(owner="team/a")] == [placed.id]
+            assert [a.id for a in client.list(labels={"team": "ml"})] == [placed.id]
+            assert client.list(labels={"team": "other"}) == []
+            assert client.list(node="node-b") == []
+            assert sorted(n.name for n in client.nodes()) == ["node-a", "node-b"]
+            assert [n.name for n in client.nodes(labels={"zone": "b"})] == ["node-b"]
+            assert client.stats().allocated_millis == 500
+            released = client.release(placed.id)
+            assert released is not None
+            assert released.id == placed.id
+            with pytest.raises(NotFoundError, match=placed.id):
+                client.release(placed.id)
+            with pytest.raises(NotFoundError):
+                client.get(placed.id)
+            assert client.stats().allocated_millis == 0
+
+    await asyncio.to_thread(body)
+
+
+async def test_errors_come_back_as_the_project_error_tree(running: Running) -> None:
+    def body() -> None:
+        with Client(running.target) as client:
+            with pytest.raises(NoCapacityError, match="no GPU can take"):
+                client.allocate(fraction=1.0, count=5)
+            client.allocate(request_id="reused", fraction=0.25)
+            with pytest.raises(AlreadyExistsError, match="reused"):
+                client.allocate(request_id="reused", fraction=0.5)
+            with pytest.raises(InvalidArgumentError, match="allocation_id"):
+                client.get("not an id")
+
+    await asyncio.to_thread(body)
+
+
+def test_bad_values_fail_before_any_call() -> None:
+    # Nothing listens on port 1: a call would fail UNAVAILABLE, not INVALID_ARGUMENT.
+    with Client("127.0.0.1:1") as client:
+        with pytest.raises(InvalidArgumentError, match="fraction") as caught:
+            client.allocate(fraction=2)
+        assert caught.value.field == "fraction"
+        with pytest.raises(InvalidArgumentError, match="memory"):
+            client.allocate(memory="4GB")
+        with pytest.raises(InvalidArgumentError, match="ttl"):
+            client.allocate(fraction=0.5, ttl="soon")
+
+
+async def test_context_manager_releases_when_the_body_raises(running: Running) -> None:
+    def body() -> None:
+        with Client(running.target) as client:
+            seen: list[str] = []
+
+            def fail_inside() -> None:
+                with client.allocation(fraction=0.25) as held:
+                    seen.append(held.id)
+                    assert client.get(held.id).request.ttl_seconds == 120  # held means leased
+                    assert held.environment["KAIWO_GPU_ALLOCATION_ID"] == held.id
+                    raise RuntimeError("boom")
+
+            with pytest.raises(RuntimeError, match="boom"):
+                fail_inside()
+            (held_id,) = seen
+            with pytest.raises(NotFoundError):
+                client.get(held_id)
+
+    await asyncio.to_thread(body)
+
+
+async def test_held_allocation_renews_its_lease_and_reports_a_lost_one(running: Running) -> None:
+    lost: list[str] = []
+
+    def body() -> None:
+        with (
+            Client(running.target) as client,
+            client.allocation(fraction=0.25, ttl=3, on_lost=lost.append) as held,
+        ):
+            first = client.get(held.id).expires_at.ToDatetime()
+            until(
+                lambda: client.get(held.id).expires_at.ToDatetime() > first,
+                "the lease to be renewed",
+            )
+            client.release(held.id)  # someone else releases it: the next renewal finds it gone
+            until(lambda: held.lost, "the loss to be noticed")
+        assert lost
+        assert held.id in lost[0]
+
+    await asyncio.to_thread(body)
+
+
+async def test_async_client_watch_and_context_manager(running: Running) -> None:
+    async with AsyncClient(running.target) as client:
+        stream = client.watch(owner="async/owner")
+        added = await client.allocate(fraction=0.5, owner="async/owner", request_id="async-1")
+        first = await anext(stream)
+        assert first.kind == allocation_pb2.AllocationEvent.KIND_ADDED
+        assert first.allocation.id == added.id
+        await client.release(added.id)
+        gone = await anext(stream)
+        assert gone.kind == allocation_pb2.AllocationEvent.KIND_REMOVED
+        assert gone.allocation.id == added.id
+        await stream.aclose()
+
+        seen: list[str] = []
+
+        async def fail_inside() -> None:
+            async with client.allocation(fraction=0.25, owner="async/owner") as held:
+                seen.append(held.id)
+                assert [a.id for a in await client.list(owner="async/owner")] == [held.id]
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            await fail_inside()
+        assert len(seen) == 1
+        assert await client.list(owner="async/owner") == []
+        assert (await client.stats()).allocation_count == 0
+        assert len(await client.nodes()) == 2
+
+
+class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
+    """Answers UNAVAILABLE a set number of times, then succeeds; remembers what it was sent."""
+
+    def __init__(self, failures: int, release_status: grpc.StatusCode | None = None) -> None:
+        self.failures = failures
+        self.release_status = release_status
+        self.request_ids: list[str] = []
+        self.release_calls = 0
+
+    async def Allocate(self, request: Any, context: Any) -> allocation_pb2.AllocateResponse:
+        self.request_ids.append(request.request.request_id)
+        if len(self.request_ids) <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd is unavailable")
+        return allocation_pb2.AllocateResponse(
+            allocation=types_pb2.Allocation(id="a1", request_id=request.request.request_id)
+        )
+
+    async def Release(self, request: Any, context: Any) -> allocation_pb2.ReleaseResponse:
+        self.release_calls += 1
+        if self.release_calls == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        assert self.release_status is not None
+        await context.abort(self.release_status, "allocation 'a1' does not exist")
+        raise AssertionError("abort raises")
+
+
+def flaky(failures: int, release_status: grpc.StatusCode | None = None) -> FlakyCoordinator:
+    # Only the RPCs under test are implemented; the others are never called.
+    return FlakyCoordinator(failures, release_status)  # type: ignore[abstract]
+
+
+@contextlib.asynccontextmanager
+async def serving(servicer: FlakyCoordinator) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    allocation_pb2_grpc.add_AllocationServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_unavailable_is_retried_with_the_same_request_id() -> None:
+    fake = flaky(failures=2)
+    async with serving(fake) as target:
+        settings = ClientSettings(target=target, timeout_s=20, retry=FAST_RETRY)
+        async with AsyncClient(settings=settings) as client:
+            placed = await client.allocate(fraction=0.5)
+        assert placed.id == "a1"
+        assert len(fake.request_ids) == 3
+        assert len(set(fake.request_ids)) == 1
+        assert placed.request_id == fake.request_ids[0]
+
+        fake.request_ids.clear()
+
+        def blocking() -> str:
+            with Client(settings=settings) as client:
+                return client.allocate(fraction=0.5, request_id="given-id").request_id
+
+        assert await asyncio.to_thread(blocking) == "given-id"
+        assert fake.request_ids == ["given-id"] * 3
+
+
+async def test_retries_stop_at_the_deadline_with_the_servers_message() -> None:
+    fake = flaky(failures=10**6)
+    async with serving(fake) as target:
+        settings = ClientSettings(target=target, timeout_s=1, retry=FAST_RETRY)
+        async with AsyncClient(settings=settings) as client:
+            with pytest.raises(UnavailableError, match="etcd is unavailable"):
+                await client.allocate(fraction=0.5)
+    assert len(fake.request_ids) > 1
+
+
+async def test_a_retried_release_that_finds_nothing_was_a_success() -> None:
+    fake = flaky(failures=0, release_status=grpc.StatusCode.NOT_FOUND)
+    async with serving(fake) as target:
+        settings = ClientSettings(target=target, timeout_s=20, retry=FAST_RETRY)
+        async with AsyncClient(settings=settings) as client:
+            assert await client.release("a1") is None
+        assert fake.release_calls == 2
+
+
+def test_an_unreachable_coordinator_is_unavailable() -> None:
+    settings = ClientSettings(target="127.0.0.1:1", timeout_s=0.5, retry=FAST_RETRY)
+    with Client(settings=settings) as client, pytest.raises(UnavailableError):
+        client.stats()
