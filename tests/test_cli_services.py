@@ -182,11 +182,15 @@ def test_unreachable_etcd_exits_1_with_a_message() -> None:
 def test_bad_inventory_exits_1_naming_the_entry(etcd: LocalEtcd, tmp_path: Path) -> None:
     inventory = tmp_path / "nodes.yaml"
     inventory.write_text("nodes:\n  - name: gpu-01\n    gpus: [{model: MI300X, count: 99}]\n")
-    done = _run("coordinator", f"--etcd={etcd.endpoint}", f"--inventory={inventory}")
+    # Port 0: the default 50051 may be taken by a `kaiwo-gpu up` on this machine.
+    free = "--listen=127.0.0.1:0"
+    done = _run("coordinator", f"--etcd={etcd.endpoint}", f"--inventory={inventory}", free)
     assert done.returncode == 1
     assert "nodes[0].gpus[0].count" in done.stderr
     assert "Traceback" not in done.stderr
-    missing = _run("coordinator", f"--etcd={etcd.endpoint}", f"--inventory={tmp_path}/nope.yaml")
+    missing = _run(
+        "coordinator", f"--etcd={etcd.endpoint}", f"--inventory={tmp_path}/nope.yaml", free
+    )
     assert missing.returncode == 1
     assert "--inventory" in missing.stderr
 
