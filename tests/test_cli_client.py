@@ -181,6 +181,9 @@ async def test_exit_codes_scripts_can_rely_on(running: Running) -> None:
     code, _, err = await cli(running, "release")
     assert code == 2
     assert "--owner" in err
+    code, _, err = await cli(running, "allocate", "--count", "2")
+    assert code == 2
+    assert "--fraction 0.5, --memory 16Gi or both" in err
 
 
 POD = """\

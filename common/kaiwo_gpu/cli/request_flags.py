@@ -135,6 +135,10 @@ def request_from_flags(
             gpu_models=args.gpu_model,
         )
     except InvalidArgumentError as error:
+        if error.field == "fraction_millis" and error.value is None:
+            raise InvalidArgumentError(
+                "--fraction/--memory", "neither", "--fraction 0.5, --memory 16Gi or both"
+            ) from None
         raise InvalidArgumentError(_flag_for(error.field), error.value, error.allowed) from None
 
 
