@@ -38,31 +38,23 @@ def until(condition: Callable[[], bool], what: str, limit_s: float = 20.0) -> No
 
 async def test_sync_client_allocates_lists_and_releases(running: Running) -> None:
     def body() -> None:
+        fields: dict[str, Any] = {
+            "request_id": "sync-1",
+            "fraction": 0.5,
+            "memory": "4Gi",
+            "ttl": "10m",
+            "owner": "team/a",
+            "labels": {"team": "ml"},
+            "node_labels": {"zone": "a"},
+        }
         with Client(running.target) as client:
-            placed = client.allocate(
-                request_id="sync-1",
-                fraction=0.5,
-                memory="4Gi",
-                ttl="10m",
-                owner="team/a",
-                labels={"team": "ml"},
-                node_labels={"zone": "a"},
-            )
+            placed = client.allocate(**fields)
             assert placed.node == "node-a"
             assert placed.gpus[0].granted_millis == 500
             assert placed.gpus[0].granted_memory_mib == 4096
             assert placed.request.ttl_seconds == 600
             assert placed.environment["KAIWO_GPU_ALLOCATION_ID"] == placed.id
-            again = client.allocate(
-                request_id="sync-1",
-                fraction=0.5,
-                memory="4Gi",
-                ttl="10m",
-                owner="team/a",
-                labels={"team": "ml"},
-                node_labels={"zone": "a"},
-            )
-            assert again.id == placed.id
+            assert client.allocate(**fields).id == placed.id  # the same request id replays
             assert client.get(placed.id).request.owner == "team/a"
             assert [a.id for a in client.list(owner="team/a")] == [placed.id]
             assert [a.id for a in client.list(labels={"team": "ml"})] == [placed.id]
