@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,9 +20,11 @@ from kaiwo_gpu.common import (
     RetryPolicy,
     UnavailableError,
 )
-from kaiwo_gpu.common.errors import AlreadyExistsError
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+from kaiwo_gpu.common.client_support import coordinator_target
+from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running
+from tests.fake_coordinator import flaky, serving
 
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -172,49 +173,6 @@ async def test_async_client_watch_and_context_manager(running: Running) -> None:
         assert len(await client.nodes()) == 2
 
 
-class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
-    """Answers UNAVAILABLE a set number of times, then succeeds; remembers what it was sent."""
-
-    def __init__(self, failures: int, release_status: grpc.StatusCode | None = None) -> None:
-        self.failures = failures
-        self.release_status = release_status
-        self.request_ids: list[str] = []
-        self.release_calls = 0
-
-    async def Allocate(self, request: Any, context: Any) -> allocation_pb2.AllocateResponse:
-        self.request_ids.append(request.request.request_id)
-        if len(self.request_ids) <= self.failures:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd is unavailable")
-        return allocation_pb2.AllocateResponse(
-            allocation=types_pb2.Allocation(id="a1", request_id=request.request.request_id)
-        )
-
-    async def Release(self, request: Any, context: Any) -> allocation_pb2.ReleaseResponse:
-        self.release_calls += 1
-        if self.release_calls == 1:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
-        assert self.release_status is not None
-        await context.abort(self.release_status, "allocation 'a1' does not exist")
-        raise AssertionError("abort raises")
-
-
-def flaky(failures: int, release_status: grpc.StatusCode | None = None) -> FlakyCoordinator:
-    # Only the RPCs under test are implemented; the others are never called.
-    return FlakyCoordinator(failures, release_status)  # type: ignore[abstract]
-
-
-@contextlib.asynccontextmanager
-async def serving(servicer: FlakyCoordinator) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    allocation_pb2_grpc.add_AllocationServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
-
-
 async def test_unavailable_is_retried_with_the_same_request_id() -> None:
     fake = flaky(failures=2)
     async with serving(fake) as target:
@@ -247,15 +205,106 @@ async def test_retries_stop_at_the_deadline_with_the_servers_message() -> None:
 
 
 async def test_a_retried_release_that_finds_nothing_was_a_success() -> None:
-    fake = flaky(failures=0, release_status=grpc.StatusCode.NOT_FOUND)
+    fake = flaky(release=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND])
     async with serving(fake) as target:
         settings = ClientSettings(target=target, timeout_s=20, retry=FAST_RETRY)
         async with AsyncClient(settings=settings) as client:
             assert await client.release("a1") is None
         assert fake.release_calls == 2
 
+        def blocking() -> types_pb2.Allocation | None:
+            with Client(settings=settings) as client:
+                return client.release("a1")
+
+        fake.release_calls = 0
+        assert await asyncio.to_thread(blocking) is None
+        assert fake.release_calls == 2
+
+        fake.release_calls = 0
+        fake.release = [grpc.StatusCode.NOT_FOUND]
+        with pytest.raises(NotFoundError):  # not retried: nothing can have released it
+            await asyncio.to_thread(blocking)
+        assert fake.release_calls == 1
+
+
+async def test_aborted_is_retried_too() -> None:
+    fake = flaky(failures=2, status=grpc.StatusCode.ABORTED)
+    async with serving(fake) as target:
+        settings = ClientSettings(target=target, timeout_s=20, retry=FAST_RETRY)
+        async with AsyncClient(settings=settings) as client:
+            assert (await client.allocate(fraction=0.5)).id == "a1"
+    assert len(set(fake.request_ids)) == 1
+    assert len(fake.request_ids) == 3
+
 
 def test_an_unreachable_coordinator_is_unavailable() -> None:
     settings = ClientSettings(target="127.0.0.1:1", timeout_s=0.5, retry=FAST_RETRY)
     with Client(settings=settings) as client, pytest.raises(UnavailableError):
         client.stats()
+
+
+async def test_async_held_allocation_renews_and_reports_a_lost_lease(running: Running) -> None:
+    lost: list[str] = []
+    async with AsyncClient(running.target) as client:
+        async with client.allocation(fraction=0.25, ttl=3, on_lost=lost.append) as held:
+            first = (await client.get(held.id)).expires_at.ToDatetime()
+            for _ in range(400):  # bounded: 20 s
+                if (await client.get(held.id)).expires_at.ToDatetime() > first:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the lease was never renewed")
+            await client.release(held.id)
+            for _ in range(400):
+                if held.lost:
+                    break
+                await asyncio.sleep(0.05)
+        assert lost
+        assert held.id in lost[0]
+
+
+async def test_a_closed_client_says_so_and_its_holdings_know(running: Running) -> None:
+    lost: list[str] = []
+
+    def body() -> None:
+        client = Client(running.target)
+        held = client.allocation(fraction=0.25, ttl=2, on_lost=lost.append)
+        client.close()
+        with pytest.raises(FailedPreconditionError, match="closed"):
+            client.stats()
+        until(lambda: held.lost, "the renewal to notice the closed client")
+        with pytest.raises(FailedPreconditionError):
+            held.release()
+
+    await asyncio.to_thread(body)
+    assert "closed" in lost[0]
+
+
+async def test_the_default_target_comes_from_the_environment(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAIWO_GPU_COORDINATOR", f"127.0.0.1:1,{running.target}")
+    async with AsyncClient() as client:  # port 1 refuses; gRPC moves on to the next address
+        assert client.settings.target == f"ipv4:127.0.0.1:1,{running.target}"
+        assert len(await client.nodes()) == 2
+    monkeypatch.setenv("KAIWO_GPU_COORDINATOR", "")
+    assert Client().settings.target == "127.0.0.1:50051"
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        ("coord.example:50051", "coord.example:50051"),
+        ("dns:///coordinators.kaiwo:50051", "dns:///coordinators.kaiwo:50051"),
+        ("10.0.0.1:50051, 10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+        ("[::1]:50051", "[::1]:50051"),
+    ],
+)
+def test_coordinator_targets(text: str, target: str) -> None:
+    assert coordinator_target(text) == target
+
+
+@pytest.mark.parametrize("text", ["", "nowhere", "a.example:1,b.example:2", "host:port"])
+def test_bad_coordinator_targets_name_the_forms(text: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="host:port"):
+        coordinator_target(text)

@@ -19,19 +19,22 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from kaiwo_gpu.common.client import CHANNEL_OPTIONS, as_request
+from kaiwo_gpu.common.client import CHANNEL_OPTIONS, as_request, quietly
 from kaiwo_gpu.common.client_support import (
     DEFAULT_HELD_TTL_S,
     ClientSettings,
     allocate_message,
+    client_settings,
     error_from_rpc,
     is_retryable,
     keepalive_interval_s,
+    keepalive_timeout_s,
     list_message,
+    may_have_reached_server,
     retry_delays,
     with_lease,
 )
-from kaiwo_gpu.common.errors import KaiwoGpuError, NotFoundError
+from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError, NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
@@ -50,14 +53,15 @@ class AsyncClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        base = settings or ClientSettings()
-        self.settings = ClientSettings(target or base.target, base.timeout_s, base.retry)
+        self.settings = client_settings(target, settings)
         self._rng = rng or random.Random()
         self._clock = clock
+        self._closed = False
         self._channel = grpc.aio.insecure_channel(self.settings.target, options=CHANNEL_OPTIONS)
         self._stub = allocation_pb2_grpc.AllocationServiceStub(self._channel)
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -74,6 +78,8 @@ class AsyncClient:
         timeout_s: float | None = None,
         retried: list[bool] | None = None,
     ) -> Reply:
+        if self._closed:
+            raise FailedPreconditionError("this client is closed")
         deadline = self._clock() + (timeout_s or self.settings.timeout_s)
         delays = retry_delays(self.settings.retry, self._rng)
         while True:
@@ -83,8 +89,8 @@ class AsyncClient:
                 pause = next(delays)
                 if not is_retryable(error) or self._clock() + pause >= deadline:
                     raise error_from_rpc(error) from None
-            if retried is not None:
-                retried.append(True)
+                if retried is not None and may_have_reached_server(error):
+                    retried.append(True)
             await asyncio.sleep(pause)
 
     async def allocate(
@@ -93,12 +99,17 @@ class AsyncClient:
         message = allocate_message(as_request(request, fields))
         return (await self._call(self._stub.Allocate, message)).allocation
 
-    async def release(self, allocation_id: str) -> types_pb2.Allocation | None:
+    async def release(
+        self, allocation_id: str, *, timeout_s: float | None = None
+    ) -> types_pb2.Allocation | None:
         """The released record, or None when a retried attempt had already released it."""
         retried: list[bool] = []
         message = allocation_pb2.ReleaseRequest(allocation_id=allocation_id)
         try:
-            return (await self._call(self._stub.Release, message, retried=retried)).allocation
+            reply = await self._call(
+                self._stub.Release, message, timeout_s=timeout_s, retried=retried
+            )
+            return reply.allocation
         except NotFoundError:
             if retried:
                 return None
@@ -198,29 +209,38 @@ class AsyncHeldAllocation:
         while True:
             await asyncio.sleep(0.2 if failed else interval_s)
             try:
-                await self._client.keep_alive(self.id, timeout_s=interval_s)
+                await self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
                 failed = False
-            except NotFoundError as error:
-                self.lost_reason = error.message
-                log.warning("allocation lost", allocation_id=self.id, reason=error.message)
-                if self._on_lost is not None:
-                    self._on_lost(error.message)
+            except (NotFoundError, FailedPreconditionError) as error:  # gone, or cannot renew
+                self._lose(error.message)
                 return
             except KaiwoGpuError as error:
                 failed = True
-                log.warning("lease renewal failed", allocation_id=self.id, reason=error.message)
+                reason = error.message
+                quietly(log.warning, "lease renewal failed", allocation_id=self.id, reason=reason)
+            except Exception as error:  # nothing renews this lease any more: say so
+                self._lose(f"lease renewal stopped: {error!r}")
+                return
 
-    async def release(self) -> None:
-        """Stops renewing and releases; a lease that already lapsed is not an error."""
+    def _lose(self, reason: str) -> None:
+        self.lost_reason = reason
+        quietly(log.warning, "allocation lost", allocation_id=self.id, reason=reason)
+        if self._on_lost is not None:
+            quietly(self._on_lost, reason)
+
+    async def release(self, *, timeout_s: float | None = None) -> None:
+        """Stops renewing and releases; a lease that already lapsed is not an error.
+
+        The renewal task is cancelled, not awaited, so a caller's own cancellation is never
+        swallowed here.
+        """
         if self._renewer is not None:
             self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
         if self._released or not self.allocation.id:
             return
         self._released = True
         with contextlib.suppress(NotFoundError):
-            await self._client.release(self.id)
+            await self._client.release(self.id, timeout_s=timeout_s)
 
     async def __aenter__(self) -> AsyncHeldAllocation:
         self.allocation = await self._client.allocate(self.request)

@@ -24,15 +24,18 @@ from kaiwo_gpu.common.client_support import (
     DEFAULT_HELD_TTL_S,
     ClientSettings,
     allocate_message,
+    client_settings,
     error_from_rpc,
     is_retryable,
     keepalive_interval_s,
+    keepalive_timeout_s,
     list_message,
+    may_have_reached_server,
     new_request_id,
     retry_delays,
     with_lease,
 )
-from kaiwo_gpu.common.errors import KaiwoGpuError, NotFoundError
+from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError, NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.request_builder import build_request
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
@@ -53,7 +56,11 @@ def as_request(request: AllocationRequest | None, fields: Mapping[str, Any]) -> 
 
 
 class Client:
-    """A connection to one coordinator target (any gRPC target: `host:port`, `dns:///...`)."""
+    """A connection to the coordinators at one gRPC target (`host:port`, `dns:///...`).
+
+    Without a target or settings it uses $KAIWO_GPU_COORDINATOR, else 127.0.0.1:50051, so a
+    command started by `kaiwo-gpu run` reaches the coordinator that placed it.
+    """
 
     def __init__(
         self,
@@ -64,15 +71,16 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        base = settings or ClientSettings()
-        self.settings = ClientSettings(target or base.target, base.timeout_s, base.retry)
+        self.settings = client_settings(target, settings)
         self._rng = rng or random.Random()
         self._clock = clock
         self._sleep = sleep
+        self._closed = False
         self._channel = grpc.insecure_channel(self.settings.target, options=CHANNEL_OPTIONS)
         self._stub = allocation_pb2_grpc.AllocationServiceStub(self._channel)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -89,6 +97,8 @@ class Client:
         timeout_s: float | None = None,
         retried: list[bool] | None = None,
     ) -> Reply:
+        if self._closed:
+            raise FailedPreconditionError("this client is closed")
         deadline = self._clock() + (timeout_s or self.settings.timeout_s)
         delays = retry_delays(self.settings.retry, self._rng)
         while True:
@@ -98,8 +108,8 @@ class Client:
                 pause = next(delays)
                 if not is_retryable(error) or self._clock() + pause >= deadline:
                     raise error_from_rpc(error) from None
-            if retried is not None:
-                retried.append(True)
+                if retried is not None and may_have_reached_server(error):
+                    retried.append(True)
             self._sleep(pause)
 
     def allocate(
@@ -109,12 +119,15 @@ class Client:
         message = allocate_message(as_request(request, fields))
         return self._call(self._stub.Allocate, message).allocation
 
-    def release(self, allocation_id: str) -> types_pb2.Allocation | None:
+    def release(
+        self, allocation_id: str, *, timeout_s: float | None = None
+    ) -> types_pb2.Allocation | None:
         """The released record, or None when a retried attempt had already released it."""
         retried: list[bool] = []
         message = allocation_pb2.ReleaseRequest(allocation_id=allocation_id)
         try:
-            return self._call(self._stub.Release, message, retried=retried).allocation
+            reply = self._call(self._stub.Release, message, timeout_s=timeout_s, retried=retried)
+            return reply.allocation
         except NotFoundError:
             if retried:
                 return None
@@ -221,28 +234,39 @@ class HeldAllocation:
         failed = False
         while not self._stop.wait(0.2 if failed else interval_s):
             try:
-                self._client.keep_alive(self.id, timeout_s=interval_s)
+                self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
                 failed = False
-            except NotFoundError as error:
-                self.lost_reason = error.message
-                log.warning("allocation lost", allocation_id=self.id, reason=error.message)
-                if self._on_lost is not None:
-                    self._on_lost(error.message)
+            except (NotFoundError, FailedPreconditionError) as error:  # gone, or cannot renew
+                self._lose(error.message)
                 return
             except KaiwoGpuError as error:
                 failed = True
-                log.warning("lease renewal failed", allocation_id=self.id, reason=error.message)
+                quietly(
+                    log.warning, "lease renewal failed", allocation_id=self.id, reason=error.message
+                )
+            except Exception as error:  # e.g. the client was closed under it: nothing renews now
+                self._lose(f"lease renewal stopped: {error!r}")
+                return
 
-    def release(self) -> None:
-        """Stops renewing and releases; a lease that already lapsed is not an error."""
+    def _lose(self, reason: str) -> None:
+        if self._stop.is_set():
+            return  # released on purpose while this renewal was in flight
+        self.lost_reason = reason
+        quietly(log.warning, "allocation lost", allocation_id=self.id, reason=reason)
+        if self._on_lost is not None:
+            quietly(self._on_lost, reason)
+
+    def release(self, *, timeout_s: float | None = None) -> None:
+        """Stops renewing and releases; a lease that already lapsed is not an error.
+
+        A renewal in flight is not waited for: it stops at its next turn.
+        """
         self._stop.set()
-        if threading.current_thread() is not self._renewer:
-            self._renewer.join()
         if self._released:
             return
         self._released = True
         with contextlib.suppress(NotFoundError):
-            self._client.release(self.id)
+            self._client.release(self.id, timeout_s=timeout_s)
 
     def __enter__(self) -> HeldAllocation:
         return self
@@ -260,4 +284,13 @@ class HeldAllocation:
         try:
             self.release()
         except KaiwoGpuError as failure:
-            log.warning("release failed", allocation_id=self.id, reason=failure.message)
+            quietly(log.warning, "release failed", allocation_id=self.id, reason=failure.message)
+
+
+def quietly(action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """Runs a log call or callback from a background thread or task; its failure (a closed
+    stderr, a buggy callback) must not end the renewal or hide the loss."""
+    try:
+        action(*args, **kwargs)
+    except Exception:  # nothing better to do with it from a background thread
+        return

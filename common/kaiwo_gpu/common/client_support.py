@@ -6,14 +6,16 @@ errors the same way.
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import grpc
 
-from kaiwo_gpu.common.errors import KaiwoGpuError, error_from_status
+from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, error_from_status
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.wire import request_to_proto
 from kaiwo_gpu.v1 import allocation_pb2
@@ -46,14 +48,40 @@ class ClientSettings:
     retry: RetryPolicy = RetryPolicy()
 
 
-def settings_from_environment(
-    environment: Mapping[str, str], target: str | None = None, timeout_s: float | None = None
-) -> ClientSettings:
-    """An explicit target wins over $KAIWO_GPU_COORDINATOR, which wins over the default."""
-    chosen = target or environment.get(COORDINATOR_VARIABLE) or DEFAULT_COORDINATOR
-    if timeout_s is None:
-        return ClientSettings(target=chosen)
-    return ClientSettings(target=chosen, timeout_s=timeout_s)
+_IPV4_ADDRESS = re.compile(r"^(\d{1,3}\.){3}\d{1,3}:\d{1,5}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-]+:\d{1,5}$|^\[[0-9A-Fa-f:.]+\]:\d{1,5}$")
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+
+
+def coordinator_target(text: str, field: str = "coordinator") -> str:
+    """A gRPC target from `host:port`, a gRPC URI, or a comma list (as agents take it).
+
+    Several IPv4 addresses become one `ipv4:` target, so gRPC fails over between them; several
+    names cannot (give one DNS name that resolves to every coordinator instead).
+    """
+    parts = [part.strip() for part in text.split(",") if part.strip()] if text else []
+    if len(parts) == 1 and (parts[0].startswith(_GRPC_SCHEMES) or _HOST_PORT.match(parts[0])):
+        return parts[0]
+    if len(parts) > 1 and all(_IPV4_ADDRESS.match(part) for part in parts):
+        return "ipv4:" + ",".join(parts)
+    raise InvalidArgumentError(
+        field,
+        text,
+        "host:port, a gRPC target (dns:///name:port) or IPv4 host:port,host:port,...",
+    )
+
+
+def client_settings(target: str | None, settings: ClientSettings | None) -> ClientSettings:
+    """An explicit target wins, then the settings' target, then $KAIWO_GPU_COORDINATOR."""
+    if settings is None:
+        return ClientSettings(target=target or target_from_environment(os.environ))
+    return replace(settings, target=target) if target else settings
+
+
+def target_from_environment(environment: Mapping[str, str]) -> str:
+    """$KAIWO_GPU_COORDINATOR when set and not empty, else the local default."""
+    value = environment.get(COORDINATOR_VARIABLE, "").strip()
+    return coordinator_target(value, f"${COORDINATOR_VARIABLE}") if value else DEFAULT_COORDINATOR
 
 
 def retry_delays(policy: RetryPolicy, rng: random.Random) -> Iterator[float]:
@@ -66,6 +94,12 @@ def retry_delays(policy: RetryPolicy, rng: random.Random) -> Iterator[float]:
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex}"
+
+
+def may_have_reached_server(error: grpc.RpcError) -> bool:
+    """False only when gRPC says it never connected, so the call cannot have taken effect."""
+    details = error.details() if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else ""
+    return not (details or "").startswith("failed to connect")
 
 
 def error_from_rpc(error: grpc.RpcError) -> KaiwoGpuError:
@@ -97,6 +131,11 @@ def list_message(
 def keepalive_interval_s(ttl_seconds: int) -> float:
     """A third of the lease, so two renewals in a row may fail before it lapses."""
     return max(0.5, min(60.0, ttl_seconds / 3))
+
+
+def keepalive_timeout_s(interval_s: float) -> float:
+    """One renewal, retries included, never holds up a release for long."""
+    return min(interval_s, 10.0)
 
 
 def with_lease(request: AllocationRequest, default_ttl_s: int) -> AllocationRequest:
