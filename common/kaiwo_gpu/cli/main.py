@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS or args.command == "run":
+        import logging
+
+        from kaiwo_gpu.common.logs import configure_logging
+
+        # Only the client library's warnings (a failed renewal), and on stderr: stdout is
+        # the command's (run) or the answer's (-o json).
+        configure_logging("console", logging.WARNING)
     if args.command in CLIENT_COMMANDS:
         from kaiwo_gpu.cli.client_commands import run_client_command
 

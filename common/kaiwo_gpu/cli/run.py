@@ -19,7 +19,7 @@ from types import FrameType
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.cli.client_commands import add_connection_flags, exit_code
 from kaiwo_gpu.cli.request_flags import add_allocation_flags, request_from_flags
-from kaiwo_gpu.common.client import Client
+from kaiwo_gpu.common.client import Client, HeldAllocation
 from kaiwo_gpu.common.client_support import (
     COORDINATOR_VARIABLE,
     DEFAULT_HELD_TTL_S,
@@ -41,8 +41,11 @@ FORWARDED_SIGNALS = (
 )
 # Ctrl-C and Ctrl-\ reach every process of the terminal's foreground group, the command too.
 TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+EXIT_LEASE_LOST = 1
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
+# A release at exit gets this long at most: Slurm's KillWait (30 s by default) follows SIGTERM.
+RELEASE_TIMEOUT_S = 10.0
 
 
 def add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +66,13 @@ def add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     add_allocation_flags(parser)
     parser.add_argument("--any-node", action="store_true", help="let the coordinator pick any node")
     parser.add_argument("--quiet", action="store_true", help="no line about the grant")
+    parser.add_argument(
+        "--kill-after",
+        metavar="DURATION",
+        type=flags.duration_within(1, 3600, "a duration like 10s (1s-1h)"),
+        default=10,
+        help="after a lost lease, SIGKILL the command this long after SIGTERM (default 10s)",
+    )
     add_connection_flags(parser)
     parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
@@ -93,39 +103,71 @@ def terminal_delivers(signum: int) -> bool:
         os.close(terminal)
 
 
-class Forwarder:
-    """Signal handlers that pass signals to the command, or remember them until it starts.
+class Interrupted(BaseException):
+    """A signal that ends `run` before the command started or after it ended."""
 
-    Python runs signal handlers in the main thread only, so `handle` needs no lock; the
-    renewal thread only ever asks the command to stop.
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Forwarder:
+    """Signal handling for the three phases of `run`.
+
+    Before the command starts, a signal stops `run` at once (an allocation already placed is
+    released, or its lease lapses); while it runs, signals go to the command; after it ended,
+    a signal abandons the release (the lease lapses). Python runs signal handlers in the
+    main thread only, so the handler needs no lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kill_after_s: float) -> None:
         self.child: subprocess.Popen[bytes] | None = None
-        self.pending: list[int] = []
+        self.lost_reason = ""
+        self._kill_after_s = kill_after_s
+        self._starting = False
+        self._pending: list[int] = []
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.child is None:
-            self.pending.append(signum)
-        elif not terminal_delivers(signum):
+        if self._starting:  # inside Popen: neither a command to forward to nor safe to stop
+            self._pending.append(signum)
+            return
+        child = self.child
+        if child is None or child.returncode is not None:
+            raise Interrupted(signum)
+        if not terminal_delivers(signum):
             with contextlib.suppress(ProcessLookupError):
-                self.child.send_signal(signum)
+                child.send_signal(signum)
 
     def start(self, argv: list[str], environment: dict[str, str]) -> subprocess.Popen[bytes]:
-        self.child = subprocess.Popen(argv, env=environment)
-        for signum in self.pending:  # arrived while the command was being started
-            self.handle(signum, None)
+        self._starting = True
+        try:
+            self.child = subprocess.Popen(argv, env=environment)
+        finally:
+            self._starting = False
+        for signum in self._pending:  # arrived while the command was being started
+            with contextlib.suppress(ProcessLookupError):
+                self.child.send_signal(signum)
         return self.child
 
-    def stop_child(self, reason: str) -> None:
-        print(
-            f"kaiwo-gpu run: the allocation's lease is gone ({reason}); stopping the command",
-            file=sys.stderr,
-        )
+    def lease_lost(self, reason: str) -> None:
+        """From the renewal thread: the share may go to others, so the command must stop."""
+        self.lost_reason = reason
         child = self.child
-        if child is not None and child.poll() is None:
+        if child is None or child.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            child.terminate()
+        with contextlib.suppress(OSError):  # stderr may be a closed pipe; stopping matters more
+            print(
+                f"kaiwo-gpu run: the allocation's lease is gone ({reason}); stopping the "
+                f"command (SIGKILL in {self._kill_after_s:g}s if it does not exit)",
+                file=sys.stderr,
+            )
+        try:
+            child.wait(self._kill_after_s)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                child.terminate()
+                child.kill()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -140,17 +182,24 @@ class Forwarder:
 def run_command(args: argparse.Namespace) -> int:
     argv = list(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
     if not argv:
-        print("kaiwo-gpu run: no command given; put it after --", file=sys.stderr)
+        print("kaiwo-gpu run: error: no command given; put it after --", file=sys.stderr)
         return 2
-    forwarder = Forwarder()
+    forwarder = Forwarder(args.kill_after)
     try:
-        pinned = () if args.any_node or args.node else (local_node(),)
-        request = with_lease(request_from_flags(args, default_nodes=pinned), DEFAULT_HELD_TTL_S)
-        settings = ClientSettings(target=args.coordinator, timeout_s=args.timeout)
-        with forwarder.installed(), Client(settings=settings) as client:
-            return _hold_and_run(client, request, argv, forwarder, args)
+        with forwarder.installed():
+            pinned = () if args.any_node or args.node else (local_node(),)
+            request = request_from_flags(args, default_nodes=pinned)
+            settings = ClientSettings(target=args.coordinator, timeout_s=args.timeout)
+            with Client(settings=settings) as client:
+                return _hold_and_run(
+                    client, with_lease(request, DEFAULT_HELD_TTL_S), argv, forwarder, args
+                )
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"kaiwo-gpu run: stopped by {name}", file=sys.stderr)
+        return 128 + stop.signum
     except argparse.ArgumentTypeError as error:
-        print(f"kaiwo-gpu run: {error}", file=sys.stderr)
+        print(f"kaiwo-gpu run: error: {error}", file=sys.stderr)
         return 2
     except KaiwoGpuError as error:
         print(f"kaiwo-gpu run: {error.message}", file=sys.stderr)
@@ -164,9 +213,8 @@ def _hold_and_run(
     forwarder: Forwarder,
     args: argparse.Namespace,
 ) -> int:
-    with client.allocation(request, on_lost=forwarder.stop_child) as held:
-        if forwarder.pending:  # told to stop while allocating: release, never start
-            return 128 + forwarder.pending[0]
+    held = client.allocation(request, on_lost=forwarder.lease_lost)
+    try:
         grants = held.allocation.gpus
         if not args.quiet:
             share = ",".join(sorted({format_fraction(g.granted_millis) for g in grants}))
@@ -184,4 +232,21 @@ def _hold_and_run(
         except PermissionError:
             print(f"kaiwo-gpu run: {argv[0]}: permission denied", file=sys.stderr)
             return EXIT_NOT_EXECUTABLE
-        return exit_status(child.wait())
+        status = exit_status(child.wait())
+        if forwarder.lost_reason:
+            return status or EXIT_LEASE_LOST  # never report success for work without a share
+        return status
+    finally:
+        _release(held, min(args.timeout, RELEASE_TIMEOUT_S))
+
+
+def _release(held: HeldAllocation, timeout_s: float) -> None:
+    """The command's status is what `run` reports; a failed release is only a warning."""
+    try:
+        held.release(timeout_s=timeout_s)
+    except KaiwoGpuError as error:
+        print(
+            f"kaiwo-gpu run: could not release {held.id} ({error.message}); "
+            f"its lease expires within {held.allocation.request.ttl_seconds}s",
+            file=sys.stderr,
+        )
