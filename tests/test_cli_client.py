@@ -13,11 +13,13 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
 from kaiwo_gpu.common import Client
 from tests.conftest import Running
+from tests.fake_coordinator import flaky, serving
 
 pytestmark = pytest.mark.slow
 KAIWO_GPU = (sys.executable, "-m", "kaiwo_gpu.cli.main")
@@ -238,6 +240,26 @@ async def test_allocate_from_a_pod_manifest(running: Running, tmp_path: Path) ->
     code, _, err = await cli(running, "allocate", "--from-pod", str(tmp_path / "missing.yaml"))
     assert code == 2
     assert "missing.yaml" in err
+    code, _, err = await cli(running, "allocate", "--from-pod", str(pod), "--label", "app=web")
+    assert code == 2
+    assert "app=trainer" in err
+
+
+async def test_a_hand_written_pod_gets_a_new_request_each_time(
+    running: Running, tmp_path: Path
+) -> None:
+    pod = tmp_path / "pod.yaml"
+    pod.write_text(
+        POD.replace("  uid: 4a3c\n", "").replace("nodeSelector: {zone: a}", "nodeName: node-a")
+    )
+    first = json.loads(await ok(running, "allocate", "--from-pod", str(pod), "-o", "json"))
+    assert first["request"]["selector"]["nodes"] == ["node-a"]
+    await ok(running, "release", first["id"])
+    second = json.loads(await ok(running, "allocate", "--from-pod", str(pod), "-o", "json"))
+    assert second["id"] != first["id"]
+    code, _, err = await cli(running, "allocate", "--from-pod", str(pod), "--node", "node-b")
+    assert code == 2
+    assert "--node" in err
 
 
 CHILD = """\
@@ -249,6 +271,8 @@ if mode == "exit":
     sys.exit(7)
 if mode == "trap":
     signal.signal(signal.SIGTERM, lambda *_: (print("got TERM", flush=True), sys.exit(3)))
+elif mode == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 else:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 print("ready", flush=True)
@@ -315,6 +339,60 @@ async def test_run_stops_the_command_when_the_lease_is_lost(running: Running) ->
     assert process.returncode == 3
     assert b"got TERM" in out
     assert b"lease is gone" in err
+
+
+async def test_run_kills_a_command_that_ignores_sigterm_after_a_lost_lease(
+    running: Running,
+) -> None:
+    process = await start_run(
+        running, "run/ignore", "--ttl", "3s", "--kill-after", "1s",
+        "--", sys.executable, "-c", CHILD, "ignore",
+    )  # fmt: skip
+    assert process.stdout is not None
+    allocation_id = (await asyncio.wait_for(process.stdout.readline(), 60)).decode().split()[1]
+    assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    await ok(running, "release", allocation_id)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 128 + signal.SIGKILL
+    assert b"SIGKILL in 1s" in err
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether a process has installed a handler for `signum` (SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+async def test_run_stops_at_once_when_signalled_while_allocating() -> None:
+    process = await asyncio.create_subprocess_exec(
+        *KAIWO_GPU, "run", "--coordinator", "127.0.0.1:1", "--timeout", "60s", "--any-node",
+        "--fraction", "0.25", "--", "true",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    for _ in range(600):  # bounded: 30 s for the interpreter to start
+        if handles(process.pid, signal.SIGTERM):
+            break
+        await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 30)  # far less than --timeout
+    assert process.returncode == 128 + signal.SIGTERM
+    assert b"stopped by SIGTERM" in err
+
+
+async def test_run_reports_the_commands_status_when_the_release_fails() -> None:
+    fake = flaky(release=[grpc.StatusCode.UNAVAILABLE])
+    async with serving(fake) as target:
+        process = await asyncio.create_subprocess_exec(
+            *KAIWO_GPU, "run", "--coordinator", target, "--timeout", "2s", "--any-node",
+            "--fraction", "0.5", "--", sys.executable, "-c", "raise SystemExit(7)",
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 7
+    assert b"could not release a1" in err
+    assert fake.release_calls >= 1
 
 
 async def test_run_reports_a_missing_command(running: Running) -> None:

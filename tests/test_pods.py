@@ -173,6 +173,16 @@ def test_match_fields_and_node_name_pin_nodes() -> None:
     assert selector.exclude_nodes == {"n9"}
 
 
+def test_a_hostname_node_selector_pins_the_node_not_a_label() -> None:
+    selector = request_from_pod(
+        pod(nodeSelector={"kubernetes.io/hostname": "n3", "zone": "a"})
+    ).selector
+    assert selector.nodes == {"n3"}
+    assert selector.node_labels == (("zone", "a"),)
+    clash = refused(pod(nodeSelector={"kubernetes.io/hostname": "n3"}, nodeName="n4"))
+    assert "spec" in clash.field
+
+
 def test_non_kaiwo_annotations_and_preferences_are_ignored() -> None:
     manifest = pod(
         affinity={"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": "x"}}

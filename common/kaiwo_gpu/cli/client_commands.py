@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kaiwo_gpu.cli import flags
@@ -42,6 +43,7 @@ from kaiwo_gpu.common.client_support import (
     COORDINATOR_VARIABLE,
     DEFAULT_COORDINATOR,
     ClientSettings,
+    coordinator_target,
 )
 from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError
 from kaiwo_gpu.v1 import types_pb2
@@ -71,10 +73,11 @@ def exit_code(error: KaiwoGpuError) -> int:
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--coordinator",
-        metavar="HOST:PORT",
-        type=flags.address,
-        default=os.environ.get(COORDINATOR_VARIABLE, DEFAULT_COORDINATOR),
-        help=f"coordinator host:port (${COORDINATOR_VARIABLE}; default %(default)s)",
+        metavar="TARGET",
+        type=flags.checked(coordinator_target),
+        default=os.environ.get(COORDINATOR_VARIABLE, "").strip() or DEFAULT_COORDINATOR,
+        help=f"coordinator host:port, a gRPC target, or IPv4 host:port list "
+        f"(${COORDINATOR_VARIABLE}; default {DEFAULT_COORDINATOR})",
     )
     parser.add_argument(
         "--timeout",
@@ -283,7 +286,8 @@ def _release(client: Client, args: argparse.Namespace, output: OutputFormat) -> 
             continue
         if record is not None:
             released.append(record)
-    _print_allocations(released, output)
+    if released or not status:
+        _print_allocations(released, output)
     return status
 
 
@@ -313,7 +317,9 @@ def _top(client: Client, args: argparse.Namespace) -> None:
         return
 
     async def follow() -> None:
-        async with AsyncClient(settings=client.settings) as live:
+        # Short calls: top shows an unreachable coordinator now and keeps trying each frame.
+        settings = replace(client.settings, timeout_s=min(client.settings.timeout_s, 2.0))
+        async with AsyncClient(settings=settings) as live:
             await run_top(live, console, refresh_s=args.refresh / 1000)
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one leaves top

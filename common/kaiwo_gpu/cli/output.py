@@ -176,16 +176,13 @@ def gpu_rows(node: types_pb2.NodeStatus) -> list[list[str]]:
     status = "ready" if node.schedulable else "unschedulable"
     rows = []
     for gpu in sorted(node.gpus, key=lambda g: g.inventory.index):
-        health = health_name(gpu.health)
-        if gpu.health_reason and gpu.health != types_pb2.HEALTH_HEALTHY:
-            health = f"{health} ({gpu.health_reason})"
         rows.append(
             [
                 node.name,
                 status,
                 str(gpu.inventory.index),
                 gpu.inventory.model,
-                health,
+                health_name(gpu.health),
                 f"{format_fraction(gpu.allocated_millis)}/1",
                 f"{format_mib(gpu.free_memory_mib)}/{format_mib(gpu.inventory.vram_mib)}",
                 *_telemetry(gpu),
@@ -196,14 +193,20 @@ def gpu_rows(node: types_pb2.NodeStatus) -> list[list[str]]:
 
 
 def nodes_table(nodes: Iterable[types_pb2.NodeStatus]) -> str:
+    """One row per GPU; reasons (with spaces) go below the table so its columns stay whole."""
     ordered = sorted(nodes, key=lambda n: n.name)
     text = table(NODE_HEADERS, (row for node in ordered for row in gpu_rows(node)))
     reasons = [
-        f"{node.name}: {node.unschedulable_reason}"
+        f"{node.name}: unschedulable: {node.unschedulable_reason}"
         for node in ordered
         if not node.schedulable and node.unschedulable_reason
+    ] + [
+        f"{node.name} GPU {gpu.inventory.index}: {health_name(gpu.health)}: {gpu.health_reason}"
+        for node in ordered
+        for gpu in sorted(node.gpus, key=lambda g: g.inventory.index)
+        if gpu.health != types_pb2.HEALTH_HEALTHY and gpu.health_reason
     ]
-    return "\n".join([text, *(["", "unschedulable:", *reasons] if reasons else [])])
+    return "\n".join([text, *(["", *reasons] if reasons else [])])
 
 
 def stats_table(stats: allocation_pb2.GetClusterStatsResponse) -> str:

@@ -11,7 +11,7 @@ import getpass
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from kaiwo_gpu.cli import flags
 from kaiwo_gpu.common.annotations import AmdGpuUnit
 from kaiwo_gpu.common.client_support import new_request_id
 from kaiwo_gpu.common.errors import InvalidArgumentError
-from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest
+from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest, Selector
 from kaiwo_gpu.common.request_builder import build_request
 from kaiwo_gpu.common.units import parse_fraction_millis, parse_memory_mib
 
@@ -169,7 +169,12 @@ _POD_CONFLICTS = (
 
 
 def request_from_pod_flags(args: argparse.Namespace) -> AllocationRequest:
-    """A request from `--from-pod`; flags may add a TTL, strategy, labels or pin a node."""
+    """A request from `--from-pod`; flags may add a TTL, strategy, labels or narrow the nodes.
+
+    A manifest with a uid (a pod read back from the cluster) always asks under the same
+    request id; one without (a file written by hand) gets a fresh id each time, since a
+    released request id cannot be reused for a while.
+    """
     from kaiwo_gpu.common.pods import load_manifest, request_from_pod
 
     for name in _POD_CONFLICTS:
@@ -181,20 +186,47 @@ def request_from_pod_flags(args: argparse.Namespace) -> AllocationRequest:
     source = "<stdin>" if args.from_pod == "-" else args.from_pod
     try:
         text = sys.stdin.read() if args.from_pod == "-" else Path(args.from_pod).read_text()
-    except OSError as error:
-        allowed = f"a readable file ({error.strerror})"
-        raise InvalidArgumentError("--from-pod", args.from_pod, allowed) from None
-    pod = request_from_pod(load_manifest(text, source), amd_gpu_unit=AmdGpuUnit(args.amd_gpu_unit))
-    selector = pod.selector
-    if args.node:
-        selector = replace(selector, nodes=frozenset(args.node))
+    except (OSError, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise InvalidArgumentError(
+            "--from-pod", args.from_pod, f"a readable file ({reason})"
+        ) from None
+    manifest = load_manifest(text, source)
+    metadata = manifest.get("metadata")
+    has_uid = isinstance(metadata, Mapping) and bool(metadata.get("uid"))
+    request_id = args.request_id or (None if has_uid else new_request_id())
+    pod = request_from_pod(
+        manifest, amd_gpu_unit=AmdGpuUnit(args.amd_gpu_unit), request_id=request_id
+    )
+    labels = dict(pod.labels)
+    for key, value in args.label:
+        if labels.get(key, value) != value:
+            raise InvalidArgumentError(
+                "--label", f"{key}={value}", f"{key}={labels[key]}, as the pod says"
+            )
+        labels[key] = value
     return replace(
         pod,
-        request_id=args.request_id or pod.request_id,
         ttl_seconds=args.ttl or pod.ttl_seconds,
         strategy=args.strategy or pod.strategy,
         owner=pod.owner if args.owner is None else args.owner,
-        labels=(*pod.labels, *args.label),
+        labels=tuple(labels.items()),
         sharing=pod.sharing and not args.no_sharing,
-        selector=selector,
+        selector=_narrowed(pod.selector, args.node),
     )
+
+
+def _narrowed(selector: Selector, nodes: Sequence[str]) -> Selector:
+    """`--node` may only narrow where the pod may go, never widen it."""
+    if not nodes:
+        return selector
+    wanted = frozenset(nodes)
+    allowed = wanted & selector.nodes if selector.nodes else wanted
+    allowed -= selector.exclude_nodes
+    if not allowed:
+        raise InvalidArgumentError(
+            "--node",
+            ",".join(sorted(wanted)),
+            "a node the pod's nodeName, nodeSelector or affinity allows",
+        )
+    return replace(selector, nodes=allowed)

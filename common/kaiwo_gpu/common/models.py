@@ -233,7 +233,7 @@ class AllocationRequest:
             )
         if self.strategy is not None:
             _check_str(self.strategy, _STRATEGY, "strategy", "a strategy name like best-fit")
-        _check_str(self.owner, _OWNER, "owner", "up to 253 printable ASCII characters")
+        _check_str(self.owner, _OWNER, "owner", "up to 253 printable ASCII characters, no spaces")
         _check_str(self.isolation_note, _NOTE, "isolation_note", "up to 512 characters")
         set_field(self, "labels", freeze_labels(self.labels, "labels"))
         if self.ttl_seconds is not None and not 1 <= self.ttl_seconds <= MAX_TTL_SECONDS:

@@ -323,8 +323,10 @@ def _selector(spec: Mapping[str, object], spec_path: str) -> Selector:
     selector_path = f"{spec_path}.nodeSelector"
     node_selector = _mapping(spec.get("nodeSelector"), selector_path)
     labels = dict(freeze_labels(node_selector, selector_path))
+    # The scheduler's most common pin: nodes carry their name under this label.
+    hostname = labels.pop(HOSTNAME_LABEL, None)
+    nodes: frozenset[str] | None = None if hostname is None else frozenset({hostname})
     sources = dict.fromkeys(labels, selector_path)
-    nodes: frozenset[str] | None = None
     exclude_nodes: frozenset[str] = frozenset()
     for target, key, values, path in _node_constraints(spec, spec_path):
         field = f"{path}.values"
