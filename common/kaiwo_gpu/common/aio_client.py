@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from kaiwo_gpu.common.client import CHANNEL_OPTIONS, as_request, quietly
+from kaiwo_gpu.common.client import CHANNEL_OPTIONS, as_request
 from kaiwo_gpu.common.client_support import (
     DEFAULT_HELD_TTL_S,
     ClientSettings,
+    Holding,
     allocate_message,
     client_settings,
     error_from_rpc,
@@ -175,7 +176,7 @@ class AsyncClient:
         return AsyncHeldAllocation(self, wanted, on_lost)
 
 
-class AsyncHeldAllocation:
+class AsyncHeldAllocation(Holding):
     """An allocation placed on entry whose lease a task renews until release or exit."""
 
     def __init__(
@@ -184,25 +185,10 @@ class AsyncHeldAllocation:
         request: AllocationRequest,
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__(types_pb2.Allocation(), on_lost)
         self.request = request
-        self.allocation = types_pb2.Allocation()
-        self.lost_reason = ""
         self._client = client
-        self._on_lost = on_lost
-        self._released = False
         self._renewer: asyncio.Task[None] | None = None
-
-    @property
-    def id(self) -> str:
-        return self.allocation.id
-
-    @property
-    def environment(self) -> dict[str, str]:
-        return dict(self.allocation.environment)
-
-    @property
-    def lost(self) -> bool:
-        return bool(self.lost_reason)
 
     async def _renew(self, interval_s: float) -> None:
         failed = False
@@ -211,22 +197,10 @@ class AsyncHeldAllocation:
             try:
                 await self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
                 failed = False
-            except (NotFoundError, FailedPreconditionError) as error:  # gone, or cannot renew
-                self._lose(error.message)
-                return
-            except KaiwoGpuError as error:
+            except Exception as error:
+                if self._renewal_failed(error):
+                    return
                 failed = True
-                reason = error.message
-                quietly(log.warning, "lease renewal failed", allocation_id=self.id, reason=reason)
-            except Exception as error:  # nothing renews this lease any more: say so
-                self._lose(f"lease renewal stopped: {error!r}")
-                return
-
-    def _lose(self, reason: str) -> None:
-        self.lost_reason = reason
-        quietly(log.warning, "allocation lost", allocation_id=self.id, reason=reason)
-        if self._on_lost is not None:
-            quietly(self._on_lost, reason)
 
     async def release(self, *, timeout_s: float | None = None) -> None:
         """Stops renewing and releases; a lease that already lapsed is not an error.

@@ -23,6 +23,7 @@ import structlog
 from kaiwo_gpu.common.client_support import (
     DEFAULT_HELD_TTL_S,
     ClientSettings,
+    Holding,
     allocate_message,
     client_settings,
     error_from_rpc,
@@ -32,6 +33,7 @@ from kaiwo_gpu.common.client_support import (
     list_message,
     may_have_reached_server,
     new_request_id,
+    quietly,
     retry_delays,
     with_lease,
 )
@@ -197,7 +199,7 @@ class Client:
         return HeldAllocation(self, placed, on_lost)
 
 
-class HeldAllocation:
+class HeldAllocation(Holding):
     """An allocation whose lease a daemon thread renews until `release()` or context exit."""
 
     def __init__(
@@ -206,29 +208,14 @@ class HeldAllocation:
         allocation: types_pb2.Allocation,
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
-        self.allocation = allocation
-        self.lost_reason = ""
+        super().__init__(allocation, on_lost)
         self._client = client
-        self._on_lost = on_lost
         self._stop = threading.Event()
-        self._released = False
         interval = keepalive_interval_s(allocation.request.ttl_seconds)
         self._renewer = threading.Thread(
             target=self._renew, args=(interval,), name=f"keepalive-{allocation.id}", daemon=True
         )
         self._renewer.start()
-
-    @property
-    def id(self) -> str:
-        return self.allocation.id
-
-    @property
-    def environment(self) -> dict[str, str]:
-        return dict(self.allocation.environment)
-
-    @property
-    def lost(self) -> bool:
-        return bool(self.lost_reason)
 
     def _renew(self, interval_s: float) -> None:
         failed = False
@@ -236,25 +223,14 @@ class HeldAllocation:
             try:
                 self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
                 failed = False
-            except (NotFoundError, FailedPreconditionError) as error:  # gone, or cannot renew
-                self._lose(error.message)
-                return
-            except KaiwoGpuError as error:
+            except Exception as error:
+                if self._renewal_failed(error):
+                    return
                 failed = True
-                quietly(
-                    log.warning, "lease renewal failed", allocation_id=self.id, reason=error.message
-                )
-            except Exception as error:  # e.g. the client was closed under it: nothing renews now
-                self._lose(f"lease renewal stopped: {error!r}")
-                return
 
     def _lose(self, reason: str) -> None:
-        if self._stop.is_set():
-            return  # released on purpose while this renewal was in flight
-        self.lost_reason = reason
-        quietly(log.warning, "allocation lost", allocation_id=self.id, reason=reason)
-        if self._on_lost is not None:
-            quietly(self._on_lost, reason)
+        if not self._stop.is_set():  # else released on purpose while a renewal was in flight
+            super()._lose(reason)
 
     def release(self, *, timeout_s: float | None = None) -> None:
         """Stops renewing and releases; a lease that already lapsed is not an error.
@@ -285,12 +261,3 @@ class HeldAllocation:
             self.release()
         except KaiwoGpuError as failure:
             quietly(log.warning, "release failed", allocation_id=self.id, reason=failure.message)
-
-
-def quietly(action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-    """Runs a log call or callback from a background thread or task; its failure (a closed
-    stderr, a buggy callback) must not end the renewal or hide the loss."""
-    try:
-        action(*args, **kwargs)
-    except Exception:  # nothing better to do with it from a background thread
-        return

@@ -10,15 +10,25 @@ import os
 import random
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
+import structlog
 
-from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, error_from_status
+from kaiwo_gpu.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    KaiwoGpuError,
+    NotFoundError,
+    error_from_status,
+)
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.wire import request_to_proto
-from kaiwo_gpu.v1 import allocation_pb2
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 COORDINATOR_VARIABLE = "KAIWO_GPU_COORDINATOR"
@@ -143,3 +153,55 @@ def with_lease(request: AllocationRequest, default_ttl_s: int) -> AllocationRequ
     if request.ttl_seconds is not None:
         return request
     return replace(request, ttl_seconds=default_ttl_s)
+
+
+def quietly(action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """Runs a log call or callback from a background thread or task; its failure (a closed
+    stderr, a buggy callback) must not end the renewal or hide the loss."""
+    try:
+        action(*args, **kwargs)
+    except Exception:  # nothing better to do with it from the background
+        return
+
+
+class Holding:
+    """What a held allocation knows whoever renews it (a thread or a task): the grant, and
+    whether its lease was lost and why."""
+
+    def __init__(
+        self, allocation: types_pb2.Allocation, on_lost: Callable[[str], None] | None
+    ) -> None:
+        self.allocation = allocation
+        self.lost_reason = ""
+        self._on_lost = on_lost
+        self._released = False
+
+    @property
+    def id(self) -> str:
+        return self.allocation.id
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return dict(self.allocation.environment)
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.lost_reason)
+
+    def _renewal_failed(self, error: Exception) -> bool:
+        """Notes a failed renewal; True when renewing is over (the lease is gone)."""
+        if isinstance(error, NotFoundError | FailedPreconditionError):  # gone, or cannot renew
+            self._lose(error.message)
+            return True
+        if isinstance(error, KaiwoGpuError):  # unreachable for now: the lease may outlast it
+            reason = error.message
+            quietly(log.warning, "lease renewal failed", allocation_id=self.id, reason=reason)
+            return False
+        self._lose(f"lease renewal stopped: {error!r}")  # e.g. the client was closed under it
+        return True
+
+    def _lose(self, reason: str) -> None:
+        self.lost_reason = reason
+        quietly(log.warning, "allocation lost", allocation_id=self.id, reason=reason)
+        if self._on_lost is not None:
+            quietly(self._on_lost, reason)
