@@ -194,13 +194,16 @@ class AsyncHeldAllocation(Holding):
         failed = False
         while True:
             await asyncio.sleep(0.2 if failed else interval_s)
+            sent_at = self._renewal_sent()
             try:
                 await self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
-                failed = False
             except Exception as error:
                 if self._renewal_failed(error):
                     return
                 failed = True
+            else:
+                self._renewed(sent_at)
+                failed = False
 
     async def release(self, *, timeout_s: float | None = None) -> None:
         """Stops renewing and releases; a lease that already lapsed is not an error.
@@ -214,10 +217,13 @@ class AsyncHeldAllocation(Holding):
             return
         self._released = True
         with contextlib.suppress(NotFoundError):
-            await self._client.release(self.id, timeout_s=timeout_s)
+            # Shielded: a caller cancelled on its way out still gets its share released.
+            await asyncio.shield(self._client.release(self.id, timeout_s=timeout_s))
 
     async def __aenter__(self) -> AsyncHeldAllocation:
+        sent_at = self._renewal_sent()
         self.allocation = await self._client.allocate(self.request)
+        self._renewed(sent_at)
         interval = keepalive_interval_s(self.allocation.request.ttl_seconds)
         self._renewer = asyncio.create_task(self._renew(interval), name=f"keepalive-{self.id}")
         return self

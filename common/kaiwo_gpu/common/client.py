@@ -220,17 +220,16 @@ class HeldAllocation(Holding):
     def _renew(self, interval_s: float) -> None:
         failed = False
         while not self._stop.wait(0.2 if failed else interval_s):
+            sent_at = self._renewal_sent()
             try:
                 self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
-                failed = False
             except Exception as error:
-                if self._renewal_failed(error):
-                    return
+                if self._stop.is_set() or self._renewal_failed(error):
+                    return  # released on purpose meanwhile, or the lease is gone
                 failed = True
-
-    def _lose(self, reason: str) -> None:
-        if not self._stop.is_set():  # else released on purpose while a renewal was in flight
-            super()._lose(reason)
+            else:
+                self._renewed(sent_at)
+                failed = False
 
     def release(self, *, timeout_s: float | None = None) -> None:
         """Stops renewing and releases; a lease that already lapsed is not an error.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -148,6 +149,26 @@ def keepalive_timeout_s(interval_s: float) -> float:
     return min(interval_s, 10.0)
 
 
+GRANT_VARIABLES = (
+    "ROCR_VISIBLE_DEVICES",
+    "HSA_CU_MASK",
+    "KAIWO_GPU_ALLOCATION_ID",
+    "KAIWO_GPU_NODE",
+    "KAIWO_GPU_FRACTION_MILLIS",
+    "KAIWO_GPU_MEMORY_LIMIT_MIB",
+    "KAIWO_GPU_ISOLATION",
+)
+"""What a grant's environment may set; a new grant replaces all of them, so a mask or
+device list inherited from another allocation never leaks into work started under this one."""
+
+
+def launch_environment(
+    inherited: Mapping[str, str], allocation: types_pb2.Allocation
+) -> dict[str, str]:
+    kept = {k: v for k, v in inherited.items() if k not in GRANT_VARIABLES}
+    return {**kept, **allocation.environment}
+
+
 def with_lease(request: AllocationRequest, default_ttl_s: int) -> AllocationRequest:
     """A held allocation needs a lease; keep the caller's TTL when it gave one."""
     if request.ttl_seconds is not None:
@@ -169,12 +190,23 @@ class Holding:
     whether its lease was lost and why."""
 
     def __init__(
-        self, allocation: types_pb2.Allocation, on_lost: Callable[[str], None] | None
+        self,
+        allocation: types_pb2.Allocation,
+        on_lost: Callable[[str], None] | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.allocation = allocation
         self.lost_reason = ""
         self._on_lost = on_lost
         self._released = False
+        self._clock = clock
+        self._renewed_at = clock()  # when the last successful renewal (or the grant) was sent
+
+    def _renewal_sent(self) -> float:
+        return self._clock()
+
+    def _renewed(self, sent_at: float) -> None:
+        self._renewed_at = sent_at
 
     @property
     def id(self) -> str:
@@ -194,6 +226,11 @@ class Holding:
             self._lose(error.message)
             return True
         if isinstance(error, KaiwoGpuError):  # unreachable for now: the lease may outlast it
+            ttl_s = self.allocation.request.ttl_seconds
+            if ttl_s and self._clock() - self._renewed_at >= ttl_s:
+                # etcd has dropped the lease by now, and the share may be someone else's.
+                self._lose(f"no renewal succeeded for {ttl_s}s ({error.message})")
+                return True
             reason = error.message
             quietly(log.warning, "lease renewal failed", allocation_id=self.id, reason=reason)
             return False
