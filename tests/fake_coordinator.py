@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,24 +13,31 @@ from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
 
 class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
-    """Fails Allocate `failures` times with `status`, then places; Release answers the codes
-    in `release` in turn (the last repeats; OK when empty); KeepAlive always renews."""
+    """Fails Allocate `failures` times with `status`, then places (the first call after
+    `first_delay_s`); Release answers the codes in `release` in turn (the last repeats; OK
+    when empty); KeepAlive renews, or fails with `keepalive_status` when one is given."""
 
     def __init__(
         self,
         failures: int,
         status: grpc.StatusCode,
         release: list[grpc.StatusCode],
+        keepalive_status: grpc.StatusCode | None = None,
+        first_delay_s: float = 0.0,
     ) -> None:
         self.failures = failures
         self.status = status
         self.release = release
+        self.keepalive_status = keepalive_status
+        self.first_delay_s = first_delay_s
         self.request_ids: list[str] = []
         self.release_calls = 0
         self.keepalive_calls = 0
 
     async def Allocate(self, request: Any, context: Any) -> allocation_pb2.AllocateResponse:
         self.request_ids.append(request.request.request_id)
+        if len(self.request_ids) == 1 and self.first_delay_s:
+            await asyncio.sleep(self.first_delay_s)
         if len(self.request_ids) <= self.failures:
             await context.abort(self.status, "etcd is unavailable")
         return allocation_pb2.AllocateResponse(
@@ -53,6 +61,8 @@ class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
 
     async def KeepAlive(self, request: Any, context: Any) -> allocation_pb2.KeepAliveResponse:
         self.keepalive_calls += 1
+        if self.keepalive_status is not None:
+            await context.abort(self.keepalive_status, "etcd is unavailable")
         return allocation_pb2.KeepAliveResponse(ttl_seconds=60)
 
 
@@ -60,9 +70,13 @@ def flaky(
     failures: int = 0,
     status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
     release: list[grpc.StatusCode] | None = None,
+    keepalive_status: grpc.StatusCode | None = None,
+    first_delay_s: float = 0.0,
 ) -> FlakyCoordinator:
     # Only the RPCs under test are implemented; the others are never called.
-    return FlakyCoordinator(failures, status, release or [])  # type: ignore[abstract]
+    return FlakyCoordinator(  # type: ignore[abstract]
+        failures, status, release or [], keepalive_status, first_delay_s
+    )
 
 
 @contextlib.asynccontextmanager

@@ -395,6 +395,82 @@ async def test_run_reports_the_commands_status_when_the_release_fails() -> None:
     assert fake.release_calls >= 1
 
 
+def gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie nobody has reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+async def test_run_signals_and_cleans_up_the_commands_whole_group(running: Running) -> None:
+    # The command leaves a background sleeper behind and a foreground one running.
+    script = "sleep 300 & echo $!; sleep 300 & echo $!; echo ready; wait"
+    process = await start_run(running, "run/group", "--", "sh", "-c", script)
+    assert process.stdout is not None
+    left = [int(await asyncio.wait_for(process.stdout.readline(), 60)) for _ in range(2)]
+    assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert all(gone(pid) for pid in left)
+    assert await owned(running, "run/group") == []
+
+    # A command that exits leaving a process behind: the group is cleaned up too.
+    process = await start_run(running, "run/left", "--", "sh", "-c", "sleep 300 & echo $!")
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0
+    assert gone(int(out))
+
+
+async def test_run_treats_a_lease_it_cannot_renew_for_a_ttl_as_lost() -> None:
+    fake = flaky(keepalive_status=grpc.StatusCode.UNAVAILABLE)
+    async with serving(fake) as target:
+        process = await asyncio.create_subprocess_exec(
+            *KAIWO_GPU, "run", "--coordinator", target, "--ttl", "2s", "--timeout", "2s",
+            "--any-node", "--fraction", "0.5", "--", "sleep", "60",
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert b"no renewal succeeded for 2s" in err
+    assert fake.keepalive_calls >= 1
+
+
+async def test_run_replaces_an_inherited_grant_environment() -> None:
+    show = 'echo "mask=${HSA_CU_MASK-unset} dev=$ROCR_VISIBLE_DEVICES"'
+    async with serving(flaky()) as target:
+        process = await asyncio.create_subprocess_exec(
+            *KAIWO_GPU, "run", "--coordinator", target, "--any-node", "--fraction", "0.5",
+            "--quiet", "--", "sh", "-c", show,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "HSA_CU_MASK": "0:0-75", "ROCR_VISIBLE_DEVICES": "3"},
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert out.decode().split() == ["mask=unset", "dev=0"]
+
+
+async def test_run_withdraws_what_it_placed_when_signalled_during_allocate() -> None:
+    fake = flaky(first_delay_s=30)  # the first Allocate hangs; a replay answers at once
+    async with serving(fake) as target:
+        process = await asyncio.create_subprocess_exec(
+            *KAIWO_GPU, "run", "--coordinator", target, "--timeout", "60s", "--any-node",
+            "--fraction", "0.5", "--", "true",
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(600):  # bounded: until the first Allocate has arrived
+            if fake.request_ids:
+                break
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert len(fake.request_ids) == 2
+    assert len(set(fake.request_ids)) == 1  # replayed under the same request id
+    assert fake.release_calls == 1, err
+
+
 async def test_run_reports_a_missing_command(running: Running) -> None:
     code, _, err = await cli(
         running, "run", "--any-node", "--fraction", "0.25", "--", "no-such-cmd"

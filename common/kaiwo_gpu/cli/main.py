@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the parser's imports load
+        return EXIT_INTERRUPTED
     if args.command in CLIENT_COMMANDS or args.command == "run":
         import logging
 

@@ -8,22 +8,19 @@ and exits with its status, so a batch script or a plain host can use a fractiona
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from types import FrameType
 
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.cli.client_commands import add_connection_flags, exit_code
 from kaiwo_gpu.cli.request_flags import add_allocation_flags, request_from_flags
+from kaiwo_gpu.cli.supervise import Interrupted, Supervisor, say
 from kaiwo_gpu.common.client import Client, HeldAllocation
 from kaiwo_gpu.common.client_support import (
     COORDINATOR_VARIABLE,
     DEFAULT_HELD_TTL_S,
     ClientSettings,
+    launch_environment,
     with_lease,
 )
 from kaiwo_gpu.common.errors import KaiwoGpuError
@@ -31,21 +28,13 @@ from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.units import format_fraction
 
 NODE_VARIABLE = "KAIWO_GPU_NODE"
-FORWARDED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,  # Slurm's --signal warns a job before its time limit this way
-    signal.SIGUSR2,
-)
-# Ctrl-C and Ctrl-\ reach every process of the terminal's foreground group, the command too.
-TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 EXIT_LEASE_LOST = 1
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 # A release at exit gets this long at most: Slurm's KillWait (30 s by default) follows SIGTERM.
 RELEASE_TIMEOUT_S = 10.0
+# Withdrawing an allocation placed while a signal stopped `run` gets this long.
+WITHDRAW_TIMEOUT_S = 5.0
 
 
 def add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,9 +43,10 @@ def add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="run a command with a GPU share, released when it exits",
         description="Allocates, runs COMMAND with ROCR_VISIBLE_DEVICES, HSA_CU_MASK and "
         "KAIWO_GPU_* set, renews the lease while it runs and releases it when the command "
-        "exits. SIGTERM, SIGHUP, SIGUSR1/2 (and SIGINT not from the terminal) are forwarded "
-        "to the command; kaiwo-gpu exits with the command's status (128+N if signal N "
-        "ended it). If the lease is lost, the command gets SIGTERM. The share lands on this "
+        "exits. SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1/2 are forwarded to the "
+        "command's process group; kaiwo-gpu exits with the command's status (128+N if "
+        "signal N ended it). If the lease is lost, the command gets SIGTERM, then SIGKILL "
+        "after --kill-after. The share lands on this "
         f"host (${NODE_VARIABLE} or the host name) unless --node or --any-node says otherwise.",
         epilog="examples:\n"
         "  kaiwo-gpu run --fraction 0.5 --memory 48Gi -- python train.py\n"
@@ -87,122 +77,31 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def terminal_delivers(signum: int) -> bool:
-    """Whether the terminal sent this signal to the command as well as to us."""
-    if signum not in TERMINAL_SIGNALS:
-        return False
-    try:
-        terminal = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
-        return False  # no controlling terminal: a batch job, a service, a test
-    try:
-        return os.tcgetpgrp(terminal) == os.getpgrp()
-    except OSError:
-        return False
-    finally:
-        os.close(terminal)
-
-
-class Interrupted(BaseException):
-    """A signal that ends `run` before the command started or after it ended."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class Forwarder:
-    """Signal handling for the three phases of `run`.
-
-    Before the command starts, a signal stops `run` at once (an allocation already placed is
-    released, or its lease lapses); while it runs, signals go to the command; after it ended,
-    a signal abandons the release (the lease lapses). Python runs signal handlers in the
-    main thread only, so the handler needs no lock.
-    """
-
-    def __init__(self, kill_after_s: float) -> None:
-        self.child: subprocess.Popen[bytes] | None = None
-        self.lost_reason = ""
-        self._kill_after_s = kill_after_s
-        self._starting = False
-        self._pending: list[int] = []
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._starting:  # inside Popen: neither a command to forward to nor safe to stop
-            self._pending.append(signum)
-            return
-        child = self.child
-        if child is None or child.returncode is not None:
-            raise Interrupted(signum)
-        if not terminal_delivers(signum):
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
-
-    def start(self, argv: list[str], environment: dict[str, str]) -> subprocess.Popen[bytes]:
-        self._starting = True
-        try:
-            self.child = subprocess.Popen(argv, env=environment)
-        finally:
-            self._starting = False
-        for signum in self._pending:  # arrived while the command was being started
-            with contextlib.suppress(ProcessLookupError):
-                self.child.send_signal(signum)
-        return self.child
-
-    def lease_lost(self, reason: str) -> None:
-        """From the renewal thread: the share may go to others, so the command must stop."""
-        self.lost_reason = reason
-        child = self.child
-        if child is None or child.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            child.terminate()
-        with contextlib.suppress(OSError):  # stderr may be a closed pipe; stopping matters more
-            print(
-                f"kaiwo-gpu run: the allocation's lease is gone ({reason}); stopping the "
-                f"command (SIGKILL in {self._kill_after_s:g}s if it does not exit)",
-                file=sys.stderr,
-            )
-        try:
-            child.wait(self._kill_after_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                child.kill()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        previous = {s: signal.signal(s, self.handle) for s in FORWARDED_SIGNALS}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
 def run_command(args: argparse.Namespace) -> int:
     argv = list(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
     if not argv:
-        print("kaiwo-gpu run: error: no command given; put it after --", file=sys.stderr)
+        say("error: no command given; put it after --")
         return 2
-    forwarder = Forwarder(args.kill_after)
+    supervisor = Supervisor(args.kill_after)
+    request: AllocationRequest | None = None
+    placed: list[HeldAllocation] = []
+    settings = ClientSettings(target=args.coordinator, timeout_s=args.timeout)
     try:
-        with forwarder.installed():
+        with supervisor.installed():
             pinned = () if args.any_node or args.node else (local_node(),)
-            request = request_from_flags(args, default_nodes=pinned)
-            settings = ClientSettings(target=args.coordinator, timeout_s=args.timeout)
+            request = with_lease(request_from_flags(args, default_nodes=pinned), DEFAULT_HELD_TTL_S)
             with Client(settings=settings) as client:
-                return _hold_and_run(
-                    client, with_lease(request, DEFAULT_HELD_TTL_S), argv, forwarder, args
-                )
+                return _hold_and_run(client, request, argv, supervisor, args, placed=placed)
     except Interrupted as stop:
-        name = signal.Signals(stop.signum).name
-        print(f"kaiwo-gpu run: stopped by {name}", file=sys.stderr)
+        say(f"stopped by {signal.Signals(stop.signum).name}")
+        if request is not None and not placed:  # stopped inside the allocate call
+            _withdraw(settings, request)
         return 128 + stop.signum
     except argparse.ArgumentTypeError as error:
-        print(f"kaiwo-gpu run: error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return 2
     except KaiwoGpuError as error:
-        print(f"kaiwo-gpu run: {error.message}", file=sys.stderr)
+        say(error.message)
         return exit_code(error)
 
 
@@ -210,30 +109,35 @@ def _hold_and_run(
     client: Client,
     request: AllocationRequest,
     argv: list[str],
-    forwarder: Forwarder,
+    supervisor: Supervisor,
     args: argparse.Namespace,
+    *,
+    placed: list[HeldAllocation],
 ) -> int:
-    held = client.allocation(request, on_lost=forwarder.lease_lost)
+    held = client.allocation(request, on_lost=supervisor.stop)
+    placed.append(held)
     try:
         grants = held.allocation.gpus
         if not args.quiet:
             share = ",".join(sorted({format_fraction(g.granted_millis) for g in grants}))
-            print(
-                f"kaiwo-gpu run: allocation {held.id} on {held.allocation.node}, "
-                f"GPU {','.join(str(g.index) for g in grants)}, share {share}",
-                file=sys.stderr,
+            say(
+                f"allocation {held.id} on {held.allocation.node}, "
+                f"GPU {','.join(str(g.index) for g in grants)}, share {share}"
             )
-        environment = {**os.environ, **held.environment, COORDINATOR_VARIABLE: args.coordinator}
+        if held.lost:
+            say(f"the allocation's lease is gone ({held.lost_reason}); not starting the command")
+            return EXIT_LEASE_LOST
+        environment = launch_environment(os.environ, held.allocation)
+        environment[COORDINATOR_VARIABLE] = args.coordinator
         try:
-            child = forwarder.start(argv, environment)
+            status = exit_status(supervisor.run(argv, environment))
         except FileNotFoundError:
-            print(f"kaiwo-gpu run: {argv[0]}: command not found", file=sys.stderr)
+            say(f"{argv[0]}: command not found")
             return EXIT_NOT_FOUND
         except PermissionError:
-            print(f"kaiwo-gpu run: {argv[0]}: permission denied", file=sys.stderr)
+            say(f"{argv[0]}: permission denied")
             return EXIT_NOT_EXECUTABLE
-        status = exit_status(child.wait())
-        if forwarder.lost_reason:
+        if supervisor.lost_reason:
             return status or EXIT_LEASE_LOST  # never report success for work without a share
         return status
     finally:
@@ -245,8 +149,17 @@ def _release(held: HeldAllocation, timeout_s: float) -> None:
     try:
         held.release(timeout_s=timeout_s)
     except KaiwoGpuError as error:
-        print(
-            f"kaiwo-gpu run: could not release {held.id} ({error.message}); "
-            f"its lease expires within {held.allocation.request.ttl_seconds}s",
-            file=sys.stderr,
-        )
+        ttl_s = held.allocation.request.ttl_seconds
+        say(f"could not release {held.id} ({error.message}); its lease expires within {ttl_s}s")
+
+
+def _withdraw(settings: ClientSettings, request: AllocationRequest) -> None:
+    """A signal cut the allocate call short: whatever it placed is found by its request id
+    (replaying it) and released, so it does not stay held for a whole TTL."""
+    quick = ClientSettings(settings.target, WITHDRAW_TIMEOUT_S, settings.retry)
+    try:
+        with Client(settings=quick) as client:
+            client.release(client.allocate(request).id)
+    except (KaiwoGpuError, Interrupted) as error:
+        reason = error.message if isinstance(error, KaiwoGpuError) else "signalled again"
+        say(f"could not withdraw request {request.request_id} ({reason}); its lease lapses")
