@@ -45,12 +45,14 @@ class TaskStart:
 
     status: int
     exports: dict[str, str] = field(default_factory=dict)
+    unsets: list[str] = field(default_factory=list)
     printed: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
     def environment(self, before: Mapping[str, str]) -> dict[str, str]:
         """The environment the task starts with, as a later step inherits it."""
-        return {**before, **self.exports}
+        kept = {k: v for k, v in before.items() if k not in self.unsets}
+        return {**kept, **self.exports}
 
 
 def slurm_reads(status: int, output: str) -> TaskStart:
@@ -61,6 +63,8 @@ def slurm_reads(status: int, output: str) -> TaskStart:
         elif line.startswith("export ") and "=" in line:
             name, _, value = line.removeprefix("export ").lstrip().partition("=")
             start.exports[name.rstrip()] = value
+        elif line.startswith("unset "):
+            start.unsets.append(line.removeprefix("unset ").strip())
         elif line.strip():
             start.ignored.append(line)
     return start
@@ -187,6 +191,7 @@ async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Runnin
     first, second = await asyncio.gather(task_prolog(environment), task_prolog(environment))
 
     assert (first.status, first.printed, first.ignored) == (0, [], [])
+    assert first.unsets == ["HSA_CU_MASK"]  # no cu-mask granted: none may be inherited
     assert second == first
     assert set(first.exports) >= GRANT_VARIABLES
     assert first.exports["KAIWO_GPU_NODE"] == "node-b"
@@ -225,6 +230,24 @@ async def test_a_step_started_from_a_granted_task_gets_the_same_allocation(
     assert step.exports == batch.exports
     assert ("HSA_CU_MASK" in batch.exports) == (isolation in ("cu-mask", "mps"))
     assert len(await listed(coordinator, "slurm/77")) == 1
+
+
+@pytest.mark.slow
+async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
+    running: Running,
+) -> None:
+    """sbatch from a shell under `kaiwo-gpu run --isolation cu-mask` that asks for a share."""
+    coordinator = target(running)
+    inherited = {
+        "KAIWO_GPU_ALLOCATION_ID": "f00d",
+        "KAIWO_GPU_ISOLATION": "cu-mask",
+        "HSA_CU_MASK": "0:0-75",
+        "KAIWO_GPU_FRACTION": "0.5",
+    }
+    start = await task_prolog(task_environment(coordinator, "5014", **inherited))
+    assert start.status == 0, start.printed
+    assert start.exports["KAIWO_GPU_ISOLATION"] == "none"
+    assert "HSA_CU_MASK" not in start.environment(inherited)
 
 
 @pytest.mark.slow

@@ -19,13 +19,13 @@ asked=$fraction$memory$count$strategy
 if [ -n "${KAIWO_GPU_SLURM_ISOLATION+set}" ]; then
     isolation=$KAIWO_GPU_SLURM_ISOLATION
     asked=$asked$isolation
+elif [ -n "${KAIWO_GPU_ALLOCATION_ID:-}" ]; then
+    # Beside a grant made elsewhere (sbatch from a shell under `kaiwo-gpu run`), it is that
+    # grant's isolation, not a request: it neither asks nor shapes what is asked.
+    isolation=
 else
     isolation=${KAIWO_GPU_ISOLATION:-}
-    # Alone beside a grant made elsewhere (sbatch from a shell under `kaiwo-gpu run`), it
-    # is that grant's and asks for nothing.
-    if [ -z "${KAIWO_GPU_ALLOCATION_ID:-}" ]; then
-        asked=$asked$isolation
-    fi
+    asked=$asked$isolation
 fi
 if [ -z "$asked" ]; then
     exit 0
@@ -105,4 +105,14 @@ fi
 
 # Slurm takes everything after `=` as the value, so the lines go out unquoted.
 printf '%s\n' "$granted" | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*=\)/export \1/p'
+# A grant variable inherited from another allocation (a mask, a device list) and not set by
+# this grant must not reach the task.
+for name in ROCR_VISIBLE_DEVICES HSA_CU_MASK KAIWO_GPU_ALLOCATION_ID KAIWO_GPU_NODE \
+    KAIWO_GPU_FRACTION_MILLIS KAIWO_GPU_MEMORY_LIMIT_MIB KAIWO_GPU_ISOLATION; do
+    case "$granted" in
+    "$name="* | *"
+$name="*) ;;
+    *) printf 'unset %s\n' "$name" ;;
+    esac
+done
 printf 'export KAIWO_GPU_SLURM_ISOLATION=%s\n' "$isolation"

@@ -66,8 +66,9 @@ def load_manifest(text: str, source: str = "manifest") -> Mapping[str, object]:
         shown = lines[line - 1].strip()[:120] if 0 < line <= len(lines) else ""
         allowed = f"valid YAML ({error.problem or error.context})"
         raise InvalidArgumentError(f"{source} line {line}", shown, allowed) from None
-    except yaml.YAMLError as error:
-        raise InvalidArgumentError(source, None, f"valid YAML ({error})") from None
+    except yaml.YAMLError as error:  # e.g. bytes that are not text: one line all the same
+        problem = " ".join(str(error).split())
+        raise InvalidArgumentError(source, None, f"valid YAML ({problem})") from None
     except RecursionError:
         raise InvalidArgumentError(source, None, "YAML nested less deeply") from None
     if len(documents) != 1:
