@@ -7,8 +7,10 @@ the coordinator holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
 import signal
 import sys
 from pathlib import Path
@@ -480,3 +482,57 @@ async def test_run_reports_a_missing_command(running: Running) -> None:
     code, _, err = await cli(running, "run", "--fraction", "0.25")
     assert code == 2
     assert "no command" in err
+
+
+TERMINAL_CHILD = """\
+import os, signal, sys, time
+got = []
+signal.signal(signal.SIGINT, lambda *_: got.append(1))
+print("fg", os.tcgetpgrp(0) == os.getpgrp(), os.getpgrp() != os.getsid(0), flush=True)
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # a second, forwarded SIGINT would land here
+print("sigints", len(got), flush=True)
+sys.exit(5)
+"""
+# Makes the pty its controlling terminal, as a login shell's session would have it.
+SESSION = (
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+async def test_run_hands_the_terminal_to_the_command_so_ctrl_c_arrives_once(
+    running: Running,
+) -> None:
+    primary, secondary = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SESSION, *KAIWO_GPU, "run", "--node", "node-a",
+        "--fraction", "0.25", "--quiet", "--", sys.executable, "-c", TERMINAL_CHILD,
+        stdin=secondary, stdout=secondary, stderr=secondary,
+        env={**os.environ, "KAIWO_GPU_COORDINATOR": running.target},
+    )  # fmt: skip
+    os.close(secondary)
+    seen = b""
+    loop = asyncio.get_running_loop()
+
+    async def read_until(marker: bytes) -> None:
+        nonlocal seen
+        while marker not in seen:
+            seen += await asyncio.wait_for(loop.run_in_executor(None, os.read, primary, 1024), 60)
+
+    try:
+        await read_until(b"ready")
+        os.write(primary, b"\x03")  # Ctrl-C, as typed
+        await read_until(b"sigints")
+        await asyncio.wait_for(process.wait(), 60)
+        with contextlib.suppress(OSError):  # the rest, up to the session's end
+            seen += os.read(primary, 4096)
+    finally:
+        os.close(primary)
+    text = seen.decode(errors="replace")
+    assert "fg True True" in text  # its own group, and the terminal's foreground
+    assert "sigints 1" in text
+    assert process.returncode == 5
