@@ -1,9 +1,12 @@
-"""Runs `kaiwo-gpu run`'s command as a process group it can signal, stop and clean up.
+"""Runs `kaiwo-gpu run`'s command so that signals reach it and its leftovers are cleaned up.
 
-The command gets its own process group, so a signal reaches its children too and nothing it
-started outlives the share. When `run` holds the terminal, the terminal is handed to that
-group (as a shell does for a foreground job) and taken back afterwards, so Ctrl-C reaches
-the command exactly once and a signal sent to `run` is always forwarded.
+Where `run` is a job of its own (it leads its process group: an interactive shell's job, or
+no terminal at all: a batch job, a service), the command gets its own process group, so a
+signal reaches its children too and what it leaves in that group does not outlive the
+share; a terminal `run` holds is handed to that group, as a shell does for a foreground job,
+and a command stopped by Ctrl-Z stops `run` too. Inside someone else's group (a line of a
+script, a stage of a pipeline on a terminal) the command stays in that group, so the
+terminal's job control treats them as one.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
@@ -54,27 +59,41 @@ class Supervisor:
         self.lost_reason = ""
         self._kill_after_s = kill_after_s
         self._starting = False
+        self._reaping = False
         self._pending: list[int] = []
-        self._terminal: int | None = None
+        self._terminal: _Terminal | None = None
+        # A job of its own, or no terminal: the command gets a group of its own.
+        self._own_group = os.getpgrp() == os.getpid() or not _has_terminal()
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self._starting:  # inside Popen: neither a group to signal nor safe to stop
             self._pending.append(signum)
             return
+        if self._reaping:  # impatient: what the command left behind goes now
+            self.signal_group(signal.SIGKILL)
+            return
         child = self.child
         if child is None or child.returncode is not None:
             raise Interrupted(signum)
+        if not self._own_group and _terminal_sent_it_too(signum):
+            return  # the command shares our group: the terminal reached it already
         self.signal_group(signum)
 
     def signal_group(self, signum: int) -> None:
         child = self.child
-        if child is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+        if child is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if self._own_group:
                 os.killpg(child.pid, signum)
+            elif child.returncode is None:
+                child.send_signal(signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        previous = {s: signal.signal(s, self.handle) for s in FORWARDED_SIGNALS}
+        # A signal ignored when `run` started (nohup) stays ignored, for the command too.
+        wanted = [s for s in FORWARDED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {s: signal.signal(s, self.handle) for s in wanted}
         try:
             yield
         finally:
@@ -85,19 +104,59 @@ class Supervisor:
         """Starts the command, waits for it, cleans up its group; returns its raw status."""
         self._starting = True
         try:
-            self.child = subprocess.Popen(argv, env=environment, process_group=0)
+            group = 0 if self._own_group else None
+            self.child = subprocess.Popen(argv, env=environment, process_group=group)
         finally:
             self._starting = False
-        self._terminal = _hand_terminal_to(self.child.pid)
+        if self._own_group:
+            self._terminal = _Terminal.hand_to(self.child.pid)
         for signum in self._pending:  # arrived while the command was being started
             self.signal_group(signum)
         if self.lost_reason:  # lost while starting: stop it now
             self.stop(self.lost_reason)
         try:
-            return self.child.wait()
+            return self._wait()
         finally:
-            _take_terminal_back(self._terminal)
+            if self._terminal is not None:
+                self._terminal.take_back()
             self._reap_group()
+
+    def _wait(self) -> int:
+        """Waits for the command to end, following it through stops (Ctrl-Z).
+
+        Polls, so a signal handled by another thread of this process is acted on within a
+        tenth of a second rather than when the command ends.
+        """
+        child = self.child
+        assert child is not None
+        flags = os.WEXITED | os.WSTOPPED | os.WNOWAIT | os.WNOHANG
+        while child.returncode is None:
+            try:
+                seen = os.waitid(os.P_PID, child.pid, flags)
+            except ChildProcessError:
+                break  # the renewal thread's stop() reaped it; Popen has its status
+            if seen is None:
+                time.sleep(0.1)
+            elif seen.si_code == os.CLD_STOPPED:
+                os.waitid(os.P_PID, child.pid, os.WSTOPPED)  # taken note of
+                self._follow_stop()
+            else:
+                break
+        return child.wait()
+
+    def _follow_stop(self) -> None:
+        """The command stopped (Ctrl-Z, or it read a terminal it did not hold): as its job,
+        `run` stops too and gives the terminal back; when continued, it continues it."""
+        if not self._own_group or os.getpgrp() != os.getpid():
+            return  # not a job of our own: whoever stopped it will continue it
+        if self._terminal is not None:
+            self._terminal.take_back()
+        os.killpg(os.getpgrp(), signal.SIGSTOP)  # until the shell continues us (fg or bg)
+        child = self.child
+        assert child is not None
+        self._terminal = _Terminal.hand_to(child.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGCONT)
 
     def stop(self, reason: str) -> None:
         """From the renewal thread: the share may go to others, so the command must stop."""
@@ -118,14 +177,16 @@ class Supervisor:
     def _reap_group(self) -> None:
         """What the command left running in its group must not outlive the share."""
         child = self.child
-        if child is None or not _group_alive(child.pid):
+        if child is None or not self._own_group or not _group_alive(child.pid):
             return
+        self._reaping = True
         self.signal_group(signal.SIGTERM)
         deadline = time.monotonic() + self._kill_after_s
         while _group_alive(child.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if _group_alive(child.pid):
             self.signal_group(signal.SIGKILL)
+        self._reaping = False
 
 
 def _group_alive(pgid: int) -> bool:
@@ -136,34 +197,67 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _hand_terminal_to(pgid: int) -> int | None:
-    """Makes the command's group the terminal's foreground when `run` was; returns the tty."""
+def _has_terminal() -> bool:
     try:
-        terminal = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
     except OSError:
-        return None  # no controlling terminal: a batch job, a service, a test
-    try:
-        if os.tcgetpgrp(terminal) != os.getpgrp():
-            os.close(terminal)
-            return None
-        os.tcsetpgrp(terminal, pgid)
-    except OSError:
-        os.close(terminal)
-        return None
-    # It may have touched the terminal before it was its own and been stopped for it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGCONT)
-    return terminal
+        return False
+    return True
 
 
-def _take_terminal_back(terminal: int | None) -> None:
-    if terminal is None:
-        return
-    # A background group that sets the foreground gets SIGTTOU unless it ignores it.
-    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+def _terminal_sent_it_too(signum: int) -> bool:
+    """Ctrl-C and Ctrl-\\ reach the whole foreground group: when that is ours, the command
+    (in our group) got the signal from the terminal as well."""
+    if signum not in (signal.SIGINT, signal.SIGQUIT):
+        return False
     try:
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(terminal, os.getpgrp())
+        terminal = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(terminal) == os.getpgrp()
+    except OSError:
+        return False
     finally:
-        signal.signal(signal.SIGTTOU, previous)
         os.close(terminal)
+
+
+class _Terminal:
+    """The controlling terminal while the command's group holds it, and its modes before."""
+
+    def __init__(self, descriptor: int, modes: list[Any]) -> None:
+        self.descriptor = descriptor
+        self.modes = modes
+
+    @classmethod
+    def hand_to(cls, pgid: int) -> _Terminal | None:
+        """Makes the group the terminal's foreground when `run` was; None when it was not."""
+        try:
+            descriptor = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+        except OSError:
+            return None
+        try:
+            if os.tcgetpgrp(descriptor) != os.getpgrp():
+                os.close(descriptor)
+                return None
+            modes = termios.tcgetattr(descriptor)
+            os.tcsetpgrp(descriptor, pgid)
+        except (OSError, termios.error):
+            os.close(descriptor)
+            return None
+        # It may have touched the terminal before it was its own and been stopped for it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGCONT)
+        return cls(descriptor, modes)
+
+    def take_back(self) -> None:
+        """Foreground and modes as they were (a command killed with `stty -echo` set)."""
+        # A background group that sets the foreground gets SIGTTOU unless it ignores it.
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            with contextlib.suppress(OSError, termios.error):
+                os.tcsetpgrp(self.descriptor, os.getpgrp())
+                termios.tcsetattr(self.descriptor, termios.TCSADRAIN, self.modes)
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+            os.close(self.descriptor)
