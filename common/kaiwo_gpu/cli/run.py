@@ -86,23 +86,23 @@ def run_command(args: argparse.Namespace) -> int:
     request: AllocationRequest | None = None
     placed: list[HeldAllocation] = []
     settings = ClientSettings(target=args.coordinator, timeout_s=args.timeout)
-    try:
-        with supervisor.installed():
+    with supervisor.installed():  # also while withdrawing: a second signal is handled too
+        try:
             pinned = () if args.any_node or args.node else (local_node(),)
             request = with_lease(request_from_flags(args, default_nodes=pinned), DEFAULT_HELD_TTL_S)
             with Client(settings=settings) as client:
                 return _hold_and_run(client, request, argv, supervisor, args, placed=placed)
-    except Interrupted as stop:
-        say(f"stopped by {signal.Signals(stop.signum).name}")
-        if request is not None and not placed:  # stopped inside the allocate call
-            _withdraw(settings, request)
-        return 128 + stop.signum
-    except argparse.ArgumentTypeError as error:
-        say(f"error: {error}")
-        return 2
-    except KaiwoGpuError as error:
-        say(error.message)
-        return exit_code(error)
+        except Interrupted as stop:
+            say(f"stopped by {signal.Signals(stop.signum).name}")
+            if request is not None and not placed:  # stopped inside the allocate call
+                _withdraw(settings, request)
+            return 128 + stop.signum
+        except argparse.ArgumentTypeError as error:
+            say(f"error: {error}")
+            return 2
+        except KaiwoGpuError as error:
+            say(error.message)
+            return exit_code(error)
 
 
 def _hold_and_run(
