@@ -7,10 +7,10 @@ the coordinator holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import pty
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -504,35 +504,119 @@ SESSION = (
 )
 
 
+class Terminal:
+    """A pty that is the controlling terminal of a new session running `argv`."""
+
+    def __init__(self, primary: int, process: asyncio.subprocess.Process) -> None:
+        self.primary = primary
+        self.process = process
+        self.seen = b""
+
+    @classmethod
+    async def start(cls, running: Running, *argv: str) -> Terminal:
+        primary, secondary = pty.openpty()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SESSION, *argv,
+            stdin=secondary, stdout=secondary, stderr=secondary,
+            env={**os.environ, "KAIWO_GPU_COORDINATOR": running.target},
+        )  # fmt: skip
+        os.close(secondary)
+        return cls(primary, process)
+
+    async def read_until(self, marker: bytes) -> str:
+        loop = asyncio.get_running_loop()
+        while marker not in self.seen:
+            chunk = loop.run_in_executor(None, os.read, self.primary, 1024)
+            self.seen += await asyncio.wait_for(chunk, 60)
+        return self.seen.decode(errors="replace")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.primary, keys)
+
+    async def finish(self) -> int:
+        await asyncio.wait_for(self.process.wait(), 60)
+        os.close(self.primary)
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+
+RUN_ON_TERMINAL = (*KAIWO_GPU, "run", "--node", "node-a", "--fraction", "0.25", "--quiet", "--")
+
+
 async def test_run_hands_the_terminal_to_the_command_so_ctrl_c_arrives_once(
     running: Running,
 ) -> None:
-    primary, secondary = pty.openpty()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SESSION, *KAIWO_GPU, "run", "--node", "node-a",
-        "--fraction", "0.25", "--quiet", "--", sys.executable, "-c", TERMINAL_CHILD,
-        stdin=secondary, stdout=secondary, stderr=secondary,
-        env={**os.environ, "KAIWO_GPU_COORDINATOR": running.target},
-    )  # fmt: skip
-    os.close(secondary)
-    seen = b""
-    loop = asyncio.get_running_loop()
-
-    async def read_until(marker: bytes) -> None:
-        nonlocal seen
-        while marker not in seen:
-            seen += await asyncio.wait_for(loop.run_in_executor(None, os.read, primary, 1024), 60)
-
-    try:
-        await read_until(b"ready")
-        os.write(primary, b"\x03")  # Ctrl-C, as typed
-        await read_until(b"sigints")
-        await asyncio.wait_for(process.wait(), 60)
-        with contextlib.suppress(OSError):  # the rest, up to the session's end
-            seen += os.read(primary, 4096)
-    finally:
-        os.close(primary)
-    text = seen.decode(errors="replace")
+    terminal = await Terminal.start(running, *RUN_ON_TERMINAL, sys.executable, "-c", TERMINAL_CHILD)
+    await terminal.read_until(b"ready")
+    terminal.type(b"\x03")  # Ctrl-C, as typed
+    text = await terminal.read_until(b"sigints")
+    assert await terminal.finish() == 5
     assert "fg True True" in text  # its own group, and the terminal's foreground
     assert "sigints 1" in text
-    assert process.returncode == 5
+
+
+async def test_run_inside_a_script_leaves_the_command_in_the_scripts_group(
+    running: Running,
+) -> None:
+    line = shlex.join([*RUN_ON_TERMINAL, sys.executable, "-c", TERMINAL_CHILD])
+    terminal = await Terminal.start(running, "/bin/sh", "-c", f"{line}; echo after=$?")
+    await terminal.read_until(b"ready")
+    terminal.type(b"\x03")
+    text = await terminal.read_until(b"sigints")
+    await terminal.finish()
+    assert "fg True False" in text  # the script's group holds the terminal, the command too
+    assert "sigints 1" in text  # from the terminal only: run did not forward it again
+
+
+STOPPABLE_CHILD = """import os, sys, time
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("done", flush=True)
+sys.exit(4)
+"""
+
+
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_ctrl_z_stops_run_with_its_command_and_continuing_resumes_both(
+    running: Running, tmp_path: Path
+) -> None:
+    marker = tmp_path / "go"
+    terminal = await Terminal.start(
+        running, *RUN_ON_TERMINAL, sys.executable, "-c", STOPPABLE_CHILD, str(marker)
+    )
+    await terminal.read_until(b"ready")
+    terminal.type(b"\x1a")  # Ctrl-Z
+    run_pid = terminal.process.pid  # the session wrapper exec'd into run
+    for _ in range(600):  # bounded: 30 s
+        if state(run_pid) == "T":
+            break
+        await asyncio.sleep(0.05)
+    assert state(run_pid) == "T"  # stopped with its command, as a shell's job is
+    os.kill(run_pid, signal.SIGCONT)  # what `fg` does
+    marker.touch()
+    await terminal.read_until(b"done")
+    assert await terminal.finish() == 4
+
+
+async def test_a_hangup_ignored_by_nohup_stays_ignored(running: Running) -> None:
+    ignoring = (
+        "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ignoring, *KAIWO_GPU, "run", "--node", "node-a",
+        "--fraction", "0.25", "--quiet", "--", sys.executable, "-c",
+        "import time; print('ready', flush=True); time.sleep(1); raise SystemExit(6)",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "KAIWO_GPU_COORDINATOR": running.target},
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    process.send_signal(signal.SIGHUP)
+    await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 6
