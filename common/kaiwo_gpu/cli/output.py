@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.units import format_fraction
+from kaiwo_gpu.common.wire import isolation_from_proto
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 
@@ -60,26 +61,36 @@ def format_mib(mib: int) -> str:
     return f"{mib // 1024}Gi" if mib and mib % 1024 == 0 else f"{mib}Mi"
 
 
-def format_remaining(moment: Timestamp, now: datetime) -> str:
-    """`9m58s` until a lease expires; `-` when there is none."""
-    if not moment.seconds and not moment.nanos:
-        return "-"
-    seconds = int((moment.ToDatetime(tzinfo=UTC) - now).total_seconds())
-    if seconds <= 0:
-        return "expired"
-    hours, rest = divmod(seconds, 3600)
+def format_duration(seconds: int) -> str:
+    """`9m58s`, `3h04m`, `12s`: short enough for a table cell."""
+    hours, rest = divmod(max(0, seconds), 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def format_expiry(allocation: types_pb2.Allocation, now: datetime) -> str:
+    """How long until the lease expires; `-` when there is none."""
+    if not allocation.HasField("expires_at"):
+        return "-"
+    seconds = int((allocation.expires_at.ToDatetime(tzinfo=UTC) - now).total_seconds())
+    return format_duration(seconds) if seconds > 0 else "expired"
+
+
 def isolation_name(value: int) -> str:
-    return types_pb2.Isolation.Name(value).removeprefix("ISOLATION_").lower().replace("_", "-")  # type: ignore[arg-type]
+    """`cu-mask`; a number a newer coordinator sent is shown, not a crash."""
+    try:
+        return isolation_from_proto(value).value
+    except InvalidArgumentError:
+        return f"unknown ({value})"
 
 
 def health_name(value: int) -> str:
-    return types_pb2.Health.Name(value).removeprefix("HEALTH_").lower()  # type: ignore[arg-type]
+    try:
+        return types_pb2.Health.Name(value).removeprefix("HEALTH_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown ({value})"
 
 
 def _share(allocation: types_pb2.Allocation) -> str:
@@ -104,7 +115,7 @@ def allocation_row(allocation: types_pb2.Allocation, now: datetime) -> list[str]
         _memory(allocation),
         isolation_name(allocation.isolation),
         allocation.request.owner or "-",
-        format_remaining(allocation.expires_at, now),
+        format_expiry(allocation, now),
     ]
 
 
@@ -123,7 +134,7 @@ def allocation_details(allocation: types_pb2.Allocation, now: datetime) -> str:
         f"strategy:    {allocation.strategy}",
         f"owner:       {request.owner or '-'}",
         f"labels:      {_pairs(request.labels) or '-'}",
-        f"expires:     {format_remaining(allocation.expires_at, now)}",
+        f"expires:     {format_expiry(allocation, now)}",
     ]
     if allocation.isolation_note:
         lines.append(f"note:        {allocation.isolation_note}")

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from rich.console import Console, Group, RenderableType
@@ -18,9 +18,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError
+from kaiwo_gpu.cli.output import format_duration, format_expiry, isolation_name, now_utc
+from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, format_fraction
-from kaiwo_gpu.common.wire import isolation_from_proto
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 _WATCH_SETTLED_S = 3.0  # a stream open this long without failing counts as reconnected
@@ -126,7 +126,9 @@ def _status_lines(state: TopState, now: datetime) -> list[Text]:
     if state.nodes_error is not None:
         stale = ""
         if state.nodes_at is not None:
-            stale = f"; nodes as of {_duration(int((now - state.nodes_at).total_seconds()))} ago"
+            stale = (
+                f"; nodes as of {format_duration(int((now - state.nodes_at).total_seconds()))} ago"
+            )
         lines.append(Text(f"nodes: {state.nodes_error} (retrying{stale})", style="bold red"))
     elif state.nodes_at is None:
         lines.append(Text("waiting for the coordinator", style="dim"))
@@ -212,8 +214,8 @@ def _allocation_table(allocations: Collection[types_pb2.Allocation], now: dateti
             ",".join(str(grant.index) for grant in grants) or "-",
             ",".join(shares) or "-",
             f"{','.join(memory)} GiB" if memory else "-",
-            _isolation(allocation.isolation),
-            _expires_in(allocation, now),
+            isolation_name(allocation.isolation),
+            format_expiry(allocation, now),
         )
     return table
 
@@ -231,35 +233,9 @@ def _share_bar(millis: int) -> Text:
     return bar
 
 
-def _isolation(value: int) -> str:
-    try:
-        return str(isolation_from_proto(value))
-    except InvalidArgumentError:
-        return f"unknown ({value})"
-
-
-def _expires_in(allocation: types_pb2.Allocation, now: datetime) -> str:
-    if not allocation.HasField("expires_at"):
-        return "-"
-    left_s = int((allocation.expires_at.ToDatetime(tzinfo=UTC) - now).total_seconds())
-    return _duration(left_s) if left_s > 0 else "expired"
-
-
-def _duration(seconds: int) -> str:
-    hours, rest = divmod(max(0, seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 def _gib(mib: int) -> str:
     whole, rest = divmod(mib, 1024)
     return str(whole) if rest == 0 else f"{mib / 1024:.1f}"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -275,7 +251,7 @@ async def run_top(
     *,
     refresh_s: float = 1.0,
     frames: int | None = None,
-    clock: Callable[[], datetime] = _utc_now,
+    clock: Callable[[], datetime] = now_utc,
 ) -> None:
     """Follows the allocation stream and polls nodes, drawing a frame every `refresh_s`.
 
