@@ -32,6 +32,7 @@ from kaiwo_gpu.common.client_support import (
     keepalive_timeout_s,
     list_message,
     may_have_reached_server,
+    quietly,
     retry_delays,
     with_lease,
 )
@@ -194,7 +195,7 @@ class AsyncHeldAllocation(Holding):
         failed = False
         while True:
             await asyncio.sleep(0.2 if failed else interval_s)
-            sent_at = self._renewal_sent()
+            sent_at = self._clock()
             try:
                 await self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
             except Exception as error:
@@ -202,7 +203,7 @@ class AsyncHeldAllocation(Holding):
                     return
                 failed = True
             else:
-                self._renewed(sent_at)
+                self._renewed_at = sent_at
                 failed = False
 
     async def release(self, *, timeout_s: float | None = None) -> None:
@@ -221,9 +222,9 @@ class AsyncHeldAllocation(Holding):
             await asyncio.shield(self._client.release(self.id, timeout_s=timeout_s))
 
     async def __aenter__(self) -> AsyncHeldAllocation:
-        sent_at = self._renewal_sent()
+        sent_at = self._clock()
         self.allocation = await self._client.allocate(self.request)
-        self._renewed(sent_at)
+        self._renewed_at = sent_at
         interval = keepalive_interval_s(self.allocation.request.ttl_seconds)
         self._renewer = asyncio.create_task(self._renew(interval), name=f"keepalive-{self.id}")
         return self
@@ -234,10 +235,10 @@ class AsyncHeldAllocation(Holding):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if kind is None:
-            await self.release()
-            return
         try:
             await self.release()
         except KaiwoGpuError as failure:
-            log.warning("release failed", allocation_id=self.id, reason=failure.message)
+            if kind is None:
+                raise
+            # The body's exception matters more than a failed release; the lease still lapses.
+            quietly(log.warning, "release failed", allocation_id=self.id, reason=failure.message)

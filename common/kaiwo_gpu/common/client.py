@@ -220,7 +220,7 @@ class HeldAllocation(Holding):
     def _renew(self, interval_s: float) -> None:
         failed = False
         while not self._stop.wait(0.2 if failed else interval_s):
-            sent_at = self._renewal_sent()
+            sent_at = self._clock()
             try:
                 self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
             except Exception as error:
@@ -228,7 +228,7 @@ class HeldAllocation(Holding):
                     return  # released on purpose meanwhile, or the lease is gone
                 failed = True
             else:
-                self._renewed(sent_at)
+                self._renewed_at = sent_at
                 failed = False
 
     def release(self, *, timeout_s: float | None = None) -> None:
@@ -252,11 +252,10 @@ class HeldAllocation(Holding):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if kind is None:
-            self.release()
-            return
-        # The body's exception matters more than a failed release; the lease still lapses.
         try:
             self.release()
         except KaiwoGpuError as failure:
+            if kind is None:
+                raise
+            # The body's exception matters more than a failed release; the lease still lapses.
             quietly(log.warning, "release failed", allocation_id=self.id, reason=failure.message)

@@ -203,12 +203,6 @@ class Holding:
         self._clock = clock
         self._renewed_at = clock()  # when the last successful renewal (or the grant) was sent
 
-    def _renewal_sent(self) -> float:
-        return self._clock()
-
-    def _renewed(self, sent_at: float) -> None:
-        self._renewed_at = sent_at
-
     @property
     def id(self) -> str:
         return self.allocation.id
