@@ -197,12 +197,26 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _has_terminal() -> bool:
+def _open_terminal() -> int | None:
+    """The controlling terminal, or None for a batch job, a service or a test."""
     try:
-        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+        return os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return None
+
+
+def _in_foreground(terminal: int) -> bool:
+    try:
+        return os.tcgetpgrp(terminal) == os.getpgrp()
     except OSError:
         return False
-    return True
+
+
+def _has_terminal() -> bool:
+    terminal = _open_terminal()
+    if terminal is not None:
+        os.close(terminal)
+    return terminal is not None
 
 
 def _terminal_sent_it_too(signum: int) -> bool:
@@ -210,14 +224,11 @@ def _terminal_sent_it_too(signum: int) -> bool:
     (in our group) got the signal from the terminal as well."""
     if signum not in (signal.SIGINT, signal.SIGQUIT):
         return False
-    try:
-        terminal = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
+    terminal = _open_terminal()
+    if terminal is None:
         return False
     try:
-        return os.tcgetpgrp(terminal) == os.getpgrp()
-    except OSError:
-        return False
+        return _in_foreground(terminal)
     finally:
         os.close(terminal)
 
@@ -232,12 +243,11 @@ class _Terminal:
     @classmethod
     def hand_to(cls, pgid: int) -> _Terminal | None:
         """Makes the group the terminal's foreground when `run` was; None when it was not."""
-        try:
-            descriptor = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-        except OSError:
+        descriptor = _open_terminal()
+        if descriptor is None:
             return None
         try:
-            if os.tcgetpgrp(descriptor) != os.getpgrp():
+            if not _in_foreground(descriptor):
                 os.close(descriptor)
                 return None
             modes = termios.tcgetattr(descriptor)
