@@ -107,24 +107,26 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
+def _status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """Code and details of a failed call (a bare RpcError carries neither)."""
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.UNKNOWN, ""
+
+
 def may_have_reached_server(error: grpc.RpcError) -> bool:
     """False only when gRPC says it never connected, so the call cannot have taken effect."""
-    details = error.details() if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else ""
-    return not (details or "").startswith("failed to connect")
+    return not _status(error)[1].startswith("failed to connect")
 
 
 def error_from_rpc(error: grpc.RpcError) -> KaiwoGpuError:
     """The project's error for a failed call, carrying the server's own message."""
-    code = error.code() if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else None
-    details = error.details() if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else None
-    name = code.name if code is not None else "UNKNOWN"
-    return error_from_status(name, details or f"the coordinator call failed ({name})")
+    code, details = _status(error)
+    return error_from_status(code.name, details or f"the coordinator call failed ({code.name})")
 
 
 def is_retryable(error: grpc.RpcError) -> bool:
-    return isinstance(error, grpc.Call | grpc.aio.AioRpcError) and (
-        error.code() in RETRYABLE_STATUSES
-    )
+    return _status(error)[0] in RETRYABLE_STATUSES
 
 
 def allocate_message(request: AllocationRequest) -> allocation_pb2.AllocateRequest:
