@@ -100,6 +100,22 @@ def add_output_flag(parser: argparse.ArgumentParser, *extra: OutputFormat) -> No
     )
 
 
+def _answer_flags(parser: argparse.ArgumentParser, *extra: OutputFormat) -> None:
+    """How a command prints and whom it asks: every client command but `top` takes both."""
+    add_output_flag(parser, *extra)
+    add_connection_flags(parser)
+
+
+def _filter_flags(parser: argparse.ArgumentParser, *, owner_and_node: bool, label: bool) -> None:
+    if owner_and_node:
+        parser.add_argument("--owner", default="")
+        parser.add_argument("--node", default="")
+    if label:
+        parser.add_argument(
+            "-l", "--label", metavar="K=V", type=key_value, action="append", default=[]
+        )
+
+
 def add_client_parsers(commands: Subcommands) -> None:
     allocate = commands.add_parser(
         "allocate",
@@ -126,8 +142,7 @@ def add_client_parsers(commands: Subcommands) -> None:
         default=os.environ.get(AMD_GPU_UNIT_VARIABLE, AmdGpuUnit.MILLI.value),
         help=f"what one amd.com/gpu means: milli | device (${AMD_GPU_UNIT_VARIABLE})",
     )
-    add_output_flag(allocate, OutputFormat.ENV)
-    add_connection_flags(allocate)
+    _answer_flags(allocate, OutputFormat.ENV)
 
     release = commands.add_parser(
         "release",
@@ -137,8 +152,7 @@ def add_client_parsers(commands: Subcommands) -> None:
     )
     release.add_argument("ids", nargs="*", metavar="ID")
     release.add_argument("--owner", help="release every allocation this owner holds")
-    add_output_flag(release)
-    add_connection_flags(release)
+    _answer_flags(release)
 
     get = commands.add_parser(
         "get",
@@ -146,30 +160,23 @@ def add_client_parsers(commands: Subcommands) -> None:
         epilog="example: kaiwo-gpu get 3f2a... -o yaml",
     )
     get.add_argument("id", metavar="ID")
-    add_output_flag(get, OutputFormat.ENV)
-    add_connection_flags(get)
+    _answer_flags(get, OutputFormat.ENV)
 
     listing = commands.add_parser(
         "list",
         help="list allocations",
         epilog="example: kaiwo-gpu list --node node-00 -l team=ml -o json",
     )
-    listing.add_argument("--owner", default="")
-    listing.add_argument("--node", default="")
-    listing.add_argument(
-        "-l", "--label", metavar="K=V", type=key_value, action="append", default=[]
-    )
-    add_output_flag(listing)
-    add_connection_flags(listing)
+    _filter_flags(listing, owner_and_node=True, label=True)
+    _answer_flags(listing)
 
     nodes = commands.add_parser(
         "nodes",
         help="per-GPU capacity, free share, health, utilization and temperature",
         epilog="example: kaiwo-gpu nodes -l zone=a",
     )
-    nodes.add_argument("-l", "--label", metavar="K=V", type=key_value, action="append", default=[])
-    add_output_flag(nodes)
-    add_connection_flags(nodes)
+    _filter_flags(nodes, owner_and_node=False, label=True)
+    _answer_flags(nodes)
 
     watch = commands.add_parser(
         "watch",
@@ -178,13 +185,11 @@ def add_client_parsers(commands: Subcommands) -> None:
         "each event is one line of JSON.",
         epilog="example: kaiwo-gpu watch --node node-00 --events 10 -o json",
     )
-    watch.add_argument("--owner", default="")
-    watch.add_argument("--node", default="")
+    _filter_flags(watch, owner_and_node=True, label=False)
     watch.add_argument(
         "--events", type=flags.whole_number(1, 10**9, "a count"), help="stop after N events"
     )
-    add_output_flag(watch)
-    add_connection_flags(watch)
+    _answer_flags(watch)
 
     top = commands.add_parser(
         "top",
@@ -206,8 +211,7 @@ def add_client_parsers(commands: Subcommands) -> None:
     add_connection_flags(top)
 
     stats = commands.add_parser("stats", help="cluster totals", epilog="example: kaiwo-gpu stats")
-    add_output_flag(stats)
-    add_connection_flags(stats)
+    _answer_flags(stats)
 
 
 def _client(args: argparse.Namespace) -> Client:
