@@ -88,6 +88,11 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def connection_settings(args: argparse.Namespace) -> ClientSettings:
+    """The client settings the connection flags describe."""
+    return ClientSettings(target=args.coordinator, timeout_s=args.timeout)
+
+
 def add_output_flag(parser: argparse.ArgumentParser, *extra: OutputFormat) -> None:
     choices = [OutputFormat.TABLE, OutputFormat.JSON, OutputFormat.YAML, *extra]
     parser.add_argument(
@@ -215,7 +220,7 @@ def add_client_parsers(commands: Subcommands) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(settings=ClientSettings(target=args.coordinator, timeout_s=args.timeout))
+    return Client(settings=connection_settings(args))
 
 
 def _print_allocation(allocation: types_pb2.Allocation, output: OutputFormat) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from dataclasses import replace
 
 from kaiwo_gpu.cli import flags
-from kaiwo_gpu.cli.client_commands import add_connection_flags, exit_code
+from kaiwo_gpu.cli.client_commands import add_connection_flags, connection_settings, exit_code
 from kaiwo_gpu.cli.request_flags import add_allocation_flags, request_from_flags
 from kaiwo_gpu.cli.supervise import Interrupted, Supervisor, say
 from kaiwo_gpu.common.client import Client, HeldAllocation
@@ -85,7 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
     supervisor = Supervisor(args.kill_after)
     request: AllocationRequest | None = None
     placed: list[HeldAllocation] = []
-    settings = ClientSettings(target=args.coordinator, timeout_s=args.timeout)
+    settings = connection_settings(args)
     with supervisor.installed():  # also while withdrawing: a second signal is handled too
         try:
             pinned = () if args.any_node or args.node else (local_node(),)
@@ -156,7 +157,7 @@ def _release(held: HeldAllocation, timeout_s: float) -> None:
 def _withdraw(settings: ClientSettings, request: AllocationRequest) -> None:
     """A signal cut the allocate call short: whatever it placed is found by its request id
     (replaying it) and released, so it does not stay held for a whole TTL."""
-    quick = ClientSettings(settings.target, WITHDRAW_TIMEOUT_S, settings.retry)
+    quick = replace(settings, timeout_s=WITHDRAW_TIMEOUT_S)
     try:
         with Client(settings=quick) as client:
             client.release(client.allocate(request).id)
