@@ -61,9 +61,9 @@ from benchlib import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kaiwo_gpu.coordinator.changes import Put, Txn
-from kaiwo_gpu.coordinator.inventory import load_inventory
-from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.inventory import load_inventory
+from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:

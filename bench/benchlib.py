@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaiwo_gpu.common.errors import KaiwoGpuError
-from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 
 HOST = "127.0.0.1"
 SERVING_TIMEOUT_S = 60.0

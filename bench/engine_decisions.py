@@ -30,10 +30,10 @@ from benchlib import Stats, positive_int, print_header
 
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
-from kaiwo_gpu.coordinator.engine import NoFit, Placement, place
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, SchedulerState
-from kaiwo_gpu.coordinator.synthetic import random_requests, synthetic_nodes
+from kaiwo_gpu.coordinator.local.synthetic import random_requests, synthetic_nodes
+from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, place
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
 
 GPUS_PER_NODE = 8
 FILL_TARGET = 0.5

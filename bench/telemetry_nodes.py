@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from kaiwo_gpu.coordinator.agent_reports import (
+from kaiwo_gpu.coordinator.state.agent_reports import (
     checked_batch,
     node_record,
     placement_reading,

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector
-from kaiwo_gpu.coordinator.capacity_index import CapacityIndex
-from kaiwo_gpu.coordinator.cluster import Gpu, Node, Telemetry
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, SchedulerState
+from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, Node, Telemetry
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
 
 
 class EveryGpuTwice:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.v1 import allocation_pb2_grpc

@@ -13,10 +13,10 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from kaiwo_gpu.coordinator.changes import Put, Txn
-from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.coordinator.view_state import RELEASED_PREFIX
+from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.keys import KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 INVENTORY = """\

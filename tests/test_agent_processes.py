@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
-from kaiwo_gpu.coordinator.view_state import AGENT_MISSING
+from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.state.view_state import AGENT_MISSING
 
 from .agents import AgentProcess, eventually, nodes_by_name
 from .conftest import Running, coordinator_running

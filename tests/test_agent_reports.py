@@ -8,14 +8,14 @@ import pytest
 
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.common.errors import InvalidArgumentError as Invalid
-from kaiwo_gpu.coordinator.agent_reports import (
+from kaiwo_gpu.coordinator.state.agent_reports import (
     checked_batch,
     node_record,
     placement_reading,
     trimmed,
     with_health,
 )
-from kaiwo_gpu.coordinator.keys import SOURCE_LABEL
+from kaiwo_gpu.coordinator.state.keys import SOURCE_LABEL
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 from .agents import raw_inventory

@@ -23,12 +23,12 @@ from kaiwo_gpu.agent.sampler import inventory_proto
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.common.errors import NotFoundError
-from kaiwo_gpu.coordinator.agent_servicer import AgentServicer
-from kaiwo_gpu.coordinator.changes import Txn, TxnResult
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
-from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.coordinator.view_state import AGENT_MISSING
+from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd, free_port
+from kaiwo_gpu.coordinator.state.changes import Txn, TxnResult
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view_state import AGENT_MISSING
 from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
 
 from .agents import RawAgent, agents_running, batch, eventually, nodes_by_name, raw_inventory

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kaiwo_gpu.coordinator.capacity_index import CapacityIndex, IndexEntry
+from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex, IndexEntry
 
 entries = st.lists(
     st.none()

@@ -19,7 +19,7 @@ import grpc
 import pytest
 import yaml
 
-from kaiwo_gpu.common import Client
+from kaiwo_gpu.client import Client
 from tests.conftest import Running
 from tests.fake_coordinator import flaky, serving
 

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
-from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd, free_port
+from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd, free_port
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 from tests.agents import eventually
 from tests.harness import audit_etcd, child, request

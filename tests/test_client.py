@@ -10,17 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-from kaiwo_gpu.common import (
-    AsyncClient,
-    Client,
-    ClientSettings,
-    InvalidArgumentError,
-    NoCapacityError,
-    NotFoundError,
-    RetryPolicy,
-    UnavailableError,
-)
-from kaiwo_gpu.common.client_support import coordinator_target
+from kaiwo_gpu.client import AsyncClient, Client, ClientSettings, RetryPolicy
+from kaiwo_gpu.client.support import coordinator_target
+from kaiwo_gpu.common import InvalidArgumentError, NoCapacityError, NotFoundError, UnavailableError
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running

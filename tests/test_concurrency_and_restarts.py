@@ -16,8 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kaiwo_gpu.coordinator.local_coordinator import CoordinatorProcess
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
+from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 from tests.conftest import coordinator_running
 from tests.harness import audit_etcd, audit_history, request

@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
-from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running, coordinator_running
 from tests.harness import audit_etcd, request

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
-from kaiwo_gpu.coordinator.cluster import Gpu, Node, PlacedAllocation
-from kaiwo_gpu.coordinator.engine import NoFit, place
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, Node, PlacedAllocation
+from kaiwo_gpu.coordinator.placement.engine import NoFit, place
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 
 from .cluster_strategies import STRATEGIES, clusters, requests
 

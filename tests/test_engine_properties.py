@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, millis_for_compute_units, millis_for_memory
-from kaiwo_gpu.coordinator.cluster import Node, Telemetry
-from kaiwo_gpu.coordinator.engine import NoFit, Placement, Reason, check_gpu, place
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import SchedulerState
+from kaiwo_gpu.coordinator.placement.cluster import Node, Telemetry
+from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, Reason, check_gpu, place
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import SchedulerState
 
 from .cluster_strategies import STRATEGIES, clusters, operations, requests, telemetry_for
 

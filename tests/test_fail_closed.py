@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from kaiwo_gpu.coordinator.changes import Put, Txn
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
-from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running, coordinator_running
 from tests.harness import request

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
-from kaiwo_gpu.coordinator.engine import NoFit, place
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
+from kaiwo_gpu.coordinator.placement.engine import NoFit, place
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 
 from .cluster_strategies import STRATEGIES, clusters, operations, requests, telemetry_readings
 

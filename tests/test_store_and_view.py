@@ -11,17 +11,21 @@ import pytest
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.changes import Change, Put, Txn, TxnResult
-from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS, CommitPlan
-from kaiwo_gpu.coordinator.engine import Placement, place
-from kaiwo_gpu.coordinator.inventory import load_inventory, parse_inventory, synthetic_inventory
-from kaiwo_gpu.coordinator.keys import KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.local_etcd import LocalEtcd
-from kaiwo_gpu.coordinator.records import allocation_record, placed_from_record
-from kaiwo_gpu.coordinator.registration import register_nodes
-from kaiwo_gpu.coordinator.store import EtcdStore, parse_endpoints
-from kaiwo_gpu.coordinator.view import ClusterView
-from kaiwo_gpu.coordinator.view_state import AllocationEvent, ViewState
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.placement.engine import Placement, place
+from kaiwo_gpu.coordinator.state.changes import Change, Put, Txn, TxnResult
+from kaiwo_gpu.coordinator.state.commit_plan import MAX_TXN_OPS, CommitPlan
+from kaiwo_gpu.coordinator.state.inventory import (
+    load_inventory,
+    parse_inventory,
+    synthetic_inventory,
+)
+from kaiwo_gpu.coordinator.state.keys import KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.records import allocation_record, placed_from_record
+from kaiwo_gpu.coordinator.state.registration import register_nodes
+from kaiwo_gpu.coordinator.state.store import EtcdStore, parse_endpoints
+from kaiwo_gpu.coordinator.state.view import ClusterView
+from kaiwo_gpu.coordinator.state.view_state import AllocationEvent, ViewState
 from kaiwo_gpu.v1 import types_pb2
 from tests.harness import INVENTORY, audit_etcd
 

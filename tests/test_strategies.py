@@ -6,12 +6,12 @@ import pytest
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Selector
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
-from kaiwo_gpu.coordinator.cumask import parse_id_ranges
-from kaiwo_gpu.coordinator.engine import NoFit, Placement, Reason, place
-from kaiwo_gpu.coordinator.environment import launch_environment
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, SchedulerState
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
+from kaiwo_gpu.coordinator.placement.cumask import parse_id_ranges
+from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, Reason, place
+from kaiwo_gpu.coordinator.placement.environment import launch_environment
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
 
 VRAM = 65536
 CUS = 110

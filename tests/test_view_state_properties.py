@@ -11,11 +11,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kaiwo_gpu.coordinator.changes import Change
-from kaiwo_gpu.coordinator.cluster import Telemetry
-from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL, KeyLayout
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.view_state import ViewState
+from kaiwo_gpu.coordinator.placement.cluster import Telemetry
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.state.changes import Change
+from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL, KeyLayout
+from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import types_pb2
 
 LAYOUT = KeyLayout("/p/v1/")

@@ -37,14 +37,14 @@ from kaiwo_gpu.cli.request_flags import (
     request_from_flags,
     request_from_pod_flags,
 )
-from kaiwo_gpu.common.annotations import AmdGpuUnit
-from kaiwo_gpu.common.client import Client
-from kaiwo_gpu.common.client_support import (
+from kaiwo_gpu.client.blocking import Client
+from kaiwo_gpu.client.support import (
     COORDINATOR_VARIABLE,
     DEFAULT_COORDINATOR,
     ClientSettings,
     coordinator_target,
 )
+from kaiwo_gpu.common.annotations import AmdGpuUnit
 from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError
 from kaiwo_gpu.v1 import types_pb2
 
@@ -316,7 +316,7 @@ def _top(client: Client, args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from kaiwo_gpu.cli.top import TopState, render, run_top
-    from kaiwo_gpu.common.aio_client import AsyncClient
+    from kaiwo_gpu.client.aio import AsyncClient
 
     console = Console()
     if args.once:

@@ -16,11 +16,11 @@ from typing import TypeVar
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import MAX_TTL_SECONDS, freeze_labels
 from kaiwo_gpu.common.units import parse_duration_s
-from kaiwo_gpu.coordinator.inventory import NODE_NAME
-from kaiwo_gpu.coordinator.keys import KeyLayout
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES
 from kaiwo_gpu.coordinator.settings import ENVIRONMENT
-from kaiwo_gpu.coordinator.store import parse_endpoints
-from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES
+from kaiwo_gpu.coordinator.state.inventory import NODE_NAME
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.store import parse_endpoints
 
 T = TypeVar("T")
 

@@ -50,7 +50,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+    from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
 
     parser = OneLineParser(
         prog="kaiwo-gpu",
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1)
 
     commands.add_parser("strategies", help="list the placement strategies")
-    from kaiwo_gpu.cli.serve import add_agent_parser, add_coordinator_parser, add_up_parser
+    from kaiwo_gpu.cli.serve import add_agent_parser, add_coordinator_parser
+    from kaiwo_gpu.cli.up import add_up_parser
 
     add_coordinator_parser(commands)
     add_agent_parser(commands)
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(args)
     try:
         if args.command == "demo":
-            from kaiwo_gpu.coordinator.demo import run_demo
+            from kaiwo_gpu.coordinator.local.demo import run_demo
 
             for line in run_demo(
                 node_count=args.nodes,
@@ -133,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ):
                 print(line)
         elif args.command == "strategies":
-            from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+            from kaiwo_gpu.coordinator.placement.strategies import (
+                BUILTIN_STRATEGIES,
+                DEFAULT_STRATEGY,
+            )
 
             for name, strategy in BUILTIN_STRATEGIES.items():
                 marker = " (default)" if name == DEFAULT_STRATEGY else ""
@@ -148,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_agent(args)
         elif args.command == "up":
-            from kaiwo_gpu.cli.serve import run_up
+            from kaiwo_gpu.cli.up import run_up
 
             run_up(args)
     except KaiwoGpuError as error:

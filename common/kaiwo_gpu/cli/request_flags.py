@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from kaiwo_gpu.cli import flags
+from kaiwo_gpu.client.support import new_request_id
 from kaiwo_gpu.common.annotations import AmdGpuUnit
-from kaiwo_gpu.common.client_support import new_request_id
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest, Selector
 from kaiwo_gpu.common.request_builder import build_request

@@ -16,8 +16,8 @@ from kaiwo_gpu.cli import flags
 from kaiwo_gpu.cli.client_commands import add_connection_flags, connection_settings, exit_code
 from kaiwo_gpu.cli.request_flags import add_allocation_flags, request_from_flags
 from kaiwo_gpu.cli.supervise import Interrupted, Supervisor, say
-from kaiwo_gpu.common.client import Client, HeldAllocation
-from kaiwo_gpu.common.client_support import (
+from kaiwo_gpu.client.blocking import Client, HeldAllocation
+from kaiwo_gpu.client.support import (
     COORDINATOR_VARIABLE,
     DEFAULT_HELD_TTL_S,
     ClientSettings,

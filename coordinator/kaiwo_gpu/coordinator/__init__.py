@@ -1,9 +1,14 @@
-"""The coordinator: cluster snapshot, strategy engine and (later) etcd store and servicers."""
+"""The coordinator: the allocation service over gRPC, with its state in etcd.
 
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
-from kaiwo_gpu.coordinator.engine import NoFit, Placement, Reason, place
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import (
+`placement` decides (pure), `state` knows and changes etcd, `allocator` commits decisions,
+`api` serves gRPC and `server` wires them into one process; `local` is for `up`, tests and
+benchmarks. This package re-exports what a strategy author needs.
+"""
+
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
+from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, Reason, place
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import (
     BUILTIN_STRATEGIES,
     DEFAULT_STRATEGY,
     SchedulerState,

@@ -29,15 +29,15 @@ from kaiwo_gpu.common.errors import (
     UnavailableError,
 )
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
-from kaiwo_gpu.coordinator.commit_plan import CommitPlan
-from kaiwo_gpu.coordinator.engine import NoFit, place
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.records import allocation_record, same_request, timestamp
-from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.coordinator.strategies import DEFAULT_STRATEGY, SchedulerState
-from kaiwo_gpu.coordinator.view import ClusterView
-from kaiwo_gpu.coordinator.view_state import RELEASED_PREFIX
+from kaiwo_gpu.coordinator.placement.engine import NoFit, place
+from kaiwo_gpu.coordinator.placement.strategies import DEFAULT_STRATEGY, SchedulerState
+from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Txn
+from kaiwo_gpu.coordinator.state.commit_plan import CommitPlan
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.records import allocation_record, same_request, timestamp
+from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view import ClusterView
+from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import types_pb2
 
 log = structlog.get_logger(__name__)

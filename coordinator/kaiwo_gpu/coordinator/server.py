@@ -21,16 +21,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
-from kaiwo_gpu.coordinator.agent_servicer import AgentServicer, AgentSettings
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
-from kaiwo_gpu.coordinator.inventory import load_inventory
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.registration import register_nodes
-from kaiwo_gpu.coordinator.servicers import AllocationServicer
+from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentSettings
+from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
-from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.coordinator.strategies import BUILTIN_STRATEGIES
-from kaiwo_gpu.coordinator.view import ClusterView
+from kaiwo_gpu.coordinator.state.inventory import load_inventory
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.registration import register_nodes
+from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, allocation_pb2, allocation_pb2_grpc
 
 log = structlog.get_logger(__name__)

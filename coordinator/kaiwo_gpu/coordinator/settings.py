@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaiwo_gpu.coordinator.keys import DEFAULT_PREFIX
-from kaiwo_gpu.coordinator.strategies import DEFAULT_STRATEGY
+from kaiwo_gpu.coordinator.placement.strategies import DEFAULT_STRATEGY
+from kaiwo_gpu.coordinator.state.keys import DEFAULT_PREFIX
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_ETCD = "127.0.0.1:2379"

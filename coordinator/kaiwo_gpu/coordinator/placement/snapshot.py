@@ -12,8 +12,8 @@ from types import MappingProxyType
 
 from kaiwo_gpu.common.models import Health, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
-from kaiwo_gpu.coordinator.capacity_index import CapacityIndex, IndexEntry
-from kaiwo_gpu.coordinator.cluster import (
+from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex, IndexEntry
+from kaiwo_gpu.coordinator.placement.cluster import (
     Gpu,
     GpuKey,
     GpuUsage,
@@ -21,7 +21,7 @@ from kaiwo_gpu.coordinator.cluster import (
     PlacedAllocation,
     Telemetry,
 )
-from kaiwo_gpu.coordinator.load import load_score
+from kaiwo_gpu.coordinator.placement.load import load_score
 
 _NO_TELEMETRY: Mapping[str, Telemetry] = MappingProxyType({})
 

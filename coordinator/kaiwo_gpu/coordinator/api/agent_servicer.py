@@ -29,7 +29,7 @@ from kaiwo_gpu.common.errors import (
     KaiwoGpuError,
     UnavailableError,
 )
-from kaiwo_gpu.coordinator.agent_reports import (
+from kaiwo_gpu.coordinator.state.agent_reports import (
     NodeReport,
     checked_batch,
     node_record,
@@ -37,15 +37,15 @@ from kaiwo_gpu.coordinator.agent_reports import (
     trimmed,
     with_health,
 )
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.records import timestamp
-from kaiwo_gpu.coordinator.registration import (
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.records import timestamp
+from kaiwo_gpu.coordinator.state.registration import (
     AgentNodeClaim,
     claim_agent_node,
     write_agent_health,
 )
-from kaiwo_gpu.coordinator.store import EtcdStore
-from kaiwo_gpu.coordinator.view import ClusterView, Subscription
+from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view import ClusterView, Subscription
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = structlog.get_logger(__name__)

@@ -15,11 +15,11 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from kaiwo_gpu.common.errors import ConflictError, FailedPreconditionError
-from kaiwo_gpu.coordinator.agent_reports import node_record
-from kaiwo_gpu.coordinator.changes import KeyValue, Put, Txn
-from kaiwo_gpu.coordinator.commit_plan import MAX_TXN_OPS
-from kaiwo_gpu.coordinator.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.store import EtcdStore
+from kaiwo_gpu.coordinator.state.agent_reports import node_record
+from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Txn
+from kaiwo_gpu.coordinator.state.commit_plan import MAX_TXN_OPS
+from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)

@@ -25,8 +25,8 @@ import yaml
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
-from kaiwo_gpu.coordinator.cluster import MAX_COMPUTE_UNITS
-from kaiwo_gpu.coordinator.keys import FROM_INVENTORY, SOURCE_LABEL
+from kaiwo_gpu.coordinator.placement.cluster import MAX_COMPUTE_UNITS
+from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL
 from kaiwo_gpu.v1 import types_pb2
 
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from itertools import islice
 
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, format_fraction
-from kaiwo_gpu.coordinator.engine import NoFit, describe_demand, place
-from kaiwo_gpu.coordinator.environment import launch_environment
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import SchedulerState
-from kaiwo_gpu.coordinator.synthetic import random_requests, synthetic_nodes
+from kaiwo_gpu.coordinator.local.synthetic import random_requests, synthetic_nodes
+from kaiwo_gpu.coordinator.placement.engine import NoFit, describe_demand, place
+from kaiwo_gpu.coordinator.placement.environment import launch_environment
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import SchedulerState
 
 
 def run_demo(

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from kaiwo_gpu.coordinator.capacity_index import CapacityIndex
-from kaiwo_gpu.coordinator.cluster import GpuKey
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex
+from kaiwo_gpu.coordinator.placement.cluster import GpuKey
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 
 
 @dataclass(frozen=True, slots=True)

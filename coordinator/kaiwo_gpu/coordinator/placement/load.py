@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from kaiwo_gpu.common.models import Health
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuUsage, Telemetry
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuUsage, Telemetry
 
 HOT_SOFT_LIMIT_C = 85.0
 PER_DEGREE_OVER = 25

@@ -25,9 +25,9 @@ from kaiwo_gpu.common.telemetry_limits import (
     TEMPERATURE_C,
     within,
 )
-from kaiwo_gpu.coordinator.cluster import MAX_COMPUTE_UNITS, Telemetry
-from kaiwo_gpu.coordinator.inventory import COMPUTE_PARTITIONS, GPU_UUID, NODE_NAME
-from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL
+from kaiwo_gpu.coordinator.placement.cluster import MAX_COMPUTE_UNITS, Telemetry
+from kaiwo_gpu.coordinator.state.inventory import COMPUTE_PARTITIONS, GPU_UUID, NODE_NAME
+from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 MAX_GPUS_PER_NODE = 64  # 8 MI300X split into CPX partitions

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Mapping
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
-from kaiwo_gpu.coordinator.agent_reports import NodeReport
-from kaiwo_gpu.coordinator.records import HEALTH_TO_PROTO, timestamp
-from kaiwo_gpu.coordinator.view_state import ViewState
+from kaiwo_gpu.coordinator.state.agent_reports import NodeReport
+from kaiwo_gpu.coordinator.state.records import HEALTH_TO_PROTO, timestamp
+from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 DEFAULT_PAGE_SIZE = 500

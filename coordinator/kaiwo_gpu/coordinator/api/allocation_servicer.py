@@ -16,11 +16,16 @@ import structlog
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, UnavailableError
 from kaiwo_gpu.common.wire import request_from_proto
-from kaiwo_gpu.coordinator.agent_reports import NodeReport
 from kaiwo_gpu.coordinator.allocator import Allocator
-from kaiwo_gpu.coordinator.queries import cluster_stats, list_allocations, matches, node_statuses
-from kaiwo_gpu.coordinator.records import timestamp
-from kaiwo_gpu.coordinator.view import ClusterView
+from kaiwo_gpu.coordinator.api.queries import (
+    cluster_stats,
+    list_allocations,
+    matches,
+    node_statuses,
+)
+from kaiwo_gpu.coordinator.state.agent_reports import NodeReport
+from kaiwo_gpu.coordinator.state.records import timestamp
+from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 
 log = structlog.get_logger(__name__)

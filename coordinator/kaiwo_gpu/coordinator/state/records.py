@@ -13,15 +13,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
 from kaiwo_gpu.common.wire import isolation_from_proto, isolation_to_proto, request_to_proto
-from kaiwo_gpu.coordinator.cluster import (
+from kaiwo_gpu.coordinator.placement.cluster import (
     MAX_COMPUTE_UNITS,
     Gpu,
     GpuShare,
     Node,
     PlacedAllocation,
 )
-from kaiwo_gpu.coordinator.engine import Placement
-from kaiwo_gpu.coordinator.environment import launch_environment
+from kaiwo_gpu.coordinator.placement.engine import Placement
+from kaiwo_gpu.coordinator.placement.environment import launch_environment
 from kaiwo_gpu.v1 import types_pb2
 
 _HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from kaiwo_gpu.common.client_support import (
+from kaiwo_gpu.client.support import (
     DEFAULT_HELD_TTL_S,
     ClientSettings,
     Holding,

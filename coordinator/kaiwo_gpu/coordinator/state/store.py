@@ -25,7 +25,7 @@ from kaiwo_gpu.common.errors import (
     NotFoundError,
     UnavailableError,
 )
-from kaiwo_gpu.coordinator.changes import Change, KeyValue, Txn, TxnResult
+from kaiwo_gpu.coordinator.state.changes import Change, KeyValue, Txn, TxnResult
 
 _UNREACHABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
 _CHANNEL_OPTIONS = {

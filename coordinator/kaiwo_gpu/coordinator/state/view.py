@@ -14,9 +14,9 @@ from collections.abc import Callable
 import structlog
 
 from kaiwo_gpu.common.errors import UnavailableError
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.store import CompactedError, EtcdStore
-from kaiwo_gpu.coordinator.view_state import AllocationEvent, ViewState
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.store import CompactedError, EtcdStore
+from kaiwo_gpu.coordinator.state.view_state import AllocationEvent, ViewState
 
 log = structlog.get_logger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from kaiwo_gpu.common.client import CHANNEL_OPTIONS, as_request
-from kaiwo_gpu.common.client_support import (
+from kaiwo_gpu.client.blocking import CHANNEL_OPTIONS, as_request
+from kaiwo_gpu.client.support import (
     DEFAULT_HELD_TTL_S,
     ClientSettings,
     Holding,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.models import AllocationRequest, Isolation
-from kaiwo_gpu.coordinator.cluster import Gpu, Node
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, Node
 
 FRACTIONS_MILLIS = (100, 125, 250, 300, 500, 750, 1000)
 

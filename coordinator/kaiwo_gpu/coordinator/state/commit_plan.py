@@ -9,9 +9,9 @@ over-committing a GPU.
 
 from __future__ import annotations
 
-from kaiwo_gpu.coordinator.changes import Put, Txn
-from kaiwo_gpu.coordinator.keys import KeyLayout
-from kaiwo_gpu.coordinator.view_state import ViewState
+from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import types_pb2
 
 MAX_TXN_OPS = 128

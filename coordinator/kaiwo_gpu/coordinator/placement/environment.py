@@ -7,8 +7,8 @@ that reordering, so the n-th granted GPU is index n there.
 from __future__ import annotations
 
 from kaiwo_gpu.common.models import Isolation
-from kaiwo_gpu.coordinator.cumask import render_hsa_cu_mask
-from kaiwo_gpu.coordinator.engine import Placement
+from kaiwo_gpu.coordinator.placement.cumask import render_hsa_cu_mask
+from kaiwo_gpu.coordinator.placement.engine import Placement
 
 
 def launch_environment(placement: Placement, allocation_id: str) -> dict[str, str]:

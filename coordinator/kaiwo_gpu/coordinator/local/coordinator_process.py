@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kaiwo_gpu.common.errors import UnavailableError
-from kaiwo_gpu.coordinator.local_etcd import free_port
+from kaiwo_gpu.coordinator.local.etcd import free_port
 
 
 class CoordinatorProcess:

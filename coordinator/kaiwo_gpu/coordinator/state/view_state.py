@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from kaiwo_gpu.coordinator.changes import Change, KeyValue
-from kaiwo_gpu.coordinator.cluster import Node, PlacedAllocation, Telemetry
-from kaiwo_gpu.coordinator.keys import FROM_AGENT, SOURCE_LABEL, KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.records import node_from_record, placed_from_record
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.cluster import Node, PlacedAllocation, Telemetry
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.state.changes import Change, KeyValue
+from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL, KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.records import node_from_record, placed_from_record
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 AllocationEvent = allocation_pb2.AllocationEvent

@@ -23,10 +23,10 @@ from kaiwo_gpu.common.units import (
     millis_for_compute_units,
     millis_for_memory,
 )
-from kaiwo_gpu.coordinator.cluster import Gpu, GpuKey, GpuShare, PlacedAllocation
-from kaiwo_gpu.coordinator.cumask import choose_compute_units
-from kaiwo_gpu.coordinator.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.strategies import (
+from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuKey, GpuShare, PlacedAllocation
+from kaiwo_gpu.coordinator.placement.cumask import choose_compute_units
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.placement.strategies import (
     BUILTIN_STRATEGIES,
     DEFAULT_STRATEGY,
     SchedulerState,

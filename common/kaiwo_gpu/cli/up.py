@@ -1,0 +1,173 @@
+"""`kaiwo-gpu up`: a local cluster of etcd, a coordinator and simulated node agents.
+
+For laptops, demos and the README's first command: everything runs on loopback, etcd's data
+lives under a state directory that is wiped at start, and Ctrl-C stops it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
+from kaiwo_gpu.cli import flags
+from kaiwo_gpu.cli.serve import add_service_flags
+from kaiwo_gpu.common.errors import FailedPreconditionError
+from kaiwo_gpu.common.gpu_models import GPU_MODELS
+from kaiwo_gpu.common.logs import configure_logging
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.server import Coordinator
+from kaiwo_gpu.coordinator.settings import CoordinatorSettings
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kaiwo-gpu"
+
+
+def add_up_parser(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "up",
+        help="run a local cluster: etcd, a coordinator and simulated node agents",
+        description="Starts a throwaway etcd on a free loopback port, a coordinator serving "
+        "on --listen, and N node agents with simulated GPUs whose load follows what is "
+        "placed on them, and runs until Ctrl-C. etcd's data lives under the state "
+        "directory and is wiped at start.",
+        epilog="example: kaiwo-gpu up --nodes 3 --gpus 8 --model MI300X",
+    )
+    parser.add_argument("--nodes", type=flags.count, default=3)
+    parser.add_argument("--gpus", type=flags.gpu_count, default=8, help="GPUs per node")
+    parser.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_state_dir(),
+        help="where etcd keeps its data and log (default %(default)s)",
+    )
+    add_service_flags(parser)
+
+
+def _local_address(listen: str) -> str:
+    """Where a process on this host reaches a server listening on `listen`."""
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        return f"127.0.0.1:{port}"
+    return listen
+
+
+def run_up(args: argparse.Namespace) -> None:
+    configure_logging(args.log_format)
+    state_dir: Path = args.state_dir.resolve()  # the leftover check compares full paths
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(state_dir / "up.lock"):
+        data_dir = state_dir / "etcd"
+        _stop_leftover_etcd(state_dir / "etcd.pid", data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        faults_dir = state_dir / "faults"
+        shutil.rmtree(faults_dir, ignore_errors=True)
+        faults_dir.mkdir()
+        etcd = LocalEtcd(data_dir, log_path=state_dir / "etcd.log", pid_path=state_dir / "etcd.pid")
+        try:
+            etcd.start()
+            settings = CoordinatorSettings(
+                listen=args.listen,
+                etcd_endpoints=(etcd.endpoint,),
+                default_strategy=args.strategy,
+                default_ttl_s=args.default_ttl or None,
+            )
+            agents = [
+                AgentSettings(
+                    node=f"node-{n:02d}",
+                    coordinators=(_local_address(args.listen),),
+                    backend="simulated",
+                    simulated_model=args.model,
+                    simulated_gpus=args.gpus,
+                    faults_file=faults_dir / f"node-{n:02d}.yaml",
+                    seed=n,
+                )
+                for n in range(args.nodes)
+            ]
+            asyncio.run(_serve_local_cluster(settings, agents, args, etcd, faults_dir))
+        finally:
+            etcd.stop()
+
+
+async def _serve_local_cluster(
+    settings: CoordinatorSettings,
+    agent_settings: list[AgentSettings],
+    args: argparse.Namespace,
+    etcd: LocalEtcd,
+    faults_dir: Path,
+) -> None:
+    """The coordinator and the simulated agents in one event loop, until Ctrl-C."""
+    coordinator = Coordinator(settings)
+    agents = [NodeAgent(one) for one in agent_settings]
+    stop = asyncio.Event()
+    running: list[asyncio.Task[None]] = []
+
+    def ready() -> None:
+        running.extend(asyncio.create_task(agent.run(stop)) for agent in agents)
+        _print_next_steps(args, etcd, faults_dir)
+
+    try:
+        await coordinator.run(on_ready=ready)
+    finally:
+        stop.set()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One `kaiwo-gpu up` per state directory: a second one would wipe the first's etcd."""
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FailedPreconditionError(
+                f"another kaiwo-gpu up is running with state directory {lock_path.parent}; "
+                "stop it, or pass --state-dir"
+            ) from None
+        yield
+
+
+def _stop_leftover_etcd(pid_path: Path, data_dir: Path) -> None:
+    """Stops an etcd that an earlier `up` left running (it was killed before cleaning up)."""
+    try:
+        pid = int(pid_path.read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if f"--data-dir={data_dir}".encode() in command:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+
+
+def _print_next_steps(args: argparse.Namespace, etcd: LocalEtcd, faults_dir: Path) -> None:
+    print(
+        f"\nkaiwo-gpu is up: coordinator on {args.listen}, etcd on {etcd.endpoint}, "
+        f"{args.nodes} simulated agents (node-00 ...) with {args.gpus} {args.model} each.\n"
+        "Try (grpcurl, through server reflection):\n"
+        f"  grpcurl -plaintext {args.listen} kaiwo_gpu.v1.AllocationService/ListNodes\n"
+        f'  grpcurl -plaintext -d \'{{"request": {{"request_id": "try-1", '
+        f'"fraction_millis": 250}}}}\' {args.listen} kaiwo_gpu.v1.AllocationService/Allocate\n'
+        "Make a simulated GPU overheat (overheat, ecc, vanish or none, by GPU index):\n"
+        f"  echo '0: overheat' > {faults_dir}/node-00.yaml\n"
+        "Ctrl-C stops the agents, the coordinator and etcd.\n",
+        flush=True,
+    )
