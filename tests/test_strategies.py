@@ -9,7 +9,7 @@ from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation, Select
 from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
 from kaiwo_gpu.coordinator.placement.cumask import parse_id_ranges
 from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, Reason, place
-from kaiwo_gpu.coordinator.placement.environment import launch_environment
+from kaiwo_gpu.coordinator.placement.environment import grant_environment
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
 
@@ -204,7 +204,7 @@ class TestEveryStrategy:
             grant = decision.grants[0]
             assert len(grant.compute_units) == 33  # 0.3 x 110 CUs, rounded up
             assert grant.millis == 300  # 33 of 110 CUs are exactly 0.3
-            env = launch_environment(decision, f"a{n}")
+            env = grant_environment(decision, f"a{n}")
             visible, _, units = env["HSA_CU_MASK"].partition(":")
             assert visible == "0"
             assert parse_id_ranges(units) == grant.compute_units
@@ -240,7 +240,7 @@ class TestEveryStrategy:
 def test_environment_lists_devices_and_allocation() -> None:
     snapshot = ClusterSnapshot.build(cluster(4))
     request = ask("first-fit", 500, count=2, isolation=Isolation.CU_MASK)
-    env = launch_environment(placed(place(request, snapshot)), "alloc-1")
+    env = grant_environment(placed(place(request, snapshot)), "alloc-1")
     assert env["ROCR_VISIBLE_DEVICES"] == "0,1"
     assert env["HSA_CU_MASK"] == "0:0-54;1:0-54"
     assert env["KAIWO_GPU_ALLOCATION_ID"] == "alloc-1"

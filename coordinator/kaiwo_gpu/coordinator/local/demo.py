@@ -13,7 +13,7 @@ from itertools import islice
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, format_fraction
 from kaiwo_gpu.coordinator.local.synthetic import random_requests, synthetic_nodes
 from kaiwo_gpu.coordinator.placement.engine import NoFit, describe_demand, place
-from kaiwo_gpu.coordinator.placement.environment import launch_environment
+from kaiwo_gpu.coordinator.placement.environment import grant_environment
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.placement.strategies import SchedulerState
 
@@ -36,7 +36,7 @@ def run_demo(
         allocation_id = f"a-{placed:05d}"
         snapshot = snapshot.with_allocation(decision.as_allocation(allocation_id))
         state = decision.state
-        env = launch_environment(decision, allocation_id)
+        env = grant_environment(decision, allocation_id)
         where = f"{decision.node} GPU {env['ROCR_VISIBLE_DEVICES']}"
         granted = ", ".join(
             f"{format_fraction(g.millis)}/{g.memory_mib} MiB" for g in decision.grants

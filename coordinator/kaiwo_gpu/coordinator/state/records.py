@@ -21,7 +21,7 @@ from kaiwo_gpu.coordinator.placement.cluster import (
     PlacedAllocation,
 )
 from kaiwo_gpu.coordinator.placement.engine import Placement
-from kaiwo_gpu.coordinator.placement.environment import launch_environment
+from kaiwo_gpu.coordinator.placement.environment import grant_environment
 from kaiwo_gpu.v1 import types_pb2
 
 _HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {
@@ -130,7 +130,7 @@ def allocation_record(
         ],
         isolation=isolation_to_proto(placement.isolation),
         isolation_note=placement.isolation_note,
-        environment=launch_environment(placement, allocation_id),
+        environment=grant_environment(placement, allocation_id),
         strategy=placement.strategy,
         state=types_pb2.ALLOCATION_STATE_ACTIVE,
         lease_id=lease_id,
