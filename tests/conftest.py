@@ -1,9 +1,16 @@
-"""Fixtures that start real services on loopback: a throwaway etcd and in-process coordinators."""
+"""Fixtures that start real services on loopback: a throwaway etcd and in-process coordinators.
+
+Every test that uses one of them is marked `integration` at collection, so
+`pytest -m "not integration"` is the fast loop of pure tests. A test that starts a process
+without that mark fails at once (see `_processes_need_the_integration_mark`), so the fast
+loop can never start one by accident.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,33 @@ if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
 _prefixes = itertools.count()
+SERVICE_FIXTURES = frozenset({"etcd", "own_etcd"})
+"""Fixtures that start etcd; everything built on them (running, ...) depends on one."""
+INTEGRATION = "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SERVICE_FIXTURES or item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _processes_need_the_integration_mark(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside integration tests, starting a process is an error that names the fix."""
+    if request.node.get_closest_marker(INTEGRATION) is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process; mark it @pytest.mark.integration "
+            "so the fast loop (-m 'not integration') leaves it out"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture(scope="session")

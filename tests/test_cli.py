@@ -51,6 +51,7 @@ def test_strategies_lists_every_builtin(capsys: pytest.CaptureFixture[str]) -> N
         assert name in out
 
 
+@pytest.mark.integration
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "kaiwo-gpu"
     assert script.exists(), "install the package (pip install -e .) to get the kaiwo-gpu command"

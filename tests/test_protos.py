@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = REPO / "common" / "kaiwo_gpu" / "v1"
 
 
+@pytest.mark.integration
 def test_committed_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "proto" / "generate.py"), "--out-dir", str(tmp_path)],

@@ -165,6 +165,7 @@ async def listed(coordinator: str, owner: str) -> list[dict[str, Any]]:
     return allocations
 
 
+@pytest.mark.integration
 def test_scripts_are_executable_posix_sh() -> None:
     for script in (TASK_PROLOG, EPILOG):
         assert os.access(script, os.X_OK), f"{script} must be executable: Slurm execs it"
