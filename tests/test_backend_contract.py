@@ -23,9 +23,9 @@ from kaiwo_gpu.agent.backend import (
     ProcessVram,
 )
 from kaiwo_gpu.agent.simulated import Fault, SimulatedBackend
+from kaiwo_gpu.common.telemetry_limits import TEMPERATURE_C, within
 from tests.fake_amdsmi import MIB, FakeProcess, installed_fake_amdsmi
 
-PLAUSIBLE_TEMPERATURE_C = (-40.0, 150.0)
 BUSY_MILLIS = 700
 BUSY_MEMORY_MIB = 40 * 1024
 BUSY_PROCESSES = 2
@@ -88,7 +88,6 @@ def _assert_plausible(reading: GpuReading, gpu: DiscoveredGpu) -> None:
         if percent is not None:
             assert type(percent) is int
             assert 0 <= percent <= 100
-    low, high = PLAUSIBLE_TEMPERATURE_C
     for celsius in (
         reading.edge_temperature_c,
         reading.hotspot_temperature_c,
@@ -97,7 +96,7 @@ def _assert_plausible(reading: GpuReading, gpu: DiscoveredGpu) -> None:
         if celsius is not None:
             assert type(celsius) is float
             assert math.isfinite(celsius)
-            assert low < celsius < high
+            assert within(celsius, TEMPERATURE_C), "outside what the coordinator accepts"
     for watts in (reading.socket_power_w, reading.power_limit_w):
         if watts is not None:
             assert type(watts) is float

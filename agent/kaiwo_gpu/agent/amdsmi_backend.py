@@ -25,6 +25,7 @@ from kaiwo_gpu.agent.backend import (
     GpuReading,
     ProcessVram,
 )
+from kaiwo_gpu.common.telemetry_limits import TEMPERATURE_C, within
 
 MIB = 1024 * 1024
 # amdsmi fills fields a device does not support with the largest value of the field's type.
@@ -35,8 +36,6 @@ UINT16_UNSUPPORTED = 0xFFFF
 # amdsmi 7.0 reports power_limit in W; later headers (7.13) say uW. No GPU has a 100 kW limit.
 POWER_LIMIT_MICROWATT_THRESHOLD = 100_000
 MICROWATTS_PER_WATT = 1_000_000
-# Readings beyond what silicon survives are sentinels or garbage, not temperatures.
-PLAUSIBLE_TEMPERATURE_C = (-100.0, 200.0)
 MARKET_NAME_PREFIXES = ("AMD Instinct ", "AMD ")
 UNKNOWN_MODEL = "unknown"
 
@@ -130,8 +129,7 @@ def _uint16_watts(value: object) -> float | None:
 
 def _temperature_c(value: object) -> float | None:
     number = _number(value)
-    low, high = PLAUSIBLE_TEMPERATURE_C
-    return number if number is not None and low < number <= high else None
+    return number if number is not None and within(number, TEMPERATURE_C) else None
 
 
 def _watts(value: object) -> float | None:

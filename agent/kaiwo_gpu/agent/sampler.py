@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.agent.backend import DeviceLostError, DiscoveredGpu, GpuBackend, GpuReading
 from kaiwo_gpu.agent.health import GpuHealth, classify, initial, limits_for, stale
-from kaiwo_gpu.common.models import Health
+from kaiwo_gpu.common.names import MAX_REASON_CHARS
 from kaiwo_gpu.common.telemetry_limits import (
     MAX_PERCENT,
     MAX_PROCESS_NAME,
@@ -30,15 +30,10 @@ from kaiwo_gpu.common.telemetry_limits import (
     TEMPERATURE_C,
     within,
 )
+from kaiwo_gpu.common.wire import health_to_proto
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)
-
-_HEALTH_TO_PROTO = {
-    Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
-    Health.DEGRADED: types_pb2.HEALTH_DEGRADED,
-    Health.UNHEALTHY: types_pb2.HEALTH_UNHEALTHY,
-}
 
 
 def inventory_proto(gpu: DiscoveredGpu) -> types_pb2.GpuInventory:
@@ -187,8 +182,8 @@ class NodeSampler:
             self.health[gpu.uuid] = verdict
             sample = batch.samples.add(
                 uuid=gpu.uuid,
-                health=_HEALTH_TO_PROTO[verdict.health],
-                health_reason=verdict.reason[:256],
+                health=health_to_proto(verdict.health),
+                health_reason=verdict.reason[:MAX_REASON_CHARS],
             )
             if reading is not None:  # lost or not read this tick: no telemetry to send
                 sample.telemetry.CopyFrom(telemetry_proto(reading, stamp, gpu.vram_mib))

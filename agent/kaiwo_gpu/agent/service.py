@@ -28,12 +28,14 @@ from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.agent.uplink import Uplink
 from kaiwo_gpu.common.errors import FailedPreconditionError
+from kaiwo_gpu.common.names import AGENT_BACKENDS
 from kaiwo_gpu.v1 import agent_pb2
 
 log = structlog.get_logger(__name__)
 
 AGENT_VERSION = "0.1.0"
-BACKENDS = ("auto", "amdsmi", "simulated")
+BACKEND_CHOICES = ("auto", *AGENT_BACKENDS)
+"""What --backend takes: auto means amdsmi."""
 ENVIRONMENT = {
     "node": "KAIWO_GPU_NODE",
     "coordinator": "KAIWO_GPU_COORDINATOR",

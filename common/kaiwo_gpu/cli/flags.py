@@ -13,12 +13,12 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import MAX_TTL_SECONDS, freeze_labels
 from kaiwo_gpu.common.units import parse_duration_s
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES
 from kaiwo_gpu.coordinator.settings import ENVIRONMENT
-from kaiwo_gpu.coordinator.state.inventory import NODE_NAME
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.store import parse_endpoints
 
@@ -146,10 +146,8 @@ def interval_ms(text: str) -> int:
 
 
 def node_name(text: str) -> str:
-    if not NODE_NAME.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a node name: lowercase letters, digits, '-' and '.', up to 253"
-        )
+    if not names.is_node_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node name: {names.NODE_NAME_RULE}")
     return text
 
 
@@ -176,4 +174,4 @@ def labels(text: str) -> tuple[tuple[str, str], ...]:
 def default_node_name() -> str:
     """The host name, made a DNS-1123 name (GPU_01 -> gpu-01), so nodes stay distinct."""
     name = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:253]
-    return name if NODE_NAME.match(name) else "node"
+    return name if names.is_node_name(name) else "node"

@@ -12,9 +12,8 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kaiwo_gpu.agent.service import BACKENDS as AGENT_BACKENDS
+from kaiwo_gpu.agent.service import BACKEND_CHOICES, AgentSettings, NodeAgent, run_until_signalled
 from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
-from kaiwo_gpu.agent.service import AgentSettings, NodeAgent, run_until_signalled
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
@@ -150,7 +149,7 @@ def add_agent_parser(commands: Subcommands) -> None:
         "--backend",
         "auto (amdsmi, failing when it cannot load), amdsmi or simulated",
         default="auto",
-        parse=flags.one_of("backend", AGENT_BACKENDS),
+        parse=flags.one_of("backend", BACKEND_CHOICES),
     )
     flag(
         "--interval",

@@ -7,10 +7,11 @@ InvalidArgumentError naming the field, the value and the allowed range.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.units import MAX_FRACTION_MILLIS, MILLIS_PER_GPU, MIN_FRACTION_MILLIS
 
@@ -20,13 +21,11 @@ MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_LABELS = 64
 MAX_SELECTOR_ITEMS = 256
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+_LABEL_KEY = re.compile(  # an optional DNS-1123 prefix, then a name
+    rf"^({names.DNS_SUBDOMAIN.pattern}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 )
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _OWNER = re.compile(r"^[\x21-\x7e]{0,253}$")
-_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
 _STRATEGY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _NOTE = re.compile(r"[^\x00-\x1f]{0,512}")
 
@@ -108,19 +107,21 @@ def freeze_labels(labels: object, field: str) -> Labels:
     return pairs
 
 
-def _freeze_names(values: object, field: str) -> frozenset[str]:
+def _freeze_names(
+    values: object, field: str, check: Callable[[object, str], str]
+) -> frozenset[str]:
+    """A set of names, each passing `check` (the rule for that kind of name)."""
     if isinstance(values, str | bytes):
         raise InvalidArgumentError(field, values, "a set of names, not one string")
     try:
-        names: frozenset[str] = frozenset(values)  # type: ignore[call-overload]
+        frozen: frozenset[str] = frozenset(values)  # type: ignore[call-overload]
     except TypeError:
         raise InvalidArgumentError(field, values, "a set of names") from None
-    if len(names) > MAX_SELECTOR_ITEMS:
-        raise InvalidArgumentError(field, f"{len(names)} items", f"at most {MAX_SELECTOR_ITEMS}")
-    for value in names:
-        if not isinstance(value, str) or not _NAME.fullmatch(value):
-            raise InvalidArgumentError(field, value, "a name of alphanumerics, '-', '_', '.'")
-    return names
+    if len(frozen) > MAX_SELECTOR_ITEMS:
+        raise InvalidArgumentError(field, f"{len(frozen)} items", f"at most {MAX_SELECTOR_ITEMS}")
+    for value in frozen:
+        check(value, field)
+    return frozen
 
 
 def _check_int(value: object, field: str, allowed: str) -> None:
@@ -148,12 +149,13 @@ class Selector:
         # Accept any mapping or iterable, keep the frozen, validated form.
         set_field = object.__setattr__
         set_field(self, "node_labels", freeze_labels(self.node_labels, "selector.node_labels"))
-        set_field(self, "gpu_models", _freeze_names(self.gpu_models, "selector.gpu_models"))
-        set_field(
-            self, "exclude_nodes", _freeze_names(self.exclude_nodes, "selector.exclude_nodes")
-        )
-        set_field(self, "exclude_gpus", _freeze_names(self.exclude_gpus, "selector.exclude_gpus"))
-        set_field(self, "nodes", _freeze_names(self.nodes, "selector.nodes"))
+        for name, check in (
+            ("gpu_models", names.check_gpu_model),
+            ("exclude_nodes", names.check_node_name),
+            ("exclude_gpus", names.check_gpu_uuid),
+            ("nodes", names.check_node_name),
+        ):
+            set_field(self, name, _freeze_names(getattr(self, name), f"selector.{name}", check))
 
     @property
     def is_empty(self) -> bool:
@@ -189,9 +191,7 @@ class AllocationRequest:
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__
-        _check_str(
-            self.request_id, _REQUEST_ID, "request_id", "1-128 characters of [A-Za-z0-9._:/-]"
-        )
+        names.check_request_id(self.request_id, "request_id")
         _check_int(self.count, "count", f"1-{MAX_GPUS_PER_REQUEST} GPUs")
         if not 1 <= self.count <= MAX_GPUS_PER_REQUEST:
             raise InvalidArgumentError("count", self.count, f"1-{MAX_GPUS_PER_REQUEST} GPUs")

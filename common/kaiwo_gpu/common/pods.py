@@ -9,12 +9,12 @@ silent approximation. Pure: callers read the file and pass its text.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import asdict
 
 import yaml
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.annotations import (
     AMD_GPU_RESOURCE,
     AmdGpuUnit,
@@ -37,10 +37,7 @@ POD_TEMPLATE_KEYS: Mapping[str, tuple[str, ...]] = {
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NODE_NAME_FIELD = "metadata.name"
 _KAIWO_GPU_PREFIX = "kaiwo.ai/gpu-"
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _HASHED_ID_HEX_CHARS = 40
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SUPPORTED_EXPRESSIONS = (
     f"In with one value (the node label must equal it), or In / NotIn on {HOSTNAME_LABEL} "
     "(nodes to use / to avoid); Exists, DoesNotExist, Gt, Lt, NotIn on other keys and "
@@ -150,11 +147,11 @@ def _identity(metadata: Mapping[str, object]) -> tuple[str, str, str]:
     if name is None and "generateName" in metadata:
         allowed = "a name; generateName is resolved by the API server, so pass the created object"
         raise InvalidArgumentError("metadata.name", None, allowed)
-    if not isinstance(name, str) or not _DNS_SUBDOMAIN.fullmatch(name):
+    if not isinstance(name, str) or not names.DNS_SUBDOMAIN.fullmatch(name):
         allowed = "a DNS subdomain name: up to 253 lowercase alphanumerics, '-' and '.'"
         raise InvalidArgumentError("metadata.name", name, allowed)
     namespace = metadata.get("namespace") or "default"
-    if not isinstance(namespace, str) or not _DNS_LABEL.fullmatch(namespace):
+    if not isinstance(namespace, str) or not names.DNS_LABEL.fullmatch(namespace):
         allowed = "a DNS label: up to 63 lowercase alphanumerics and '-'"
         raise InvalidArgumentError("metadata.namespace", namespace, allowed)
     uid = metadata.get("uid") or ""
@@ -167,7 +164,7 @@ def _default_request_id(kind: str, namespace: str, name: str, uid: str) -> str:
     """`k8s:<ns>/<name>[:<uid>]`; workloads add their kind, since a pod may share the name."""
     path = f"{namespace}/{name}" if kind == "Pod" else f"{namespace}/{kind.lower()}/{name}"
     text = f"k8s:{path}:{uid}" if uid else f"k8s:{path}"
-    if _REQUEST_ID.fullmatch(text):
+    if names.is_request_id(text):
         return text
     return "k8s:" + hashlib.sha256(text.encode()).hexdigest()[:_HASHED_ID_HEX_CHARS]
 

@@ -1,13 +1,15 @@
 """The ranges a telemetry value must fall in to be believed.
 
-One definition for both ends of the stream: the agent leaves a value outside them unset
-(a sensor glitch is "not reported"), and the coordinator refuses a batch that carries one,
-so an agent of this version never has a batch refused for a reading.
+One definition for every place that judges a reading: the amdsmi backend and the sampler
+leave a value outside them unset (a sensor glitch or a sentinel is "not reported"), the
+coordinator refuses a batch that carries one (so an agent of this version never has a batch
+refused for a reading), and the load score clamps to them.
 """
 
 from __future__ import annotations
 
-TEMPERATURE_C = (-60.0, 250.0)
+TEMPERATURE_C = (-60.0, 200.0)
+"""Beyond what silicon survives: a sentinel or garbage, not a temperature."""
 POWER_W = (0.0, 10_000.0)
 MAX_PERCENT = 100
 MAX_PROCESS_NAME = 256

@@ -12,6 +12,7 @@ from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import (
     ISOLATION_ALIASES,
     AllocationRequest,
+    Health,
     Isolation,
     Selector,
     parse_isolation,
@@ -31,6 +32,19 @@ _ISOLATION_TO_PROTO: dict[Isolation, types_pb2.Isolation.ValueType] = {
     if value != types_pb2.ISOLATION_UNSPECIFIED
 }
 
+_HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {
+    types_pb2.HEALTH_UNSPECIFIED: Health.HEALTHY,
+    types_pb2.HEALTH_HEALTHY: Health.HEALTHY,
+    types_pb2.HEALTH_DEGRADED: Health.DEGRADED,
+    types_pb2.HEALTH_UNHEALTHY: Health.UNHEALTHY,
+}
+_HEALTH_TO_PROTO: dict[Health, types_pb2.Health.ValueType] = {
+    health: value
+    for value, health in _HEALTH_FROM_PROTO.items()
+    if value != types_pb2.HEALTH_UNSPECIFIED
+}
+HEALTH_VERDICTS = frozenset(_HEALTH_TO_PROTO.values())
+"""The health values an agent may report (UNSPECIFIED is no verdict)."""
 
 _ALIAS_BY_NOTE = {note: alias for alias, (_, note) in ISOLATION_ALIASES.items()}
 
@@ -45,6 +59,16 @@ def isolation_from_proto(value: int) -> Isolation:
 
 def isolation_to_proto(isolation: Isolation) -> types_pb2.Isolation.ValueType:
     return _ISOLATION_TO_PROTO[isolation]
+
+
+def health_from_proto(value: int) -> Health:
+    """A verdict this version does not know (from a newer writer) counts as unhealthy:
+    placement fails closed rather than trust a GPU nobody can vouch for."""
+    return _HEALTH_FROM_PROTO.get(cast("types_pb2.Health.ValueType", value), Health.UNHEALTHY)
+
+
+def health_to_proto(health: Health) -> types_pb2.Health.ValueType:
+    return _HEALTH_TO_PROTO[health]
 
 
 def selector_from_proto(message: types_pb2.Selector) -> Selector:

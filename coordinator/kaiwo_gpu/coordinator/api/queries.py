@@ -8,8 +8,9 @@ from collections.abc import Iterable, Mapping
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
+from kaiwo_gpu.common.wire import health_to_proto
 from kaiwo_gpu.coordinator.state.agent_reports import NodeReport
-from kaiwo_gpu.coordinator.state.records import HEALTH_TO_PROTO, timestamp
+from kaiwo_gpu.coordinator.state.records import timestamp
 from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
@@ -76,7 +77,7 @@ def node_statuses(
                 continue
             gpu = snapshot.gpus[pos]
             usage = snapshot.usage[pos]
-            gpu_status.health = HEALTH_TO_PROTO[gpu.health]
+            gpu_status.health = health_to_proto(gpu.health)
             gpu_status.allocated_millis = usage.allocated_millis
             gpu_status.allocated_memory_mib = usage.allocated_memory_mib
             gpu_status.free_millis = max(0, MILLIS_PER_GPU - usage.allocated_millis)

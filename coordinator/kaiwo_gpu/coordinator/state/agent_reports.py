@@ -8,12 +8,12 @@ Telemetry stays in memory; only the inventory and health changes become node rec
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.common.errors import InvalidArgumentError as Invalid
 from kaiwo_gpu.common.models import freeze_labels
@@ -25,19 +25,15 @@ from kaiwo_gpu.common.telemetry_limits import (
     TEMPERATURE_C,
     within,
 )
-from kaiwo_gpu.coordinator.placement.cluster import MAX_COMPUTE_UNITS, Telemetry
-from kaiwo_gpu.coordinator.state.inventory import COMPUTE_PARTITIONS, GPU_UUID, NODE_NAME
+from kaiwo_gpu.common.wire import HEALTH_VERDICTS
+from kaiwo_gpu.coordinator.placement.cluster import Telemetry
+from kaiwo_gpu.coordinator.state.inventory import MAX_GPUS_PER_NODE, check_gpu_inventory
 from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
-MAX_GPUS_PER_NODE = 64  # 8 MI300X split into CPX partitions
 KEPT_PROCESSES = 16
 """Per GPU, the processes with the most VRAM that ListNodes shows; the rest are dropped so
 one busy node cannot push ListNodes past the message size limit."""
-MEMORY_PARTITIONS = ("", "NPS1", "NPS2", "NPS4", "NPS8")
-BACKENDS = ("amdsmi", "simulated")
-_MODEL = re.compile(r"^\S{1,64}$")
-_KNOWN_HEALTH = (types_pb2.HEALTH_HEALTHY, types_pb2.HEALTH_DEGRADED, types_pb2.HEALTH_UNHEALTHY)
 _FloatField = Literal[
     "edge_temperature_c",
     "hotspot_temperature_c",
@@ -75,15 +71,14 @@ def node_record(
     Health and a cordon carry over from the node's previous agent-written record, so a
     reconnecting agent does not make a bad GPU look healthy until its next batch.
     """
-    if not NODE_NAME.match(register.node):
-        raise Invalid("register.node", register.node, "a DNS-1123 name of 1-253 characters")
+    names.check_node_name(register.node, "register.node")
     if previous is not None and previous.labels.get(SOURCE_LABEL) != FROM_AGENT:
         raise FailedPreconditionError(
             f"node {register.node!r} is registered by the static inventory; remove it "
             "there before running an agent for it"
         )
-    if register.backend not in BACKENDS:
-        raise Invalid("register.backend", register.backend, " or ".join(BACKENDS))
+    if register.backend not in names.AGENT_BACKENDS:
+        raise Invalid("register.backend", register.backend, " or ".join(names.AGENT_BACKENDS))
     labels = dict(freeze_labels(register.labels, "register.labels"))
     if SOURCE_LABEL in labels:
         raise Invalid("register.labels", SOURCE_LABEL, "a label that is not reserved")
@@ -92,7 +87,7 @@ def node_record(
     indices: set[int] = set()
     uuids: set[str] = set()
     for n, gpu in enumerate(register.gpus):
-        _check_inventory(gpu, f"register.gpus[{n}]")
+        check_gpu_inventory(gpu, f"register.gpus[{n}]")
         if gpu.index in indices or gpu.uuid in uuids:
             raise Invalid(f"register.gpus[{n}]", gpu.uuid, "a GPU with a UUID and index of its own")
         owner = owner_of(gpu.uuid)
@@ -118,29 +113,6 @@ def node_record(
             health_reason=kept.health_reason if kept else "",
         )
     return record
-
-
-def _check_inventory(gpu: types_pb2.GpuInventory, where: str) -> None:
-    if not GPU_UUID.match(gpu.uuid):
-        raise Invalid(f"{where}.uuid", gpu.uuid, "1-128 of [A-Za-z0-9._:-]")
-    if gpu.index > 255:
-        raise Invalid(f"{where}.index", gpu.index, "0-255")
-    if not _MODEL.match(gpu.model):
-        raise Invalid(f"{where}.model", gpu.model, "a market name of 1-64 characters")
-    if not 1 <= gpu.vram_mib <= 16 * 1024 * 1024:
-        raise Invalid(f"{where}.vram_mib", gpu.vram_mib, "1-16777216 MiB")
-    if not 1 <= gpu.compute_units <= MAX_COMPUTE_UNITS:
-        raise Invalid(f"{where}.compute_units", gpu.compute_units, f"1-{MAX_COMPUTE_UNITS}")
-    if gpu.compute_partition not in COMPUTE_PARTITIONS:
-        raise Invalid(
-            f"{where}.compute_partition", gpu.compute_partition, "empty, SPX, DPX, TPX, QPX or CPX"
-        )
-    if gpu.memory_partition not in MEMORY_PARTITIONS:
-        raise Invalid(
-            f"{where}.memory_partition", gpu.memory_partition, "empty, NPS1, NPS2, NPS4 or NPS8"
-        )
-    if len(gpu.bdf) > 64:
-        raise Invalid(f"{where}.bdf", gpu.bdf, "a PCI address of up to 64 characters")
 
 
 def checked_batch(
@@ -171,10 +143,9 @@ def checked_batch(
 
 
 def _check_sample(sample: agent_pb2.GpuSample, where: str, vram_mib: int) -> None:
-    if sample.health not in _KNOWN_HEALTH:
+    if sample.health not in HEALTH_VERDICTS:
         raise Invalid(f"{where}.health", sample.health, "HEALTHY, DEGRADED or UNHEALTHY")
-    if len(sample.health_reason) > 256:
-        raise Invalid(f"{where}.health_reason", "(too long)", "up to 256 characters")
+    names.check_reason(sample.health_reason, f"{where}.health_reason")
     telemetry = sample.telemetry
     for percent in _PERCENTS:
         if telemetry.HasField(percent) and getattr(telemetry, percent) > MAX_PERCENT:

@@ -17,23 +17,26 @@ removed from etcd when a coordinator starts with it (its allocations stay until 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.coordinator.placement.cluster import MAX_COMPUTE_UNITS
 from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL
 from kaiwo_gpu.v1 import types_pb2
 
-NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-GPU_UUID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_GPUS_PER_NODE = 64  # 8 MI300X split into CPX partitions
+MAX_GPU_INDEX = 255
+MAX_VRAM_MIB = 16 * 1024 * 1024
+"""16 TiB: far above any GPU, low enough to catch a unit mistake."""
+MAX_BDF_CHARS = 64
 COMPUTE_PARTITIONS = ("", "SPX", "DPX", "TPX", "QPX", "CPX")
+MEMORY_PARTITIONS = ("", "NPS1", "NPS2", "NPS4", "NPS8")
 _NODE_KEYS = {"name", "labels", "gpus", "schedulable", "reason"}
-"""Set to `inventory` on nodes this file registers, so they can be removed with it."""
 _GPU_KEYS = {
     "model", "count", "uuid", "index", "bdf", "vram_mib", "compute_units", "compute_partition",
 }  # fmt: skip
@@ -45,9 +48,9 @@ def _int(value: object, where: str, low: int, high: int) -> int:
     return value
 
 
-def _str(value: object, where: str, pattern: re.Pattern[str], allowed: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
-        raise InvalidArgumentError(where, value, allowed)
+def _one_of(value: object, where: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidArgumentError(where, value, "empty or one of " + ", ".join(allowed[1:]))
     return value
 
 
@@ -60,17 +63,62 @@ def _mapping(value: object, where: str, keys: set[str]) -> Mapping[str, object]:
     return value
 
 
-def _derived_uuid(node: str, index: int) -> str:
+def checked_gpu(
+    where: str,
+    *,
+    uuid: object,
+    index: object,
+    bdf: object,
+    model: object,
+    vram_mib: object,
+    compute_units: object,
+    compute_partition: object = "",
+    memory_partition: object = "",
+) -> types_pb2.GpuInventory:
+    """A GPU's inventory with every field checked: the one rule for the inventory file and
+    for agents' registrations, naming the field (`where`.vram_mib) on error."""
+    if not isinstance(bdf, str) or len(bdf) > MAX_BDF_CHARS:
+        raise InvalidArgumentError(
+            f"{where}.bdf", bdf, f"a PCI address of up to {MAX_BDF_CHARS} characters"
+        )
+    return types_pb2.GpuInventory(
+        uuid=names.check_gpu_uuid(uuid, f"{where}.uuid"),
+        index=_int(index, f"{where}.index", 0, MAX_GPU_INDEX),
+        bdf=bdf,
+        model=names.check_gpu_model(model, f"{where}.model"),
+        vram_mib=_int(vram_mib, f"{where}.vram_mib", 1, MAX_VRAM_MIB),
+        compute_units=_int(compute_units, f"{where}.compute_units", 1, MAX_COMPUTE_UNITS),
+        compute_partition=_one_of(
+            compute_partition, f"{where}.compute_partition", COMPUTE_PARTITIONS
+        ),
+        memory_partition=_one_of(memory_partition, f"{where}.memory_partition", MEMORY_PARTITIONS),
+    )
+
+
+def check_gpu_inventory(gpu: types_pb2.GpuInventory, where: str) -> None:
+    """Raises InvalidArgumentError naming the first field of `gpu` out of its range."""
+    checked_gpu(
+        where,
+        uuid=gpu.uuid,
+        index=gpu.index,
+        bdf=gpu.bdf,
+        model=gpu.model,
+        vram_mib=gpu.vram_mib,
+        compute_units=gpu.compute_units,
+        compute_partition=gpu.compute_partition,
+        memory_partition=gpu.memory_partition,
+    )
+
+
+def _derived_uuid(node: str, index: object) -> str:
     return "GPU-" + hashlib.sha256(f"{node}/{index}".encode()).hexdigest()[:16]
 
 
 def _gpus(
     entry: Mapping[str, object], where: str, node: str, next_index: int
 ) -> list[types_pb2.GpuInventory]:
-    model_name = _str(
-        entry.get("model"), f"{where}.model", re.compile(r"^\S{1,64}$"), "a GPU model"
-    )
-    known = GPU_MODELS.get(model_name)
+    model = names.check_gpu_model(entry.get("model"), f"{where}.model")
+    known = GPU_MODELS.get(model)
     vram = entry.get("vram_mib", known.vram_mib if known else None)
     units = entry.get("compute_units", known.compute_units if known else None)
     if vram is None or units is None:
@@ -79,48 +127,36 @@ def _gpus(
             None,
             f"vram_mib and compute_units for a model other than {', '.join(GPU_MODELS)}",
         )
-    vram_mib = _int(vram, f"{where}.vram_mib", 1, 16 * 1024 * 1024)
-    compute_units = _int(units, f"{where}.compute_units", 1, MAX_COMPUTE_UNITS)
-    partition = entry.get("compute_partition", "")
-    if partition not in COMPUTE_PARTITIONS:
-        raise InvalidArgumentError(
-            f"{where}.compute_partition", partition, "SPX, DPX, TPX, QPX or CPX"
-        )
-    assert isinstance(partition, str)
+    figures = {
+        "model": model,
+        "vram_mib": vram,
+        "compute_units": units,
+        "compute_partition": entry.get("compute_partition", ""),
+    }
     if "count" in entry:
         if {"uuid", "index", "bdf"} & set(entry):
             raise InvalidArgumentError(
                 f"{where}.count", entry["count"], "either count or uuid/index/bdf"
             )
-        count = _int(entry["count"], f"{where}.count", 1, 64)
-        indices = range(next_index, next_index + count)
+        count = _int(entry["count"], f"{where}.count", 1, MAX_GPUS_PER_NODE)
         return [
-            types_pb2.GpuInventory(
+            checked_gpu(
+                where,
                 uuid=_derived_uuid(node, i),
                 index=i,
                 bdf=f"0000:{0x10 + i:02x}:00.0",
-                model=model_name,
-                vram_mib=vram_mib,
-                compute_units=compute_units,
-                compute_partition=partition,
+                **figures,
             )
-            for i in indices
+            for i in range(next_index, next_index + count)
         ]
-    index = _int(entry.get("index", next_index), f"{where}.index", 0, 255)
+    index = entry.get("index", next_index)
     return [
-        types_pb2.GpuInventory(
-            uuid=_str(
-                entry.get("uuid", _derived_uuid(node, index)),
-                f"{where}.uuid",
-                GPU_UUID,
-                "1-128 of [A-Za-z0-9._:-]",
-            ),
+        checked_gpu(
+            where,
+            uuid=entry.get("uuid", _derived_uuid(node, index)),
             index=index,
             bdf=str(entry.get("bdf", "")),
-            model=model_name,
-            vram_mib=vram_mib,
-            compute_units=compute_units,
-            compute_partition=partition,
+            **figures,
         )
     ]
 
@@ -135,15 +171,15 @@ def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.Node
     if not isinstance(entries, list) or not entries:
         raise InvalidArgumentError(f"{source}: nodes", entries, "a non-empty list of nodes")
     nodes: list[types_pb2.NodeStatus] = []
-    names: set[str] = set()
+    seen: set[str] = set()
     uuids: set[str] = set()
     for n, raw in enumerate(entries):
         where = f"{source}: nodes[{n}]"
         entry = _mapping(raw, where, _NODE_KEYS)
-        name = _str(entry.get("name"), f"{where}.name", NODE_NAME, "a DNS-style node name")
-        if name in names:
+        name = names.check_node_name(entry.get("name"), f"{where}.name")
+        if name in seen:
             raise InvalidArgumentError(f"{where}.name", name, "a name not used by another node")
-        names.add(name)
+        seen.add(name)
         labels = entry.get("labels", {})
         if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
@@ -167,9 +203,10 @@ def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.Node
         schedulable = entry.get("schedulable", True)
         if not isinstance(schedulable, bool):
             raise InvalidArgumentError(f"{where}.schedulable", schedulable, "true or false")
-        reason = entry.get("reason", "" if schedulable else "cordoned in the inventory")
-        if not isinstance(reason, str) or len(reason) > 256:
-            raise InvalidArgumentError(f"{where}.reason", reason, "a string of up to 256 chars")
+        reason = names.check_reason(
+            entry.get("reason", "" if schedulable else "cordoned in the inventory"),
+            f"{where}.reason",
+        )
         if SOURCE_LABEL in labels:
             raise InvalidArgumentError(f"{where}.labels", SOURCE_LABEL, "a label not reserved")
         nodes.append(

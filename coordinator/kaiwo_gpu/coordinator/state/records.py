@@ -11,8 +11,13 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
-from kaiwo_gpu.common.models import AllocationRequest, Health, Isolation
-from kaiwo_gpu.common.wire import isolation_from_proto, isolation_to_proto, request_to_proto
+from kaiwo_gpu.common.models import AllocationRequest, Isolation
+from kaiwo_gpu.common.wire import (
+    health_from_proto,
+    isolation_from_proto,
+    isolation_to_proto,
+    request_to_proto,
+)
 from kaiwo_gpu.coordinator.placement.cluster import (
     MAX_COMPUTE_UNITS,
     Gpu,
@@ -23,18 +28,6 @@ from kaiwo_gpu.coordinator.placement.cluster import (
 from kaiwo_gpu.coordinator.placement.engine import Placement
 from kaiwo_gpu.coordinator.placement.environment import grant_environment
 from kaiwo_gpu.v1 import types_pb2
-
-_HEALTH_FROM_PROTO: dict[types_pb2.Health.ValueType, Health] = {
-    types_pb2.HEALTH_UNSPECIFIED: Health.HEALTHY,
-    types_pb2.HEALTH_HEALTHY: Health.HEALTHY,
-    types_pb2.HEALTH_DEGRADED: Health.DEGRADED,
-    types_pb2.HEALTH_UNHEALTHY: Health.UNHEALTHY,
-}
-HEALTH_TO_PROTO: dict[Health, types_pb2.Health.ValueType] = {
-    Health.HEALTHY: types_pb2.HEALTH_HEALTHY,
-    Health.DEGRADED: types_pb2.HEALTH_DEGRADED,
-    Health.UNHEALTHY: types_pb2.HEALTH_UNHEALTHY,
-}
 
 
 def timestamp(moment: datetime) -> Timestamp:
@@ -53,7 +46,7 @@ def node_from_record(record: types_pb2.NodeStatus) -> Node:
             model=status.inventory.model,
             vram_mib=status.inventory.vram_mib,
             compute_units=status.inventory.compute_units,
-            health=_HEALTH_FROM_PROTO.get(status.health, Health.UNHEALTHY),
+            health=health_from_proto(status.health),
             health_reason=status.health_reason,
             compute_partition=status.inventory.compute_partition,
         )

@@ -1,0 +1,179 @@
+"""Each rule that once had several homes is applied alike at every door it guards.
+
+Node names, request ids, GPU inventory, temperature bounds, health values and reasons are
+each defined once; these tests send the same values through every entry point and check
+that all of them agree, so a copy that drifts again fails here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import yaml
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kaiwo_gpu.agent.amdsmi_backend import _temperature_c as amdsmi_temperature
+from kaiwo_gpu.agent.backend import GpuReading
+from kaiwo_gpu.agent.sampler import telemetry_proto
+from kaiwo_gpu.cli import flags
+from kaiwo_gpu.common import names
+from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.models import AllocationRequest, Health, Selector
+from kaiwo_gpu.common.telemetry_limits import TEMPERATURE_C
+from kaiwo_gpu.common.wire import HEALTH_VERDICTS, health_from_proto, health_to_proto
+from kaiwo_gpu.coordinator.state.agent_reports import checked_batch, node_record
+from kaiwo_gpu.coordinator.state.inventory import parse_inventory
+from kaiwo_gpu.v1 import agent_pb2, types_pb2
+from tests.agents import raw_inventory
+
+NODE_NAMES = {
+    "gpu-01": True,
+    "rack1.gpu-01": True,
+    "a": True,
+    "x" * 253: True,
+    "x" * 254: False,
+    "Gpu-01": False,  # upper case: one of the old rules allowed it
+    "gpu_01": False,  # '_': likewise
+    "-gpu": False,
+    "gpu-": False,
+    "": False,
+    "gpu 01": False,
+}
+
+
+def accepted(check: object, value: str) -> bool:
+    try:
+        check(value)  # type: ignore[operator]
+    except (InvalidArgumentError, argparse.ArgumentTypeError):
+        return False
+    return True
+
+
+def by_selector(name: str) -> None:
+    AllocationRequest("r1", fraction_millis=500, selector=Selector(nodes=frozenset({name})))
+
+
+def by_exclusion(name: str) -> None:
+    Selector(exclude_nodes=frozenset({name}))
+
+
+def by_inventory(name: str) -> None:
+    text = yaml.safe_dump({"nodes": [{"name": name, "gpus": [{"model": "MI300X", "count": 1}]}]})
+    parse_inventory(text)
+
+
+def by_registration(name: str) -> None:
+    register = agent_pb2.Register(node=name, gpus=raw_inventory("n1"), backend="simulated")
+    node_record(register, None, lambda uuid: None)
+
+
+@pytest.mark.parametrize(
+    "door", [by_selector, by_exclusion, by_inventory, by_registration, flags.node_name]
+)
+def test_every_door_takes_the_same_node_names(door: object) -> None:
+    verdicts = {name: accepted(door, name) for name in NODE_NAMES}
+    assert verdicts == NODE_NAMES
+
+
+def test_the_default_node_name_is_always_a_node_name() -> None:
+    assert names.is_node_name(flags.default_node_name())
+
+
+@pytest.mark.parametrize(
+    ("request_id", "ok"),
+    [("slurm-c-1-node", True), ("k8s:ns/pod:uid", True), ("a" * 128, True), ("a" * 129, False)],
+)
+def test_request_ids_follow_one_rule(request_id: str, ok: bool) -> None:
+    assert names.is_request_id(request_id) is ok
+    assert accepted(lambda rid: AllocationRequest(rid, fraction_millis=500), request_id) is ok
+
+
+BAD_GPUS = {
+    "uuid": {"uuid": "has space"},
+    "index": {"index": 256},
+    "vram_mib": {"vram_mib": 16 * 1024 * 1024 + 1},
+    "compute_units": {"compute_units": 4097},
+    "compute_partition": {"compute_partition": "XPX"},
+    "model": {"model": "two words"},
+}
+
+
+@pytest.mark.parametrize("field", sorted(BAD_GPUS))
+def test_the_inventory_file_and_agents_refuse_the_same_gpu(field: str) -> None:
+    good = {"uuid": "GPU-1", "index": 0, "model": "MI210", "vram_mib": 65536, "compute_units": 104}
+    gpu = {**good, **BAD_GPUS[field]}
+    text = yaml.safe_dump({"nodes": [{"name": "n1", "gpus": [gpu]}]})
+    with pytest.raises(InvalidArgumentError) as from_file:
+        parse_inventory(text, "nodes.yaml")
+    register = agent_pb2.Register(node="n1", gpus=[types_pb2.GpuInventory(**gpu)], backend="amdsmi")
+    with pytest.raises(InvalidArgumentError) as from_agent:
+        node_record(register, None, lambda uuid: None)
+    assert from_file.value.field == f"nodes.yaml: nodes[0].gpus[0].{field}"
+    assert from_agent.value.field == f"register.gpus[0].{field}"
+    assert from_file.value.allowed == from_agent.value.allowed
+
+
+@pytest.mark.parametrize(
+    "celsius",
+    [
+        TEMPERATURE_C[0],
+        TEMPERATURE_C[1],
+        TEMPERATURE_C[0] - 0.5,
+        TEMPERATURE_C[1] + 0.5,
+        55.0,
+        math.nan,
+        math.inf,
+    ],
+)
+def test_what_the_agent_sends_the_coordinator_accepts(celsius: float) -> None:
+    """The amdsmi backend and the sampler leave out exactly what the coordinator refuses."""
+    stamp = Timestamp(seconds=1)
+    telemetry = telemetry_proto(GpuReading(hotspot_temperature_c=celsius), stamp, 1024)
+    sent = telemetry.HasField("hotspot_temperature_c")
+    record = node_record(
+        agent_pb2.Register(node="n1", gpus=raw_inventory("n1"), backend="simulated"),
+        None,
+        lambda uuid: None,
+    )
+    raw = agent_pb2.TelemetryBatch(
+        sampled_at=stamp,
+        samples=[
+            agent_pb2.GpuSample(
+                uuid=raw_inventory("n1")[0].uuid,
+                health=types_pb2.HEALTH_HEALTHY,
+                telemetry=types_pb2.GpuTelemetry(hotspot_temperature_c=celsius),
+            )
+        ],
+    )
+    believed = accepted(lambda _: checked_batch(raw, record, lambda uuid: None), "")
+    read = amdsmi_temperature(celsius) is not None
+    assert sent is believed is read
+    assert sent is (TEMPERATURE_C[0] <= celsius <= TEMPERATURE_C[1])
+
+
+def test_health_values_round_trip_and_an_unknown_one_is_unhealthy() -> None:
+    assert {health_from_proto(health_to_proto(h)) for h in Health} == set(Health)
+    assert {health_to_proto(h) for h in Health} == HEALTH_VERDICTS
+    assert health_from_proto(99) is Health.UNHEALTHY
+    assert health_from_proto(types_pb2.HEALTH_UNSPECIFIED) is Health.HEALTHY
+
+
+def test_reasons_have_one_limit_for_health_and_cordons() -> None:
+    longest = "x" * names.MAX_REASON_CHARS
+    text = yaml.safe_dump(
+        {
+            "nodes": [
+                {
+                    "name": "n1",
+                    "schedulable": False,
+                    "reason": longest + "x",
+                    "gpus": [{"model": "MI300X", "count": 1}],
+                }
+            ]
+        }
+    )
+    with pytest.raises(InvalidArgumentError, match=str(names.MAX_REASON_CHARS)):
+        parse_inventory(text)
+    assert names.check_reason(longest, "reason") == longest
