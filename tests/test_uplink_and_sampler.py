@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading, ProcessVram
 from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto, read_all, telemetry_proto
-from kaiwo_gpu.agent.uplink import backoff_delay, placed_shares
+from kaiwo_gpu.agent.uplink_state import backoff_delay, placed_shares
 from kaiwo_gpu.common.telemetry_limits import MAX_PROCESSES
 from kaiwo_gpu.coordinator.state.agent_reports import checked_batch, node_record
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
