@@ -1,10 +1,12 @@
 """The load generator processes of the telemetry benchmark, and the parent's handle on them.
 
-Each generator process (spawned with multiprocessing) serves its share of the simulated
-nodes over a few channels: one `AgentService.Connect` stream per node, a Register, then one
-TelemetryBatch per node per second on the nodes' schedule. A sender that falls behind sends
-late batches at once (no skipping). The parent talks to the processes over pipes: it sends
-`Start`, ("stop",) and ("close",); they answer ("ready",), `Registered` and `Sent`.
+Each generator process (spawned with multiprocessing, so it imports this module as
+`bench.telemetry_load` with the parent's `sys.path`, as `python -m bench` set it) serves its
+share of the simulated nodes over a few channels: one `AgentService.Connect` stream per node,
+a Register, then one TelemetryBatch per node per second on the nodes' schedule. A sender that
+falls behind sends late batches at once (no skipping). The parent talks to the processes over
+pipes: it sends `Start`, ("stop",) and ("close",); they answer ("ready",), `Registered` and
+`Sent`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 import grpc
-from telemetry_nodes import INTERVAL_S, NodeLoad
 
+from bench.telemetry_nodes import INTERVAL_S, NodeLoad
 from kaiwo_gpu.v1 import agent_pb2
 
 CONNECT_METHOD = "/kaiwo_gpu.v1.AgentService/Connect"

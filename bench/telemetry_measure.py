@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import CpuMeter, CpuUse
-from telemetry_load import CONTROL_TIMEOUT_S, Generators, Registered, Sent, Start
-from telemetry_nodes import batch_number, node_index
-
+from bench.lib import CpuMeter, CpuUse
+from bench.telemetry_load import CONTROL_TIMEOUT_S, Generators, Registered, Sent, Start
+from bench.telemetry_nodes import batch_number, node_index
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 
 REGISTER_TIMEOUT_S = 240.0  # for every node together

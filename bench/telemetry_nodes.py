@@ -3,22 +3,13 @@
 Each node's Register and telemetry messages are built once (a few value variants); only the
 timestamps change before each write. Batch k of node i is due at t0 + k + i/nodes seconds,
 and is stamped with that time, so the batch number can be read back from `sampled_at`.
-The baseline is the CPU the coordinator's pure ingest steps spend on the same bytes.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
-from dataclasses import dataclass
 
-from kaiwo_gpu.coordinator.state.agent_reports import (
-    checked_batch,
-    node_record,
-    placement_reading,
-    with_health,
-)
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 GPU_MODEL = "MI300X"
@@ -27,8 +18,6 @@ COMPUTE_UNITS = 304
 POWER_LIMIT_W = 750.0
 INTERVAL_S = 1.0
 VARIANTS = 4  # value sets per node, cycled so consecutive batches differ
-BASELINE_BATCHES = 20_000
-BASELINE_NODES = 50
 
 
 def node_name(index: int, nodes: int) -> str:
@@ -137,55 +126,3 @@ def batch_number(sampled_at_wall_s: float, t0_wall_s: float, index: int, nodes: 
 def last_due(wall_s: float, t0_wall_s: float, index: int, nodes: int) -> int:
     """The number of node `index`'s latest batch due at `wall_s`."""
     return math.floor((wall_s - t0_wall_s - offset_s(index, nodes)) / INTERVAL_S)
-
-
-# --- baseline ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Baseline:
-    batches: int
-    parse_check_us: float  # CPU per batch: FromString + checked_batch
-    whole_pure_us: float  # ... + placement_reading + with_health
-
-
-def _no_owner(_uuid: str) -> str | None:
-    return None
-
-
-def measure_baseline(nodes: int, gpus: int) -> Baseline:
-    """CPU per batch of the coordinator's pure ingest steps, on the generators' bytes."""
-    loads = [NodeLoad(i, nodes, gpus) for i in range(min(nodes, BASELINE_NODES))]
-    records = [
-        node_record(agent_pb2.AgentMessage.FromString(load.register).register, None, _no_owner)
-        for load in loads
-    ]
-    now = time.time()
-    per_load = math.ceil(BASELINE_BATCHES / len(loads))
-    payloads = [
-        (records[n], load.payload(k, load.due_wall_s(now, k)))
-        for k in range(per_load)
-        for n, load in enumerate(loads)
-    ]
-
-    def parse_check() -> None:
-        for record, payload in payloads:
-            message = agent_pb2.AgentMessage.FromString(payload)
-            checked_batch(message.telemetry, record, _no_owner)
-
-    def whole() -> None:
-        for record, payload in payloads:
-            message = agent_pb2.AgentMessage.FromString(payload)
-            samples = checked_batch(message.telemetry, record, _no_owner)
-            {uuid: placement_reading(s.telemetry) for uuid, s in samples.items()}
-            if with_health(record, samples) is not None:
-                raise RuntimeError("a healthy batch changed a healthy record")
-
-    def cpu_us(work: object) -> float:
-        assert callable(work)
-        work()  # warm
-        start = time.process_time()
-        work()
-        return (time.process_time() - start) * 1e6 / len(payloads)
-
-    return Baseline(len(payloads), cpu_us(parse_check), cpu_us(whole))

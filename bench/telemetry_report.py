@@ -9,21 +9,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from benchlib import CpuUse, percentile, print_header
-from telemetry_load import REGISTER_CONCURRENCY
-from telemetry_measure import DRAIN_TIMEOUT_S, Options, Results
-from telemetry_nodes import BASELINE_NODES, INTERVAL_S, Baseline, last_due, node_index
+from bench.lib import CpuUse, Figures, percentile, print_header
+from bench.telemetry_baseline import BASELINE_NODES, Baseline
+from bench.telemetry_load import REGISTER_CONCURRENCY
+from bench.telemetry_measure import DRAIN_TIMEOUT_S, Options, Results
+from bench.telemetry_nodes import INTERVAL_S, last_due, node_index
 
 KEEPS_UP_FRACTION = 0.99
 ROLES = ("coordinator", "etcd", "generators", "bench")
 
 
-def _ms(values: Sequence[float]) -> str:
+def _spread_ms(values: Sequence[float]) -> Figures | None:
+    """count, p50, p99 and max in ms of durations in seconds; None when there are none."""
     if not values:
-        return "n/a"
+        return None
     ordered = sorted(values)
-    p50_ms, p99_ms = percentile(ordered, 0.5) * 1000, percentile(ordered, 0.99) * 1000
-    return f"p50 {p50_ms:.1f} ms, p99 {p99_ms:.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+    return {
+        "count": len(ordered),
+        "p50_ms": percentile(ordered, 0.5) * 1000,
+        "p99_ms": percentile(ordered, 0.99) * 1000,
+        "max_ms": ordered[-1] * 1000,
+    }
+
+
+def _ms(values: Sequence[float]) -> str:
+    spread = _spread_ms(values)
+    if spread is None:
+        return "n/a"
+    return (
+        f"p50 {spread['p50_ms']:.1f} ms, p99 {spread['p99_ms']:.1f} ms, "
+        f"max {spread['max_ms']:.1f} ms"
+    )
 
 
 def print_cpu(uses: Sequence[CpuUse]) -> None:
@@ -204,3 +220,56 @@ def report(options: Options, baseline: Baseline, results: Results) -> bool:
         "wanted < 100%)"
     )
     return steady.keeps_up
+
+
+def figures(options: Options, baseline: Baseline, results: Results) -> Figures:
+    """What `report` prints, as JSON-ready values."""
+    r = results
+    steady = steady_figures(options.nodes, r)
+    registration = r.registration
+    per_batch = steady.coordinator_us_per_batch
+    return {
+        "registration": {
+            "nodes": options.nodes,
+            "registered": registration.ops,
+            "seconds": registration.wall_s,
+            "per_s": registration.ops / registration.wall_s if registration.wall_s > 0 else None,
+            "in_flight_per_generator": REGISTER_CONCURRENCY,
+            "latency": _spread_ms([s for reg in r.registered for s in reg.latencies_s]),
+            "failures": sum(len(reg.failures) for reg in r.registered),
+        },
+        "steady": {
+            "window_s": r.closing.at_wall_s - r.opening.at_wall_s,
+            "offered_batches_s": steady.offered_batches_s,
+            "sent_batches_s": steady.sent_batches_s,
+            "received_batches_s": steady.received_batches_s,
+            "offered_samples_s": steady.offered_batches_s * options.gpus,
+            "sent_samples_s": steady.sent_batches_s * options.gpus,
+            "received_samples_s": steady.received_batches_s * options.gpus,
+            "received_fraction": steady.received_fraction,
+            "batches_ingested": r.steady.ops,
+            "sender_lag": _spread_ms(steady.lags_s),
+            "late_over_1s": sum(1 for lag in steady.lags_s if lag > INTERVAL_S),
+            "ingest_delay_start": _spread_ms(list(r.opening.ingest_delay_s.values())),
+            "ingest_delay_end": _spread_ms(list(r.closing.ingest_delay_s.values())),
+            "backlog_batches": sum(steady.backlog),
+            "backlog_max_per_node": max(steady.backlog, default=0),
+            "stream_failures": sum(len(s.stream_failures) for s in r.sent),
+            "coordinator_log": dict(r.ended),
+            "drain_s": r.drain_s,
+            "undrained_nodes": len(r.undrained),
+        },
+        "cpu": [use.figures() for use in (r.registration, r.steady, r.list_cpu)],
+        "baseline": {
+            "batches": baseline.batches,
+            "parse_check_us": baseline.parse_check_us,
+            "whole_pure_us": baseline.whole_pure_us,
+            "coordinator_us_per_batch": per_batch,
+            "coordinator_over_parse_check": per_batch / baseline.parse_check_us
+            if per_batch is not None
+            else None,
+            "one_core_batches_s": 1e6 / per_batch if per_batch else None,
+        },
+        "keeps_up": steady.keeps_up,
+        "coordinator_share_of_one_core": steady.coordinator_share,
+    }

@@ -10,8 +10,8 @@ decision at 10,000 GPUs.
 
 Run from the repository root:
 
-    .venv/bin/python bench/engine_decisions.py [--sizes 100,1000,10000] [--decisions 2000]
-                                               [--seed 0]
+    .venv/bin/python -m bench engine [--sizes 100,1000,10000] [--decisions 2000] [--seed 0]
+        [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ import argparse
 import gc
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from benchlib import Stats, positive_int, print_header
-
+from bench.lib import Figures, Outcome, Stats, positive_int, print_header
+from bench.suites import SuiteSpec
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.coordinator.local.synthetic import random_requests, synthetic_nodes
@@ -231,8 +230,34 @@ def print_updates(rows: Sequence[UpdateRow], baseline: Stats) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def decision_figures(rows: Sequence[DecisionRow], baseline: Stats) -> list[Figures]:
+    return [
+        {
+            "gpus": row.size,
+            "strategy": row.strategy,
+            **row.stats.figures("us"),
+            "nofit_share": row.nofit_share,
+            "p50_over_base": row.stats.p50_us / baseline.p50_us,
+            "target": _verdict(row),
+        }
+        for row in rows
+    ]
+
+
+def update_figures(rows: Sequence[UpdateRow], baseline: Stats) -> list[Figures]:
+    return [
+        {
+            "gpus": row.size,
+            "with": row.with_stats.figures("us"),
+            "without": row.without_stats.figures("us"),
+            "pair": row.pair_stats.figures("us"),
+            "p50_over_base": row.pair_stats.p50_us / baseline.p50_us,
+        }
+        for row in rows
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
         type=_parse_sizes,
@@ -246,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="timed decisions per size and strategy (default 2000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of fill and request streams")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Outcome:
     sizes: list[int] = args.sizes
     decisions: int = args.decisions
     seed: int = args.seed
@@ -270,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     decision_rows: list[DecisionRow] = []
     update_rows: list[UpdateRow] = []
+    fills: list[Figures] = []
     for size in sizes:
         fill = fill_half(size, seed)
         gpus = len(fill.snapshot.gpus)
@@ -277,6 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"fill {gpus} GPUs: {fill.allocations} allocations, {fill.refused} refused, "
             f"{fill.filled:.1%} of compute millis allocated, in {fill.seconds:.1f} s",
             flush=True,
+        )
+        fills.append(
+            {
+                "gpus": gpus,
+                "allocations": fill.allocations,
+                "refused": fill.refused,
+                "filled": fill.filled,
+                "seconds": fill.seconds,
+            }
         )
         for strategy in strategies:
             stats, nofit_share = measure_strategy(fill.snapshot, strategy, requests, warmup)
@@ -290,13 +327,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("incremental snapshot update per commit: with_allocation, then without_allocation")
     print_updates(update_rows, baseline)
     print()
+    total_s = time.perf_counter() - started
     print(
         f"target: p99 <= {TARGET_P99_US:.0f} us per decision at {TARGET_SIZE} GPUs; "
         f"p50/base = p50 / baseline p50 ({baseline.p50_us:.1f} us); "
-        f"total {time.perf_counter() - started:.1f} s"
+        f"total {total_s:.1f} s"
     )
-    return 0
+    return Outcome(
+        0,
+        {
+            "baseline": {"operation": f"sorted() of {BASELINE_LIST_LEN} ints"}
+            | baseline.figures("us"),
+            "fills": fills,
+            "decisions": decision_figures(decision_rows, baseline),
+            "updates": update_figures(update_rows, baseline),
+            "target": {"gpus": TARGET_SIZE, "p99_us_at_most": TARGET_P99_US},
+            "total_s": total_s,
+        },
+    )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+SUITE = SuiteSpec(
+    description=__doc__ or "",
+    add_arguments=add_arguments,
+    run=run,
+    quick={"sizes": [100, 1000], "decisions": 200},
+)

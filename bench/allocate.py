@@ -25,9 +25,9 @@ printed too: CPU per operation carries over between machines better than wall ti
 
 Run from the repository root:
 
-    .venv/bin/python bench/allocate_roundtrip.py [--samples 500] [--warmup 50]
+    .venv/bin/python -m bench allocate [--samples 500] [--warmup 50]
         [--allocations 4000] [--clients 32] [--nodes 64] [--time-limit 120]
-        [--value-bytes 600] [--profile-coordinator FILE]
+        [--value-bytes 600] [--profile-coordinator FILE] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,17 +49,20 @@ from typing import TYPE_CHECKING
 
 import grpc
 import yaml
-from benchlib import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.lib import (
     CpuMeter,
     CpuUse,
+    Figures,
+    Outcome,
     Stats,
     local_cluster,
     positive_int,
     print_header,
     run_in_workdir,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from bench.suites import SuiteSpec
 from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.inventory import load_inventory
 from kaiwo_gpu.coordinator.state.store import EtcdStore
@@ -328,9 +330,64 @@ async def release_all(
 # --- report -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    value: float
+    decimals: int
+    wanted: str
+    verdict: str
+
+
 def _verdict(value: float, target: float, *, at_most: bool) -> str:
     ok = value <= target if at_most else value >= target
     return "PASS" if ok else "MISS"
+
+
+def latency_rows(results: Results) -> list[tuple[str, Stats]]:
+    return [
+        ("bare etcd txn (1 compare, 2 puts)", results.bare),
+        ("gRPC health Check (no etcd)", results.health),
+        ("Allocate, no TTL", results.plain),
+        (f"Allocate, ttl_seconds {TTL_S}", results.leased),
+    ]
+
+
+def throughput_rows(clients: int, results: Results) -> list[tuple[str, Throughput]]:
+    return [
+        (f"Allocate x{clients} clients", results.concurrent),
+        (f"Allocate x{clients}, ttl {TTL_S}s", results.leased_concurrent),
+        (f"bare etcd txn x{clients} in flight", results.bare_concurrent),
+    ]
+
+
+def targets(results: Results) -> list[Target]:
+    p50 = results.plain.p50_ms / results.bare.p50_ms
+    p99 = results.plain.p99_ms / results.bare.p99_ms
+    per_s = results.concurrent.per_s
+    return [
+        Target(
+            "Allocate p50 / bare txn p50",
+            p50,
+            2,
+            f"<= {TARGET_P50_RATIO}",
+            _verdict(p50, TARGET_P50_RATIO, at_most=True),
+        ),
+        Target(
+            "Allocate p99 / bare txn p99",
+            p99,
+            2,
+            f"<= {TARGET_P99_RATIO}",
+            _verdict(p99, TARGET_P99_RATIO, at_most=True),
+        ),
+        Target(
+            "allocations/s, one coordinator",
+            per_s,
+            0,
+            f">= {TARGET_THROUGHPUT:.0f}",
+            _verdict(per_s, TARGET_THROUGHPUT, at_most=False),
+        ),
+    ]
 
 
 def print_latencies(rows: Sequence[tuple[str, Stats]], baseline: Stats) -> None:
@@ -379,33 +436,73 @@ def print_cpu(uses: Sequence[CpuUse]) -> None:
         print(f"{use.phase:<34}{use.ops:>6}{use.wall_s:>8.2f}{used}{per_ops}{use.busy:>6.0%}")
 
 
-def print_targets(bare: Stats, allocate: Stats, throughput: Throughput) -> None:
-    p50 = allocate.p50_ms / bare.p50_ms
-    p99 = allocate.p99_ms / bare.p99_ms
-    rows = [
-        (
-            "Allocate p50 / bare txn p50",
-            f"{p50:.2f}",
-            f"<= {TARGET_P50_RATIO}",
-            _verdict(p50, TARGET_P50_RATIO, at_most=True),
-        ),
-        (
-            "Allocate p99 / bare txn p99",
-            f"{p99:.2f}",
-            f"<= {TARGET_P99_RATIO}",
-            _verdict(p99, TARGET_P99_RATIO, at_most=True),
-        ),
-        (
-            "allocations/s, one coordinator",
-            f"{throughput.per_s:.0f}",
-            f">= {TARGET_THROUGHPUT:.0f}",
-            _verdict(throughput.per_s, TARGET_THROUGHPUT, at_most=False),
-        ),
-    ]
+def print_targets(rows: Sequence[Target]) -> None:
     header = f"{'target':<34}{'value':>9}{'wanted':>10}  verdict"
     print_header(header)
-    for name, value, wanted, verdict in rows:
-        print(f"{name:<34}{value:>9}{wanted:>10}  {verdict}")
+    for row in rows:
+        value = f"{row.value:.{row.decimals}f}"
+        print(f"{row.name:<34}{value:>9}{row.wanted:>10}  {row.verdict}")
+
+
+def report(options: Options, results: Results, meter: CpuMeter) -> None:
+    clients = options.clients
+    print()
+    print(
+        f"sequential latency, one client (Allocate records {results.record_bytes} B; "
+        f"bare txn value {options.value_bytes} B; Allocate rows time the Allocate only)"
+    )
+    print_latencies(latency_rows(results), results.bare)
+    print()
+    print(
+        f"throughput, {clients} concurrent (commits = etcd revisions used; "
+        "p50/p99 = per-call latency under load)"
+    )
+    print_throughputs(throughput_rows(clients, results))
+    print()
+    print(
+        "CPU used per phase (client = this process, coord = the coordinator process; "
+        "busy = all three / all cores)"
+    )
+    print_cpu(meter.uses)
+    print()
+    print_targets(targets(results))
+
+
+def figures(options: Options, results: Results, meter: CpuMeter) -> Figures:
+    """What `report` prints, as JSON-ready values."""
+    bare = results.bare
+    return {
+        "record_bytes": results.record_bytes,
+        "value_bytes": options.value_bytes,
+        "latency": [
+            {
+                "operation": name,
+                **stats.figures("ms"),
+                "p50_over_txn": stats.p50_ms / bare.p50_ms,
+                "p99_over_txn": stats.p99_ms / bare.p99_ms,
+            }
+            for name, stats in latency_rows(results)
+        ],
+        "throughput": [
+            {
+                "operation": name,
+                "done": t.done,
+                "failed": t.failed,
+                "seconds": t.seconds,
+                "per_s": t.per_s,
+                "commits": t.revisions,
+                "per_commit": t.done / t.revisions if t.revisions else None,
+                "p50_ms": t.latency.p50_ms,
+                "p99_ms": t.latency.p99_ms,
+            }
+            for name, t in throughput_rows(options.clients, results)
+        ],
+        "cpu": [use.figures() for use in meter.uses],
+        "targets": [
+            {"target": t.name, "value": t.value, "wanted": t.wanted, "verdict": t.verdict}
+            for t in targets(results)
+        ],
+    }
 
 
 # --- main -------------------------------------------------------------------------------
@@ -515,45 +612,7 @@ async def measure(
     )
 
 
-def report(options: Options, results: Results, meter: CpuMeter) -> None:
-    clients = options.clients
-    print()
-    print(
-        f"sequential latency, one client (Allocate records {results.record_bytes} B; "
-        f"bare txn value {options.value_bytes} B; Allocate rows time the Allocate only)"
-    )
-    print_latencies(
-        [
-            ("bare etcd txn (1 compare, 2 puts)", results.bare),
-            ("gRPC health Check (no etcd)", results.health),
-            ("Allocate, no TTL", results.plain),
-            (f"Allocate, ttl_seconds {TTL_S}", results.leased),
-        ],
-        results.bare,
-    )
-    print()
-    print(
-        f"throughput, {clients} concurrent (commits = etcd revisions used; "
-        "p50/p99 = per-call latency under load)"
-    )
-    print_throughputs(
-        [
-            (f"Allocate x{clients} clients", results.concurrent),
-            (f"Allocate x{clients}, ttl {TTL_S}s", results.leased_concurrent),
-            (f"bare etcd txn x{clients} in flight", results.bare_concurrent),
-        ]
-    )
-    print()
-    print(
-        "CPU used per phase (client = this process, coord = the coordinator process; "
-        "busy = all three / all cores)"
-    )
-    print_cpu(meter.uses)
-    print()
-    print_targets(results.bare, results.plain, results.concurrent)
-
-
-async def run(options: Options, workdir: Path) -> int:
+async def run_cluster(options: Options, workdir: Path) -> Outcome:
     # Sized so a throughput phase (which releases only when it is over) cannot fill the
     # cluster; the sequential phases release every allocation they make.
     needed = options.allocations + 2 * options.clients
@@ -587,9 +646,10 @@ async def run(options: Options, workdir: Path) -> int:
             )
             results = await measure(options, store, apis, channels[0], meter)
             if cluster.coordinator_exited():
-                return 1
+                return Outcome(1)
             report(options, results, meter)
-            return 0
+            inventory_figures = {"nodes": nodes, "gpus": gpus}
+            return Outcome(0, {"inventory": inventory_figures} | figures(options, results, meter))
         finally:
             for channel in channels:
                 await channel.close()
@@ -597,8 +657,7 @@ async def run(options: Options, workdir: Path) -> int:
                 await store.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples",
         type=positive_int,
@@ -642,7 +701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="run the coordinator under cProfile (slows it) and write its stats to FILE",
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Outcome:
     options = Options(
         samples=args.samples,
         warmup=args.warmup,
@@ -661,8 +722,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{options.allocations} allocations x {options.clients} clients, "
         f"{FRACTION_MILLIS} millis each"
     )
-    return run_in_workdir(functools.partial(run, options), started)
+    return run_in_workdir(functools.partial(run_cluster, options), started)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+SUITE = SuiteSpec(
+    description=__doc__ or "",
+    add_arguments=add_arguments,
+    run=run,
+    quick={
+        "samples": 20,
+        "warmup": 5,
+        "allocations": 100,
+        "clients": 4,
+        "nodes": 2,
+        "time_limit": 20.0,
+    },
+)

@@ -52,8 +52,8 @@ was not met and the figures are a lower bound on what the coordinator can take.
 
 Run from the repository root:
 
-    .venv/bin/python bench/telemetry_ingest.py [--nodes 1000] [--gpus 8] [--duration 30]
-        [--warmup 5] [--processes 2]
+    .venv/bin/python -m bench telemetry [--nodes 1000] [--gpus 8] [--duration 30]
+        [--warmup 5] [--processes 2] [--baseline-batches 20000] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -62,18 +62,18 @@ import argparse
 import functools
 import os
 import platform
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from benchlib import CpuMeter, local_cluster, positive_int, run_in_workdir
-from telemetry_load import Generators
-from telemetry_measure import Options, measure
-from telemetry_nodes import INTERVAL_S, Baseline, measure_baseline
-from telemetry_report import report
 
+from bench.lib import CpuMeter, Outcome, local_cluster, positive_int, run_in_workdir
+from bench.suites import SuiteSpec
+from bench.telemetry_baseline import BASELINE_BATCHES, Baseline, measure_baseline
+from bench.telemetry_load import Generators
+from bench.telemetry_measure import Options, measure
+from bench.telemetry_nodes import INTERVAL_S
+from bench.telemetry_report import figures, report
 from kaiwo_gpu.v1 import allocation_pb2_grpc
 
 PREFIX = "/bench-telemetry/v1/"
@@ -81,7 +81,7 @@ COORDINATOR_FLAGS = ("--node-ttl=15s", "--sample-interval=1s")
 MAX_LIST_BYTES = 256 * 1024 * 1024
 
 
-async def run(options: Options, baseline: Baseline, workdir: Path) -> int:
+async def run_cluster(options: Options, baseline: Baseline, workdir: Path) -> Outcome:
     generators: Generators | None = None
     channel: grpc.aio.Channel | None = None
     async with local_cluster(workdir, PREFIX, None, extra_args=COORDINATOR_FLAGS) as cluster:
@@ -111,9 +111,9 @@ async def run(options: Options, baseline: Baseline, workdir: Path) -> int:
             )
             results = await measure(options, generators, meter, api, coordinator.log_path)
             if cluster.coordinator_exited():
-                return 1
+                return Outcome(1)
             report(options, baseline, results)
-            return 0
+            return Outcome(0, figures(options, baseline, results))
         finally:
             if generators is not None:
                 generators.close()
@@ -128,17 +128,28 @@ def _seconds(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def _gpus(text: str) -> int:
+    value = positive_int(text)
+    if value > 256:
+        raise argparse.ArgumentTypeError("a node has at most 256 GPUs")
+    return value
+
+
+def _duration(text: str) -> float:
+    value = _seconds(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1 second")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nodes", type=positive_int, default=1000, help="simulated nodes (default 1000)"
     )
-    parser.add_argument(
-        "--gpus", type=positive_int, default=8, help="GPUs per node, 1-256 (default 8)"
-    )
+    parser.add_argument("--gpus", type=_gpus, default=8, help="GPUs per node, 1-256 (default 8)")
     parser.add_argument(
         "--duration",
-        type=_seconds,
+        type=_duration,
         default=30.0,
         help="seconds of steady state measured (default 30)",
     )
@@ -154,11 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="load generator processes, each with its share of the nodes (default 2)",
     )
-    args = parser.parse_args(argv)
-    if args.gpus > 256:
-        parser.error("--gpus: a node has at most 256 GPUs")
-    if args.duration < 1:
-        parser.error("--duration: at least 1 second")
+    parser.add_argument(
+        "--baseline-batches",
+        type=positive_int,
+        default=BASELINE_BATCHES,
+        help=f"batches the baseline times, in this process (default {BASELINE_BATCHES})",
+    )
+
+
+def run(args: argparse.Namespace) -> Outcome:
     options = Options(
         nodes=args.nodes,
         gpus=args.gpus,
@@ -176,17 +191,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{options.duration_s:g} s",
         flush=True,
     )
-    baseline = measure_baseline(options.nodes, options.gpus)
+    baseline = measure_baseline(options.nodes, options.gpus, args.baseline_batches)
     print(
         f"baseline: parse + checked_batch {baseline.parse_check_us:.1f} us CPU per batch",
         flush=True,
     )
     try:
-        return run_in_workdir(functools.partial(run, options, baseline), started)
+        return run_in_workdir(functools.partial(run_cluster, options, baseline), started)
     except KeyboardInterrupt:
         print("interrupted; etcd, the coordinator and the generators were stopped")
-        return 130
+        return Outcome(130)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+SUITE = SuiteSpec(
+    description=__doc__ or "",
+    add_arguments=add_arguments,
+    run=run,
+    quick={
+        "nodes": 20,
+        "gpus": 2,
+        "duration": 2.0,
+        "warmup": 2.0,
+        "processes": 1,
+        "baseline_batches": 2000,
+    },
+)

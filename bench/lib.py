@@ -1,7 +1,5 @@
-"""What the benchmarks share: percentiles, CPU per process from /proc, a throwaway cluster.
-
-The benchmarks run as scripts from the repository root (`.venv/bin/python bench/...`), so
-`bench/` is the first entry of `sys.path` and they import this module as `benchlib`.
+"""What the benchmark suites share: percentiles, CPU per process from /proc, a throwaway
+cluster, and the figures a suite hands back for `--json`.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
@@ -25,6 +24,18 @@ from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 
 HOST = "127.0.0.1"
 SERVING_TIMEOUT_S = 60.0
+
+Figures = dict[str, object]
+"""What a suite measured, as JSON-ready values (the same numbers its tables print)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A suite's exit status and its figures."""
+
+    status: int
+    figures: Figures = field(default_factory=dict)
+
 
 # --- percentiles ------------------------------------------------------------------------
 
@@ -55,6 +66,17 @@ class Stats:
             mean_ns=statistics.fmean(ordered),
             max_ns=ordered[-1],
         )
+
+    def figures(self, unit: Literal["us", "ms"]) -> Figures:
+        """count, p50, p99, mean and max in `unit`, the keys named with it."""
+        per_unit_ns = 1000 if unit == "us" else 1_000_000
+        return {
+            "count": self.count,
+            f"p50_{unit}": self.p50_ns / per_unit_ns,
+            f"p99_{unit}": self.p99_ns / per_unit_ns,
+            f"mean_{unit}": self.mean_ns / per_unit_ns,
+            f"max_{unit}": self.max_ns / per_unit_ns,
+        }
 
     @property
     def p50_ms(self) -> float:
@@ -132,6 +154,18 @@ class CpuUse:
         known = [v for v in self.by_role.values() if v is not None]
         cpus = os.cpu_count() or 1
         return sum(known) / (self.wall_s * cpus) if self.wall_s > 0 else 0.0
+
+    def figures(self) -> Figures:
+        """CPU seconds, CPU ms per op and share of one core per role; busy of all cores."""
+        return {
+            "phase": self.phase,
+            "ops": self.ops,
+            "wall_s": self.wall_s,
+            "cpu_s": dict(self.by_role),
+            "cpu_ms_per_op": {role: self.per_op_ms(role) for role in self.by_role},
+            "share_of_one_core": {role: self.share(role) for role in self.by_role},
+            "busy": self.busy,
+        }
 
 
 @dataclass(slots=True)
@@ -219,20 +253,23 @@ async def local_cluster(
         etcd.stop()
 
 
-def run_in_workdir(run: Callable[[Path], Coroutine[object, object, int]], started_s: float) -> int:
+def run_in_workdir(
+    run: Callable[[Path], Coroutine[object, object, Outcome]], started_s: float
+) -> Outcome:
     """Runs `run` in a temporary directory, then prints the time since `started_s`.
 
-    Returns what `run` returns, or 1 (and no time) when etcd or the coordinator did not
-    come up.
+    Returns what `run` returns with `total_s` added to its figures, or status 1 (and no
+    time) when etcd or the coordinator did not come up.
     """
     with tempfile.TemporaryDirectory(prefix="kaiwo-bench-") as workdir:
         try:
-            status = asyncio.run(run(Path(workdir)))
+            outcome = asyncio.run(run(Path(workdir)))
         except KaiwoGpuError as error:
             print(f"benchmark aborted: {error.message}", file=sys.stderr)
-            return 1
-    print(f"total {time.perf_counter() - started_s:.1f} s")
-    return status
+            return Outcome(1, {"error": error.message})
+    total_s = time.perf_counter() - started_s
+    print(f"total {total_s:.1f} s")
+    return Outcome(outcome.status, {**outcome.figures, "total_s": total_s})
 
 
 # --- flags and tables -------------------------------------------------------------------
