@@ -17,6 +17,13 @@ subprocess (JSON logs to a temp file) on a synthetic inventory sized so it never
    and the same runs with `ttl_seconds` 60 (a lease grant per allocation, granted
    concurrently per batch). For reference, the bare txn with 32 commits
    in flight from this process (one GPU key per worker, so none conflicts).
+5. KeepAlive: the ttl 60 allocations are released (untimed), then N allocations with
+   `ttl_seconds` 300 are made and held (default 1000); sequential KeepAlive calls from one
+   client renew them in turn (after a warm-up); p50/p99. Then every concurrent client renews
+   its own share of them until a fixed count is done (or the time limit passes);
+   renewals/s. etcd's revision is read through this process's own store before and after
+   each, with nothing else writing, so revisions per renewal is exact (1 while a renewal
+   rewrites the allocation record, 0 once it renews the lease alone).
 
 Then the ratios to the targets: Allocate p50 <= 1.5 x bare txn p50, Allocate p99 <= 2.0 x
 bare txn p99, >= 1000 allocations/s per coordinator process. etcd, the coordinator and this
@@ -27,7 +34,8 @@ Run from the repository root:
 
     .venv/bin/python -m bench allocate [--samples 500] [--warmup 50]
         [--allocations 4000] [--clients 32] [--nodes 64] [--time-limit 120]
-        [--value-bytes 600] [--profile-coordinator FILE] [--quick] [--json FILE]
+        [--value-bytes 600] [--keepalive-allocations 1000] [--keepalives 4000]
+        [--profile-coordinator FILE] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -72,8 +80,9 @@ def _non_negative(text: str) -> int:
 
 async def run_cluster(options: Options, workdir: Path) -> Outcome:
     # Sized so a throughput phase (which releases only when it is over) cannot fill the
-    # cluster; the sequential phases release every allocation they make.
-    needed = options.allocations + 2 * options.clients
+    # cluster; the sequential phases release every allocation they make, and the ttl 60
+    # allocations are released before the KeepAlive phase makes the ones it holds.
+    needed = max(options.allocations, options.keepalive_held) + 2 * options.clients
     nodes = max(options.nodes, math.ceil(needed / (GPUS_PER_NODE * PER_GPU)) + 1)
     inventory = workdir / "nodes.yaml"
     gpus = write_inventory(inventory, nodes)
@@ -153,6 +162,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="size of the record the bare txn writes (default 600)",
     )
     parser.add_argument(
+        "--keepalive-allocations",
+        type=positive_int,
+        default=1000,
+        help="allocations held (ttl 300 s) and renewed in the KeepAlive phase, at least "
+        "--clients (default 1000)",
+    )
+    parser.add_argument(
+        "--keepalives",
+        type=positive_int,
+        default=4000,
+        help="renewals in the concurrent KeepAlive row (default 4000)",
+    )
+    parser.add_argument(
         "--profile-coordinator",
         type=Path,
         default=None,
@@ -162,6 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Outcome:
+    if args.keepalive_allocations < args.clients:
+        raise SystemExit("--keepalive-allocations must be at least --clients")
     options = Options(
         samples=args.samples,
         warmup=args.warmup,
@@ -170,6 +194,8 @@ def run(args: argparse.Namespace) -> Outcome:
         nodes=args.nodes,
         time_limit_s=args.time_limit,
         value_bytes=args.value_bytes,
+        keepalive_held=args.keepalive_allocations,
+        keepalives=args.keepalives,
         profile=args.profile_coordinator.resolve() if args.profile_coordinator else None,
     )
     started = time.perf_counter()
@@ -194,5 +220,7 @@ SUITE = SuiteSpec(
         "clients": 4,
         "nodes": 2,
         "time_limit": 20.0,
+        "keepalive_allocations": 16,
+        "keepalives": 100,
     },
 )

@@ -1,4 +1,4 @@
-"""The calls the allocate suite times: bare etcd txns, Allocate and Release.
+"""The calls the allocate suite times: bare etcd txns, Allocate, Release and KeepAlive.
 
 Every loop here is bounded by a count and by a deadline (time.monotonic()).
 """
@@ -270,3 +270,65 @@ async def release_all(
                 await api.Release(request, timeout=CALL_TIMEOUT_S)
 
     await asyncio.gather(*(client(api) for api in apis))
+
+
+# --- KeepAlive of held allocations ------------------------------------------------------
+
+
+def keepalive_request(allocation_id: str) -> allocation_pb2.KeepAliveRequest:
+    return allocation_pb2.KeepAliveRequest(allocation_id=allocation_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewer:
+    """One client renewing the held allocations in turn (one renewal in flight at a time)."""
+
+    api: AllocationServiceAsyncStub
+    allocation_ids: Sequence[str]
+
+    async def renew(self, i: int) -> None:
+        allocation_id = self.allocation_ids[i % len(self.allocation_ids)]
+        await self.api.KeepAlive(keepalive_request(allocation_id), timeout=CALL_TIMEOUT_S)
+
+
+async def keepalive_throughput(
+    apis: Sequence[AllocationServiceAsyncStub],
+    store: EtcdStore,
+    allocation_ids: Sequence[str],
+    count: int,
+    deadline: float,
+) -> Throughput:
+    """Every client renews until `count` renewals are issued or the deadline passes.
+
+    Each client renews its own share of the held allocations, so no two renewals of one
+    allocation are ever in flight together: a renewal that rewrote the record would
+    otherwise lose its compare to the other, and use no revision.
+    """
+    clients = list(apis[: len(allocation_ids)])
+    counter = Counter(count, deadline)
+    latencies: list[int] = []
+
+    async def client(c: int, api: AllocationServiceAsyncStub) -> None:
+        mine = allocation_ids[c :: len(clients)]
+        renewed = 0
+        while counter.take() is not None:
+            request = keepalive_request(mine[renewed % len(mine)])
+            renewed += 1
+            start = time.perf_counter_ns()
+            try:
+                await api.KeepAlive(request, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                counter.failures.append(f"{error.code().name}: {error.details()}")
+                continue
+            latencies.append(time.perf_counter_ns() - start)
+
+    before = await store.revision()
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c, api) for c, api in enumerate(clients)))
+    seconds = time.perf_counter() - started
+    revisions = await store.revision() - before
+    if counter.failures:
+        print(f"  {len(counter.failures)} failed, first: {counter.failures[0]}", flush=True)
+    return Throughput(
+        len(latencies), len(counter.failures), seconds, revisions, stats_of(latencies)
+    )

@@ -1,10 +1,13 @@
-"""The phases of the allocate suite, in order; each is bounded by its count and --time-limit."""
+"""The phases of the allocate suite, in order; each is bounded by its count and --time-limit.
+
+The KeepAlive phase comes last, so the phases before it measure what they always did.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,11 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.allocate_calls import (
     CALL_TIMEOUT_S,
     BareTxns,
+    Renewer,
     Sequential,
     Throughput,
     allocate_throughput,
     bare_latency,
     bare_throughput,
+    keepalive_throughput,
     release_all,
     stats_of,
     timed,
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
 TTL_S = 60
+KEEPALIVE_TTL_S = 300  # outlives both KeepAlive parts (2 x --time-limit 120): none expires
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +48,28 @@ class Options:
     nodes: int
     time_limit_s: float
     value_bytes: int
+    keepalive_held: int
+    keepalives: int
     profile: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Renewals:
+    """KeepAlives of the held allocations, and the etcd revisions they used."""
+
+    held: int
+    sequential: Stats
+    sequential_revisions: int
+    concurrent: Throughput
+
+    @property
+    def sequential_per_renewal(self) -> float:
+        return self.sequential_revisions / self.sequential.count
+
+    @property
+    def concurrent_per_renewal(self) -> float:
+        done = self.concurrent.done
+        return self.concurrent.revisions / done if done else float("nan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +82,7 @@ class Results:
     concurrent: Throughput
     leased_concurrent: Throughput
     bare_concurrent: Throughput
+    renewals: Renewals
 
 
 async def measure(
@@ -115,8 +143,9 @@ async def measure(
     await release_all(apis, made, deadline())
 
     mark = meter.mark()
+    leased_made: list[str] = []
     leased_concurrent = await allocate_throughput(
-        apis, store, "par-ttl", options.allocations, deadline(), ttl_s=TTL_S
+        apis, store, "par-ttl", options.allocations, deadline(), ttl_s=TTL_S, made=leased_made
     )
     meter.record(mark, f"Allocate x{len(apis)}, ttl {TTL_S}s", leased_concurrent.done)
     print(f"Allocate x{len(apis)}, ttl {TTL_S}s: {leased_concurrent.per_s:.0f}/s", flush=True)
@@ -124,6 +153,10 @@ async def measure(
     mark = meter.mark()
     bare_concurrent = await bare_throughput(bare, options.allocations, len(apis), deadline())
     meter.record(mark, f"bare etcd txn x{len(apis)} in flight", bare_concurrent.done)
+
+    # Released first (untimed), so none of them expires, and writes, during the renewals.
+    await release_all(apis, leased_made, deadline())
+    renewals = await measure_keepalive(options, store, apis, meter, deadline)
 
     return Results(
         bare=bare_stats,
@@ -134,4 +167,52 @@ async def measure(
         concurrent=concurrent,
         leased_concurrent=leased_concurrent,
         bare_concurrent=bare_concurrent,
+        renewals=renewals,
     )
+
+
+async def measure_keepalive(
+    options: Options,
+    store: EtcdStore,
+    apis: Sequence[AllocationServiceAsyncStub],
+    meter: CpuMeter,
+    deadline: Callable[[], float],
+) -> Renewals:
+    """KeepAlive of `keepalive_held` allocations with a lease: one client, then all of them.
+
+    etcd's revision is read before and after each timed part, with nothing else writing,
+    so the difference is exactly the revisions the renewals used.
+    """
+    held: list[str] = []
+    await allocate_throughput(
+        apis,
+        store,
+        "keep",
+        options.keepalive_held,
+        deadline(),
+        ttl_s=KEEPALIVE_TTL_S,
+        made=held,
+    )
+    if len(held) < len(apis):
+        raise SystemExit(
+            f"only {len(held)} allocations to keep alive for {len(apis)} clients; "
+            "raise --time-limit or --keepalive-allocations"
+        )
+    renewer = Renewer(apis[0], held)
+    await timed(options.warmup, deadline(), renewer.renew)
+    before = await store.revision()
+    mark = meter.mark()
+    sequential = stats_of(await timed(options.samples, deadline(), renewer.renew))
+    meter.record(mark, f"KeepAlive, ttl {KEEPALIVE_TTL_S}s", sequential.count)
+    sequential_revisions = await store.revision() - before
+    print(
+        f"KeepAlive of {len(held)} held: p50 {sequential.p50_ms:.3f} ms, "
+        f"{sequential_revisions / sequential.count:.2f} revisions per renewal",
+        flush=True,
+    )
+
+    mark = meter.mark()
+    concurrent = await keepalive_throughput(apis, store, held, options.keepalives, deadline())
+    meter.record(mark, f"KeepAlive x{len(apis)} clients", concurrent.done)
+    print(f"KeepAlive x{len(apis)}: {concurrent.per_s:.0f}/s", flush=True)
+    return Renewals(len(held), sequential, sequential_revisions, concurrent)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.allocate_calls import Throughput
-from bench.allocate_measure import TTL_S, Options, Results
+from bench.allocate_measure import KEEPALIVE_TTL_S, TTL_S, Options, Renewals, Results
 from bench.lib import CpuMeter, CpuUse, Figures, Stats, print_header
 
 TARGET_P50_RATIO = 1.5
@@ -40,6 +40,7 @@ def latency_rows(results: Results) -> list[tuple[str, Stats]]:
         ("gRPC health Check (no etcd)", results.health),
         ("Allocate, no TTL", results.plain),
         (f"Allocate, ttl_seconds {TTL_S}", results.leased),
+        (f"KeepAlive, ttl_seconds {KEEPALIVE_TTL_S}", results.renewals.sequential),
     ]
 
 
@@ -48,6 +49,28 @@ def throughput_rows(clients: int, results: Results) -> list[tuple[str, Throughpu
         (f"Allocate x{clients} clients", results.concurrent),
         (f"Allocate x{clients}, ttl {TTL_S}s", results.leased_concurrent),
         (f"bare etcd txn x{clients} in flight", results.bare_concurrent),
+        (f"KeepAlive x{clients} clients", results.renewals.concurrent),
+    ]
+
+
+def revision_rows(clients: int, renewals: Renewals) -> list[tuple[str, int, int, int, float]]:
+    """(operation, renewals, failed, revisions, revisions per renewal)."""
+    sequential, concurrent = renewals.sequential, renewals.concurrent
+    return [
+        (
+            "KeepAlive, one client",
+            sequential.count,
+            0,
+            renewals.sequential_revisions,
+            renewals.sequential_per_renewal,
+        ),
+        (
+            f"KeepAlive x{clients} clients",
+            concurrent.done,
+            concurrent.failed,
+            concurrent.revisions,
+            renewals.concurrent_per_renewal,
+        ),
     ]
 
 
@@ -103,11 +126,18 @@ def print_throughputs(rows: Sequence[tuple[str, Throughput]]) -> None:
     )
     print_header(header)
     for name, t in rows:
-        per_commit = t.done / t.revisions if t.revisions else float("nan")
+        per_commit = f"{t.done / t.revisions:>11.1f}" if t.revisions else f"{'-':>11}"
         print(
             f"{name:<34}{t.done:>6}{t.failed:>7}{t.seconds:>7.2f}{t.per_s:>9.0f}{t.revisions:>8}"
-            f"{per_commit:>11.1f}{t.latency.p50_ms:>9.3f}{t.latency.p99_ms:>9.3f}"
+            f"{per_commit}{t.latency.p50_ms:>9.3f}{t.latency.p99_ms:>9.3f}"
         )
+
+
+def print_revisions(rows: Sequence[tuple[str, int, int, int, float]]) -> None:
+    header = f"{'operation':<34}{'renewals':>9}{'failed':>7}{'revisions':>10}{'per renewal':>12}"
+    print_header(header)
+    for name, renewals, failed, revisions, per_renewal in rows:
+        print(f"{name:<34}{renewals:>9}{failed:>7}{revisions:>10}{per_renewal:>12.3f}")
 
 
 def print_cpu(uses: Sequence[CpuUse]) -> None:
@@ -153,6 +183,13 @@ def report(options: Options, results: Results, meter: CpuMeter) -> None:
     print_throughputs(throughput_rows(clients, results))
     print()
     print(
+        f"etcd revisions per KeepAlive ({results.renewals.held} allocations held, ttl "
+        f"{KEEPALIVE_TTL_S}s, renewed in turn; etcd's revision read before and after, "
+        "nothing else writing)"
+    )
+    print_revisions(revision_rows(clients, results.renewals))
+    print()
+    print(
         "CPU used per phase (client = this process, coord = the coordinator process; "
         "busy = all three / all cores)"
     )
@@ -193,6 +230,22 @@ def figures(options: Options, results: Results, meter: CpuMeter) -> Figures:
             }
             for name, t in throughput_rows(options.clients, results)
         ],
+        "keepalive": {
+            "held": results.renewals.held,
+            "ttl_s": KEEPALIVE_TTL_S,
+            "revisions": [
+                {
+                    "operation": name,
+                    "renewals": renewals,
+                    "failed": failed,
+                    "revisions": revisions,
+                    "per_renewal": per_renewal,
+                }
+                for name, renewals, failed, revisions, per_renewal in revision_rows(
+                    options.clients, results.renewals
+                )
+            ],
+        },
         "cpu": [use.figures() for use in meter.uses],
         "targets": [
             {"target": t.name, "value": t.value, "wanted": t.wanted, "verdict": t.verdict}

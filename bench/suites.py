@@ -51,7 +51,7 @@ SUITES: Mapping[str, Suite] = {
         Suite(
             "allocate",
             "bench.allocate",
-            "Allocate round trip and throughput against a bare etcd txn",
+            "Allocate and KeepAlive round trip and throughput against a bare etcd txn",
         ),
         Suite("telemetry", "bench.telemetry", "telemetry ingestion of one coordinator process"),
     )
