@@ -21,8 +21,8 @@ from kaiwo_gpu.client.support import (
     COORDINATOR_VARIABLE,
     DEFAULT_HELD_TTL_S,
     ClientSettings,
-    launch_environment,
     with_lease,
+    workload_environment,
 )
 from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.common.models import AllocationRequest
@@ -128,7 +128,7 @@ def _hold_and_run(
         if held.lost:
             say(f"the allocation's lease is gone ({held.lost_reason}); not starting the command")
             return EXIT_LEASE_LOST
-        environment = launch_environment(os.environ, held.allocation)
+        environment = workload_environment(os.environ, held.allocation)
         environment[COORDINATOR_VARIABLE] = args.coordinator
         try:
             status = exit_status(supervisor.run(argv, environment))

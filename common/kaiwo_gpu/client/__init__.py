@@ -6,7 +6,8 @@ raise the `KaiwoGpuError` tree; `allocation(...)` holds a share with a renewed l
 
 from kaiwo_gpu.client.aio import AsyncClient, AsyncHeldAllocation
 from kaiwo_gpu.client.blocking import Client, HeldAllocation
-from kaiwo_gpu.client.support import ClientSettings, RetryPolicy
+from kaiwo_gpu.client.retries import RetryPolicy
+from kaiwo_gpu.client.support import ClientSettings
 
 __all__ = [
     "AsyncClient",

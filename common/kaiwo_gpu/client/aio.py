@@ -1,7 +1,7 @@
 """The asyncio Python client: the blocking client's calls, awaitable, on one grpc.aio channel.
 
-Retries, deadlines and errors follow the same rules (client_support); a held allocation's
-lease is renewed by a task instead of a thread.
+Retries, deadlines, errors and lease renewal follow the same rules (`retries`, `calls`,
+`lease`); this module only performs them over grpc.aio, with a task renewing a held lease.
 """
 
 from __future__ import annotations
@@ -11,40 +11,26 @@ import builtins
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import structlog
 
-from kaiwo_gpu.client.blocking import CHANNEL_OPTIONS, as_request
-from kaiwo_gpu.client.support import (
-    DEFAULT_HELD_TTL_S,
-    ClientSettings,
-    Holding,
-    allocate_message,
-    client_settings,
-    error_from_rpc,
-    is_retryable,
-    keepalive_interval_s,
-    keepalive_timeout_s,
-    list_message,
-    may_have_reached_server,
-    quietly,
-    retry_delays,
-    with_lease,
-)
-from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError, NotFoundError
+from kaiwo_gpu.client import calls
+from kaiwo_gpu.client.calls import Call, ReplyT, ResultT
+from kaiwo_gpu.client.core import CHANNEL_OPTIONS, ClientCore, stream_failures_translated
+from kaiwo_gpu.client.holding import Holding
+from kaiwo_gpu.client.lease import Renew, RenewalStep
+from kaiwo_gpu.client.retries import Retry
+from kaiwo_gpu.client.support import DEFAULT_HELD_TTL_S, ClientSettings, as_request, held_request
+from kaiwo_gpu.common.errors import NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
-log = structlog.get_logger(__name__)
-Reply = TypeVar("Reply")
 
-
-class AsyncClient:
+class AsyncClient(ClientCore):
     """`async with AsyncClient("127.0.0.1:50051") as client: await client.allocate(...)`."""
 
     def __init__(
@@ -54,11 +40,10 @@ class AsyncClient:
         settings: ClientSettings | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.settings = client_settings(target, settings)
-        self._rng = rng or random.Random()
-        self._clock = clock
-        self._closed = False
+        super().__init__(target, settings, rng, clock)
+        self._sleep = sleep
         self._channel = grpc.aio.insecure_channel(self.settings.target, options=CHANNEL_OPTIONS)
         self._stub = allocation_pb2_grpc.AllocationServiceStub(self._channel)
 
@@ -72,95 +57,64 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(
-        self,
-        method: Callable[..., Awaitable[Reply]],
-        message: object,
-        *,
-        timeout_s: float | None = None,
-        retried: list[bool] | None = None,
-    ) -> Reply:
-        if self._closed:
-            raise FailedPreconditionError("this client is closed")
-        deadline = self._clock() + (timeout_s or self.settings.timeout_s)
-        delays = retry_delays(self.settings.retry, self._rng)
+    async def _run(
+        self, method: Callable[..., Awaitable[ReplyT]], call: Call[ReplyT, ResultT]
+    ) -> ResultT:
+        attempts = self._attempts(call)
         while True:
             try:
-                return await method(message, timeout=max(0.001, deadline - self._clock()))
+                reply = await method(call.message, timeout=attempts.timeout_s(self._clock()))
+                return call.result(reply)
             except grpc.RpcError as error:
-                pause = next(delays)
-                if not is_retryable(error) or self._clock() + pause >= deadline:
-                    raise error_from_rpc(error) from None
-                if retried is not None and may_have_reached_server(error):
-                    retried.append(True)
-            await asyncio.sleep(pause)
+                decision = self._after_failure(attempts, error)
+            if not isinstance(decision, Retry):
+                return call.outcome(decision)
+            await self._sleep(decision.pause_s)
 
     async def allocate(
         self, request: AllocationRequest | None = None, /, **fields: Any
     ) -> types_pb2.Allocation:
-        message = allocate_message(as_request(request, fields))
-        return (await self._call(self._stub.Allocate, message)).allocation
+        """Places a request; resending the same request_id returns the same allocation."""
+        return await self._run(self._stub.Allocate, calls.allocate(as_request(request, fields)))
 
     async def release(
         self, allocation_id: str, *, timeout_s: float | None = None
     ) -> types_pb2.Allocation | None:
         """The released record, or None when a retried attempt had already released it."""
-        retried: list[bool] = []
-        message = allocation_pb2.ReleaseRequest(allocation_id=allocation_id)
-        try:
-            reply = await self._call(
-                self._stub.Release, message, timeout_s=timeout_s, retried=retried
-            )
-            return reply.allocation
-        except NotFoundError:
-            if retried:
-                return None
-            raise
+        return await self._run(self._stub.Release, calls.release(allocation_id, timeout_s))
 
     async def keep_alive(self, allocation_id: str, *, timeout_s: float | None = None) -> datetime:
-        message = allocation_pb2.KeepAliveRequest(allocation_id=allocation_id)
-        reply = await self._call(self._stub.KeepAlive, message, timeout_s=timeout_s)
-        return reply.expires_at.ToDatetime()
+        """Renews the lease; returns when it will expire."""
+        return await self._run(self._stub.KeepAlive, calls.keep_alive(allocation_id, timeout_s))
 
     async def get(self, allocation_id: str) -> types_pb2.Allocation:
-        message = allocation_pb2.GetAllocationRequest(allocation_id=allocation_id)
-        return (await self._call(self._stub.GetAllocation, message)).allocation
+        return await self._run(self._stub.GetAllocation, calls.get(allocation_id))
 
     async def list(
         self, *, owner: str = "", node: str = "", labels: Mapping[str, str] | None = None
     ) -> list[types_pb2.Allocation]:
-        found: list[types_pb2.Allocation] = []
-        token = ""
-        while True:
-            message = list_message(owner, node, labels or {}, token)
-            reply = await self._call(self._stub.ListAllocations, message)
-            found.extend(reply.allocations)
-            token = reply.next_page_token
-            if not token:
-                return found
+        """Every matching allocation, all pages."""
+        pages = calls.ListPages(owner, node, labels or {})
+        while not pages.complete:
+            pages.add(await self._run(self._stub.ListAllocations, pages.next_call()))
+        return pages.found
 
     async def nodes(
         self, *, labels: Mapping[str, str] | None = None
     ) -> builtins.list[types_pb2.NodeStatus]:
-        message = allocation_pb2.ListNodesRequest(labels=dict(labels or {}))
-        return list((await self._call(self._stub.ListNodes, message)).nodes)
+        return await self._run(self._stub.ListNodes, calls.nodes(labels or {}))
 
     async def stats(self) -> allocation_pb2.GetClusterStatsResponse:
-        return await self._call(self._stub.GetClusterStats, allocation_pb2.GetClusterStatsRequest())
+        return await self._run(self._stub.GetClusterStats, calls.stats())
 
     async def watch(
         self, *, owner: str = "", node: str = ""
     ) -> AsyncGenerator[allocation_pb2.AllocationEvent, None]:
         """Every current allocation as ADDED, then each change, until the caller stops."""
-        message = allocation_pb2.WatchAllocationsRequest(owner=owner, node=node)
-        stream = self._stub.WatchAllocations(message)
-        try:
+        stream = self._stub.WatchAllocations(calls.watch_message(owner, node))
+        with stream_failures_translated(stream):
             async for event in stream:
                 yield event
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
-        finally:
-            stream.cancel()
 
     def allocation(
         self,
@@ -171,14 +125,17 @@ class AsyncClient:
         on_lost: Callable[[str], None] | None = None,
         **fields: Any,
     ) -> AsyncHeldAllocation:
-        """`async with client.allocation(fraction=0.5) as held: ...`: allocates on entry,
-        renews the lease in a task and releases on exit, also when the body raises."""
-        wanted = with_lease(as_request(request, fields), default_ttl_s)
-        return AsyncHeldAllocation(self, wanted, on_lost)
+        """Holds an allocation: `held = await client.allocation(fraction=0.5)` allocates at
+        once, `async with client.allocation(fraction=0.5) as held:` on entry (and releases on
+        exit, also when the body raises). A task renews the lease; `on_lost` is called if the
+        lease is gone.
+        """
+        return AsyncHeldAllocation(self, held_request(request, fields, default_ttl_s), on_lost)
 
 
 class AsyncHeldAllocation(Holding):
-    """An allocation placed on entry whose lease a task renews until release or exit."""
+    """An allocation, placed when first awaited or entered, whose lease a task renews until
+    `release()` or context exit."""
 
     def __init__(
         self,
@@ -186,25 +143,32 @@ class AsyncHeldAllocation(Holding):
         request: AllocationRequest,
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(types_pb2.Allocation(), on_lost)
+        super().__init__(on_lost, client._clock)
         self.request = request
         self._client = client
         self._renewer: asyncio.Task[None] | None = None
 
-    async def _renew(self, interval_s: float) -> None:
-        failed = False
-        while True:
-            await asyncio.sleep(0.2 if failed else interval_s)
+    def __await__(self) -> Generator[Any, None, AsyncHeldAllocation]:
+        return self._placed().__await__()
+
+    async def _placed(self) -> AsyncHeldAllocation:
+        """Allocates the first time; awaiting or entering again returns the same holding."""
+        if self._renewer is None:
+            sent_at = self._clock()
+            first = self._grant(await self._client.allocate(self.request), sent_at)
+            self._renewer = asyncio.create_task(self._renew(first), name=f"keepalive-{self.id}")
+        return self
+
+    async def _renew(self, step: RenewalStep) -> None:
+        while isinstance(step, Renew):
+            await asyncio.sleep(step.after_s)
             sent_at = self._clock()
             try:
-                await self._client.keep_alive(self.id, timeout_s=keepalive_timeout_s(interval_s))
+                await self._client.keep_alive(self.id, timeout_s=self._lease.renewal_timeout_s)
             except Exception as error:
-                if self._renewal_failed(error):
-                    return
-                failed = True
+                step = self._after_renewal(sent_at, error)
             else:
-                self._renewed_at = sent_at
-                failed = False
+                step = self._after_renewal(sent_at, None)
 
     async def release(self, *, timeout_s: float | None = None) -> None:
         """Stops renewing and releases; a lease that already lapsed is not an error.
@@ -214,20 +178,13 @@ class AsyncHeldAllocation(Holding):
         """
         if self._renewer is not None:
             self._renewer.cancel()
-        if self._released or not self.allocation.id:
-            return
-        self._released = True
-        with contextlib.suppress(NotFoundError):
-            # Shielded: a caller cancelled on its way out still gets its share released.
-            await asyncio.shield(self._client.release(self.id, timeout_s=timeout_s))
+        if self._lease.mark_released():
+            with contextlib.suppress(NotFoundError):
+                # Shielded: a caller cancelled on its way out still gets its share released.
+                await asyncio.shield(self._client.release(self.id, timeout_s=timeout_s))
 
     async def __aenter__(self) -> AsyncHeldAllocation:
-        sent_at = self._clock()
-        self.allocation = await self._client.allocate(self.request)
-        self._renewed_at = sent_at
-        interval = keepalive_interval_s(self.allocation.request.ttl_seconds)
-        self._renewer = asyncio.create_task(self._renew(interval), name=f"keepalive-{self.id}")
-        return self
+        return await self._placed()
 
     async def __aexit__(
         self,
@@ -235,10 +192,5 @@ class AsyncHeldAllocation(Holding):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        try:
+        with self._release_on_exit(body_raised=kind is not None):
             await self.release()
-        except KaiwoGpuError as failure:
-            if kind is None:
-                raise
-            # The body's exception matters more than a failed release; the lease still lapses.
-            quietly(log.warning, "release failed", allocation_id=self.id, reason=failure.message)
