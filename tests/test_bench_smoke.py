@@ -1,0 +1,139 @@
+"""Every benchmark suite runs in its quickest form from the repository root and writes the
+figures it should as JSON.
+
+No time or ratio is judged: the machines are noisy, and printing those is the suites' job.
+Each run is a subprocess (`python -m bench NAME --quick --json FILE`), as a person runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.suites import SUITES
+
+pytestmark = pytest.mark.integration  # they start etcd, a coordinator and load generators
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 90
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+
+
+def quick_figures(name: str, tmp_path: Path) -> Any:
+    """The figures of a quick run, as JSON (Any: the assertions say what they hold)."""
+    out = tmp_path / f"{name}.json"
+    done = bench(name, "--quick", "--json", str(out))
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert document["suite"] == name
+    assert document["status"] == 0
+    assert document["quick"] is True
+    assert document["options"]
+    assert document["machine"]["cpus"] > 0
+    figures = document["figures"]
+    assert figures["total_s"] > 0
+    return figures
+
+
+def rows(figures: Any, key: str) -> Any:
+    value = figures[key]
+    assert isinstance(value, list)
+    assert value, f"no {key} rows"
+    assert all(isinstance(row, dict) for row in value)
+    return value
+
+
+def test_help_lists_every_suite() -> None:
+    done = bench("--help")
+    assert done.returncode == 0, done.stderr
+    for name in SUITES:
+        assert name in done.stdout
+
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_each_suite_shows_its_options(name: str) -> None:
+    done = bench(name, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout
+    assert "--json FILE" in done.stdout
+
+
+def test_an_unknown_suite_is_refused_with_the_names() -> None:
+    done = bench("no-such-suite")
+    assert done.returncode == 2
+    assert "engine" in done.stderr
+
+
+def test_engine_quick(tmp_path: Path) -> None:
+    figures = quick_figures("engine", tmp_path)
+    assert figures["baseline"]["count"] > 0
+    fills = rows(figures, "fills")
+    decisions = rows(figures, "decisions")
+    updates = rows(figures, "updates")
+    assert all(fill["allocations"] > 0 for fill in fills)
+    assert len(updates) == len(fills)
+    assert len(decisions) % len(fills) == 0
+    for row in decisions:
+        assert {"gpus", "strategy", "p50_us", "p99_us", "nofit_share", "p50_over_base"} <= set(row)
+        assert row["count"] > 0
+    for row in updates:
+        for part in ("with", "without", "pair"):
+            assert row[part]["count"] > 0
+
+
+def test_allocate_quick(tmp_path: Path) -> None:
+    figures = quick_figures("allocate", tmp_path)
+    latency = {row["operation"]: row for row in rows(figures, "latency")}
+    assert any(name.startswith("KeepAlive") for name in latency)
+    for row in latency.values():
+        assert {"p50_ms", "p99_ms", "p50_over_txn", "p99_over_txn"} <= set(row)
+        assert row["count"] > 0
+    throughput = {row["operation"]: row for row in rows(figures, "throughput")}
+    assert any(name.startswith("KeepAlive") for name in throughput)
+    for row in throughput.values():
+        assert {"per_s", "commits", "p50_ms", "p99_ms"} <= set(row)
+        assert row["done"] > 0
+    keepalive = figures["keepalive"]
+    assert keepalive["held"] > 0
+    for row in rows(keepalive, "revisions"):
+        assert row["renewals"] > 0
+        assert isinstance(row["revisions"], int)
+        assert row["revisions"] >= 0
+        assert "per_renewal" in row
+    assert len(rows(figures, "cpu")) == len(latency) + len(throughput)  # one per timed phase
+    assert {row["verdict"] for row in rows(figures, "targets")} <= {"PASS", "MISS"}
+
+
+def test_telemetry_quick(tmp_path: Path) -> None:
+    figures = quick_figures("telemetry", tmp_path)
+    registration = figures["registration"]
+    steady = figures["steady"]
+    baseline = figures["baseline"]
+    assert registration["registered"] > 0
+    assert steady["batches_ingested"] > 0
+    assert {"offered_batches_s", "received_batches_s", "sender_lag", "backlog_batches"} <= set(
+        steady
+    )
+    assert baseline["batches"] > 0
+    assert {"parse_check_us", "whole_pure_us", "coordinator_us_per_batch"} <= set(baseline)
+    assert [row["phase"] for row in rows(figures, "cpu")] == [
+        "registration",
+        "steady state",
+        "ListNodes, no load",
+    ]
+    assert isinstance(figures["keeps_up"], bool)
