@@ -14,18 +14,22 @@ from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
 class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
     """Fails Allocate `failures` times with `status`, then places (the first call after
-    `first_delay_s`); Release answers the codes in `release` in turn (the last repeats; OK
-    when empty); KeepAlive renews, or fails with `keepalive_status` when one is given."""
+    `first_delay_s`), or, with `hang_after_failures`, never answers again; Release answers the
+    codes in `release` in turn (the last repeats; OK when empty); KeepAlive renews, or fails
+    with `keepalive_status` when one is given."""
 
     def __init__(
         self,
         failures: int,
         status: grpc.StatusCode,
         release: list[grpc.StatusCode],
+        *,
         keepalive_status: grpc.StatusCode | None = None,
         first_delay_s: float = 0.0,
+        hang_after_failures: bool = False,
     ) -> None:
         self.failures = failures
+        self.hang_after_failures = hang_after_failures
         self.status = status
         self.release = release
         self.keepalive_status = keepalive_status
@@ -40,6 +44,8 @@ class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
             await asyncio.sleep(self.first_delay_s)
         if len(self.request_ids) <= self.failures:
             await context.abort(self.status, "etcd is unavailable")
+        if self.hang_after_failures:
+            await asyncio.Event().wait()  # until the client gives up and the call is cancelled
         return allocation_pb2.AllocateResponse(
             allocation=types_pb2.Allocation(
                 id="a1",
@@ -67,15 +73,22 @@ class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
 
 
 def flaky(
+    *,
     failures: int = 0,
     status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
     release: list[grpc.StatusCode] | None = None,
     keepalive_status: grpc.StatusCode | None = None,
     first_delay_s: float = 0.0,
+    hang_after_failures: bool = False,
 ) -> FlakyCoordinator:
     # Only the RPCs under test are implemented; the others are never called.
     return FlakyCoordinator(  # type: ignore[abstract]
-        failures, status, release or [], keepalive_status, first_delay_s
+        failures,
+        status,
+        release or [],
+        keepalive_status=keepalive_status,
+        first_delay_s=first_delay_s,
+        hang_after_failures=hang_after_failures,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -186,14 +187,131 @@ async def test_unavailable_is_retried_with_the_same_request_id() -> None:
         assert fake.request_ids == ["given-id"] * 3
 
 
-async def test_retries_stop_at_the_deadline_with_the_servers_message() -> None:
-    fake = flaky(failures=10**6)
+class FakeClock:
+    """A monotonic clock that moves only when a test or a client's sleep moves it."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now_s += seconds
+
+    async def async_sleep(self, seconds: float) -> None:
+        self.now_s += seconds
+        await asyncio.sleep(0)
+
+
+class LongestPause(random.Random):
+    """Backoff without jitter: every pause is the policy's ceiling, so the schedule is known."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_retries_stop_at_the_deadline_with_the_servers_message(kind: str) -> None:
+    # Three UNAVAILABLEs, pauses 0.1 + 0.2 + 0.4 s on the fake clock: the fourth attempt gets
+    # the 0.3 s left of the 1 s deadline and the server never answers it.
+    fake = flaky(failures=3, hang_after_failures=True)
+    clock = FakeClock()
+    retry = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.4, multiplier=2)
     async with serving(fake) as target:
-        settings = ClientSettings(target=target, timeout_s=1, retry=FAST_RETRY)
-        async with AsyncClient(settings=settings) as client:
-            with pytest.raises(UnavailableError, match="etcd is unavailable"):
+        settings = ClientSettings(target=target, timeout_s=1, retry=retry)
+
+        def blocking() -> None:
+            with Client(settings=settings, rng=LongestPause(), clock=clock, sleep=clock.sleep) as c:
+                c.allocate(fraction=0.5)
+
+        async def allocate() -> None:
+            if kind == "sync":
+                await asyncio.to_thread(blocking)
+                return
+            async with AsyncClient(
+                settings=settings, rng=LongestPause(), clock=clock, sleep=clock.async_sleep
+            ) as client:
                 await client.allocate(fraction=0.5)
-    assert len(fake.request_ids) > 1
+
+        with pytest.raises(UnavailableError, match="etcd is unavailable") as caught:
+            await allocate()
+    assert "1s deadline after 4 attempts; the last attempt timed out" in caught.value.message
+    assert len(fake.request_ids) == 4
+    assert clock.now_s == pytest.approx(1000.7)
+
+
+async def test_the_sync_allocation_allocates_when_called() -> None:
+    fake = flaky()
+    async with serving(fake) as target:
+
+        def body() -> None:
+            with Client(target) as client:
+                held = client.allocation(fraction=0.5)
+                assert (held.id, len(fake.request_ids)) == ("a1", 1)  # placed before the with
+                with held as entered:
+                    assert entered is held
+                    assert len(fake.request_ids) == 1
+                assert fake.release_calls == 1
+
+        await asyncio.to_thread(body)
+
+
+async def test_the_async_allocation_allocates_when_awaited_or_entered() -> None:
+    fake = flaky()
+    async with serving(fake) as target, AsyncClient(target) as client:
+        holding = client.allocation(fraction=0.5)
+        assert (holding.id, fake.request_ids) == ("", [])  # nothing placed until entered
+        async with holding as held:
+            assert held is holding
+            assert (held.id, len(fake.request_ids)) == ("a1", 1)
+        assert fake.release_calls == 1
+
+        awaited = await client.allocation(fraction=0.5)  # placed at once, like the sync call
+        assert (awaited.id, len(fake.request_ids)) == ("a1", 2)
+        assert await awaited is awaited
+        async with awaited:  # entering what is placed already does not place it again
+            assert len(fake.request_ids) == 2
+        assert fake.release_calls == 2
+
+
+async def test_a_lease_no_renewal_reached_for_a_ttl_is_lost_on_the_clients_clock() -> None:
+    """The loss is judged on the injected clock: both holdings see the lease lost at their
+    first failed renewal (a third of the TTL in), long before a TTL passes in real time."""
+    ttl_s = 9
+    sync_clock, async_clock = FakeClock(), FakeClock()
+    sync_lost: list[str] = []
+    async_lost: list[str] = []
+    fake = flaky(keepalive_status=grpc.StatusCode.UNAVAILABLE)
+    async with serving(fake) as target:
+        settings = ClientSettings(target=target, timeout_s=5, retry=FAST_RETRY)
+        started = time.monotonic()
+
+        def hold_sync() -> None:
+            client = Client(settings=settings, clock=sync_clock, sleep=sync_clock.sleep)
+            with client, client.allocation(fraction=0.5, ttl=ttl_s, on_lost=sync_lost.append):
+                sync_clock.now_s += ttl_s  # no renewal has been sent yet: the first comes at 3 s
+                until(lambda: bool(sync_lost), "the sync loss", limit_s=ttl_s - 0.5)
+
+        async def hold_async() -> None:
+            client = AsyncClient(
+                settings=settings, clock=async_clock, sleep=async_clock.async_sleep
+            )
+            async with (
+                client,
+                client.allocation(fraction=0.5, ttl=ttl_s, on_lost=async_lost.append),
+            ):
+                async_clock.now_s += ttl_s
+                for _ in range(int((ttl_s - 0.5) / 0.05)):  # bounded: less than a real TTL
+                    if async_lost:
+                        break
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(asyncio.to_thread(hold_sync), hold_async())
+        assert time.monotonic() - started < ttl_s
+    for lost in (sync_lost, async_lost):
+        [reason] = lost
+        assert reason.startswith(f"no renewal succeeded for {ttl_s}s (etcd is unavailable")
 
 
 async def test_a_retried_release_that_finds_nothing_was_a_success() -> None:
