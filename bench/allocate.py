@@ -56,13 +56,13 @@ from bench.allocate_calls import (
     GPU_MODEL,
     GPUS_PER_NODE,
     PER_GPU,
+    Store,
     write_inventory,
 )
 from bench.allocate_measure import Options, measure
 from bench.allocate_report import figures, report
 from bench.lib import CpuMeter, Outcome, local_cluster, positive_int, run_in_workdir
 from bench.suites import SuiteSpec
-from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2_grpc
 
 if TYPE_CHECKING:
@@ -88,12 +88,12 @@ async def run_cluster(options: Options, workdir: Path) -> Outcome:
     gpus = write_inventory(inventory, nodes)
 
     profiler = ["-m", "cProfile", "-o", str(options.profile)] if options.profile else []
-    store: EtcdStore | None = None
+    store: Store | None = None
     channels: list[grpc.aio.Channel] = []
     async with local_cluster(workdir, PREFIX, inventory, python_args=profiler) as cluster:
         coordinator = cluster.coordinator
         try:
-            store = EtcdStore([cluster.etcd.endpoint])
+            store = Store([cluster.etcd.endpoint])
             await store.connect()
             print(
                 f"etcd {cluster.etcd.endpoint} (data in {workdir}), coordinator pid "

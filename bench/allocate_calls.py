@@ -1,6 +1,8 @@
 """The calls the allocate suite times: bare etcd txns, Allocate, Release and KeepAlive.
 
-Every loop here is bounded by a count and by a deadline (time.monotonic()).
+Every loop here is bounded by a count and by a deadline (time.monotonic()). This is the
+suite's one module that imports the coordinator's internals (its etcd store, txn changes and
+inventory parser); the rest of the suite names the store as `Store`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ GPUS_PER_NODE = 8
 FRACTION_MILLIS = 100
 PER_GPU = 1000 // FRACTION_MILLIS  # 100-millis allocations one GPU holds (memory follows)
 CALL_TIMEOUT_S = 10.0
+
+Store = EtcdStore
+"""The benchmark's own etcd client: the coordinator's store, for bare txns and revisions."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from bench.allocate_calls import (
     BareTxns,
     Renewer,
     Sequential,
+    Store,
     Throughput,
     allocate_throughput,
     bare_latency,
@@ -30,7 +31,6 @@ from bench.allocate_calls import (
     timed,
 )
 from bench.lib import CpuMeter, Stats
-from kaiwo_gpu.coordinator.state.store import EtcdStore
 
 if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
@@ -87,7 +87,7 @@ class Results:
 
 async def measure(
     options: Options,
-    store: EtcdStore,
+    store: Store,
     apis: Sequence[AllocationServiceAsyncStub],
     channel: grpc.aio.Channel,
     meter: CpuMeter,
@@ -173,7 +173,7 @@ async def measure(
 
 async def measure_keepalive(
     options: Options,
-    store: EtcdStore,
+    store: Store,
     apis: Sequence[AllocationServiceAsyncStub],
     meter: CpuMeter,
     deadline: Callable[[], float],

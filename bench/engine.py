@@ -27,12 +27,16 @@ from itertools import islice
 
 from bench.lib import Figures, Outcome, Stats, positive_int, print_header
 from bench.suites import SuiteSpec
-from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.common.units import MILLIS_PER_GPU
+from kaiwo_gpu.common import MILLIS_PER_GPU, AllocationRequest
+from kaiwo_gpu.coordinator import (
+    BUILTIN_STRATEGIES,
+    ClusterSnapshot,
+    NoFit,
+    Placement,
+    SchedulerState,
+    place,
+)
 from kaiwo_gpu.coordinator.local.synthetic import random_requests, synthetic_nodes
-from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, place
-from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
 
 GPUS_PER_NODE = 8
 FILL_TARGET = 0.5

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common import KaiwoGpuError
 from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 
