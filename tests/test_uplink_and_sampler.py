@@ -1,20 +1,30 @@
-"""The agent's pure pieces: backoff, placements per GPU, and a tick's verdicts."""
+"""The agent's pure pieces (backoff, placements per GPU, a tick's verdicts) and the
+uplink's async shell against a fake coordinator on port 0."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import random
 import threading
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
+import grpc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading, ProcessVram
+from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading, PlacedShare, ProcessVram
 from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto, read_all, telemetry_proto
+from kaiwo_gpu.agent.simulated import SimulatedBackend
+from kaiwo_gpu.agent.uplink import Uplink
 from kaiwo_gpu.agent.uplink_state import backoff_delay, placed_shares
 from kaiwo_gpu.common.telemetry_limits import MAX_PROCESSES
+from kaiwo_gpu.coordinator.local.etcd import free_port
 from kaiwo_gpu.coordinator.state.agent_reports import checked_batch, node_record
-from kaiwo_gpu.v1 import agent_pb2, types_pb2
+from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.agents import eventually
 
 
 @given(st.integers(0, 200), st.integers(0, 2**32))
@@ -200,3 +210,129 @@ def test_the_agent_sends_at_most_the_processes_the_coordinator_takes() -> None:
     telemetry = telemetry_proto(GpuReading(processes=many), stamp, vram_mib=1999)
     assert len(telemetry.processes) == MAX_PROCESSES
     assert min(p.vram_mib for p in telemetry.processes) == 1500 - MAX_PROCESSES  # the largest
+
+
+PLACED = agent_pb2.PlacedAllocations(
+    allocations=[
+        types_pb2.Allocation(
+            id="a", gpus=[types_pb2.GpuGrant(uuid="g", granted_millis=500, granted_memory_mib=8)]
+        )
+    ]
+)
+
+
+class FakeCoordinator(agent_pb2_grpc.AgentServiceServicer):
+    """Registers every stream and places one allocation; ends the first stream after two
+    batches, and notes the second stream's first batch and its half-close."""
+
+    def __init__(self) -> None:
+        self.streams: list[list[agent_pb2.AgentMessage]] = []
+        self.second_sending = asyncio.Event()
+        self.half_closed = asyncio.Event()
+
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        messages: list[agent_pb2.AgentMessage] = []
+        self.streams.append(messages)
+        first = await context.read()
+        assert isinstance(first, agent_pb2.AgentMessage)
+        messages.append(first)
+        registered = agent_pb2.Registered(coordinator_id="fake", sample_interval_ms=100)
+        await context.write(agent_pb2.CoordinatorDirective(registered=registered))
+        await context.write(agent_pb2.CoordinatorDirective(placed_allocations=PLACED))
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                self.half_closed.set()
+                return
+            assert isinstance(message, agent_pb2.AgentMessage)
+            messages.append(message)
+            if len(self.streams) == 2:
+                self.second_sending.set()
+            elif len(messages) == 3:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "fake going away")
+
+
+class HighestDraw(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@contextlib.asynccontextmanager
+async def fake_coordinator() -> AsyncIterator[tuple[FakeCoordinator, str]]:
+    servicer = FakeCoordinator()
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+def simulated_uplink(
+    addresses: list[str], placements: list[Mapping[str, PlacedShare]] | None = None, **kwargs: Any
+) -> tuple[Uplink, SimulatedBackend]:
+    backend = SimulatedBackend(node="n1", model="MI300X", count=1)
+    gpus = backend.discover()
+    register = agent_pb2.Register(
+        node="n1", backend="simulated", gpus=[inventory_proto(gpu) for gpu in gpus]
+    )
+    sink = placements if placements is not None else []
+    uplink = Uplink(
+        addresses, register, NodeSampler(backend, gpus), on_placements=sink.append, **kwargs
+    )
+    return uplink, backend
+
+
+async def test_the_uplink_registers_sends_follows_and_comes_back_after_an_end() -> None:
+    async with fake_coordinator() as (servicer, address):
+        placements: list[Mapping[str, PlacedShare]] = []
+        uplink, backend = simulated_uplink(
+            [address], placements, rng=random.Random(1), backoff_base_s=0.01, backoff_cap_s=0.05
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(uplink.run(stop))
+        try:
+            await asyncio.wait_for(servicer.second_sending.wait(), 10)
+            assert uplink.status.registrations == 2
+            assert uplink.status.connected
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            await asyncio.wait_for(servicer.half_closed.wait(), 5)  # the agent ended it
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+            backend.close()
+        first = servicer.streams[0]
+        assert first[0].register.node == "n1"
+        assert [message.WhichOneof("body") for message in first[1:]] == ["telemetry"] * 2
+        status = uplink.status
+        assert status.last_error == "UNAVAILABLE: fake going away"
+        assert (status.coordinator, status.connected, status.interval_ms) == (address, False, 100)
+        assert status.batches_sent >= 3
+        assert placements[-1] == {"g": PlacedShare(millis=500, memory_mib=8, allocations=1)}
+        assert status.placed == placements[-1]
+
+
+async def test_stop_cuts_a_long_backoff_after_a_dead_address() -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    uplink, backend = simulated_uplink([dead], rng=HighestDraw(), backoff_base_s=600.0)
+
+    async def refused() -> str | None:
+        return uplink.status.last_error or None
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(uplink.run(stop))
+    try:
+        assert (await eventually(refused, timeout_s=10)).startswith("UNAVAILABLE")
+        assert not task.done()  # backing off, for 10 s (the cap)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        backend.close()
+    assert (uplink.status.registrations, uplink.status.connected) == (0, False)
