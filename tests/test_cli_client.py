@@ -190,6 +190,20 @@ async def test_exit_codes_scripts_can_rely_on(running: Running) -> None:
     assert "--fraction 0.5, --memory 16Gi or both" in err
 
 
+async def test_the_coordinator_not_the_client_says_which_strategies_exist(
+    running: Running,
+) -> None:
+    code, _, err = await cli(
+        running, "allocate", "--fraction", "0.5", "--strategy", "no-such-strategy"
+    )
+    assert code == 2
+    assert err.startswith("kaiwo-gpu allocate: strategy: 'no-such-strategy' is not allowed")
+    assert "best-fit" in err  # the coordinator lists the strategies it has
+    code, _, err = await cli(running, "allocate", "--fraction", "0.5", "--strategy", "Best_Fit")
+    assert code == 2  # a malformed name is a usage error before any call
+    assert "argument --strategy: strategy: 'Best_Fit' is not allowed" in err
+
+
 POD = """\
 apiVersion: v1
 kind: Pod

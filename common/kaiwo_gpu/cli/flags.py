@@ -15,9 +15,8 @@ from typing import TypeVar
 
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
-from kaiwo_gpu.common.models import MAX_TTL_SECONDS, freeze_labels
+from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest, Isolation, freeze_labels
 from kaiwo_gpu.common.units import parse_duration_s
-from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES
 from kaiwo_gpu.coordinator.settings import ENVIRONMENT
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.store import parse_endpoints
@@ -98,7 +97,17 @@ def split_endpoints(text: str) -> tuple[str, ...]:
 
 endpoints = checked(split_endpoints)
 prefix = checked(lambda text: KeyLayout(text).prefix)
-strategy = one_of("strategy", BUILTIN_STRATEGIES)
+
+
+def strategy_name(text: str) -> str:
+    """A well-formed strategy name, by the request model's own rule. Which strategies exist
+    is the coordinator's to say (it refuses an unknown one, naming those it has), so a
+    client never turns away a strategy a coordinator was given."""
+    AllocationRequest(request_id="strategy-check", isolation=Isolation.EXCLUSIVE, strategy=text)
+    return text
+
+
+strategy = checked(strategy_name)
 log_format = one_of("log format", ("console", "json"))
 
 
