@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from kaiwo_gpu.common.grant_variables import CU_MASK, GRANT_VARIABLES
 from tests.conftest import Running
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
@@ -29,14 +31,8 @@ EPILOG = SLURM_DIR / "epilog.sh"
 VENV_BIN = Path(sys.executable).parent
 KAIWO_GPU = VENV_BIN / "kaiwo-gpu"
 SCRIPT_TIMEOUT_S = 60.0
-GRANT_VARIABLES = {
-    "ROCR_VISIBLE_DEVICES",
-    "KAIWO_GPU_ALLOCATION_ID",
-    "KAIWO_GPU_NODE",
-    "KAIWO_GPU_FRACTION_MILLIS",
-    "KAIWO_GPU_MEMORY_LIMIT_MIB",
-    "KAIWO_GPU_ISOLATION",
-}
+UNMASKED_GRANT_VARIABLES = frozenset(GRANT_VARIABLES) - {CU_MASK}
+"""What a grant without cu-mask isolation sets."""
 
 
 @dataclass
@@ -165,6 +161,14 @@ async def listed(coordinator: str, owner: str) -> list[dict[str, Any]]:
     return allocations
 
 
+def test_the_task_prolog_unsets_exactly_the_grant_variables() -> None:
+    """The script keeps its own list (it cannot import one); this keeps it from drifting."""
+    loop = re.search(r"^for name in (.+?); do$", TASK_PROLOG.read_text(), re.MULTILINE | re.DOTALL)
+    assert loop is not None, "the TaskProlog's `for name in ...; do` loop is gone"
+    names = loop.group(1).replace("\\\n", " ").split()
+    assert sorted(names) == sorted(GRANT_VARIABLES)
+
+
 @pytest.mark.integration
 def test_scripts_are_executable_posix_sh() -> None:
     for script in (TASK_PROLOG, EPILOG):
@@ -194,7 +198,7 @@ async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Runnin
     assert (first.status, first.printed, first.ignored) == (0, [], [])
     assert first.unsets == ["HSA_CU_MASK"]  # no cu-mask granted: none may be inherited
     assert second == first
-    assert set(first.exports) >= GRANT_VARIABLES
+    assert set(first.exports) >= UNMASKED_GRANT_VARIABLES
     assert first.exports["KAIWO_GPU_NODE"] == "node-b"
     [allocation] = await listed(coordinator, "slurm/4242")
     assert allocation["id"] == first.exports["KAIWO_GPU_ALLOCATION_ID"]
