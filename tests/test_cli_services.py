@@ -71,7 +71,8 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["allocate", "--isolation", "mig"],
         ["allocate", "--ttl", "forever"],
         ["allocate", "--label", "team"],
-        ["allocate", "--strategy", "tetris"],
+        # Only the form is checked here: which names exist is the coordinator's to say.
+        ["allocate", "--fraction", "0.5", "--strategy", "Tetris!"],
         ["allocate", "--node", "Bad_Node"],
         ["allocate", "--fraction", "0.5", "-o", "xml"],
         ["allocate", "--amd-gpu-unit", "gpu"],

@@ -39,7 +39,8 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         f"default placement strategy: {', '.join(sorted(BUILTIN_STRATEGIES))}",
         default=DEFAULT_STRATEGY,
-        parse=flags.strategy,
+        # A coordinator's own default must be one of the strategies it runs.
+        parse=flags.one_of("strategy", BUILTIN_STRATEGIES),
     )
     flags.env_flag(
         parser,
