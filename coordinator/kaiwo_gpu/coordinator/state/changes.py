@@ -1,13 +1,16 @@
-"""Changes to etcd as plain data: what the allocator builds and the store applies.
+"""Changes to etcd as plain data, and the Store protocol that applies them.
 
 Keeping them here, apart from the store, lets the pure modules (view state, commit plans)
-speak about keys and transactions without importing an etcd client.
+speak about keys and transactions without importing an etcd client, and lets the allocator,
+the view and the servicers depend on the protocol: tests hand them the real EtcdStore, or a
+wrapper around it that injects a fault.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +68,41 @@ class TxnResult:
     succeeded: bool
     revision: int
     current: Mapping[bytes, KeyValue] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What the coordinator asks of etcd; every failure is a KaiwoGpuError (UnavailableError
+    when etcd cannot be reached, NotFoundError for a lease that is gone)."""
+
+    target: str
+    """Where etcd is, for messages and logs."""
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def read_prefix(
+        self, prefix: bytes, page_size: int = 5000
+    ) -> tuple[int, list[KeyValue]]: ...
+
+    async def get(self, key: bytes) -> KeyValue | None: ...
+
+    async def read(self, key: bytes) -> tuple[int, KeyValue | None]: ...
+
+    async def revision(self) -> int: ...
+
+    async def commit(self, txn: Txn) -> TxnResult: ...
+
+    async def grant_lease(self, ttl_s: int) -> tuple[int, int]: ...
+
+    async def refresh_lease(self, lease_id: int) -> int: ...
+
+    async def refresh_leases(self, lease_ids: Sequence[int]) -> dict[int, int]: ...
+
+    async def lease_ttl(self, lease_id: int) -> int: ...
+
+    async def revoke_lease(self, lease_id: int) -> None: ...
+
+    def watch(
+        self, prefix: bytes, start_revision: int
+    ) -> AsyncIterator[tuple[int, list[Change]]]: ...

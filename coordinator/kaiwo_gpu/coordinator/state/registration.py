@@ -16,10 +16,9 @@ from google.protobuf.message import DecodeError
 
 from kaiwo_gpu.common.errors import ConflictError, FailedPreconditionError
 from kaiwo_gpu.coordinator.state.agent_reports import node_record
-from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Txn
+from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Store, Txn
 from kaiwo_gpu.coordinator.state.commit_plan import MAX_TXN_OPS
 from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)
@@ -28,7 +27,7 @@ T = TypeVar("T")
 
 
 async def register_nodes(
-    store: EtcdStore, layout: KeyLayout, nodes: Sequence[types_pb2.NodeStatus]
+    store: Store, layout: KeyLayout, nodes: Sequence[types_pb2.NodeStatus]
 ) -> tuple[int, int]:
     """Makes etcd hold exactly the inventory's nodes: (written, removed).
 
@@ -48,7 +47,7 @@ async def register_nodes(
 
 
 async def _register_once(
-    store: EtcdStore, layout: KeyLayout, nodes: Sequence[types_pb2.NodeStatus]
+    store: Store, layout: KeyLayout, nodes: Sequence[types_pb2.NodeStatus]
 ) -> tuple[int, int] | None:
     _, existing = await store.read_prefix(layout.node(""))
     current: dict[str, KeyValue] = {}
@@ -110,7 +109,7 @@ class AgentNodeClaim:
 
 
 async def claim_agent_node(
-    store: EtcdStore,
+    store: Store,
     layout: KeyLayout,
     register: agent_pb2.Register,
     *,
@@ -153,7 +152,7 @@ async def claim_agent_node(
 
 
 async def write_agent_health(
-    store: EtcdStore, layout: KeyLayout, record: types_pb2.NodeStatus, claim: AgentNodeClaim
+    store: Store, layout: KeyLayout, record: types_pb2.NodeStatus, claim: AgentNodeClaim
 ) -> AgentNodeClaim:
     """Writes new health verdicts while `claim` still holds the node (record and presence
     key unchanged since); the claim to guard the next write with."""

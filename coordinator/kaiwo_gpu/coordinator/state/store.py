@@ -47,7 +47,7 @@ class _PageCompacted(UnavailableError):
     """The revision a paged read pinned was compacted between pages."""
 
 
-class CompactedError(Exception):
+class CompactedError(UnavailableError):
     """The watch asked for history etcd has already compacted; re-list and start over."""
 
     def __init__(self, compact_revision: int) -> None:
@@ -111,8 +111,7 @@ class EtcdStore:
         await self._client.close()
 
     async def _call(self, stub_method: Any, request: Any) -> Any:
-        if not self._client._connected.is_set():
-            await self._client.connect()
+        """Runs one unary etcd call; callers connect first (the stubs exist once connected)."""
         try:
             return await stub_method(request, timeout=self._timeout_s)
         except AioRpcError as error:
@@ -274,6 +273,14 @@ class EtcdStore:
         except AioRpcError as error:
             raise self._translate(error) from None
         return {lease_id: max(replies.get(lease_id, 0), 0) for lease_id in lease_ids}
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Seconds the lease has left, read from etcd; 0 when it no longer exists."""
+        await self.connect()
+        response = await self._call(
+            self._client.leasestub.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease_id)
+        )
+        return max(int(response.TTL), 0)
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Drops the lease and every key on it; a lease that is already gone is fine."""
