@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running, coordinator_running
 from tests.harness import audit_etcd, request
@@ -317,6 +319,21 @@ async def test_reads_see_the_callers_own_writes_at_once(running: Running) -> Non
         assert stats.allocation_count == 0
 
 
+async def waits_on(view: ClusterView, call: asyncio.Future[Any], limit_s: float = 20.0) -> int:
+    """The revision `call` waits for the view to reach, once it is seen waiting there.
+
+    Fails if the call is answered first (from a view that lacks what it must see), however
+    slow the machine: the wait is observed, not assumed from a sleep.
+    """
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not call.done():
+        if view.awaited_revisions:
+            return max(view.awaited_revisions)
+        assert asyncio.get_running_loop().time() < deadline, "the call neither waited nor ended"
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"answered without waiting for the view: {call.result()!r}")
+
+
 async def test_keep_alive_after_release_is_not_found(running: Running) -> None:
     made = await running.api.Allocate(request("gone", fraction_millis=100, ttl_seconds=30))
     await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.allocation.id))
@@ -337,8 +354,7 @@ async def test_a_replay_is_checked_against_etcd_not_only_the_view(
         await view.stop()  # this coordinator stops hearing from etcd...
         await other.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
         retry = asyncio.ensure_future(running.api.Allocate(request("lagging", fraction_millis=100)))
-        await asyncio.sleep(0.3)
-        assert not retry.done(), "answered from a stale view"
+        assert await waits_on(view, retry) > view.state.revision
         await view.start_following()  # ...and catches up
         code, message = await _code(retry)
         assert code is grpc.StatusCode.ALREADY_EXISTS
@@ -355,8 +371,7 @@ async def test_a_refusal_waits_for_the_view_to_hold_our_own_release(running: Run
     await view.stop()  # the release below reaches etcd, not yet this view
     await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=whole[0].id))
     again = asyncio.ensure_future(running.api.Allocate(request("refill", fraction_millis=1000)))
-    await asyncio.sleep(0.3)
-    assert not again.done(), "refused on a view that lacks our own release"
+    assert await waits_on(view, again) > view.state.revision
     await view.start_following()
     placed = (await again).allocation
     assert placed.gpus[0].uuid == whole[0].gpus[0].uuid
@@ -368,8 +383,7 @@ async def test_a_retry_after_our_own_release_waits_for_it(running: Running) -> N
     await view.stop()  # the release below reaches etcd, not yet this view
     await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
     retry = asyncio.ensure_future(running.api.Allocate(request("own", fraction_millis=100)))
-    await asyncio.sleep(0.3)
-    assert not retry.done(), "answered from a view that lacks our own release"
+    assert await waits_on(view, retry) > view.state.revision
     await view.start_following()
     code, message = await _code(retry)
     assert code is grpc.StatusCode.ALREADY_EXISTS

@@ -90,7 +90,7 @@ def test_request_ids_follow_one_rule(request_id: str, ok: bool) -> None:
     assert accepted(lambda rid: AllocationRequest(rid, fraction_millis=500), request_id) is ok
 
 
-BAD_GPUS = {
+BAD_GPUS: dict[str, dict[str, object]] = {
     "uuid": {"uuid": "has space"},
     "index": {"index": 256},
     "vram_mib": {"vram_mib": 16 * 1024 * 1024 + 1},
@@ -102,12 +102,19 @@ BAD_GPUS = {
 
 @pytest.mark.parametrize("field", sorted(BAD_GPUS))
 def test_the_inventory_file_and_agents_refuse_the_same_gpu(field: str) -> None:
-    good = {"uuid": "GPU-1", "index": 0, "model": "MI210", "vram_mib": 65536, "compute_units": 104}
+    good: dict[str, object] = {
+        "uuid": "GPU-1",
+        "index": 0,
+        "model": "MI210",
+        "vram_mib": 65536,
+        "compute_units": 104,
+    }
     gpu = {**good, **BAD_GPUS[field]}
     text = yaml.safe_dump({"nodes": [{"name": "n1", "gpus": [gpu]}]})
     with pytest.raises(InvalidArgumentError) as from_file:
         parse_inventory(text, "nodes.yaml")
-    register = agent_pb2.Register(node="n1", gpus=[types_pb2.GpuInventory(**gpu)], backend="amdsmi")
+    inventory = types_pb2.GpuInventory(**gpu)  # type: ignore[arg-type]
+    register = agent_pb2.Register(node="n1", gpus=[inventory], backend="amdsmi")
     with pytest.raises(InvalidArgumentError) as from_agent:
         node_record(register, None, lambda uuid: None)
     assert from_file.value.field == f"nodes.yaml: nodes[0].gpus[0].{field}"

@@ -124,15 +124,13 @@ async def test_commit_plan_stays_within_etcd_txn_limits(
     layout = KeyLayout(prefix)
     await register_nodes(store, layout, synthetic_inventory(10, 8, "MI300X"))
     state = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
-    snapshot = state.snapshot()
+    snapshot = state.snapshot
     plan = CommitPlan(layout, state)
     for i in range(400):
         request = AllocationRequest(f"m-{i}", fraction_millis=100, strategy=strategy)
         decision = place(request, snapshot)
         assert isinstance(decision, Placement)
-        record = allocation_record(
-            request, decision, f"id-{i}", lease_id=0, created_at=NOW, expires_at=None
-        )
+        record = allocation_record(request, decision, f"id-{i}", lease_id=0, created_at=NOW)
         if not plan.add(record):
             break
         snapshot = snapshot.with_allocation(decision.as_allocation(f"id-{i}"))
@@ -166,8 +164,8 @@ async def test_view_follows_changes_and_resumes_after_etcd_restart(
     await view.wait_for(deleted, 20)
     assert "v1" not in view.state.allocations
     assert (
-        view.state.snapshot().usage
-        == ViewState.load(layout, *(await store.read_prefix(layout.all_keys))).snapshot().usage
+        view.state.snapshot.usage
+        == ViewState.load(layout, *(await store.read_prefix(layout.all_keys))).snapshot.usage
     )
     await view.stop()
     await store.close()
@@ -239,7 +237,7 @@ def _record(
     state: ViewState, request_id: str, millis: int, allocation_id: str = ""
 ) -> types_pb2.Allocation:
     request = AllocationRequest(request_id, fraction_millis=millis)
-    decision = place(request, state.snapshot())
+    decision = place(request, state.snapshot)
     assert isinstance(decision, Placement)
     return allocation_record(
         request,
@@ -247,7 +245,6 @@ def _record(
         allocation_id or f"id-{request_id}",
         lease_id=0,
         created_at=NOW,
-        expires_at=None,
     )
 
 
@@ -306,7 +303,7 @@ async def test_the_inventory_cordons_and_removes_its_own_nodes_only(
     assert set(state.nodes) == {"node-a", "from-an-agent"}
     assert not state.nodes["from-an-agent"].gpus
     assert len((await store.read_prefix(nested.node("")))[1]) == 2
-    node_a = state.snapshot().nodes["node-a"]
+    node_a = state.snapshot.nodes["node-a"]
     assert not node_a.schedulable
     assert node_a.unschedulable_reason == "drained for repair"
     await store.close()

@@ -156,7 +156,7 @@ def test_incremental_state_equals_a_fresh_load(
     for revision, (step, peek) in enumerate(zip(stream, peeks, strict=False), start=2):
         if len(step) == 3:
             _, uuid, reading = step
-            state.update_telemetry({uuid: reading})
+            state.apply_telemetry({uuid: reading})
             if reading is None:
                 telemetry.pop(uuid, None)
             else:
@@ -169,9 +169,9 @@ def test_incremental_state_equals_a_fresh_load(
             else:
                 final[key] = (value, revision)
         if peek:
-            state.snapshot()
+            state.fold_telemetry()
     fresh = ViewState(LAYOUT)
-    fresh.update_telemetry(telemetry)
+    fresh.apply_telemetry(telemetry)
     fresh.apply(
         len(stream) + 1,
         [Change(key, value, revision) for key, (value, revision) in sorted(final.items())],
@@ -183,4 +183,6 @@ def test_incremental_state_equals_a_fresh_load(
     assert state.nodes_by_gpu == fresh.nodes_by_gpu
     assert state.allocations_by_node == fresh.allocations_by_node
     assert state.allocation_by_request == fresh.allocation_by_request
-    assert _comparable(state.snapshot()) == _comparable(fresh.snapshot())
+    state.fold_telemetry()
+    fresh.fold_telemetry()
+    assert _comparable(state.snapshot) == _comparable(fresh.snapshot)

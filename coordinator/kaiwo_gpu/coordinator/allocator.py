@@ -1,11 +1,12 @@
 """Allocate, release and renew against etcd: decide on the view, commit with a guarded txn.
 
 Allocate requests queue up while a transaction is in flight; the committer takes them as a
-batch, decides each on a snapshot that already holds the earlier ones, and commits the
-batch in one transaction. A conflict (another coordinator got there first) means: wait
-for the view to see what changed, decide again, at most `max_attempts` times. Replies wait
-until etcd has the change; reads through this coordinator wait until its view holds the
-coordinator's own last write, so a client reads its own writes.
+batch, has `decide_batch` (pure) place them on one snapshot, grants the leases the
+placements need and commits the plan in one transaction. A conflict (another coordinator
+got there first) means: wait for the view to see what changed, decide again, at most
+`max_attempts` times. Replies wait until etcd has the change; reads through this
+coordinator wait until its view holds the coordinator's own last write, so a client reads
+its own writes.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import structlog
 
 from kaiwo_gpu.common.errors import (
-    AlreadyExistsError,
     ConflictError,
     FailedPreconditionError,
     KaiwoGpuError,
@@ -29,26 +28,23 @@ from kaiwo_gpu.common.errors import (
     UnavailableError,
 )
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.coordinator.placement.engine import NoFit, place
-from kaiwo_gpu.coordinator.placement.strategies import DEFAULT_STRATEGY, SchedulerState
-from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Txn
-from kaiwo_gpu.coordinator.state.commit_plan import CommitPlan
+from kaiwo_gpu.coordinator.leases import Clock, Leases, utc_now
+from kaiwo_gpu.coordinator.placement.strategies import (
+    BUILTIN_STRATEGIES,
+    DEFAULT_STRATEGY,
+    SchedulerState,
+    Strategy,
+)
+from kaiwo_gpu.coordinator.state.batch import BatchDecision, BatchItem, DecisionPolicy, decide_batch
+from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Store, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
-from kaiwo_gpu.coordinator.state.records import allocation_record, same_request, timestamp
-from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.records import timestamp
+from kaiwo_gpu.coordinator.state.replays import replay_of
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import types_pb2
 
 log = structlog.get_logger(__name__)
-
-Clock = Callable[[], datetime]
-TOMBSTONE_TTL_S = 3600
-"""How long a released request_id stays taken (between half and all of this)."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_allocation_id() -> str:
@@ -59,9 +55,14 @@ def new_allocation_id() -> str:
 class AllocatorSettings:
     default_strategy: str = DEFAULT_STRATEGY
     default_ttl_s: int | None = None
+    strategies: Mapping[str, Strategy] = field(default_factory=lambda: BUILTIN_STRATEGIES)
     max_batch: int = 64
     max_attempts: int = 8
     catch_up_timeout_s: float = 5.0
+
+    @property
+    def policy(self) -> DecisionPolicy:
+        return DecisionPolicy(self.strategies, self.default_strategy, self.default_ttl_s)
 
 
 @dataclass(slots=True, eq=False)
@@ -86,7 +87,7 @@ class _Pending:
 class Allocator:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         view: ClusterView,
         layout: KeyLayout,
         settings: AllocatorSettings,
@@ -98,6 +99,8 @@ class Allocator:
         self.view = view
         self.layout = layout
         self.settings = settings
+        self.leases = Leases(store, clock)
+        self._policy = settings.policy
         self._clock = clock
         self._new_id = new_id
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -106,9 +109,6 @@ class Allocator:
         self._last_placement_revision = 0  # of our placements: decisions wait for it
         self._last_release_revision = 0  # of our releases: refusals wait for it
         self._task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
-        self._tombstone_lease: tuple[int, datetime] | None = None
-        self._tombstone_lock = asyncio.Lock()
         self.conflicts = 0
 
     def start(self) -> None:
@@ -121,9 +121,7 @@ class Allocator:
                 await self._task
         while not self._queue.empty():
             self._queue.get_nowait().reject(UnavailableError("the coordinator is shutting down"))
-        for task in tuple(self._background):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 1.0)
+        await self.leases.stop()
 
     # -- allocate ------------------------------------------------------------------------
 
@@ -146,47 +144,21 @@ class Allocator:
         etcd disagrees, the view catches up to that read and is asked again (a tombstone
         then raises ALREADY_EXISTS, an expiry gives None).
         """
-        if self._replay(request) is None:
+        if replay_of(self.view.state, request) is None:
             return None
         await self.caught_up()  # our own last write (a release, a renewal) first
-        replay = self._replay(request)
+        replay = replay_of(self.view.state, request)
         if replay is None:
             return None
         revision, kv = await self.store.read(self.layout.request(request.request_id))
         if kv is not None and kv.value == replay.id.encode():
             return replay
         await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
-        return self._replay(request)
+        return replay_of(self.view.state, request)
 
     def _enqueue(self, item: _Pending) -> None:
         item.queued = True
         self._queue.put_nowait(item)
-
-    def _replay(self, request: AllocationRequest) -> types_pb2.Allocation | None:
-        state = self.view.state
-        released = state.released_requests.get(request.request_id)
-        if released is not None:
-            raise AlreadyExistsError(
-                f"request_id {request.request_id!r} already made allocation {released}, which "
-                "has been released; use a new request_id"
-            )
-        orphaned = state.orphaned_request(request.request_id)
-        if orphaned is not None:
-            raise FailedPreconditionError(
-                f"request_id {request.request_id!r} is still bound to allocation {orphaned}, "
-                f"whose record was removed from etcd by hand; use a new request_id or delete "
-                f"{self.layout.request(request.request_id).decode()}"
-            )
-        allocation_id = state.allocation_by_request.get(request.request_id)
-        record = state.allocations.get(allocation_id or "")
-        if record is None:
-            return None
-        if not same_request(record.request, request):
-            raise AlreadyExistsError(
-                f"request_id {request.request_id!r} already made allocation {allocation_id} "
-                "with a different request; use a new request_id"
-            )
-        return record
 
     async def _commit_loop(self) -> None:
         while True:
@@ -209,38 +181,47 @@ class Allocator:
             if item.queued:
                 continue
             if revoke:
-                self._revoke_lease_of(item)  # also for callers that have gone away
+                self._drop_lease(item)  # also for callers that have gone away
             item.reject(error)
 
+    def _drop_lease(self, item: _Pending) -> None:
+        """A lease granted for a request that did not commit is dropped, not left to expire."""
+        lease_id, item.lease_id = item.lease_id, 0
+        self.leases.revoke_soon(lease_id)
+
     async def _commit_batch(self, batch: list[_Pending]) -> None:
-        pending = [item for item in batch if not item.future.done()]
+        pending = self._still_wanted(batch)
         while pending:
             # Decisions need our own placements in the view (else they double-book and
             # conflict); our own releases only free room, so only a refusal waits for them.
             timeout_s = self.settings.catch_up_timeout_s
             await self.view.wait_for(self._last_placement_revision, timeout_s)
             pending = await self._answer_replays(pending)
-            scheduler_state = self._scheduler_state
-            plan, planned, leftover, refused = self._decide(pending)
-            if refused and self.view.state.revision < self._last_release_revision:
-                await self.view.wait_for(self._last_release_revision, timeout_s)
-                self._scheduler_state = scheduler_state  # the first decision never happened
-                plan, planned, leftover, refused = self._decide(pending)
-            for item, error in refused:
-                self._revoke_lease_of(item)
-                item.reject(error)
-            for item in leftover:
-                self._enqueue(item)
-            if not plan.allocations:
+            if not pending:
                 return
-            owned = [item for item, _ in planned]
+            decision = self._decide(pending)
+            if decision.refused and self.view.state.revision < self._last_release_revision:
+                await self.view.wait_for(self._last_release_revision, timeout_s)
+                pending = self._still_wanted(pending)
+                if not pending:
+                    return
+                decision = self._decide(pending)  # the first decision never happened
+            self._scheduler_state = decision.scheduler_state
+            for index, error in (*decision.failed, *decision.refused):
+                self._drop_lease(pending[index])
+                pending[index].reject(error)
+            for index in decision.leftover:
+                self._enqueue(pending[index])
+            if not decision.placed:
+                return
+            owned = [pending[index] for index, _ in decision.placed]
             try:
-                await self._grant_leases(planned)
+                await self._grant_leases(decision, pending)
             except KaiwoGpuError as error:
                 self._fail(owned, error)
                 return
             try:
-                result = await self.store.commit(plan.txn())
+                result = await self.store.commit(decision.plan.txn())
             except NotFoundError:  # a lease ran out between grant and commit
                 self._fail(owned, UnavailableError("a lease expired before the commit; retry"))
                 return
@@ -257,10 +238,34 @@ class Allocator:
             if result.succeeded:
                 self._last_write_revision = max(self._last_write_revision, result.revision)
                 self._last_placement_revision = max(self._last_placement_revision, result.revision)
-                for item, record in planned:
-                    item.resolve(record, False)
+                for index, record in decision.placed:
+                    pending[index].resolve(record, False)
                 return
             pending = await self._after_conflict(owned, result.current)
+
+    def _still_wanted(self, items: list[_Pending]) -> list[_Pending]:
+        """Items whose caller still waits; the others' leases are dropped."""
+        wanted = []
+        for item in items:
+            if item.future.done():
+                self._drop_lease(item)
+            else:
+                wanted.append(item)
+        return wanted
+
+    def _decide(self, pending: list[_Pending]) -> BatchDecision:
+        items = [
+            BatchItem(item.request, self._new_id(), has_lease=bool(item.lease_id))
+            for item in pending
+        ]
+        return decide_batch(
+            items,
+            self.view.decision_snapshot(),
+            self.view.state,
+            scheduler_state=self._scheduler_state,
+            policy=self._policy,
+            now=self._clock(),
+        )
 
     async def caught_up(self) -> None:
         """Waits until the view holds this coordinator's own last write, so reads see it.
@@ -286,13 +291,10 @@ class Allocator:
             await asyncio.sleep(min(0.002 * 2 ** max(i.attempts for i in owned), 0.2))
         self._last_placement_revision = max(self._last_placement_revision, newest)
         retry = []
-        for item in owned:
-            if item.future.done():
-                self._revoke_lease_of(item)
-                continue
+        for item in self._still_wanted(owned):
             item.attempts += 1
             if item.attempts >= self.settings.max_attempts:
-                self._revoke_lease_of(item)
+                self._drop_lease(item)
                 item.reject(
                     ConflictError(
                         f"gave up after {item.attempts} conflicting commits with other "
@@ -307,18 +309,15 @@ class Allocator:
         """Answers requests whose request_id is already committed (or repeated in the batch)."""
         fresh: list[_Pending] = []
         seen: set[str] = set()
-        for item in pending:
-            if item.future.done():
-                self._revoke_lease_of(item)
-                continue
+        for item in self._still_wanted(pending):
             try:
                 replay = await self._confirmed_replay(item.request)
             except KaiwoGpuError as error:
-                self._revoke_lease_of(item)
+                self._drop_lease(item)
                 item.reject(error)
                 continue
             if replay is not None:
-                self._revoke_lease_of(item)
+                self._drop_lease(item)
                 item.resolve(replay, True)
             elif item.request.request_id in seen:
                 self._enqueue(item)  # decided after its twin is committed
@@ -327,20 +326,14 @@ class Allocator:
                 fresh.append(item)
         return fresh
 
-    async def _grant_leases(self, planned: list[tuple[_Pending, types_pb2.Allocation]]) -> None:
-        """Grants the leases of placed requests (all at once) and writes them into the records.
-
-        Leases come after the decision so a refused request costs no lease; a request that
-        is decided again after a conflict keeps the lease it already has.
-        """
-        wanted = [item for item, _ in planned if not item.lease_id and self._ttl_s(item.request)]
+    async def _grant_leases(self, decision: BatchDecision, pending: list[_Pending]) -> None:
+        """Grants the leases the placements want (all at once) and writes them into the
+        records; a request decided again after a conflict keeps the lease it has."""
         granted_at = self._clock()
-        grants = await asyncio.gather(
-            *(self.store.grant_lease(self._ttl_s(item.request) or 0) for item in wanted),
-            return_exceptions=True,
-        )
+        wanted = [(pending[index], ttl_s) for index, ttl_s in decision.leases_wanted]
+        grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
         failure: BaseException | None = None
-        for item, grant in zip(wanted, grants, strict=True):
+        for (item, _), grant in zip(wanted, grants, strict=True):
             if isinstance(grant, BaseException):
                 failure = failure or grant
             else:
@@ -348,106 +341,12 @@ class Allocator:
                 item.lease_granted_at = granted_at
         if failure is not None:
             raise failure  # the batch fails; leases granted so far are revoked with it
-        for item, record in planned:
+        for index, record in decision.placed:
+            item = pending[index]
             if item.lease_id and item.lease_granted_at is not None:
                 record.lease_id = item.lease_id
                 expires_at = item.lease_granted_at + timedelta(seconds=item.lease_ttl_s)
                 record.expires_at.CopyFrom(timestamp(expires_at))
-
-    def _ttl_s(self, request: AllocationRequest) -> int | None:
-        return request.ttl_seconds or self.settings.default_ttl_s
-
-    def _decide(
-        self, pending: list[_Pending]
-    ) -> tuple[
-        CommitPlan,
-        list[tuple[_Pending, types_pb2.Allocation]],
-        list[_Pending],
-        list[tuple[_Pending, KaiwoGpuError]],
-    ]:
-        """Places each request on a snapshot holding the ones before it.
-
-        Returns the plan, what it places, what did not fit in one transaction, and what
-        was refused (with the error to answer).
-        """
-        state = self.view.state
-        plan = CommitPlan(self.layout, state)
-        planned: list[tuple[_Pending, types_pb2.Allocation]] = []
-        leftover: list[_Pending] = []
-        refused: list[tuple[_Pending, KaiwoGpuError]] = []
-        blocked = state.blocked_reason
-        if blocked is not None:
-            for item in pending:
-                self._revoke_lease_of(item)
-                item.reject(UnavailableError(blocked))
-            return plan, planned, leftover, refused
-        snapshot = state.snapshot()
-        scheduler_state = self._scheduler_state
-        now = self._clock()
-        for item in pending:
-            if item.future.done():  # the caller went away
-                self._revoke_lease_of(item)
-                continue
-            if leftover:
-                leftover.append(item)  # keep arrival order once the transaction is full
-                continue
-            try:
-                decision = place(
-                    item.request,
-                    snapshot,
-                    scheduler_state,
-                    default_strategy=self.settings.default_strategy,
-                )
-            except KaiwoGpuError as error:
-                self._revoke_lease_of(item)
-                item.reject(error)
-                continue
-            if isinstance(decision, NoFit):
-                refused.append((item, decision.to_error()))
-                continue
-            allocation_id = self._new_id()
-            record = allocation_record(
-                item.request, decision, allocation_id, lease_id=0, created_at=now, expires_at=None
-            )
-            if not plan.add(record):
-                leftover.append(item)
-                continue
-            planned.append((item, record))
-            snapshot = snapshot.with_allocation(decision.as_allocation(allocation_id))
-            scheduler_state = decision.state
-        self._scheduler_state = scheduler_state
-        return plan, planned, leftover, refused
-
-    # -- leases --------------------------------------------------------------------------
-
-    def _revoke_lease_of(self, item: _Pending) -> None:
-        """A lease granted for a request that did not commit is dropped, not left to expire."""
-        if item.lease_id:
-            lease_id, item.lease_id = item.lease_id, 0
-            self._in_background(self._revoke_quietly(lease_id))
-
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _revoke_quietly(self, lease_id: int) -> None:
-        try:
-            await self.store.revoke_lease(lease_id)
-        except KaiwoGpuError as error:  # it expires on its own
-            log.info("lease not revoked", lease_id=lease_id, error=error.message)
-
-    async def _tombstone_lease_id(self) -> int:
-        """A shared lease for released request_ids, renewed by replacing it half-way."""
-        async with self._tombstone_lock:  # concurrent releases share one grant
-            now = self._clock()
-            if self._tombstone_lease is not None:
-                lease_id, granted_at = self._tombstone_lease
-                if now - granted_at < timedelta(seconds=TOMBSTONE_TTL_S / 2):
-                    return lease_id
-            lease_id, _ = await self.store.grant_lease(TOMBSTONE_TTL_S)
-            self._tombstone_lease = (lease_id, now)
-            return lease_id
 
     # -- release, renew, read ------------------------------------------------------------
 
@@ -480,7 +379,7 @@ class Allocator:
         request_key = self.layout.request(record.request_id)
         tombstone = RELEASED_PREFIX + allocation_id.encode()
         for attempt in range(2):
-            lease_id = await self._tombstone_lease_id()
+            lease_id = await self.leases.tombstone_lease()
             try:
                 result = await self.store.commit(
                     Txn(
@@ -491,49 +390,29 @@ class Allocator:
                 )
                 break
             except NotFoundError:  # the tombstone lease vanished (etcd restored?): a new one
-                self._tombstone_lease = None
+                self.leases.tombstone_lost()
                 if attempt:
                     raise
         if not result.succeeded:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
         self._last_write_revision = max(self._last_write_revision, result.revision)
         self._last_release_revision = max(self._last_release_revision, result.revision)
-        if record.lease_id:
-            self._in_background(self._revoke_quietly(record.lease_id))
+        self.leases.revoke_soon(record.lease_id)
         released = types_pb2.Allocation()
         released.CopyFrom(record)
         released.state = types_pb2.ALLOCATION_STATE_RELEASED
         return released
 
     async def keep_alive(self, allocation_id: str) -> tuple[datetime, int]:
-        """Renews the allocation's lease; (new expiry, TTL in seconds)."""
+        """Renews the allocation's lease, and only the lease; (new expiry, TTL in seconds)."""
         await self.caught_up()
-        record, revision = await self.record(allocation_id)
+        record, _ = await self.record(allocation_id)
         if not record.lease_id:
             raise FailedPreconditionError(
                 f"allocation {allocation_id!r} has no lease (it was made with ttl_seconds 0); "
                 "there is nothing to keep alive"
             )
-        ttl_s = await self.store.refresh_lease(record.lease_id)
-        if ttl_s <= 0:
+        ttl_s, expires_at = await self.leases.renew(record.lease_id)
+        if expires_at is None:
             raise NotFoundError(f"allocation {allocation_id!r} expired before it was renewed")
-        expires_at = self._clock() + timedelta(seconds=ttl_s)
-        renewed = types_pb2.Allocation()
-        renewed.CopyFrom(record)
-        renewed.expires_at.CopyFrom(timestamp(expires_at))
-        key = self.layout.allocation(allocation_id)
-        try:  # best effort: the lease is renewed whether or not the record says so
-            result = await self.store.commit(
-                Txn(
-                    expect_mod_revision=((key, revision),),
-                    puts=(Put(key, renewed.SerializeToString(), record.lease_id),),
-                )
-            )
-        except KaiwoGpuError as error:
-            log.info("expiry not recorded", allocation_id=allocation_id, error=error.message)
-            return expires_at, ttl_s
-        if result.succeeded:
-            self._last_write_revision = max(self._last_write_revision, result.revision)
-        elif await self.store.get(key) is None:
-            raise NotFoundError(f"allocation {allocation_id!r} was released while being renewed")
         return expires_at, ttl_s

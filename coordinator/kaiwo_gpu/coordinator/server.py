@@ -22,9 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
-from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentSettings
+from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
-from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, StrategyRegistry
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.coordinator.state.inventory import load_inventory
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
@@ -41,10 +41,17 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class Coordinator:
-    def __init__(self, settings: CoordinatorSettings) -> None:
-        if settings.default_strategy not in BUILTIN_STRATEGIES:
+    """One coordinator process. `strategies` is the registry placement chooses from (the
+    built-ins unless a deployment adds its own); the default strategy must be one of them."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        strategies: StrategyRegistry = BUILTIN_STRATEGIES,
+    ) -> None:
+        if settings.default_strategy not in strategies:
             raise InvalidArgumentError(
-                "--strategy", settings.default_strategy, ", ".join(sorted(BUILTIN_STRATEGIES))
+                "--strategy", settings.default_strategy, ", ".join(sorted(strategies))
             )
         self.settings = settings
         self.layout = KeyLayout(settings.prefix)
@@ -57,6 +64,7 @@ class Coordinator:
             AllocatorSettings(
                 default_strategy=settings.default_strategy,
                 default_ttl_s=settings.default_ttl_s,
+                strategies=strategies,
             ),
         )
         self.health = HealthServicer()
@@ -73,12 +81,12 @@ class Coordinator:
             self.store,
             self.view,
             self.layout,
-            AgentSettings(
+            AgentStreamSettings(
                 node_ttl_s=settings.node_ttl_s, sample_interval_ms=settings.sample_interval_ms
             ),
         )
         allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
-            AllocationServicer(self.allocator, self.view, self.agents.reports), self.server
+            AllocationServicer(self.allocator, self.view), self.server
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -29,14 +29,8 @@ from kaiwo_gpu.common.errors import (
     KaiwoGpuError,
     UnavailableError,
 )
-from kaiwo_gpu.coordinator.state.agent_reports import (
-    NodeReport,
-    checked_batch,
-    node_record,
-    placement_reading,
-    trimmed,
-    with_health,
-)
+from kaiwo_gpu.coordinator.state.agent_reports import node_record
+from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.records import timestamp
 from kaiwo_gpu.coordinator.state.registration import (
@@ -44,7 +38,6 @@ from kaiwo_gpu.coordinator.state.registration import (
     claim_agent_node,
     write_agent_health,
 )
-from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView, Subscription
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -58,7 +51,9 @@ Context = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.Coordinator
 
 
 @dataclass(frozen=True, slots=True)
-class AgentSettings:
+class AgentStreamSettings:
+    """How this coordinator runs agent streams: node lease TTL, asked interval, waits."""
+
     node_ttl_s: int = 15
     sample_interval_ms: int = 1000
     view_wait_s: float = 5.0
@@ -85,10 +80,10 @@ class _Session:
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         view: ClusterView,
         layout: KeyLayout,
-        settings: AgentSettings,
+        settings: AgentStreamSettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
@@ -97,7 +92,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.settings = settings
         self.clock = clock
         self.coordinator_id = "coordinator"
-        self.reports: dict[str, NodeReport] = {}
         self.dropped_batches = 0
         self._sessions: dict[str, _Session] = {}
         self._stopping = False
@@ -201,9 +195,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         del self._sessions[session.node]
         # The last report stays, so ListNodes shows when the node was last seen; placement
         # forgets its readings (the node is unschedulable until its agent returns).
-        report = self.reports.get(session.node)
-        if report is not None:
-            self.view.state.update_telemetry(dict.fromkeys(report.samples))
+        self.view.forget_telemetry(session.node)
         log.info("agent disconnected", node=session.node)
         if not self._stopping:
             self._in_background(self._revoke(session.lease_id))
@@ -265,12 +257,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
             replaced.closing.set()
         self._sessions[session.node] = session
-        last = self.reports.get(session.node)
-        self.reports[session.node] = NodeReport(self.clock(), last.samples if last else {})
-        state = self.view.state
-        for gone in [n for n in self.reports if n not in state.nodes and n not in self._sessions]:
-            if gone != session.node:  # its record was deleted: forget what it reported
-                del self.reports[gone]
+        known = self.view.state.nodes.keys() | self._sessions.keys()
+        self.view.telemetry.registered(session.node, self.clock(), known)
         log.info(
             "agent registered",
             node=session.node,
@@ -314,15 +302,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
 
     async def _ingest(self, session: _Session, batch: agent_pb2.TelemetryBatch) -> None:
-        samples = checked_batch(batch, session.claim.record, self._owner_of)
-        self.reports[session.node] = NodeReport(
-            received_at=self.clock(),
-            samples={uuid: trimmed(sample) for uuid, sample in samples.items()},
+        ingested = self.view.ingest(
+            session.node, batch, session.claim.record, self._owner_of, self.clock()
         )
-        self.view.state.update_telemetry(
-            {uuid: placement_reading(sample.telemetry) for uuid, sample in samples.items()}
-        )
-        changed = with_health(session.claim.record, samples)
+        changed = ingested.health_change
         if changed is not None:
             try:
                 await self._write_health(session, changed)

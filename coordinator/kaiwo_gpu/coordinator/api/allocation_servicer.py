@@ -1,14 +1,15 @@
 """The AllocationService over gRPC: validate at the edge, call the allocator, map errors.
 
 Every `KaiwoGpuError` becomes the gRPC status it names, with its message; anything else is
-logged and answered INTERNAL without internals.
+logged and answered INTERNAL without internals. Records leave through `for_client`, which
+adds what is derived from them (the grant's environment, the latest expiry known).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -23,10 +24,9 @@ from kaiwo_gpu.coordinator.api.queries import (
     matches,
     node_statuses,
 )
-from kaiwo_gpu.coordinator.state.agent_reports import NodeReport
-from kaiwo_gpu.coordinator.state.records import timestamp
+from kaiwo_gpu.coordinator.state.records import for_client, timestamp
 from kaiwo_gpu.coordinator.state.view import ClusterView
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
 log = structlog.get_logger(__name__)
 
@@ -64,15 +64,12 @@ def _mapped_errors(handler: Handler[Request, Reply]) -> Handler[Request, Reply]:
 
 
 class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
-    def __init__(
-        self,
-        allocator: Allocator,
-        view: ClusterView,
-        reports: Mapping[str, NodeReport] | None = None,
-    ) -> None:
+    def __init__(self, allocator: Allocator, view: ClusterView) -> None:
         self.allocator = allocator
         self.view = view
-        self.reports: Mapping[str, NodeReport] = {} if reports is None else reports
+
+    def _shown(self, record: types_pb2.Allocation) -> types_pb2.Allocation:
+        return for_client(record, self.allocator.leases.known_expiry(record))
 
     @_mapped_errors
     async def Allocate(
@@ -89,7 +86,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
             node=record.node,
             replayed=replayed,
         )
-        return allocation_pb2.AllocateResponse(allocation=record, replayed=replayed)
+        return allocation_pb2.AllocateResponse(allocation=self._shown(record), replayed=replayed)
 
     @_mapped_errors
     async def Release(
@@ -99,7 +96,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
     ) -> allocation_pb2.ReleaseResponse:
         record = await self.allocator.release(check_allocation_id(request.allocation_id))
         log.info("released", allocation_id=record.id, node=record.node)
-        return allocation_pb2.ReleaseResponse(allocation=record)
+        return allocation_pb2.ReleaseResponse(allocation=for_client(record))
 
     @_mapped_errors
     async def KeepAlive(
@@ -121,7 +118,8 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         allocation_id = check_allocation_id(request.allocation_id)
         await self.allocator.caught_up()
         record, _ = await self.allocator.record(allocation_id)
-        return allocation_pb2.GetAllocationResponse(allocation=record)
+        expires_at = await self.allocator.leases.current_expiry(record)
+        return allocation_pb2.GetAllocationResponse(allocation=for_client(record, expires_at))
 
     @_mapped_errors
     async def ListAllocations(
@@ -130,7 +128,12 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: Context,
     ) -> allocation_pb2.ListAllocationsResponse:
         await self.allocator.caught_up()
-        return list_allocations(self.view.state, request)
+        page, token = list_allocations(self.view.state, request)
+        expiries = await self.allocator.leases.expiries(page)
+        return allocation_pb2.ListAllocationsResponse(
+            allocations=[for_client(r, e) for r, e in zip(page, expiries, strict=True)],
+            next_page_token=token,
+        )
 
     async def WatchAllocations(
         self,
@@ -144,17 +147,16 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         subscription = self.view.subscribe()
         state = self.view.state
         current = [
-            allocation_pb2.AllocationEvent(
-                kind=allocation_pb2.AllocationEvent.KIND_ADDED,
-                allocation=record,
-                revision=state.allocation_revisions[allocation_id],
-            )
+            (record, state.allocation_revisions[allocation_id])
             for allocation_id, record in sorted(state.allocations.items())
             if matches(record, request.owner, request.node, {})
         ]
+        added = allocation_pb2.AllocationEvent.KIND_ADDED
         try:
-            for event in current:
-                yield event
+            for record, revision in current:
+                yield allocation_pb2.AllocationEvent(
+                    kind=added, allocation=self._shown(record), revision=revision
+                )
             while True:
                 queued = await subscription.queue.get()
                 if queued is None:
@@ -163,7 +165,11 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
                         "this watcher fell too far behind; watch again to resynchronize",
                     )
                 elif matches(queued.allocation, request.owner, request.node, {}):
-                    yield queued
+                    yield allocation_pb2.AllocationEvent(
+                        kind=queued.kind,
+                        allocation=self._shown(queued.allocation),
+                        revision=queued.revision,
+                    )
         finally:
             self.view.unsubscribe(subscription)
 
@@ -177,7 +183,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         if not self.view.state.nodes and not self.view.connected:
             raise UnavailableError("the coordinator has not read the cluster from etcd yet")
         return allocation_pb2.ListNodesResponse(
-            nodes=list(node_statuses(self.view.state, request.labels, self.reports))
+            nodes=list(node_statuses(self.view.state, request.labels, self.view.telemetry.reports))
         )
 
     @_mapped_errors

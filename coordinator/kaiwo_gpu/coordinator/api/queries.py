@@ -1,4 +1,4 @@
-"""Answers to the read RPCs (list, nodes, stats), computed from the view's state (pure)."""
+"""Answers to the read RPCs (list, nodes, stats), read off the view's state as it is (pure)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def matches(record: types_pb2.Allocation, owner: str, node: str, labels: Mapping
 
 def list_allocations(
     state: ViewState, query: allocation_pb2.ListAllocationsRequest
-) -> allocation_pb2.ListAllocationsResponse:
-    """Allocations in id order; the page token is the last id of the previous page."""
+) -> tuple[list[types_pb2.Allocation], str]:
+    """One page of stored records in id order, and the token of the next page ("" at the
+    end: the token is the last id of this page)."""
     if query.page_size > MAX_PAGE_SIZE:
         raise InvalidArgumentError("page_size", query.page_size, f"0-{MAX_PAGE_SIZE}")
     size = query.page_size or DEFAULT_PAGE_SIZE
@@ -43,8 +44,7 @@ def list_allocations(
         key=lambda record: record.id,
     )
     page = chosen[:size]
-    token = page[-1].id if len(chosen) > size else ""
-    return allocation_pb2.ListAllocationsResponse(allocations=page, next_page_token=token)
+    return page, page[-1].id if len(chosen) > size else ""
 
 
 def node_statuses(
@@ -52,7 +52,7 @@ def node_statuses(
 ) -> Iterable[types_pb2.NodeStatus]:
     """Nodes as placement sees them (a node whose agent is gone is unschedulable), with
     usage per GPU and the latest telemetry this coordinator received from its agent."""
-    snapshot = state.snapshot()
+    snapshot = state.snapshot
     for name in sorted(state.nodes):
         record = state.nodes[name]
         if any(record.labels.get(k) != v for k, v in labels.items()):
@@ -88,7 +88,7 @@ def node_statuses(
 
 
 def cluster_stats(state: ViewState) -> allocation_pb2.GetClusterStatsResponse:
-    snapshot = state.snapshot()
+    snapshot = state.snapshot
     by_strategy = Counter(record.strategy for record in state.allocations.values())
     return allocation_pb2.GetClusterStatsResponse(
         node_count=len(snapshot.nodes),

@@ -26,7 +26,7 @@ from kaiwo_gpu.coordinator.placement.cluster import (
     PlacedAllocation,
 )
 from kaiwo_gpu.coordinator.placement.engine import Placement
-from kaiwo_gpu.coordinator.placement.environment import grant_environment
+from kaiwo_gpu.coordinator.placement.environment import render_grant_environment
 from kaiwo_gpu.v1 import types_pb2
 
 
@@ -102,9 +102,10 @@ def allocation_record(
     *,
     lease_id: int,
     created_at: datetime,
-    expires_at: datetime | None,
 ) -> types_pb2.Allocation:
-    """The record committed to etcd and returned to the client."""
+    """The record committed to etcd (`for_client` adds what is derived from it).
+
+    Its lease and expiry are filled in when the lease is granted, before the commit."""
     record = types_pb2.Allocation(
         id=allocation_id,
         request_id=request.request_id,
@@ -123,15 +124,41 @@ def allocation_record(
         ],
         isolation=isolation_to_proto(placement.isolation),
         isolation_note=placement.isolation_note,
-        environment=grant_environment(placement, allocation_id),
         strategy=placement.strategy,
         state=types_pb2.ALLOCATION_STATE_ACTIVE,
         lease_id=lease_id,
         created_at=timestamp(created_at),
     )
-    if expires_at is not None:
-        record.expires_at.CopyFrom(timestamp(expires_at))
     return record
+
+
+def environment_of(record: types_pb2.Allocation) -> dict[str, str]:
+    """The grant's environment, rendered from the record (it follows from the grant, so it
+    is not stored; records written before this version still carry it, and get the same).
+    A record of an isolation this version does not know keeps what it carries."""
+    try:
+        isolation = isolation_from_proto(record.isolation)
+    except InvalidArgumentError:
+        return dict(record.environment)
+    devices = [
+        (grant.index, grant.granted_millis, grant.granted_memory_mib, grant.compute_units)
+        for grant in record.gpus
+    ]
+    return render_grant_environment(record.id, record.node, isolation, devices)
+
+
+def for_client(
+    record: types_pb2.Allocation, expires_at: datetime | None = None
+) -> types_pb2.Allocation:
+    """The record as the API answers with it: a copy with the derived fields filled in (the
+    environment, and the latest expiry known when it is later than the grant's)."""
+    shown = types_pb2.Allocation()
+    shown.CopyFrom(record)
+    shown.environment.clear()
+    shown.environment.update(environment_of(record))
+    if expires_at is not None:
+        shown.expires_at.CopyFrom(timestamp(expires_at))
+    return shown
 
 
 def same_request(stored: types_pb2.AllocationRequest, incoming: AllocationRequest) -> bool:

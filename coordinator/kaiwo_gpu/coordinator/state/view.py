@@ -3,24 +3,37 @@
 When the watch breaks (etcd restarted, lost its leader) it resumes from the last revision
 seen + 1; when that history is compacted it re-lists and tells watchers what changed in
 between. Allocation events fan out to subscribers through bounded queues.
+
+The view also owns the live telemetry its agents send (`ingest`): readings reach the
+placement snapshot coalesced, one fold per TELEMETRY_FOLD_S for every batch that arrived
+meanwhile, and at once before a decision (`decision_snapshot`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 
 import structlog
 
 from kaiwo_gpu.common.errors import UnavailableError
+from kaiwo_gpu.coordinator.placement.cluster import Telemetry
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
+from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
-from kaiwo_gpu.coordinator.state.store import CompactedError, EtcdStore
+from kaiwo_gpu.coordinator.state.store import CompactedError
+from kaiwo_gpu.coordinator.state.telemetry import Ingested, LiveTelemetry
 from kaiwo_gpu.coordinator.state.view_state import AllocationEvent, ViewState
+from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)
 
 SUBSCRIBER_QUEUE_LIMIT = 10_000
+TELEMETRY_FOLD_S = 0.25
+"""How long readings may wait to reach the placement snapshot when no decision asks first:
+one re-index per quarter second, however many batches arrive, instead of one per batch."""
 
 
 class Subscription:
@@ -43,7 +56,7 @@ class Subscription:
 class ClusterView:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         layout: KeyLayout,
         *,
         retry_initial_s: float = 0.05,
@@ -52,6 +65,8 @@ class ClusterView:
         self.store = store
         self.layout = layout
         self.state = ViewState(layout)
+        self.telemetry = LiveTelemetry()
+        self._fold_scheduled: asyncio.TimerHandle | None = None
         self._connected = False
         self.on_connected_change: Callable[[bool], None] = lambda connected: None
         self._retry_initial_s = retry_initial_s
@@ -82,6 +97,9 @@ class ClusterView:
         self._task = asyncio.create_task(self._follow(), name="cluster-view-watch")
 
     async def stop(self) -> None:
+        if self._fold_scheduled is not None:
+            self._fold_scheduled.cancel()
+            self._fold_scheduled = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -91,6 +109,11 @@ class ClusterView:
             if not waiter.done():
                 waiter.set_exception(UnavailableError("the coordinator is shutting down"))
         self._waiters.clear()
+
+    @property
+    def awaited_revisions(self) -> tuple[int, ...]:
+        """The revisions callers are waiting for the view to reach, for health and tests."""
+        return tuple(revision for revision, waiter in self._waiters if not waiter.done())
 
     async def wait_for(self, revision: int, timeout_s: float) -> None:
         """Returns once every change up to `revision` is in the state."""
@@ -110,6 +133,41 @@ class ClusterView:
                 waiter.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove((revision, waiter))
+
+    def ingest(
+        self,
+        node: str,
+        batch: agent_pb2.TelemetryBatch,
+        record: types_pb2.NodeStatus,
+        owner_of: Callable[[str], str | None],
+        received_at: datetime,
+    ) -> Ingested:
+        """Takes one agent batch (see LiveTelemetry.ingest); its readings reach placement
+        within TELEMETRY_FOLD_S, or at the next decision if that comes first."""
+        ingested = self.telemetry.ingest(node, batch, record, owner_of, received_at)
+        self._take_readings(ingested.readings)
+        return ingested
+
+    def forget_telemetry(self, node: str) -> None:
+        """The node's agent is gone: placement stops weighing its readings."""
+        self._take_readings(self.telemetry.disconnected(node))
+
+    def _take_readings(self, readings: Mapping[str, Telemetry | None]) -> None:
+        if not readings:
+            return
+        self.state.apply_telemetry(readings)
+        if self._fold_scheduled is None:
+            loop = asyncio.get_running_loop()
+            self._fold_scheduled = loop.call_later(TELEMETRY_FOLD_S, self._fold_telemetry)
+
+    def _fold_telemetry(self) -> None:
+        self._fold_scheduled = None
+        self.state.fold_telemetry()
+
+    def decision_snapshot(self) -> ClusterSnapshot:
+        """The snapshot with every reading received so far: what a decision reads."""
+        self.state.fold_telemetry()
+        return self.state.snapshot
 
     def subscribe(self) -> Subscription:
         subscription = Subscription()
@@ -175,6 +233,7 @@ class ClusterView:
             for allocation_id, record in fresh.allocations.items()
             if allocation_id not in old
         ]
-        fresh.update_telemetry(self.state.telemetry)  # telemetry lives only in memory
+        fresh.apply_telemetry(self.state.telemetry)  # telemetry lives only in memory
+        fresh.fold_telemetry()
         self.state = fresh
         self._publish(events)

@@ -1,8 +1,11 @@
 """What the coordinator knows of etcd: records, their revisions, and the snapshot they make.
 
-A small synchronous state with one entry point, `apply(revision, changes)`, which returns the
-allocation events that watchers should see. The async shell (`view`) feeds it from the
-etcd watch; decisions read `snapshot()`.
+A small synchronous state with two entry points, both called only by the view:
+`apply(revision, changes)` for etcd's changes, which returns the allocation events that
+watchers should see, and `apply_telemetry(readings)` for live readings. The placement
+snapshot is kept current where its input arrives: etcd changes are folded in by `apply`,
+readings by `fold_telemetry` (which the view calls coalesced, and before a decision), so
+reads take `snapshot` as it is and never derive anything on the way out.
 
 It fails closed: a node record it cannot read takes that node out of placement, and an
 allocation record it cannot read stops all placement (`blocked_reason`), because the
@@ -28,7 +31,8 @@ AGENT_MISSING = "its agent is not connected (stopped, or its node lease expired)
 
 
 class ViewState:
-    """Records from etcd as of `revision`; mutated only through `apply`."""
+    """Records from etcd as of `revision`; mutated only through `apply` and
+    `apply_telemetry` (and `fold_telemetry`, which folds the readings in)."""
 
     def __init__(self, layout: KeyLayout) -> None:
         self.layout = layout
@@ -51,8 +55,10 @@ class ViewState:
         self.agent_revisions: dict[str, int] = {}
         self.telemetry: dict[str, Telemetry] = {}  # by GPU UUID; fed by agents, never stored
         self._telemetry_unsnapped: dict[str, Telemetry | None] = {}
-        self._snapshot: ClusterSnapshot | None = None
-        self._unsnapped: set[str] = set()  # allocation ids changed since `_snapshot`
+        self._built = False  # the snapshot has been built from records at least once
+        self.snapshot = ClusterSnapshot.build(())
+        """The engine's view of the cluster, current with every change applied."""
+        self._unsnapped: set[str] = set()  # allocation ids changed since the last refresh
         self._nodes_unsnapped: set[str] = set()  # nodes whose record or presence changed
 
     @classmethod
@@ -95,6 +101,7 @@ class ViewState:
             else:
                 self.gpu_revisions[name] = change.revision
         self.revision = max(self.revision, revision)
+        self._refresh_snapshot()
         return events
 
     def _apply_request(self, request_id: str, change: Change) -> None:
@@ -117,14 +124,26 @@ class ViewState:
             self.agents[node] = change.value.decode(errors="replace")
             self.agent_revisions[node] = change.revision
 
-    def update_telemetry(self, readings: Mapping[str, Telemetry | None]) -> None:
-        """Newer readings by GPU UUID (None forgets one); the next snapshot carries them."""
+    def apply_telemetry(self, readings: Mapping[str, Telemetry | None]) -> None:
+        """Newer readings by GPU UUID (None forgets one), kept until `fold_telemetry`."""
         for uuid, reading in readings.items():
             if reading is None:
                 self.telemetry.pop(uuid, None)
             else:
                 self.telemetry[uuid] = reading
         self._telemetry_unsnapped.update(readings)
+
+    @property
+    def telemetry_pending(self) -> bool:
+        """Whether readings arrived that the snapshot does not weigh yet."""
+        return bool(self._telemetry_unsnapped)
+
+    def fold_telemetry(self) -> None:
+        """Folds the readings that arrived since the last fold into the snapshot: one
+        re-index for any number of batches, which is why the view coalesces them."""
+        if self._telemetry_unsnapped:
+            changes, self._telemetry_unsnapped = self._telemetry_unsnapped, {}
+            self.snapshot = self.snapshot.with_telemetry(changes)
 
     def orphaned_request(self, request_id: str) -> str | None:
         """The allocation id a request key names when that allocation is gone, else None.
@@ -264,32 +283,28 @@ class ViewState:
             changed.append(node)
         return changed
 
-    def snapshot(self) -> ClusterSnapshot:
-        """The engine's view: rebuilt after node changes, else derived from the last one.
-
-        Allocation changes since the last snapshot are applied in one step; a renewal
-        (same placement, new expiry) changes nothing.
-        """
-        if self._snapshot is not None and self._nodes_unsnapped:
-            changed = self._changed_nodes(self._snapshot)
+    def _refresh_snapshot(self) -> None:
+        """Folds the etcd changes since the last refresh into the snapshot: rebuilt after a
+        node came, went or moved GPUs, else derived from the last one in one step (a
+        renewal, same placement and new expiry, changes nothing)."""
+        rebuild = not self._built
+        if not rebuild and self._nodes_unsnapped:
+            changed = self._changed_nodes(self.snapshot)
             if changed is None:
-                self._snapshot = None
+                rebuild = True
             elif changed:
-                self._snapshot = self._snapshot.with_nodes(changed)
-            self._nodes_unsnapped.clear()
-        if self._snapshot is None:
-            self._nodes_unsnapped.clear()
+                self.snapshot = self.snapshot.with_nodes(changed)
+        self._nodes_unsnapped.clear()
+        if rebuild:
             self._unsnapped.clear()
             self._telemetry_unsnapped.clear()
-            self._snapshot = ClusterSnapshot.build(
+            self.snapshot = ClusterSnapshot.build(
                 self._placeable_nodes(), self._placed.values(), self.telemetry
             )
-            return self._snapshot
-        if self._telemetry_unsnapped:
-            self._snapshot = self._snapshot.with_telemetry(self._telemetry_unsnapped)
-            self._telemetry_unsnapped = {}
+            self._built = True
+            return
         if self._unsnapped:
-            current = self._snapshot.allocations
+            current = self.snapshot.allocations
             upserts = []
             removals = []
             for allocation_id in self._unsnapped:
@@ -301,8 +316,7 @@ class ViewState:
                     upserts.append(placed)
             self._unsnapped.clear()
             if upserts or removals:
-                self._snapshot = self._snapshot.with_changes(upserts, removals)
-        return self._snapshot
+                self.snapshot = self.snapshot.with_changes(upserts, removals)
 
 
 def _unindex(index: dict[str, set[str]], key: str, member: str) -> None:

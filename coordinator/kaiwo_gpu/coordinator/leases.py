@@ -1,0 +1,154 @@
+"""The allocator's leases: grants for placements, revocation of those that never committed,
+the shared tombstone lease, renewals, and the expiry an allocation shows.
+
+An allocation with a TTL lives on its own etcd lease, so etcd itself reclaims it when its
+holder stops renewing. Renewing is one keep-alive on the lease and nothing else: the
+record keeps the expiry of its grant (grant time + TTL, written once), and reads derive the
+later expiry from the renewals this coordinator made, or ask etcd when what they know has
+passed (the lease was renewed through another coordinator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.coordinator.state.changes import Store
+from kaiwo_gpu.v1 import types_pb2
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+TOMBSTONE_TTL_S = 3600
+"""How long a released request_id stays taken (between half and all of this)."""
+BACKGROUND_GRACE_S = 1.0
+"""How long `stop` lets revocations under way finish."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Leases:
+    """The leases one coordinator grants, renews and revokes."""
+
+    def __init__(self, store: Store, clock: Clock = utc_now) -> None:
+        self._store = store
+        self._clock = clock
+        self._background: set[asyncio.Task[Any]] = set()
+        self._tombstone: tuple[int, datetime] | None = None
+        self._tombstone_lock = asyncio.Lock()
+        self._renewed_until: dict[int, datetime] = {}  # lease id -> expiry after our renewal
+        self._pruned_at_size = 0
+
+    async def stop(self) -> None:
+        """Lets revocations under way land, briefly; the rest expire on their own."""
+        if self._background:
+            await asyncio.wait(tuple(self._background), timeout=BACKGROUND_GRACE_S)
+
+    async def grant(self, ttls_s: Sequence[int]) -> list[tuple[int, int] | BaseException]:
+        """One lease per TTL, all at once: (lease id, granted TTL) or what failed, in order.
+
+        Leases are granted after the decision, so a refused request costs no lease."""
+        return await asyncio.gather(
+            *(self._store.grant_lease(ttl_s) for ttl_s in ttls_s), return_exceptions=True
+        )
+
+    def revoke_soon(self, lease_id: int) -> None:
+        """Drops a lease that holds nothing of ours any more (its request did not commit, or
+        its allocation was released) in the background; if that fails, it expires."""
+        if lease_id:
+            self._in_background(self._revoke_quietly(lease_id))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            await self._store.revoke_lease(lease_id)
+        except KaiwoGpuError as error:  # it expires on its own
+            log.info("lease not revoked", lease_id=lease_id, error=error.message)
+
+    async def tombstone_lease(self) -> int:
+        """A lease shared by released request_ids, replaced half-way through its TTL."""
+        async with self._tombstone_lock:  # concurrent releases share one grant
+            now = self._clock()
+            if self._tombstone is not None:
+                lease_id, granted_at = self._tombstone
+                if now - granted_at < timedelta(seconds=TOMBSTONE_TTL_S / 2):
+                    return lease_id
+            lease_id, _ = await self._store.grant_lease(TOMBSTONE_TTL_S)
+            self._tombstone = (lease_id, now)
+            return lease_id
+
+    def tombstone_lost(self) -> None:
+        """The tombstone lease vanished (etcd restored from a backup?): grant a new one."""
+        self._tombstone = None
+
+    async def renew(self, lease_id: int) -> tuple[int, datetime | None]:
+        """Renews the lease in etcd, and nothing else: (TTL in seconds, the new expiry), or
+        (0, None) when the lease is gone."""
+        ttl_s = await self._store.refresh_lease(lease_id)
+        if ttl_s <= 0:
+            self._renewed_until.pop(lease_id, None)
+            return 0, None
+        expires_at = self._clock() + timedelta(seconds=ttl_s)
+        self._renewed_until[lease_id] = expires_at
+        self._prune()
+        return ttl_s, expires_at
+
+    def _prune(self) -> None:
+        """Forgets renewals that have expired, whenever the book has doubled since."""
+        if len(self._renewed_until) <= max(2 * self._pruned_at_size, 1024):
+            return
+        now = self._clock()
+        for lease_id in [i for i, until in self._renewed_until.items() if until < now]:
+            del self._renewed_until[lease_id]
+        self._pruned_at_size = len(self._renewed_until)
+
+    def known_expiry(self, record: types_pb2.Allocation) -> datetime | None:
+        """The latest expiry this coordinator knows: its last renewal's, else the grant's."""
+        if not record.lease_id:
+            return None
+        granted = (
+            record.expires_at.ToDatetime(tzinfo=UTC) if record.HasField("expires_at") else None
+        )
+        renewed = self._renewed_until.get(record.lease_id)
+        if granted is None or (renewed is not None and renewed > granted):
+            return renewed
+        return granted
+
+    async def current_expiry(self, record: types_pb2.Allocation) -> datetime | None:
+        """The expiry etcd has for the record's lease now (one etcd call; etcd counts whole
+        seconds, so a renewal this coordinator made may know better), or what this
+        coordinator knows when etcd cannot say (the lease is gone, or etcd unreachable)."""
+        known = self.known_expiry(record)
+        if not record.lease_id:
+            return None
+        try:
+            ttl_s = await self._store.lease_ttl(record.lease_id)
+        except KaiwoGpuError:
+            return known
+        if ttl_s <= 0:
+            return known
+        from_etcd = self._clock() + timedelta(seconds=ttl_s)
+        return from_etcd if known is None else max(known, from_etcd)
+
+    async def expiries(self, records: Sequence[types_pb2.Allocation]) -> list[datetime | None]:
+        """The expiry to show for each record: what this coordinator knows, and for a lease
+        whose known expiry has passed while its record lives on (it was renewed through
+        another coordinator) what etcd says, asked for those alone, concurrently."""
+        shown = [self.known_expiry(record) for record in records]
+        now = self._clock()
+        stale = [n for n, expiry in enumerate(shown) if expiry is not None and expiry <= now]
+        fresh = await asyncio.gather(*(self.current_expiry(records[n]) for n in stale))
+        for n, expiry in zip(stale, fresh, strict=True):
+            shown[n] = expiry
+        return shown
