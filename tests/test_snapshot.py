@@ -7,6 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest
+from kaiwo_gpu.coordinator.local.synthetic import synthetic_nodes
+from kaiwo_gpu.coordinator.placement.capacity_index import BULK_CHANGES
 from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuShare, Node, PlacedAllocation, Telemetry
 from kaiwo_gpu.coordinator.placement.engine import NoFit, place
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
@@ -135,3 +137,25 @@ def test_telemetry_updates_equal_a_snapshot_built_with_the_final_readings(
     rebuilt = ClusterSnapshot.build(nodes, snapshot.allocations.values(), final)
     assert dict(snapshot.telemetry) == final
     assert same(snapshot, rebuilt)
+
+
+def test_a_fold_of_many_readings_at_once_equals_a_fresh_build() -> None:
+    """More moved GPUs than BULK_CHANGES rebuild the load order instead of editing it."""
+    nodes = synthetic_nodes(24, 8)
+    uuids = [gpu.uuid for node in nodes for gpu in node.gpus]
+    assert len(uuids) > BULK_CHANGES
+    snapshot = ClusterSnapshot.build(nodes)
+    for n, request in enumerate(AllocationRequest(f"r{n}", fraction_millis=250) for n in range(40)):
+        decision = place(request, snapshot)
+        assert not isinstance(decision, NoFit)
+        snapshot = snapshot.with_allocation(decision.as_allocation(f"a{n}"))
+    readings = {
+        uuid: Telemetry(gfx_activity_percent=(7 * n) % 101, socket_power_w=100.0 + n)
+        for n, uuid in enumerate(uuids)
+    }
+    folded = snapshot.with_telemetry(readings).with_telemetry({uuids[0]: None, uuids[5]: None})
+    final = {u: r for u, r in readings.items() if u not in (uuids[0], uuids[5])}
+    assert same(folded, ClusterSnapshot.build(nodes, snapshot.allocations.values(), final))
+    assert [pos for _, pos in folded.shared_index.by_load] != [
+        pos for _, pos in snapshot.shared_index.by_load
+    ]

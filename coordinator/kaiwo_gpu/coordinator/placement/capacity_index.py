@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 CLOSED = -1
+BULK_CHANGES = 64
+"""Above this many moved positions a sorted list is rebuilt rather than edited."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,33 @@ class CapacityIndex:
                 tree[node] = max(tree[2 * node], tree[2 * node + 1])
                 node //= 2
         return CapacityIndex(tuple(entries), by_free, by_load, tree, self.leaves)
+
+    def with_loads(self, loads: dict[int, int]) -> CapacityIndex:
+        """A new index with the load scores of open positions replaced (a telemetry fold).
+
+        Free capacity does not move, so only `by_load` changes: edited in place for a few
+        positions, sorted afresh when many moved (one C sort beats thousands of insorts)."""
+        entries = list(self.entries)
+        moved: list[tuple[int, int, int]] = []  # (position, old load, new load)
+        for position, load in loads.items():
+            entry = entries[position]
+            if entry is not None and entry.load != load:
+                entries[position] = IndexEntry(entry.free_millis, entry.free_memory_mib, load)
+                moved.append((position, entry.load, load))
+        if not moved:
+            return self
+        if len(moved) > BULK_CHANGES:
+            by_load = sorted(
+                (entry.load, position)
+                for position, entry in enumerate(entries)
+                if entry is not None
+            )
+        else:
+            by_load = list(self.by_load)
+            for position, old, new in moved:
+                del by_load[bisect_left(by_load, (old, position))]
+                insort(by_load, (new, position))
+        return CapacityIndex(tuple(entries), self.by_free, by_load, self.tree, self.leaves)
 
     def first_at_least(self, start: int, min_free_millis: int) -> int:
         """The lowest position >= start whose GPU has min_free_millis free, or -1."""

@@ -46,7 +46,7 @@ class ClusterSnapshot:
 
     nodes: Mapping[str, Node]
     allocations: MappingProxyType[str, PlacedAllocation]
-    telemetry: Mapping[str, Telemetry]
+    telemetry: MappingProxyType[str, Telemetry]
     gpus: tuple[Gpu, ...]
     keys: tuple[GpuKey, ...]
     node_of: tuple[Node, ...]
@@ -243,25 +243,24 @@ class ClusterSnapshot:
     def with_telemetry(self, changes: Mapping[str, Telemetry | None]) -> ClusterSnapshot:
         """The snapshot with newer readings (None: forget the GPU's reading).
 
-        Only GPUs whose load score moved are re-indexed, so a stream of samples that change
+        A reading moves only the load score, so only the load order of the indexes is
+        touched, and only for GPUs whose score moved: a stream of samples that changes
         nothing placement cares about costs a dictionary copy, not an index rebuild.
         """
-        telemetry = dict(self.telemetry)
-        moved: list[int] = []
+        telemetry = self.telemetry.copy()  # the dict beneath: a C copy, not a walk
+        loads: dict[int, int] = {}
         for uuid, reading in changes.items():
-            before = telemetry.get(uuid)
             if reading is None:
                 telemetry.pop(uuid, None)
             else:
                 telemetry[uuid] = reading
             pos = self.position.get(uuid)
-            if pos is not None and before != reading:
-                gpu, usage = self.gpus[pos], self.usage[pos]
-                if load_score(gpu, usage, before) != load_score(gpu, usage, reading):
-                    moved.append(pos)
+            if pos is not None:
+                loads[pos] = load_score(self.gpus[pos], self.usage[pos], reading)
         snapshot = self._copy()
         snapshot.telemetry = MappingProxyType(telemetry)
-        snapshot._reindex(moved)
+        snapshot.shared_index = self.shared_index.with_loads(loads)
+        snapshot.cu_mask_index = self.cu_mask_index.with_loads(loads)
         return snapshot
 
     def _positions(self, allocation: PlacedAllocation) -> set[int]:

@@ -31,9 +31,10 @@ from kaiwo_gpu.v1 import agent_pb2, types_pb2
 log = structlog.get_logger(__name__)
 
 SUBSCRIBER_QUEUE_LIMIT = 10_000
-TELEMETRY_FOLD_S = 0.25
-"""How long readings may wait to reach the placement snapshot when no decision asks first:
-one re-index per quarter second, however many batches arrive, instead of one per batch."""
+TELEMETRY_FOLD_S = 1.0
+"""How long readings may wait to reach the placement snapshot when no decision asks first
+(agents sample once a second by default): one re-index per second, however many batches
+arrive, instead of one per batch."""
 
 
 class Subscription:
