@@ -37,7 +37,7 @@ INTEGRATION = "integration"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & SERVICE_FIXTURES or item.get_closest_marker("slow") is not None:
+        if fixtures & SERVICE_FIXTURES:
             item.add_marker(pytest.mark.integration)
 
 

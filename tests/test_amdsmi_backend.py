@@ -453,7 +453,7 @@ def test_without_rocm_the_error_says_why_and_what_to_do(capsys: pytest.CaptureFi
     assert left_behind == []  # no half-imported amdsmi to trip the next attempt
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(_rocm_installed(), reason="libamd_smi.so is installed here")
 def test_without_rocm_a_fresh_process_exits_with_the_message_not_a_traceback() -> None:
     script = (

@@ -23,7 +23,7 @@ from kaiwo_gpu.client import Client
 from tests.conftest import Running
 from tests.fake_coordinator import flaky, serving
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 KAIWO_GPU = (sys.executable, "-m", "kaiwo_gpu.cli.main")
 
 

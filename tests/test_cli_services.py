@@ -24,7 +24,7 @@ from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 from tests.agents import eventually
 from tests.harness import audit_etcd, child, request
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 KAIWO_GPU = [sys.executable, "-m", "kaiwo_gpu.cli.main"]
 
 

@@ -275,6 +275,7 @@ async def test_the_async_allocation_allocates_when_awaited_or_entered() -> None:
         assert fake.release_calls == 2
 
 
+@pytest.mark.integration  # renewals wait real seconds (a third of the TTL) on loopback gRPC
 async def test_a_lease_no_renewal_reached_for_a_ttl_is_lost_on_the_clients_clock() -> None:
     """The loss is judged on the injected clock: both holdings see the lease lost at their
     first failed renewal (a third of the TTL in), long before a TTL passes in real time."""

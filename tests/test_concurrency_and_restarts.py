@@ -26,7 +26,7 @@ from tests.load import LoadResult, run_client
 if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 async def _list_ids(api: AllocationServiceAsyncStub) -> set[str]:

@@ -45,7 +45,7 @@ def test_the_top_level_layout_is_the_one_asked_for() -> None:
         assert (REPO / entry).exists(), entry
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_wheel_has_kaiwo_gpu_as_its_only_top_level_package(tmp_path: Path) -> None:
     built = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path)],

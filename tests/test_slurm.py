@@ -180,7 +180,7 @@ def test_scripts_are_executable_posix_sh() -> None:
         assert checked.returncode == 0, checked.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Running) -> None:
     coordinator = target(running)
     environment = task_environment(
@@ -216,7 +216,7 @@ async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Runnin
     assert [gpu["granted_millis"] for gpu in allocation["gpus"]] == [500]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("isolation", [None, "cu-mask", "mps"])
 async def test_a_step_started_from_a_granted_task_gets_the_same_allocation(
     running: Running, isolation: str | None
@@ -237,7 +237,7 @@ async def test_a_step_started_from_a_granted_task_gets_the_same_allocation(
     assert len(await listed(coordinator, "slurm/77")) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
     running: Running,
 ) -> None:
@@ -255,7 +255,7 @@ async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
     assert "HSA_CU_MASK" not in start.environment(inherited)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "inherited",
     [
@@ -275,7 +275,7 @@ async def test_a_job_that_asks_for_no_share_gets_nothing(
     assert await listed(coordinator, "slurm/5") == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_the_site_file_names_the_coordinator_over_the_job_environment(
     running: Running, tmp_path: Path
 ) -> None:
@@ -292,7 +292,7 @@ async def test_the_site_file_names_the_coordinator_over_the_job_environment(
     assert len(await listed(target(running), "slurm/31")) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_the_epilog_releases_and_can_run_again(running: Running, tmp_path: Path) -> None:
     coordinator = target(running)
     env_file = site_file(tmp_path, coordinator)
@@ -307,7 +307,7 @@ async def test_the_epilog_releases_and_can_run_again(running: Running, tmp_path:
     assert await listed(coordinator, "slurm/900") == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_the_epilog_of_a_heterogeneous_component_releases_the_leaders_shares(
     running: Running, tmp_path: Path
 ) -> None:
@@ -325,7 +325,7 @@ async def test_the_epilog_of_a_heterogeneous_component_releases_the_leaders_shar
     assert await listed(coordinator, "slurm/700") == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_a_requeued_job_gets_a_new_allocation(running: Running, tmp_path: Path) -> None:
     """A released request id stays taken for a while; the restart count makes a new one."""
     coordinator = target(running)
@@ -342,7 +342,7 @@ async def test_a_requeued_job_gets_a_new_allocation(running: Running, tmp_path: 
     assert allocation["id"] != first_run.exports["KAIWO_GPU_ALLOCATION_ID"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
     running: Running, tmp_path: Path
 ) -> None:
@@ -366,7 +366,7 @@ async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
     assert await listed(coordinator, "slurm/12") == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("request_variables", "status", "reason"),
     [
@@ -392,7 +392,7 @@ async def test_a_request_that_cannot_be_granted_fails_the_task_with_a_printed_re
     assert await listed(coordinator, "slurm/66") == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_an_unreachable_coordinator_fails_the_task_but_not_the_node(
     tmp_path: Path,
 ) -> None:
