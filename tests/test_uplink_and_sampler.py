@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -287,6 +288,7 @@ def simulated_uplink(
     return uplink, backend
 
 
+@pytest.mark.integration  # a real stream over loopback gRPC, paced in real time
 async def test_the_uplink_registers_sends_follows_and_comes_back_after_an_end() -> None:
     async with fake_coordinator() as (servicer, address):
         placements: list[Mapping[str, PlacedShare]] = []
@@ -317,6 +319,7 @@ async def test_the_uplink_registers_sends_follows_and_comes_back_after_an_end() 
         assert status.placed == placements[-1]
 
 
+@pytest.mark.integration  # a real dial to a dead address
 async def test_stop_cuts_a_long_backoff_after_a_dead_address() -> None:
     dead = f"127.0.0.1:{free_port()}"
     uplink, backend = simulated_uplink([dead], rng=HighestDraw(), backoff_base_s=600.0)
