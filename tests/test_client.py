@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from kaiwo_gpu.client import AsyncClient, Client, ClientSettings, RetryPolicy
+from kaiwo_gpu.client import AsyncClient, AsyncHeldAllocation, Client, ClientSettings, RetryPolicy
 from kaiwo_gpu.client.support import coordinator_target
 from kaiwo_gpu.common import InvalidArgumentError, NoCapacityError, NotFoundError, UnavailableError
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
@@ -273,6 +273,60 @@ async def test_the_async_allocation_allocates_when_awaited_or_entered() -> None:
         async with awaited:  # entering what is placed already does not place it again
             assert len(fake.request_ids) == 2
         assert fake.release_calls == 2
+
+
+async def test_a_released_holding_cannot_be_used_again(running: Running) -> None:
+    """Entering or awaiting a holding after its release must fail, not run work without a
+    share (review finding: the second block ran with the old id and no allocation)."""
+    async with AsyncClient(running.target) as client:
+        holding = client.allocation(fraction=0.25, owner="reuse/async")
+        async with holding:
+            pass
+        with pytest.raises(FailedPreconditionError, match="was released"):
+            async with holding:
+                raise AssertionError("the body of a released holding ran")
+        with pytest.raises(FailedPreconditionError, match="was released"):
+            await holding
+        assert await client.list(owner="reuse/async") == []
+
+    def blocking() -> None:
+        with Client(running.target) as client:
+            held = client.allocation(fraction=0.25, owner="reuse/sync")
+            with held:
+                pass
+            with pytest.raises(FailedPreconditionError, match="was released"), held:
+                raise AssertionError("the body of a released holding ran")
+
+    await asyncio.to_thread(blocking)
+
+
+async def test_a_release_before_placing_releases_nothing_and_the_holding_still_works(
+    running: Running,
+) -> None:
+    """Review finding: the early release marked the lease released, so the share placed on
+    entry was neither renewed nor released at exit."""
+    async with AsyncClient(running.target) as client:
+        holding = client.allocation(fraction=0.25, owner="early/release")
+        await holding.release()
+        async with holding as held:
+            assert [a.id for a in await client.list(owner="early/release")] == [held.id]
+        assert await client.list(owner="early/release") == []
+
+
+async def test_tasks_awaiting_one_holding_together_place_it_once() -> None:
+    fake = flaky()
+    async with serving(fake) as target, AsyncClient(target) as client:
+        holding = client.allocation(fraction=0.5)
+
+        async def awaiting() -> AsyncHeldAllocation:
+            return await holding
+
+        first, second = await asyncio.gather(awaiting(), awaiting())
+        assert first is second is holding
+        assert len(fake.request_ids) == 1
+        renewers = [t for t in asyncio.all_tasks() if t.get_name().startswith("keepalive-")]
+        assert len(renewers) == 1
+        await holding.release()
 
 
 @pytest.mark.integration  # renewals wait real seconds (a third of the TTL) on loopback gRPC

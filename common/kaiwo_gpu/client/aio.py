@@ -147,16 +147,20 @@ class AsyncHeldAllocation(Holding):
         self.request = request
         self._client = client
         self._renewer: asyncio.Task[None] | None = None
+        self._placing = asyncio.Lock()
 
     def __await__(self) -> Generator[Any, None, AsyncHeldAllocation]:
         return self._placed().__await__()
 
     async def _placed(self) -> AsyncHeldAllocation:
-        """Allocates the first time; awaiting or entering again returns the same holding."""
-        if self._renewer is None:
-            sent_at = self._clock()
-            first = self._grant(await self._client.allocate(self.request), sent_at)
-            self._renewer = asyncio.create_task(self._renew(first), name=f"keepalive-{self.id}")
+        """Allocates the first time; awaiting or entering again returns the same holding (one
+        allocation and one renewal task however many tasks await it), until it is released."""
+        async with self._placing:
+            self._check_not_released()
+            if self._renewer is None:
+                sent_at = self._clock()
+                first = self._grant(await self._client.allocate(self.request), sent_at)
+                self._renewer = asyncio.create_task(self._renew(first), name=f"keepalive-{self.id}")
         return self
 
     async def _renew(self, step: RenewalStep) -> None:

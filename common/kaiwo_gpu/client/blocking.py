@@ -179,6 +179,7 @@ class HeldAllocation(Holding):
                 self._client.release(self.id, timeout_s=timeout_s)
 
     def __enter__(self) -> HeldAllocation:
+        self._check_not_released()
         return self
 
     def __exit__(

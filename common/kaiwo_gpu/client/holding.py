@@ -11,7 +11,7 @@ import structlog
 
 from kaiwo_gpu.client.lease import Lease, Lose, Renew, RenewalStep
 from kaiwo_gpu.client.support import quietly
-from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError
 from kaiwo_gpu.v1 import types_pb2
 
 log = structlog.get_logger(__name__)
@@ -41,6 +41,13 @@ class Holding:
     @property
     def lost_reason(self) -> str:
         return self._lease.lost_reason
+
+    def _check_not_released(self) -> None:
+        """A released holding holds nothing: using it again must not run work without a share."""
+        if self._lease.released:
+            raise FailedPreconditionError(
+                f"allocation {self.id} was released; hold a new one with client.allocation(...)"
+            )
 
     def _grant(self, allocation: types_pb2.Allocation, sent_at: float) -> Renew:
         """Holds the allocation asked for at `sent_at`; returns when to renew first."""

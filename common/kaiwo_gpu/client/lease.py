@@ -90,9 +90,16 @@ class Lease:
             return self._lose(f"no renewal succeeded for {self.ttl_s}s ({error.message})")
         return Renew(RETRY_FAILED_RENEWAL_S, warning=error.message)  # unreachable for now
 
+    @property
+    def released(self) -> bool:
+        return self._released
+
     def mark_released(self) -> bool:
-        """Renewing ends here; True the first time for a granted lease: send the release."""
-        send = self._granted and not self._released
+        """Renewing ends here; True the first time for a granted lease: send the release.
+        Before the grant there is nothing to release, and nothing ends."""
+        if not self._granted:
+            return False
+        send = not self._released
         self._released = True
         return send
 
