@@ -118,11 +118,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         parser.set_defaults(**spec.quick)
         args = parser.parse_args(arguments[1:])
+    if args.json is not None:
+        _check_writable(parser, args.json)  # before the run, not after minutes of it
     outcome = spec.run(args)
     if args.json is not None:
         text = json.dumps(json_ready(document(suite, args, outcome)), indent=2, allow_nan=False)
         args.json.write_text(text + "\n", encoding="utf-8")
     return outcome.status
+
+
+def _check_writable(parser: argparse.ArgumentParser, path: Path) -> None:
+    """Exits 2 with one line when FILE cannot be written (its folder missing, no rights)."""
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        parser.error(f"argument --json: cannot write {path}: {error.strerror}")
 
 
 if __name__ == "__main__":  # not when multiprocessing's spawn re-imports this as __mp_main__

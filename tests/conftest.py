@@ -8,8 +8,10 @@ loop can never start one by accident.
 
 from __future__ import annotations
 
+import _posixsubprocess  # what every spawn ends in
 import contextlib
 import itertools
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ _prefixes = itertools.count()
 SERVICE_FIXTURES = frozenset({"etcd", "own_etcd"})
 """Fixtures that start etcd; everything built on them (running, ...) depends on one."""
 INTEGRATION = "integration"
+PROCESS_STARTERS = ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -56,6 +59,10 @@ def _processes_need_the_integration_mark(
         )
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    for name in PROCESS_STARTERS:  # fork, pty, posix_spawn, system, multiprocessing
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse)
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -79,6 +79,14 @@ def test_an_unknown_suite_is_refused_with_the_names() -> None:
     assert "engine" in done.stderr
 
 
+def test_a_json_file_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    done = bench("engine", "--quick", "--json", str(tmp_path / "missing" / "out.json"))
+    assert done.returncode == 2
+    assert "cannot write" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "place() per decision" not in done.stdout  # nothing was run
+
+
 def test_engine_quick(tmp_path: Path) -> None:
     figures = quick_figures("engine", tmp_path)
     assert figures["baseline"]["count"] > 0
