@@ -107,8 +107,8 @@ def test_no_retry_that_the_deadline_would_cut_short() -> None:
     error = given_up(call.failed(UNAVAILABLE, 0.3))  # 0.3 + 0.4 is past 0.35
     assert isinstance(error, UnavailableError)
     assert str(error) == (
-        "etcd is unavailable (gave up at the call's 0.35s deadline after 3 attempts; "
-        "no time for another attempt)"
+        "etcd is unavailable (gave up after 3 attempts in 0.3s of the call's 0.35s; "
+        "the next retry was due past the deadline)"
     )
 
 
@@ -119,7 +119,7 @@ def test_a_timeout_after_retryable_failures_raises_the_last_servers_error() -> N
     error = given_up(call.failed(TIMED_OUT, 1.0))
     assert isinstance(error, ConflictError)
     assert str(error) == (
-        "lost the conflict retries (gave up at the call's 1s deadline after 3 attempts; "
+        "lost the conflict retries (gave up after 3 attempts in 1s of the call's 1s; "
         "the last attempt timed out)"
     )
 

@@ -89,6 +89,7 @@ class Attempts:
         not_found_after_retry_is_done: bool = False,
     ) -> None:
         self.deadline = started_at + timeout_s
+        self._started_at = started_at
         self._timeout_s = timeout_s
         self._delays = retry_delays(policy, rng)
         self._not_found_after_retry_is_done = not_found_after_retry_is_done
@@ -107,18 +108,22 @@ class Attempts:
         if failure.status == "NOT_FOUND" and done_before:
             return AlreadyDone(failure.as_error())
         if failure.status == "DEADLINE_EXCEEDED" and self._last_retried is not None:
-            return GiveUp(self._at_deadline(self._last_retried, "the last attempt timed out"))
+            return GiveUp(self._at_deadline(self._last_retried, now, "the last attempt timed out"))
         if failure.status not in RETRYABLE_STATUSES:
             return GiveUp(failure.as_error())
         pause_s = next(self._delays)
         if now + pause_s >= self.deadline:
-            return GiveUp(self._at_deadline(failure, "no time for another attempt"))
+            return GiveUp(
+                self._at_deadline(failure, now, "the next retry was due past the deadline")
+            )
         self._last_retried = failure
         self._may_have_taken_effect |= failure.reached_server
         return Retry(pause_s)
 
-    def _at_deadline(self, failure: Failure, why: str) -> KaiwoGpuError:
+    def _at_deadline(self, failure: Failure, now: float, why: str) -> KaiwoGpuError:
+        """The server's error, with how long the call ran of its time and why it stopped."""
+        elapsed_s = min(now - self._started_at, self._timeout_s)
         return failure.as_error(
-            f"gave up at the call's {self._timeout_s:g}s deadline after "
-            f"{self._failed} attempts; {why}"
+            f"gave up after {self._failed} attempts in {elapsed_s:.2g}s of the call's "
+            f"{self._timeout_s:g}s; {why}"
         )
