@@ -13,13 +13,14 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from kaiwo_gpu.common.errors import ConflictError, NoCapacityError, UnavailableError
 from kaiwo_gpu.common.models import AllocationRequest, Selector
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
+from kaiwo_gpu.coordinator.leases import Leases
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.placement.strategies import SchedulerState
 from kaiwo_gpu.coordinator.state.batch import BatchItem, DecisionPolicy, decide_batch
@@ -224,3 +225,32 @@ def test_a_batch_decides_each_request_on_the_placements_before_it() -> None:
     assert decision.leases_wanted == ((1, 60),)  # c has one already, a wants none
     assert [a.id for a in decision.plan.allocations] == ["id-a", "id-b"]
     assert not placed[0].environment  # derived when shown, never stored
+
+
+async def test_a_release_drops_the_lease_before_it_answers(etcd: LocalEtcd) -> None:
+    """Review finding: the lease was revoked in the background, so a renewal sent after the
+    release had been answered (through a coordinator whose view still held the record)
+    could succeed. Now it finds the lease gone, and the renewal book forgets it."""
+    async with rig(etcd) as r:
+        placed, _ = await r.allocator.allocate(
+            AllocationRequest("released", fraction_millis=100, ttl_seconds=60)
+        )
+        await r.allocator.keep_alive(placed.id)
+        assert r.allocator.leases.known_expiry(placed) != placed.expires_at.ToDatetime(UTC)
+        await r.allocator.release(placed.id)
+        assert await r.store.refresh_lease(placed.lease_id) == 0
+        assert r.allocator.leases.known_expiry(placed) == placed.expires_at.ToDatetime(UTC)
+
+
+async def test_an_expiry_asked_of_etcd_is_remembered(etcd: LocalEtcd) -> None:
+    """A lease renewed elsewhere is asked about once, not at every List: here a coordinator
+    whose clock is 30 s on (its known expiry is the grant's) asks etcd and keeps the answer."""
+    async with rig(etcd) as r:
+        placed, _ = await r.allocator.allocate(
+            AllocationRequest("asked", fraction_millis=100, ttl_seconds=60)
+        )
+        later = Leases(r.store, clock=lambda: datetime.now(UTC) + timedelta(seconds=30))
+        asked = await later.current_expiry(placed)
+        assert asked is not None
+        assert asked > placed.expires_at.ToDatetime(UTC) + timedelta(seconds=20)
+        assert later.known_expiry(placed) == asked

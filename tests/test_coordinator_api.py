@@ -388,3 +388,28 @@ async def test_a_retry_after_our_own_release_waits_for_it(running: Running) -> N
     code, message = await _code(retry)
     assert code is grpc.StatusCode.ALREADY_EXISTS
     assert "released" in message
+
+
+async def test_keep_alive_through_another_coordinator_after_a_release_is_not_found(
+    etcd: LocalEtcd, running: Running, inventory: Path
+) -> None:
+    """The other coordinator's view still holds the record (its watch is stopped), so only
+    the lease can tell it the allocation is gone: the release must drop it before answering
+    (review finding: it was dropped in the background, and this renewal succeeded)."""
+    async with coordinator_running(etcd.endpoint, running.prefix, inventory) as other:
+        made = await running.api.Allocate(
+            request("released-here", fraction_millis=100, ttl_seconds=60)
+        )
+        allocation_id = made.allocation.id
+        deadline = asyncio.get_running_loop().time() + 20
+        while allocation_id not in other.coordinator.view.state.allocations:
+            assert asyncio.get_running_loop().time() < deadline, "never reached the other view"
+            await asyncio.sleep(0.01)
+        await other.coordinator.view.stop()
+        await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=allocation_id))
+        assert allocation_id in other.coordinator.view.state.allocations  # still stale
+        code, message = await _code(
+            other.api.KeepAlive(allocation_pb2.KeepAliveRequest(allocation_id=allocation_id))
+        )
+        assert code is grpc.StatusCode.NOT_FOUND, message
+        await other.coordinator.view.start_following()

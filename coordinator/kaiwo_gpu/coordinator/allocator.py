@@ -397,7 +397,7 @@ class Allocator:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
         self._last_write_revision = max(self._last_write_revision, result.revision)
         self._last_release_revision = max(self._last_release_revision, result.revision)
-        self.leases.revoke_soon(record.lease_id)
+        await self.leases.revoke_now(record.lease_id)
         released = types_pb2.Allocation()
         released.CopyFrom(record)
         released.state = types_pb2.ALLOCATION_STATE_RELEASED
@@ -414,5 +414,7 @@ class Allocator:
             )
         ttl_s, expires_at = await self.leases.renew(record.lease_id)
         if expires_at is None:
-            raise NotFoundError(f"allocation {allocation_id!r} expired before it was renewed")
+            raise NotFoundError(
+                f"allocation {allocation_id!r} is gone (released or expired); nothing to renew"
+            )
         return expires_at, ttl_s

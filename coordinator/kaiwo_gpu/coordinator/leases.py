@@ -27,6 +27,8 @@ Clock = Callable[[], datetime]
 TOMBSTONE_TTL_S = 3600
 """How long a released request_id stays taken (between half and all of this)."""
 BACKGROUND_GRACE_S = 1.0
+EXPIRY_QUERIES_IN_FLIGHT = 32
+"""At most this many lease-TTL reads in flight for one List, so a big page spares etcd."""
 """How long `stop` lets revocations under way finish."""
 
 
@@ -60,10 +62,18 @@ class Leases:
         )
 
     def revoke_soon(self, lease_id: int) -> None:
-        """Drops a lease that holds nothing of ours any more (its request did not commit, or
-        its allocation was released) in the background; if that fails, it expires."""
+        """Drops a lease that holds nothing of ours any more (its request did not commit) in
+        the background; if that fails, it expires."""
         if lease_id:
+            self._renewed_until.pop(lease_id, None)
             self._in_background(self._revoke_quietly(lease_id))
+
+    async def revoke_now(self, lease_id: int) -> None:
+        """Drops a released allocation's lease before the release is answered, so a renewal
+        sent after the answer, through any coordinator, finds it gone."""
+        if lease_id:
+            self._renewed_until.pop(lease_id, None)
+            await self._revoke_quietly(lease_id)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -139,16 +149,26 @@ class Leases:
         if ttl_s <= 0:
             return known
         from_etcd = self._clock() + timedelta(seconds=ttl_s)
-        return from_etcd if known is None else max(known, from_etcd)
+        best = from_etcd if known is None else max(known, from_etcd)
+        self._renewed_until[record.lease_id] = best  # asked once per renewal elsewhere
+        self._prune()
+        return best
 
     async def expiries(self, records: Sequence[types_pb2.Allocation]) -> list[datetime | None]:
         """The expiry to show for each record: what this coordinator knows, and for a lease
         whose known expiry has passed while its record lives on (it was renewed through
-        another coordinator) what etcd says, asked for those alone, concurrently."""
+        another coordinator) what etcd says, asked for those alone and remembered, so the
+        next List asks again only once that has passed too."""
         shown = [self.known_expiry(record) for record in records]
         now = self._clock()
         stale = [n for n, expiry in enumerate(shown) if expiry is not None and expiry <= now]
-        fresh = await asyncio.gather(*(self.current_expiry(records[n]) for n in stale))
+        gate = asyncio.Semaphore(EXPIRY_QUERIES_IN_FLIGHT)
+
+        async def asked(record: types_pb2.Allocation) -> datetime | None:
+            async with gate:
+                return await self.current_expiry(record)
+
+        fresh = await asyncio.gather(*(asked(records[n]) for n in stale))
         for n, expiry in zip(stale, fresh, strict=True):
             shown[n] = expiry
         return shown
