@@ -184,3 +184,17 @@ def test_reasons_have_one_limit_for_health_and_cordons() -> None:
     with pytest.raises(InvalidArgumentError, match=str(names.MAX_REASON_CHARS)):
         parse_inventory(text)
     assert names.check_reason(longest, "reason") == longest
+
+
+@pytest.mark.parametrize("key", ["Bad Key!", "-x", "a" * 64])
+def test_node_labels_follow_one_rule_in_the_inventory_and_from_agents(key: str) -> None:
+    text = yaml.safe_dump(
+        {"nodes": [{"name": "n1", "labels": {key: "v"}, "gpus": [{"model": "MI300X", "count": 1}]}]}
+    )
+    with pytest.raises(InvalidArgumentError, match="labels"):
+        parse_inventory(text)
+    register = agent_pb2.Register(
+        node="n1", gpus=raw_inventory("n1"), backend="simulated", labels={key: "v"}
+    )
+    with pytest.raises(InvalidArgumentError, match="labels"):
+        node_record(register, None, lambda uuid: None)

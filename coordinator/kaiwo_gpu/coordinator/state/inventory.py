@@ -25,6 +25,7 @@ import yaml
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
+from kaiwo_gpu.common.models import freeze_labels
 from kaiwo_gpu.coordinator.placement.cluster import MAX_COMPUTE_UNITS
 from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL
 from kaiwo_gpu.v1 import types_pb2
@@ -180,11 +181,7 @@ def parse_inventory(text: str, source: str = "inventory") -> list[types_pb2.Node
         if name in seen:
             raise InvalidArgumentError(f"{where}.name", name, "a name not used by another node")
         seen.add(name)
-        labels = entry.get("labels", {})
-        if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-        ):
-            raise InvalidArgumentError(f"{where}.labels", labels, "a mapping of strings to strings")
+        labels = dict(freeze_labels(entry.get("labels", {}), f"{where}.labels"))
         raw_gpus = entry.get("gpus")
         if not isinstance(raw_gpus, list) or not raw_gpus:
             raise InvalidArgumentError(f"{where}.gpus", raw_gpus, "a non-empty list of GPUs")
