@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, StrategyRegistry
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.v1 import allocation_pb2_grpc
@@ -107,7 +108,11 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def coordinator_running(
-    endpoint: str, prefix: str, inventory: Path | None, **settings: object
+    endpoint: str,
+    prefix: str,
+    inventory: Path | None,
+    strategies: StrategyRegistry = BUILTIN_STRATEGIES,
+    **settings: object,
 ) -> AsyncIterator[Running]:
     """A coordinator in this process on `prefix`, stopped (with its channel) on exit."""
     coordinator = Coordinator(
@@ -117,7 +122,8 @@ async def coordinator_running(
             prefix=prefix,
             inventory=inventory,
             **settings,  # type: ignore[arg-type]
-        )
+        ),
+        strategies,
     )
     port = await coordinator.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
