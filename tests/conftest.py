@@ -112,6 +112,7 @@ async def coordinator_running(
     prefix: str,
     inventory: Path | None,
     strategies: StrategyRegistry = BUILTIN_STRATEGIES,
+    /,
     **settings: object,
 ) -> AsyncIterator[Running]:
     """A coordinator in this process on `prefix`, stopped (with its channel) on exit."""
