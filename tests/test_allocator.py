@@ -20,7 +20,7 @@ import pytest
 from kaiwo_gpu.common.errors import ConflictError, NoCapacityError, UnavailableError
 from kaiwo_gpu.common.models import AllocationRequest, Selector
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
-from kaiwo_gpu.coordinator.leases import Leases
+from kaiwo_gpu.coordinator.leases import EXPIRY_QUERY_PAUSE_S, Leases
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.placement.strategies import SchedulerState
 from kaiwo_gpu.coordinator.state.batch import BatchItem, DecisionPolicy, decide_batch
@@ -47,8 +47,14 @@ class FaultyStore(EtcdStore):
         """Revoke every lease granted so far just before the commit: it ran out meanwhile."""
         self.lose_commit_answers = False
         """Commit for real, then answer as if etcd had become unreachable."""
+        self.stall_lease_ttl = False
+        """Lease-TTL reads never answer: etcd has stalled."""
+        self.hold_renewals: asyncio.Event | None = None
+        """A renewal that etcd has answered waits for this before it returns."""
+        self.renewal_answered = asyncio.Event()
         self.granted: list[int] = []
         self.revoked: list[int] = []
+        self.lease_ttl_reads = 0
         self.commits = 0
 
     async def grant_lease(self, ttl_s: int) -> tuple[int, int]:
@@ -59,6 +65,19 @@ class FaultyStore(EtcdStore):
     async def revoke_lease(self, lease_id: int) -> None:
         self.revoked.append(lease_id)
         await super().revoke_lease(lease_id)
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        self.lease_ttl_reads += 1
+        if self.stall_lease_ttl:
+            await asyncio.Event().wait()
+        return await super().lease_ttl(lease_id)
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        ttl_s = await super().refresh_lease(lease_id)
+        if self.hold_renewals is not None:
+            self.renewal_answered.set()
+            await self.hold_renewals.wait()
+        return ttl_s
 
     async def commit(self, txn: Txn) -> TxnResult:
         if self.compete_before_commit is not None and txn.puts:
@@ -254,3 +273,49 @@ async def test_an_expiry_asked_of_etcd_is_remembered(etcd: LocalEtcd) -> None:
         assert asked is not None
         assert asked > placed.expires_at.ToDatetime(UTC) + timedelta(seconds=20)
         assert later.known_expiry(placed) == asked
+
+
+async def test_a_renewal_answered_while_its_lease_is_released_stays_out_of_the_book(
+    etcd: LocalEtcd,
+) -> None:
+    """Review finding: a KeepAlive in flight across a Release booked its renewal after the
+    release had forgotten the lease, so the book kept a released lease."""
+    async with rig(etcd) as r:
+        placed, _ = await r.allocator.allocate(
+            AllocationRequest("raced", fraction_millis=100, ttl_seconds=60)
+        )
+        r.store.hold_renewals = asyncio.Event()
+        renewal = asyncio.create_task(r.allocator.keep_alive(placed.id))
+        await asyncio.wait_for(r.store.renewal_answered.wait(), 10)
+        await r.allocator.release(placed.id)
+        r.store.hold_renewals.set()
+        await asyncio.wait_for(renewal, 10)
+        assert r.allocator.leases.known_expiry(placed) == placed.expires_at.ToDatetime(UTC)
+
+
+async def test_a_stalled_etcd_costs_a_read_one_short_wait_then_none(etcd: LocalEtcd) -> None:
+    """Review finding: every List asked etcd for each stale lease with the store's 5 s
+    timeout, so a stalled etcd stalled every List. Now a read waits briefly, shows what it
+    knows, and does not ask again for EXPIRY_QUERY_PAUSE_S."""
+    async with rig(etcd) as r:
+        records = [
+            (
+                await r.allocator.allocate(
+                    AllocationRequest(f"s{n}", fraction_millis=100, ttl_seconds=60)
+                )
+            )[0]
+            for n in range(3)
+        ]
+        offset = [timedelta(seconds=90)]  # every grant's expiry has passed on this clock
+        later = Leases(r.store, clock=lambda: datetime.now(UTC) + offset[0])
+        granted = [record.expires_at.ToDatetime(UTC) for record in records]
+        r.store.stall_lease_ttl = True
+        assert await asyncio.wait_for(later.expiries(records), 30) == granted
+        assert r.store.lease_ttl_reads == 3
+        assert await asyncio.wait_for(later.expiries(records), 30) == granted
+        assert r.store.lease_ttl_reads == 3  # paused: nobody asked
+        r.store.stall_lease_ttl = False
+        offset[0] += timedelta(seconds=EXPIRY_QUERY_PAUSE_S + 1)
+        answered = await asyncio.wait_for(later.expiries(records), 30)
+        assert r.store.lease_ttl_reads == 6
+        assert all(a is not None and a > g for a, g in zip(answered, granted, strict=True))

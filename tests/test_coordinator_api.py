@@ -452,3 +452,35 @@ async def test_the_coordinator_places_with_the_strategies_it_was_given(
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "strategy" in message
     assert "best-fit" in message
+
+
+async def test_reads_through_a_coordinator_that_did_not_renew_show_the_live_expiry(
+    etcd: LocalEtcd, running: Running, inventory: Path
+) -> None:
+    """Review finding: Watch and an Allocate replay showed the grant's expiry, long past, for
+    an allocation renewed through another coordinator; they now ask etcd, as List does."""
+    async with coordinator_running(etcd.endpoint, running.prefix, inventory) as other:
+        made = (
+            await running.api.Allocate(request("renewed-there", fraction_millis=100, ttl_seconds=2))
+        ).allocation
+        keep_alive = allocation_pb2.KeepAliveRequest(allocation_id=made.id)
+        while time.time() < made.expires_at.seconds + 1.5:  # past the grant's expiry
+            await other.api.KeepAlive(keep_alive)
+            await asyncio.sleep(0.3)
+
+        async def shown_by_running(read: str) -> float:
+            await other.api.KeepAlive(keep_alive)  # alive for 2 s more whatever the pace
+            if read == "replay":
+                reply = await running.api.Allocate(
+                    request("renewed-there", fraction_millis=100, ttl_seconds=2)
+                )
+                assert reply.replayed
+                return reply.allocation.expires_at.ToMicroseconds() / 1e6
+            stream = running.api.WatchAllocations(allocation_pb2.WatchAllocationsRequest())
+            event = await _next_event(stream)
+            stream.cancel()
+            assert event.allocation.id == made.id
+            return event.allocation.expires_at.ToMicroseconds() / 1e6
+
+        for read in ("replay", "watch"):
+            assert await shown_by_running(read) > time.time(), read

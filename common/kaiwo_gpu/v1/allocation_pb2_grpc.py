@@ -112,7 +112,7 @@ class AllocationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAllocations(self, request, context):
-        """Streams the current allocations (as ADDED), then every change.
+        """Streams the current allocations (as ADDED), then every change (a KeepAlive is not one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

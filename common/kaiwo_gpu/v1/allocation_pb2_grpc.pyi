@@ -39,7 +39,7 @@ class AllocationServiceStub:
     GetAllocation: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.GetAllocationRequest, _allocation_pb2.GetAllocationResponse]
     ListAllocations: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.ListAllocationsRequest, _allocation_pb2.ListAllocationsResponse]
     WatchAllocations: _grpc.UnaryStreamMultiCallable[_allocation_pb2.WatchAllocationsRequest, _allocation_pb2.AllocationEvent]
-    """Streams the current allocations (as ADDED), then every change."""
+    """Streams the current allocations (as ADDED), then every change (a KeepAlive is not one)."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.ListNodesRequest, _allocation_pb2.ListNodesResponse]
     GetClusterStats: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.GetClusterStatsRequest, _allocation_pb2.GetClusterStatsResponse]
 
@@ -54,7 +54,7 @@ class AllocationServiceAsyncStub(AllocationServiceStub):
     GetAllocation: _aio.UnaryUnaryMultiCallable[_allocation_pb2.GetAllocationRequest, _allocation_pb2.GetAllocationResponse]  # type: ignore[assignment]
     ListAllocations: _aio.UnaryUnaryMultiCallable[_allocation_pb2.ListAllocationsRequest, _allocation_pb2.ListAllocationsResponse]  # type: ignore[assignment]
     WatchAllocations: _aio.UnaryStreamMultiCallable[_allocation_pb2.WatchAllocationsRequest, _allocation_pb2.AllocationEvent]  # type: ignore[assignment]
-    """Streams the current allocations (as ADDED), then every change."""
+    """Streams the current allocations (as ADDED), then every change (a KeepAlive is not one)."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_allocation_pb2.ListNodesRequest, _allocation_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetClusterStats: _aio.UnaryUnaryMultiCallable[_allocation_pb2.GetClusterStatsRequest, _allocation_pb2.GetClusterStatsResponse]  # type: ignore[assignment]
 
@@ -102,7 +102,7 @@ class AllocationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _allocation_pb2.WatchAllocationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_allocation_pb2.AllocationEvent], _abc.AsyncIterator[_allocation_pb2.AllocationEvent]]:
-        """Streams the current allocations (as ADDED), then every change."""
+        """Streams the current allocations (as ADDED), then every change (a KeepAlive is not one)."""
 
     @_abc_1.abstractmethod
     def ListNodes(

@@ -11,6 +11,7 @@ passed (the lease was renewed through another coordinator).
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,9 +28,17 @@ Clock = Callable[[], datetime]
 TOMBSTONE_TTL_S = 3600
 """How long a released request_id stays taken (between half and all of this)."""
 BACKGROUND_GRACE_S = 1.0
+"""How long `stop` lets revocations under way finish."""
 EXPIRY_QUERIES_IN_FLIGHT = 32
 """At most this many lease-TTL reads in flight for one List, so a big page spares etcd."""
-"""How long `stop` lets revocations under way finish."""
+EXPIRY_QUERY_TIMEOUT_S = 0.5
+"""How long a read waits for etcd to say a lease's TTL before it shows what it knows."""
+EXPIRY_QUERY_PAUSE_S = 5.0
+"""After a lease-TTL read failed, reads show what they know for this long without asking,
+so a stalled etcd costs one List at most one timeout, not one per page or per call."""
+REVOKED_REMEMBERED = 4096
+"""Recently revoked leases, so a renewal or TTL read that was in flight when its lease was
+revoked does not put the lease back in the renewal book."""
 
 
 def utc_now() -> datetime:
@@ -47,6 +56,8 @@ class Leases:
         self._tombstone_lock = asyncio.Lock()
         self._renewed_until: dict[int, datetime] = {}  # lease id -> expiry after our renewal
         self._pruned_at_size = 0
+        self._revoked: OrderedDict[int, None] = OrderedDict()
+        self._queries_paused_until: datetime | None = None
 
     async def stop(self) -> None:
         """Lets revocations under way land, briefly; the rest expire on their own."""
@@ -65,15 +76,27 @@ class Leases:
         """Drops a lease that holds nothing of ours any more (its request did not commit) in
         the background; if that fails, it expires."""
         if lease_id:
-            self._renewed_until.pop(lease_id, None)
+            self._forget(lease_id)
             self._in_background(self._revoke_quietly(lease_id))
 
     async def revoke_now(self, lease_id: int) -> None:
         """Drops a released allocation's lease before the release is answered, so a renewal
         sent after the answer, through any coordinator, finds it gone."""
         if lease_id:
-            self._renewed_until.pop(lease_id, None)
+            self._forget(lease_id)
             await self._revoke_quietly(lease_id)
+
+    def _forget(self, lease_id: int) -> None:
+        self._renewed_until.pop(lease_id, None)
+        self._revoked[lease_id] = None
+        if len(self._revoked) > REVOKED_REMEMBERED:
+            self._revoked.popitem(last=False)
+
+    def _remember(self, lease_id: int, expires_at: datetime) -> None:
+        """Books an expiry learnt after an await, unless the lease was revoked meanwhile."""
+        if lease_id not in self._revoked:
+            self._renewed_until[lease_id] = expires_at
+            self._prune()
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -110,8 +133,7 @@ class Leases:
             self._renewed_until.pop(lease_id, None)
             return 0, None
         expires_at = self._clock() + timedelta(seconds=ttl_s)
-        self._renewed_until[lease_id] = expires_at
-        self._prune()
+        self._remember(lease_id, expires_at)
         return ttl_s, expires_at
 
     def _prune(self) -> None:
@@ -138,21 +160,35 @@ class Leases:
     async def current_expiry(self, record: types_pb2.Allocation) -> datetime | None:
         """The expiry etcd has for the record's lease now (one etcd call; etcd counts whole
         seconds, so a renewal this coordinator made may know better), or what this
-        coordinator knows when etcd cannot say (the lease is gone, or etcd unreachable)."""
+        coordinator knows when etcd cannot say (the lease is gone, etcd is unreachable or
+        slower than EXPIRY_QUERY_TIMEOUT_S, or a read failed in the last
+        EXPIRY_QUERY_PAUSE_S): a read waits on etcd briefly, never for a store timeout."""
         known = self.known_expiry(record)
-        if not record.lease_id:
-            return None
+        if not record.lease_id or self._queries_paused():
+            return known
         try:
-            ttl_s = await self._store.lease_ttl(record.lease_id)
-        except KaiwoGpuError:
+            ttl_s = await asyncio.wait_for(
+                self._store.lease_ttl(record.lease_id), EXPIRY_QUERY_TIMEOUT_S
+            )
+        except (KaiwoGpuError, TimeoutError) as error:
+            self._queries_paused_until = self._clock() + timedelta(seconds=EXPIRY_QUERY_PAUSE_S)
+            reason = (
+                error.message
+                if isinstance(error, KaiwoGpuError)
+                else f"etcd did not answer in {EXPIRY_QUERY_TIMEOUT_S} s"
+            )
+            log.info("lease TTL not read; showing the known expiry", error=reason)
             return known
         if ttl_s <= 0:
             return known
         from_etcd = self._clock() + timedelta(seconds=ttl_s)
         best = from_etcd if known is None else max(known, from_etcd)
-        self._renewed_until[record.lease_id] = best  # asked once per renewal elsewhere
-        self._prune()
+        self._remember(record.lease_id, best)  # asked once per renewal elsewhere
         return best
+
+    def _queries_paused(self) -> bool:
+        paused_until = self._queries_paused_until
+        return paused_until is not None and self._clock() < paused_until
 
     async def expiries(self, records: Sequence[types_pb2.Allocation]) -> list[datetime | None]:
         """The expiry to show for each record: what this coordinator knows, and for a lease

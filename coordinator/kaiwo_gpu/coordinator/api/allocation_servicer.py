@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -68,8 +68,11 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         self.allocator = allocator
         self.view = view
 
-    def _shown(self, record: types_pb2.Allocation) -> types_pb2.Allocation:
-        return for_client(record, self.allocator.leases.known_expiry(record))
+    async def _shown(self, records: Sequence[types_pb2.Allocation]) -> list[types_pb2.Allocation]:
+        """Records as clients see them, each with the latest expiry known or asked of etcd
+        (a lease renewed through another coordinator, or before a restart)."""
+        expiries = await self.allocator.leases.expiries(records)
+        return [for_client(r, e) for r, e in zip(records, expiries, strict=True)]
 
     @_mapped_errors
     async def Allocate(
@@ -86,7 +89,8 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
             node=record.node,
             replayed=replayed,
         )
-        return allocation_pb2.AllocateResponse(allocation=self._shown(record), replayed=replayed)
+        (shown,) = await self._shown([record])
+        return allocation_pb2.AllocateResponse(allocation=shown, replayed=replayed)
 
     @_mapped_errors
     async def Release(
@@ -129,10 +133,8 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
     ) -> allocation_pb2.ListAllocationsResponse:
         await self.allocator.caught_up()
         page, token = list_allocations(self.view.state, request)
-        expiries = await self.allocator.leases.expiries(page)
         return allocation_pb2.ListAllocationsResponse(
-            allocations=[for_client(r, e) for r, e in zip(page, expiries, strict=True)],
-            next_page_token=token,
+            allocations=await self._shown(page), next_page_token=token
         )
 
     async def WatchAllocations(
@@ -140,7 +142,8 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         request: allocation_pb2.WatchAllocationsRequest,
         context: Context,
     ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
-        """Every current allocation as ADDED, then changes as they happen."""
+        """Every current allocation as ADDED, then changes as they happen. A renewal is not
+        a change (it moves the lease alone): Get or List shows the later expiry."""
         await self.allocator.caught_up()
         # Subscribe and copy the current state in one step (no await between), so no
         # change can fall between the dump and the stream.
@@ -153,9 +156,10 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         ]
         added = allocation_pb2.AllocationEvent.KIND_ADDED
         try:
-            for record, revision in current:
+            shown = await self._shown([record for record, _ in current])
+            for allocation, (_, revision) in zip(shown, current, strict=True):
                 yield allocation_pb2.AllocationEvent(
-                    kind=added, allocation=self._shown(record), revision=revision
+                    kind=added, allocation=allocation, revision=revision
                 )
             while True:
                 queued = await subscription.queue.get()
@@ -165,10 +169,9 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
                         "this watcher fell too far behind; watch again to resynchronize",
                     )
                 elif matches(queued.allocation, request.owner, request.node, {}):
+                    (allocation,) = await self._shown([queued.allocation])
                     yield allocation_pb2.AllocationEvent(
-                        kind=queued.kind,
-                        allocation=self._shown(queued.allocation),
-                        revision=queued.revision,
+                        kind=queued.kind, allocation=allocation, revision=queued.revision
                     )
         finally:
             self.view.unsubscribe(subscription)
