@@ -5,7 +5,9 @@ A small synchronous state with two entry points, both called only by the view:
 watchers should see, and `apply_telemetry(readings)` for live readings. The placement
 snapshot is kept current where its input arrives: etcd changes are folded in by `apply`,
 readings by `fold_telemetry` (which the view calls coalesced, and before a decision), so
-reads take `snapshot` as it is and never derive anything on the way out.
+reads take `snapshot` as it is. The one exception is a node that came, went or moved GPUs:
+that needs a rebuild, which the next read of `snapshot` does, once, so a thousand nodes
+registering cost one rebuild rather than a thousand.
 
 It fails closed: a node record it cannot read takes that node out of placement, and an
 allocation record it cannot read stops all placement (`blocked_reason`), because the
@@ -48,16 +50,15 @@ class ViewState:
         self.gpu_revisions: dict[str, int] = {}
         self.unreadable_nodes: set[str] = set()
         self.unreadable_allocations: set[str] = set()
-        self.excluded_nodes: set[str] = set()
+        self._excluded_nodes: set[str] = set()  # as of the last rebuild
         self.allocations_by_node: dict[str, set[str]] = {}
         self.nodes_by_gpu: dict[str, set[str]] = {}  # GPU UUID -> the nodes naming it
         self.agents: dict[str, str] = {}  # node -> what its presence key says (a coordinator)
         self.agent_revisions: dict[str, int] = {}
         self.telemetry: dict[str, Telemetry] = {}  # by GPU UUID; fed by agents, never stored
         self._telemetry_unsnapped: dict[str, Telemetry | None] = {}
-        self._built = False  # the snapshot has been built from records at least once
-        self.snapshot = ClusterSnapshot.build(())
-        """The engine's view of the cluster, current with every change applied."""
+        self._snapshot = ClusterSnapshot.build(())
+        self._rebuild_due = True  # a node came, went or moved since `_snapshot` was built
         self._unsnapped: set[str] = set()  # allocation ids changed since the last refresh
         self._nodes_unsnapped: set[str] = set()  # nodes whose record or presence changed
 
@@ -134,6 +135,13 @@ class ViewState:
         self._telemetry_unsnapped.update(readings)
 
     @property
+    def snapshot(self) -> ClusterSnapshot:
+        """The engine's view of the cluster, current with every change applied."""
+        if self._rebuild_due:
+            self._rebuild()
+        return self._snapshot
+
+    @property
     def telemetry_pending(self) -> bool:
         """Whether readings arrived that the snapshot does not weigh yet."""
         return bool(self._telemetry_unsnapped)
@@ -141,9 +149,11 @@ class ViewState:
     def fold_telemetry(self) -> None:
         """Folds the readings that arrived since the last fold into the snapshot: one
         re-index for any number of batches, which is why the view coalesces them."""
-        if self._telemetry_unsnapped:
+        if self._rebuild_due:  # the rebuild weighs every reading
+            self._telemetry_unsnapped.clear()
+        elif self._telemetry_unsnapped:
             changes, self._telemetry_unsnapped = self._telemetry_unsnapped, {}
-            self.snapshot = self.snapshot.with_telemetry(changes)
+            self._snapshot = self._snapshot.with_telemetry(changes)
 
     def orphaned_request(self, request_id: str) -> str | None:
         """The allocation id a request key names when that allocation is gone, else None.
@@ -244,12 +254,12 @@ class ViewState:
         """Nodes in name order; a node naming a GPU UUID an earlier node has is left out."""
         seen: set[str] = set()
         nodes: list[Node] = []
-        self.excluded_nodes = set()
+        self._excluded_nodes = set()
         for name in sorted(self.nodes):
             node = self._node(name, self.nodes[name])
             uuids = [gpu.uuid for gpu in node.gpus]
             if seen.intersection(uuids) or len(set(uuids)) != len(uuids):
-                self.excluded_nodes.add(name)
+                self._excluded_nodes.add(name)
                 continue
             seen.update(uuids)
             nodes.append(node)
@@ -273,8 +283,8 @@ class ViewState:
         for name in self._nodes_unsnapped:
             record = self.nodes.get(name)
             old = snapshot.nodes.get(name)
-            if record is None or old is None or name in self.excluded_nodes:
-                if record is None and old is None and name not in self.excluded_nodes:
+            if record is None or old is None or name in self._excluded_nodes:
+                if record is None and old is None and name not in self._excluded_nodes:
                     continue  # a presence key for a node that has no record: nothing to do
                 return None
             node = self._node(name, record)
@@ -284,27 +294,21 @@ class ViewState:
         return changed
 
     def _refresh_snapshot(self) -> None:
-        """Folds the etcd changes since the last refresh into the snapshot: rebuilt after a
-        node came, went or moved GPUs, else derived from the last one in one step (a
-        renewal, same placement and new expiry, changes nothing)."""
-        rebuild = not self._built
-        if not rebuild and self._nodes_unsnapped:
-            changed = self._changed_nodes(self.snapshot)
+        """Folds the etcd changes since the last refresh into the snapshot in one step (a
+        renewal, same placement and new expiry, changes nothing), or, when a node came,
+        went or moved GPUs, leaves the rebuild to the next read of `snapshot`."""
+        if not self._rebuild_due and self._nodes_unsnapped:
+            changed = self._changed_nodes(self._snapshot)
             if changed is None:
-                rebuild = True
+                self._rebuild_due = True
             elif changed:
-                self.snapshot = self.snapshot.with_nodes(changed)
+                self._snapshot = self._snapshot.with_nodes(changed)
         self._nodes_unsnapped.clear()
-        if rebuild:
+        if self._rebuild_due:  # the rebuild places every allocation
             self._unsnapped.clear()
-            self._telemetry_unsnapped.clear()
-            self.snapshot = ClusterSnapshot.build(
-                self._placeable_nodes(), self._placed.values(), self.telemetry
-            )
-            self._built = True
             return
         if self._unsnapped:
-            current = self.snapshot.allocations
+            current = self._snapshot.allocations
             upserts = []
             removals = []
             for allocation_id in self._unsnapped:
@@ -316,7 +320,14 @@ class ViewState:
                     upserts.append(placed)
             self._unsnapped.clear()
             if upserts or removals:
-                self.snapshot = self.snapshot.with_changes(upserts, removals)
+                self._snapshot = self._snapshot.with_changes(upserts, removals)
+
+    def _rebuild(self) -> None:
+        self._telemetry_unsnapped.clear()
+        self._snapshot = ClusterSnapshot.build(
+            self._placeable_nodes(), self._placed.values(), self.telemetry
+        )
+        self._rebuild_due = False
 
 
 def _unindex(index: dict[str, set[str]], key: str, member: str) -> None:
