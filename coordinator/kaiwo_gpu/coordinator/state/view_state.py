@@ -4,8 +4,8 @@ A small synchronous state with two entry points, both called only by the view:
 `apply(revision, changes)` for etcd's changes, which returns the allocation events that
 watchers should see, and `apply_telemetry(readings)` for live readings. The placement
 snapshot is kept current where its input arrives: etcd changes are folded in by `apply`,
-readings by `fold_telemetry` (which the view calls coalesced, and before a decision), so
-reads take `snapshot` as it is. The one exception is a node that came, went or moved GPUs:
+readings by `fold_telemetry` (which the view calls before a decision, for every reading
+that arrived since the last), so reads take `snapshot` as it is. The one exception is a node that came, went or moved GPUs:
 that needs a rebuild, which the next read of `snapshot` does, once, so a thousand nodes
 registering cost one rebuild rather than a thousand.
 
@@ -140,11 +140,6 @@ class ViewState:
         if self._rebuild_due:
             self._rebuild()
         return self._snapshot
-
-    @property
-    def telemetry_pending(self) -> bool:
-        """Whether readings arrived that the snapshot does not weigh yet."""
-        return bool(self._telemetry_unsnapped)
 
     def fold_telemetry(self) -> None:
         """Folds the readings that arrived since the last fold into the snapshot: one
