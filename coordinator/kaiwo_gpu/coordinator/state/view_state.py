@@ -5,9 +5,9 @@ A small synchronous state with two entry points, both called only by the view:
 watchers should see, and `apply_telemetry(readings)` for live readings. The placement
 snapshot is kept current where its input arrives: etcd changes are folded in by `apply`,
 readings by `fold_telemetry` (which the view calls before a decision, for every reading
-that arrived since the last), so reads take `snapshot` as it is. The one exception is a node that came, went or moved GPUs:
-that needs a rebuild, which the next read of `snapshot` does, once, so a thousand nodes
-registering cost one rebuild rather than a thousand.
+that arrived since the last), so reads take `snapshot` as it is. The one exception is a
+node that came, went or moved GPUs: that needs a rebuild, which the next read of
+`snapshot` does, once, so a thousand nodes registering cost one rebuild, not a thousand.
 
 It fails closed: a node record it cannot read takes that node out of placement, and an
 allocation record it cannot read stops all placement (`blocked_reason`), because the
