@@ -39,3 +39,11 @@ def test_reasons_with_spaces_go_below_the_table_so_columns_stay_whole() -> None:
 
 def test_sizes_print_in_the_units_the_flags_take() -> None:
     assert [format_mib(m) for m in (4096, 4000, 196608, 0)] == ["4Gi", "4000Mi", "192Gi", "0Mi"]
+
+
+def test_an_over_committed_gpu_is_named_below_the_table() -> None:
+    over = gpu(2, types_pb2.HEALTH_HEALTHY)
+    over.overcommit = "compute unit 227 granted of 0-109"
+    node = types_pb2.NodeStatus(name="n1", schedulable=True, gpus=[gpu(0, 1), over])
+    _, reasons = nodes_table([node]).split("\n\n")
+    assert reasons.splitlines() == ["n1 GPU 2: over-committed: compute unit 227 granted of 0-109"]

@@ -184,3 +184,50 @@ async def test_an_orphaned_request_key_names_itself_and_blocks_nobody_else(
         assert orphan.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert "requests/orphan" in (orphan.details() or "")
         assert all(isinstance(o, allocation_pb2.AllocateResponse) for o in others)
+
+
+async def test_a_gpu_granted_more_than_it_has_is_flagged_and_every_read_still_answers(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    """Review finding: once a GPU's granted compute units exceeded its count (its record
+    shrank under its grants), ListNodes failed with INTERNAL for the whole cluster, because
+    the negative free count does not fit a uint32. Now it is clamped and the GPU flagged."""
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        nodes = await running.api.ListNodes(allocation_pb2.ListNodesRequest(labels={"zone": "b"}))
+        gpu = nodes.nodes[0].gpus[0]
+        units = gpu.inventory.compute_units
+        record = types_pb2.Allocation(
+            id="over-granted",
+            request_id="over-1",
+            node=nodes.nodes[0].name,
+            isolation=types_pb2.ISOLATION_CU_MASK,
+            gpus=[
+                types_pb2.GpuGrant(
+                    uuid=gpu.inventory.uuid,
+                    granted_millis=1500,
+                    granted_memory_mib=gpu.inventory.vram_mib + 1024,
+                    compute_units=range(units + 20),
+                )
+            ],
+        )
+        await _put(running, KeyLayout(prefix).allocation(record.id), record.SerializeToString())
+        await _put(running, KeyLayout(prefix).request("over-1"), b"over-granted")
+        listed = await running.api.ListNodes(allocation_pb2.ListNodesRequest())
+        shown = next(
+            g for node in listed.nodes for g in node.gpus if g.inventory.uuid == gpu.inventory.uuid
+        )
+        assert shown.free_compute_units == 0
+        assert (shown.free_millis, shown.free_memory_mib) == (0, 0)
+        assert "1500 millis granted of 1000" in shown.overcommit
+        assert f"compute unit {units + 19} granted of 0-{units - 1}" in shown.overcommit
+        others = [
+            g for node in listed.nodes for g in node.gpus if g.inventory.uuid != gpu.inventory.uuid
+        ]
+        assert others
+        assert not any(g.overcommit for g in others)
+        stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+        assert stats.allocated_millis >= 1500
+        got = await running.api.GetAllocation(
+            allocation_pb2.GetAllocationRequest(allocation_id="over-granted")
+        )
+        assert got.allocation.id == "over-granted"

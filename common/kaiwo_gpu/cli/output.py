@@ -207,16 +207,25 @@ def nodes_table(nodes: Iterable[types_pb2.NodeStatus]) -> str:
     """One row per GPU; reasons (with spaces) go below the table so its columns stay whole."""
     ordered = sorted(nodes, key=lambda n: n.name)
     text = table(NODE_HEADERS, (row for node in ordered for row in gpu_rows(node)))
-    reasons = [
-        f"{node.name}: unschedulable: {node.unschedulable_reason}"
-        for node in ordered
-        if not node.schedulable and node.unschedulable_reason
-    ] + [
-        f"{node.name} GPU {gpu.inventory.index}: {health_name(gpu.health)}: {gpu.health_reason}"
-        for node in ordered
-        for gpu in sorted(node.gpus, key=lambda g: g.inventory.index)
-        if gpu.health != types_pb2.HEALTH_HEALTHY and gpu.health_reason
-    ]
+    reasons = (
+        [
+            f"{node.name}: unschedulable: {node.unschedulable_reason}"
+            for node in ordered
+            if not node.schedulable and node.unschedulable_reason
+        ]
+        + [
+            f"{node.name} GPU {gpu.inventory.index}: {health_name(gpu.health)}: {gpu.health_reason}"
+            for node in ordered
+            for gpu in sorted(node.gpus, key=lambda g: g.inventory.index)
+            if gpu.health != types_pb2.HEALTH_HEALTHY and gpu.health_reason
+        ]
+        + [
+            f"{node.name} GPU {gpu.inventory.index}: over-committed: {gpu.overcommit}"
+            for node in ordered
+            for gpu in sorted(node.gpus, key=lambda g: g.inventory.index)
+            if gpu.overcommit
+        ]
+    )
     return "\n".join([text, *(["", *reasons] if reasons else [])])
 
 

@@ -193,6 +193,13 @@ def _notes(nodes: Sequence[types_pb2.NodeStatus]) -> list[Text]:
                 notes.append(
                     Text(f"{node.name} GPU {gpu.inventory.index}: {word}: {reason}", style)
                 )
+            if gpu.overcommit:
+                notes.append(
+                    Text(
+                        f"{node.name} GPU {gpu.inventory.index}: over-committed: {gpu.overcommit}",
+                        style="bold red",
+                    )
+                )
     return notes
 
 

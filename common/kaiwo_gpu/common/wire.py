@@ -6,7 +6,10 @@ value is validated by the model, and errors name the proto field.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import cast
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import (
@@ -47,6 +50,16 @@ HEALTH_VERDICTS = frozenset(_HEALTH_TO_PROTO.values())
 """The health values an agent may report (UNSPECIFIED is no verdict)."""
 
 _ALIAS_BY_NOTE = {note: alias for alias, (_, note) in ISOLATION_ALIASES.items()}
+
+
+def moment_of(stamp: Timestamp) -> datetime | None:
+    """The moment a timestamp says, or None when it says none that a datetime holds
+    (seconds before year 1 or after 9999, nanos outside 0-999,999,999): a broken writer's
+    or a hand edit's, which must not fail a read that converts it."""
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        return None
 
 
 def isolation_from_proto(value: int) -> Isolation:

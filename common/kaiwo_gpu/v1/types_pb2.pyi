@@ -570,6 +570,7 @@ class GpuStatus(_message.Message):
     FREE_COMPUTE_UNITS_FIELD_NUMBER: _builtins.int
     ALLOCATION_COUNT_FIELD_NUMBER: _builtins.int
     TELEMETRY_FIELD_NUMBER: _builtins.int
+    OVERCOMMIT_FIELD_NUMBER: _builtins.int
     health: Global___Health.ValueType
     health_reason: _builtins.str
     allocated_millis: _builtins.int
@@ -578,6 +579,10 @@ class GpuStatus(_message.Message):
     free_memory_mib: _builtins.int
     free_compute_units: _builtins.int
     allocation_count: _builtins.int
+    overcommit: _builtins.str
+    """Non-empty when more is granted on the GPU than it has (its record shrank under its
+    grants, or etcd was edited by hand): what exceeds what. The excess must be released.
+    """
     @_builtins.property
     def inventory(self) -> Global___GpuInventory: ...
     @_builtins.property
@@ -595,10 +600,11 @@ class GpuStatus(_message.Message):
         free_compute_units: _builtins.int = ...,
         allocation_count: _builtins.int = ...,
         telemetry: Global___GpuTelemetry | None = ...,
+        overcommit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_memory_mib", b"allocated_memory_mib", "allocated_millis", b"allocated_millis", "allocation_count", b"allocation_count", "free_compute_units", b"free_compute_units", "free_memory_mib", b"free_memory_mib", "free_millis", b"free_millis", "health", b"health", "health_reason", b"health_reason", "inventory", b"inventory", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_memory_mib", b"allocated_memory_mib", "allocated_millis", b"allocated_millis", "allocation_count", b"allocation_count", "free_compute_units", b"free_compute_units", "free_memory_mib", b"free_memory_mib", "free_millis", b"free_millis", "health", b"health", "health_reason", b"health_reason", "inventory", b"inventory", "overcommit", b"overcommit", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

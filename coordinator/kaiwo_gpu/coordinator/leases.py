@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.wire import moment_of
 from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.v1 import types_pb2
 
@@ -149,9 +150,7 @@ class Leases:
         """The latest expiry this coordinator knows: its last renewal's, else the grant's."""
         if not record.lease_id:
             return None
-        granted = (
-            record.expires_at.ToDatetime(tzinfo=UTC) if record.HasField("expires_at") else None
-        )
+        granted = moment_of(record.expires_at) if record.HasField("expires_at") else None
         renewed = self._renewed_until.get(record.lease_id)
         if granted is None or (renewed is not None and renewed > granted):
             return renewed

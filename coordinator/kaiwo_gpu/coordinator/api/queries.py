@@ -15,6 +15,10 @@ from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 DEFAULT_PAGE_SIZE = 500
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+"""The largest values the answers' counters hold: sums over records etcd holds are clamped
+to them, so no record, however wrong, can fail a read for everyone."""
 MAX_PAGE_SIZE = 5000
 
 
@@ -73,17 +77,19 @@ def node_statuses(
             if report is not None and (sample := report.samples.get(gpu_status.inventory.uuid)):
                 gpu_status.telemetry.CopyFrom(sample.telemetry)
             pos = snapshot.position.get(gpu_status.inventory.uuid)
-            if pos is None:
-                continue
+            if pos is None or snapshot.gpus[pos].node != name:
+                continue  # not placed, or placed as another node's (a UUID clash)
             gpu = snapshot.gpus[pos]
             usage = snapshot.usage[pos]
             gpu_status.health = health_to_proto(gpu.health)
-            gpu_status.allocated_millis = usage.allocated_millis
-            gpu_status.allocated_memory_mib = usage.allocated_memory_mib
+            # Clamped: one over-granted GPU must not fail the answer for the whole cluster.
+            gpu_status.allocated_millis = min(usage.allocated_millis, UINT32_MAX)
+            gpu_status.allocated_memory_mib = min(usage.allocated_memory_mib, UINT64_MAX)
             gpu_status.free_millis = max(0, MILLIS_PER_GPU - usage.allocated_millis)
             gpu_status.free_memory_mib = max(0, gpu.vram_mib - usage.allocated_memory_mib)
             gpu_status.free_compute_units = snapshot.free_compute_units(pos)
-            gpu_status.allocation_count = usage.holders
+            gpu_status.allocation_count = min(usage.holders, UINT32_MAX)
+            gpu_status.overcommit = usage.excess_over(gpu.vram_mib, gpu.compute_units)
         yield status
 
 
@@ -96,9 +102,11 @@ def cluster_stats(state: ViewState) -> allocation_pb2.GetClusterStatsResponse:
         gpu_count=len(snapshot.gpus),
         healthy_gpu_count=sum(1 for gpu in snapshot.gpus if gpu.health is Health.HEALTHY),
         capacity_millis=len(snapshot.gpus) * MILLIS_PER_GPU,
-        allocated_millis=sum(usage.allocated_millis for usage in snapshot.usage),
-        capacity_memory_mib=sum(gpu.vram_mib for gpu in snapshot.gpus),
-        allocated_memory_mib=sum(usage.allocated_memory_mib for usage in snapshot.usage),
+        allocated_millis=min(UINT64_MAX, sum(usage.allocated_millis for usage in snapshot.usage)),
+        capacity_memory_mib=min(UINT64_MAX, sum(gpu.vram_mib for gpu in snapshot.gpus)),
+        allocated_memory_mib=min(
+            UINT64_MAX, sum(usage.allocated_memory_mib for usage in snapshot.usage)
+        ),
         allocation_count=len(state.allocations),
         allocations_by_strategy=dict(by_strategy),
     )

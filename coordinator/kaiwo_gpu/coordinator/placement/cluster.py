@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kaiwo_gpu.common.models import Health, Isolation, Labels
+from kaiwo_gpu.common.units import MILLIS_PER_GPU
 
 MAX_COMPUTE_UNITS = 4096
 """The most compute units a GPU may report; a CU id at or above it is no GPU's."""
@@ -112,6 +113,22 @@ class GpuUsage:
     def shared_holders(self) -> int:
         """Holders that time-share every compute unit (isolation none)."""
         return self.holders - self.cu_mask_holders
+
+    def excess_over(self, vram_mib: int, compute_units: int) -> str:
+        """What is granted beyond what a GPU of these figures has, in words, or "".
+
+        Placement never grants more than a GPU has; a GPU's record can still shrink under
+        its grants (an agent registering smaller figures) or a hand edit can over-grant it,
+        and reads must show that rather than fail on it."""
+        excess = []
+        if self.allocated_millis > MILLIS_PER_GPU:
+            excess.append(f"{self.allocated_millis} millis granted of {MILLIS_PER_GPU}")
+        if self.allocated_memory_mib > vram_mib:
+            excess.append(f"{self.allocated_memory_mib} MiB granted of {vram_mib} MiB")
+        if self.used_compute_units_mask.bit_length() > compute_units:
+            highest = self.used_compute_units_mask.bit_length() - 1
+            excess.append(f"compute unit {highest} granted of 0-{compute_units - 1}")
+        return "; ".join(excess)
 
     def plus(self, share: GpuShare, blocks_sharing: bool) -> GpuUsage:
         mask = 0

@@ -274,4 +274,8 @@ class ClusterSnapshot:
         return MILLIS_PER_GPU - self.usage[pos].allocated_millis
 
     def free_compute_units(self, pos: int) -> int:
-        return self.gpus[pos].compute_units - self.usage[pos].used_compute_units_mask.bit_count()
+        """The GPU's compute units that no grant holds (grants of ids it does not have, after
+        its record shrank, take none of them)."""
+        units = self.gpus[pos].compute_units
+        held = self.usage[pos].used_compute_units_mask & ((1 << units) - 1)
+        return units - held.bit_count()

@@ -16,6 +16,7 @@ from kaiwo_gpu.common.wire import (
     health_from_proto,
     isolation_from_proto,
     isolation_to_proto,
+    moment_of,
     request_to_proto,
 )
 from kaiwo_gpu.coordinator.placement.cluster import (
@@ -158,6 +159,8 @@ def for_client(
     shown.environment.update(environment_of(record))
     if expires_at is not None:
         shown.expires_at.CopyFrom(timestamp(expires_at))
+    elif shown.HasField("expires_at") and moment_of(shown.expires_at) is None:
+        shown.ClearField("expires_at")  # no client could read it
     return shown
 
 
