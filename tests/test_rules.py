@@ -100,16 +100,35 @@ BAD_GPUS: dict[str, dict[str, object]] = {
 }
 
 
+GOOD_GPU: dict[str, object] = {
+    "uuid": "GPU-1",
+    "index": 0,
+    "model": "MI210",
+    "vram_mib": 65536,
+    "compute_units": 104,
+}
+
+
 @pytest.mark.parametrize("field", sorted(BAD_GPUS))
 def test_the_inventory_file_and_agents_refuse_the_same_gpu(field: str) -> None:
-    good: dict[str, object] = {
-        "uuid": "GPU-1",
-        "index": 0,
-        "model": "MI210",
-        "vram_mib": 65536,
-        "compute_units": 104,
-    }
-    gpu = {**good, **BAD_GPUS[field]}
+    _refused_by_both_doors({**GOOD_GPU, **BAD_GPUS[field]}, field)
+
+
+@pytest.mark.parametrize(
+    ("figures", "field"),
+    [({"vram_mib": 65537}, "vram_mib"), ({"compute_units": 105}, "compute_units")],
+)
+def test_a_known_model_may_report_less_than_its_figures_but_never_more(
+    figures: dict[str, object], field: str
+) -> None:
+    """A partition of an MI210 reports less; an MI210 with more VRAM or CUs than an MI210
+    has is a broken or lying report (an agent claiming 16 TiB took 69 grants of 100 GiB)."""
+    _refused_by_both_doors({**GOOD_GPU, **figures}, field)
+    smaller = {**GOOD_GPU, "vram_mib": 32768, "compute_units": 52, "compute_partition": "DPX"}
+    parse_inventory(yaml.safe_dump({"nodes": [{"name": "n1", "gpus": [smaller]}]}), "nodes.yaml")
+
+
+def _refused_by_both_doors(gpu: dict[str, object], field: str) -> None:
     text = yaml.safe_dump({"nodes": [{"name": "n1", "gpus": [gpu]}]})
     with pytest.raises(InvalidArgumentError) as from_file:
         parse_inventory(text, "nodes.yaml")

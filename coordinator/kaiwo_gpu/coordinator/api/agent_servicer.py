@@ -233,6 +233,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         session = _Session(register.node, lease_id)
         try:
             for _ in range(MAX_REGISTER_ATTEMPTS):
+                state = self.view.state
                 claim = await claim_agent_node(
                     self.store,
                     self.layout,
@@ -240,11 +241,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     lease_id=lease_id,
                     holder=self.coordinator_id,
                     owner_of=others,
+                    granted=state.granted_on(register.node),
+                    gpu_revisions=state.gpu_revisions,
                 )
                 if claim is not None:
                     session.claim = claim
                     self._last_registration = max(self._last_registration, claim.presence_revision)
                     break
+                # The record or a placement on its GPUs moved: read them again once the view
+                # holds what etcd holds now.
+                await self.view.wait_for(await self.store.revision(), self.settings.view_wait_s)
             else:
                 raise ConflictError(f"node {register.node!r} kept changing while it registered")
         except BaseException:

@@ -26,7 +26,7 @@ from kaiwo_gpu.common.telemetry_limits import (
     within,
 )
 from kaiwo_gpu.common.wire import HEALTH_VERDICTS
-from kaiwo_gpu.coordinator.placement.cluster import Telemetry
+from kaiwo_gpu.coordinator.placement.cluster import GpuUsage, Telemetry
 from kaiwo_gpu.coordinator.state.inventory import MAX_GPUS_PER_NODE, check_gpu_inventory
 from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
@@ -113,6 +113,31 @@ def node_record(
             health_reason=kept.health_reason if kept else "",
         )
     return record
+
+
+def check_grants_fit(record: types_pb2.NodeStatus, granted: Mapping[str, GpuUsage]) -> None:
+    """A registration must never leave more granted on a GPU than the GPU it reports has.
+
+    A change of partition mode shrinks each device's VRAM and compute units under the work
+    placed on it, and a GPU that vanished has none: the registration is refused
+    (FailedPreconditionError naming the GPU and what is granted on it) until that work is
+    released, so no record in etcd ever holds more than its GPU has."""
+    reported = {status.inventory.uuid: status.inventory for status in record.gpus}
+    for uuid, usage in sorted(granted.items()):
+        gpu = reported.get(uuid)
+        excess = (
+            "the registration does not list it"
+            if gpu is None
+            else usage.excess_over(gpu.vram_mib, gpu.compute_units)
+        )
+        if excess:
+            raise FailedPreconditionError(
+                f"node {record.name!r}: GPU {uuid} holds {usage.holders} allocation(s) "
+                f"({usage.allocated_millis} millis, {usage.allocated_memory_mib} MiB) that "
+                f"the registered figures cannot hold: {excess}; release them (`kaiwo-gpu list "
+                f"--node {record.name}`) or restore the GPU's partition mode, and the agent "
+                "registers at its next attempt"
+            )
 
 
 def checked_batch(

@@ -43,9 +43,9 @@ _GPU_KEYS = {
 }  # fmt: skip
 
 
-def _int(value: object, where: str, low: int, high: int) -> int:
+def _int(value: object, where: str, low: int, high: int, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgumentError(where, value, f"a whole number {low}-{high}")
+        raise InvalidArgumentError(where, value, f"a whole number {low}-{high}{why}")
     return value
 
 
@@ -77,18 +77,29 @@ def checked_gpu(
     memory_partition: object = "",
 ) -> types_pb2.GpuInventory:
     """A GPU's inventory with every field checked: the one rule for the inventory file and
-    for agents' registrations, naming the field (`where`.vram_mib) on error."""
+    for agents' registrations, naming the field (`where`.vram_mib) on error.
+
+    A model kaiwo-gpu knows by name may report less VRAM and fewer compute units than its
+    published figures (a partition of it does), never more: more is a broken or lying
+    report, and capacity that is not there would be granted."""
     if not isinstance(bdf, str) or len(bdf) > MAX_BDF_CHARS:
         raise InvalidArgumentError(
             f"{where}.bdf", bdf, f"a PCI address of up to {MAX_BDF_CHARS} characters"
         )
+    model = names.check_gpu_model(model, f"{where}.model")
+    known = GPU_MODELS.get(model)
+    of_model = f" (an {model} has {{}} at most)" if known else ""
+    max_vram = known.vram_mib if known else MAX_VRAM_MIB
+    max_units = known.compute_units if known else MAX_COMPUTE_UNITS
     return types_pb2.GpuInventory(
         uuid=names.check_gpu_uuid(uuid, f"{where}.uuid"),
         index=_int(index, f"{where}.index", 0, MAX_GPU_INDEX),
         bdf=bdf,
-        model=names.check_gpu_model(model, f"{where}.model"),
-        vram_mib=_int(vram_mib, f"{where}.vram_mib", 1, MAX_VRAM_MIB),
-        compute_units=_int(compute_units, f"{where}.compute_units", 1, MAX_COMPUTE_UNITS),
+        model=model,
+        vram_mib=_int(vram_mib, f"{where}.vram_mib", 1, max_vram, of_model.format("that")),
+        compute_units=_int(
+            compute_units, f"{where}.compute_units", 1, max_units, of_model.format("those")
+        ),
         compute_partition=_one_of(
             compute_partition, f"{where}.compute_partition", COMPUTE_PARTITIONS
         ),

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from kaiwo_gpu.coordinator.placement.cluster import Node, PlacedAllocation, Telemetry
+from kaiwo_gpu.coordinator.placement.cluster import GpuUsage, Node, PlacedAllocation, Telemetry
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.state.changes import Change, KeyValue
 from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL, KeyKind, KeyLayout
@@ -240,6 +240,19 @@ class ViewState:
         self.nodes[name] = record
         for status in record.gpus:
             self.nodes_by_gpu.setdefault(status.inventory.uuid, set()).add(name)
+
+    def granted_on(self, node: str) -> dict[str, GpuUsage]:
+        """By GPU UUID: what the allocations on `node` hold (a share named twice counts
+        twice, as placement counts it)."""
+        granted: dict[str, GpuUsage] = {}
+        for allocation_id in sorted(self.allocations_by_node.get(node, ())):
+            placed = self._placed.get(allocation_id)
+            if placed is None:  # an unreadable record: it blocks all placement anyway
+                continue
+            for share in placed.shares:
+                before = granted.get(share.gpu_uuid, GpuUsage())
+                granted[share.gpu_uuid] = before.plus(share, placed.blocks_sharing)
+        return granted
 
     def gpu_owner(self, uuid: str, besides: str = "") -> str | None:
         """A node other than `besides` whose record names the GPU, if any."""

@@ -1,0 +1,153 @@
+"""A registration never leaves more granted on a GPU than the GPU it reports has.
+
+Review finding (hardening issue, item 1): an agent that restarted as MI250X with its MI300X
+UUIDs (what a change of partition mode does to a real MI300X) was accepted under grants of
+150 GiB and 228 compute units, and a registration that raised VRAM to 16 TiB let grants
+land that the real GPU cannot hold. Real etcd, real gRPC over loopback, real agents.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
+from kaiwo_gpu.coordinator.state.registration import claim_agent_node
+from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
+
+from .agents import RawAgent, agents_running, eventually, nodes_by_name, raw_inventory
+from .conftest import Running, coordinator_running
+from .harness import audit_etcd, request
+
+FAST = {"node_ttl_s": 2, "sample_interval_ms": 200}
+GIB = 1024
+
+
+def _address(running: Running) -> str:
+    return f"127.0.0.1:{running.coordinator.port}"
+
+
+async def _stored_node(running: Running, name: str) -> types_pb2.NodeStatus:
+    store = EtcdStore([running.endpoint])
+    try:
+        _, kv = await store.read(KeyLayout(running.prefix).node(name))
+    finally:
+        await store.close()
+    assert kv is not None
+    return types_pb2.NodeStatus.FromString(kv.value)
+
+
+async def test_an_agent_that_comes_back_smaller_under_its_grants_is_refused_until_released(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        async with agents_running(_address(running), ["shrunk"], model="MI300X"):
+            await eventually(lambda: _node_with(running, "shrunk", "MI300X"))
+            made = [
+                (
+                    await running.api.Allocate(
+                        request(
+                            f"big-{n}",
+                            fraction_millis=750,
+                            memory_mib=150 * GIB,
+                            isolation=types_pb2.ISOLATION_CU_MASK,
+                        )
+                    )
+                ).allocation
+                for n in range(2)
+            ]
+        assert {a.gpus[0].uuid for a in made} == {
+            g.inventory.uuid for g in (await _stored_node(running, "shrunk")).gpus
+        }
+        async with agents_running(_address(running), ["shrunk"], model="MI250X") as (agent,):
+
+            async def refused() -> str | None:
+                error = agent.uplink.status.last_error
+                return error if "cannot hold" in error else None
+
+            error = await eventually(refused)
+            assert "FAILED_PRECONDITION" in error
+            assert made[0].gpus[0].uuid in error or made[1].gpus[0].uuid in error
+            assert "150 GiB" in error or f"{150 * GIB} MiB" in error
+            stored = await _stored_node(running, "shrunk")
+            assert {g.inventory.model for g in stored.gpus} == {"MI300X"}
+            await audit_etcd(running.endpoint, running.prefix)
+
+            for allocation in made:
+                await running.api.Release(
+                    allocation_pb2.ReleaseRequest(allocation_id=allocation.id)
+                )
+            # Nothing is granted on its GPUs now: the agent's next attempt registers.
+            await eventually(lambda: _node_with(running, "shrunk", "MI250X"))
+            stored = await _stored_node(running, "shrunk")
+            assert {g.inventory.vram_mib for g in stored.gpus} == {64 * GIB}
+
+
+async def _node_with(running: Running, name: str, model: str) -> types_pb2.NodeStatus | None:
+    node = (await nodes_by_name(running.api)).get(name)
+    if node is None or not node.schedulable:
+        return None
+    return node if {g.inventory.model for g in node.gpus} == {model} else None
+
+
+async def test_a_registration_claiming_more_than_its_model_has_is_refused(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """The other half of the finding: an MI300X reporting 16 TiB took 69 grants of 100 GiB."""
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        inventory = raw_inventory("liar", 1)
+        inventory[0].vram_mib = 16 * 1024 * GIB
+        channel = grpc.aio.insecure_channel(_address(running))
+        try:
+            agent = RawAgent(channel, "liar", inventory)
+            await agent.call.write(_register(agent))
+            code, message = await agent.status()
+        finally:
+            await channel.close()
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, message
+        assert "register.gpus[0].vram_mib" in message
+        assert "an MI300X has that at most" in message
+        assert "liar" not in await nodes_by_name(running.api)
+
+
+def _register(agent: RawAgent) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(
+        register=agent_pb2.Register(node=agent.node, gpus=agent.gpus, backend="simulated")
+    )
+
+
+async def test_a_placement_landing_after_the_view_was_read_fails_the_smaller_registration(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """The check reads grants from the view; a placement committed since (by any
+    coordinator) rewrote the GPU's version key, so the write must not go through."""
+    layout = KeyLayout(prefix)
+    store = EtcdStore([etcd.endpoint])
+    try:
+        lease_id, _ = await store.grant_lease(10)
+        big = agent_pb2.Register(
+            node="racing", gpus=raw_inventory("racing", 1), backend="simulated"
+        )
+        claim = await claim_agent_node(
+            store, layout, big, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
+            granted={}, gpu_revisions={},
+        )  # fmt: skip
+        assert claim is not None
+        uuid = big.gpus[0].uuid
+        # A placement through another coordinator: it rewrites the GPU's version key.
+        await store.commit(Txn(puts=(Put(layout.gpu(uuid), b""),)))
+        small = agent_pb2.Register()
+        small.CopyFrom(big)
+        small.gpus[0].vram_mib = 64 * GIB
+        stale = await claim_agent_node(
+            store, layout, small, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
+            granted={}, gpu_revisions={},  # the view has not seen that placement yet
+        )  # fmt: skip
+        assert stale is None
+        _, kv = await store.read(layout.node("racing"))
+        assert kv is not None
+        assert types_pb2.NodeStatus.FromString(kv.value).gpus[0].inventory.vram_mib == 192 * GIB
+    finally:
+        await store.close()
