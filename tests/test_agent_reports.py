@@ -118,6 +118,10 @@ def test_a_batch_needs_its_time_and_one_sample_per_gpu() -> None:
     untimed.ClearField("sampled_at")
     with pytest.raises(Invalid, match="sampled_at"):
         checked_batch(untimed, record, no_owner)
+    far = _batch()
+    far.sampled_at.seconds = 253_402_300_800  # year 10000: no clock can hold it
+    with pytest.raises(Invalid, match="telemetry.sampled_at: 'seconds=253402300800"):
+        checked_batch(far, record, no_owner)
     doubled = _batch()
     doubled.samples.append(doubled.samples[0])
     with pytest.raises(Invalid, match="one sample per GPU"):

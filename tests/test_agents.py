@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.agent.backend import DiscoveredGpu, GpuReading
 from kaiwo_gpu.agent.sampler import inventory_proto
@@ -218,6 +219,15 @@ BOGUS: list[tuple[str, str, object]] = [
         {0: types_pb2.GpuTelemetry(gfx_activity_percent=101)},
     ),
     ("more VRAM than the GPU", "used_vram_mib", {0: types_pb2.GpuTelemetry(used_vram_mib=10**9)}),
+    # Review finding: these were kept, and `kaiwo-gpu nodes -o json` then failed for everyone.
+    *(
+        (case, "samples[0].telemetry.sampled_at", {0: types_pb2.GpuTelemetry(sampled_at=stamp)})
+        for case, stamp in (
+            ("sampled in year 10000", Timestamp(seconds=253_402_300_800)),
+            ("sampled before year 1", Timestamp(seconds=-62_135_596_801)),
+            ("sampled with nanos 2e9", Timestamp(seconds=1_800_000_000, nanos=2_000_000_000)),
+        )
+    ),
 ]
 
 

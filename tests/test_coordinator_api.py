@@ -484,3 +484,15 @@ async def test_reads_through_a_coordinator_that_did_not_renew_show_the_live_expi
 
         for read in ("replay", "watch"):
             assert await shown_by_running(read) > time.time(), read
+
+
+async def test_a_huge_bad_value_is_answered_as_a_short_field_error(running: Running) -> None:
+    """Review finding: the message repeated the whole value, so a 1 MB owner made a 1 MB
+    status that gRPC refused, and the client saw RESOURCE_EXHAUSTED ("no capacity")."""
+    code, message = await _code(
+        running.api.Allocate(request("huge-owner", fraction_millis=100, owner="x" * 1_000_000))
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, message[:200]
+    assert message.startswith("request.owner: 'xxxx"), message[:200]
+    assert "(1000000 characters)" in message
+    assert len(message) < 300

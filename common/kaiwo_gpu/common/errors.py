@@ -10,6 +10,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+QUOTED_CHARS = 48
+"""How much of an offending value a message quotes: enough to recognise it, never so much
+that a 1 MB value makes a 1 MB status (which gRPC refuses, and clients then misread)."""
+STATUS_MESSAGE_CHARS = 1024
+"""The longest message a gRPC status carries from us; any longer is cut."""
+
+
+def quoted(value: object) -> str:
+    """`repr(value)` (so control characters are escaped), cut to QUOTED_CHARS."""
+    text = repr(value)
+    if len(text) <= QUOTED_CHARS:
+        return text
+    size = len(value) if isinstance(value, str | bytes) else len(text)
+    return f"{text[:QUOTED_CHARS]}... ({size} characters)"
+
+
 class KaiwoGpuError(Exception):
     """Base of every error kaiwo-gpu raises on purpose."""
 
@@ -19,6 +35,13 @@ class KaiwoGpuError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def status_message(self) -> str:
+        """The message as a gRPC status carries it, cut to STATUS_MESSAGE_CHARS."""
+        if len(self.message) <= STATUS_MESSAGE_CHARS:
+            return self.message
+        return self.message[: STATUS_MESSAGE_CHARS - 3] + "..."
+
 
 class InvalidArgumentError(KaiwoGpuError):
     """A field of a request is out of range or malformed; the message names field and range."""
@@ -26,7 +49,7 @@ class InvalidArgumentError(KaiwoGpuError):
     status_code = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, value: object, allowed: str) -> None:
-        super().__init__(f"{field}: {value!r} is not allowed; expected {allowed}")
+        super().__init__(f"{field}: {quoted(value)} is not allowed; expected {allowed}")
         self.field = field
         self.value = value
         self.allowed = allowed

@@ -164,7 +164,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 status=error.status_code,
                 error=error.message,
             )
-            await context.abort(grpc.StatusCode[error.status_code], error.message)
+            await context.abort(grpc.StatusCode[error.status_code], error.status_message)
         finally:
             if session is not None:
                 self._end(session)

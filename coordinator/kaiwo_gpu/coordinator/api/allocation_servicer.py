@@ -54,7 +54,7 @@ def _mapped_errors(handler: Handler[Request, Reply]) -> Handler[Request, Reply]:
         try:
             return await handler(servicer, request, context)
         except KaiwoGpuError as error:
-            await context.abort(grpc.StatusCode[error.status_code], error.message)
+            await context.abort(grpc.StatusCode[error.status_code], error.status_message)
         except Exception:
             log.exception("rpc failed", rpc=rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed inside the coordinator")

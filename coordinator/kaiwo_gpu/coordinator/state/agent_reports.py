@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.common.errors import InvalidArgumentError as Invalid
@@ -25,7 +27,7 @@ from kaiwo_gpu.common.telemetry_limits import (
     TEMPERATURE_C,
     within,
 )
-from kaiwo_gpu.common.wire import HEALTH_VERDICTS
+from kaiwo_gpu.common.wire import HEALTH_VERDICTS, moment_of
 from kaiwo_gpu.coordinator.placement.cluster import GpuUsage, Telemetry
 from kaiwo_gpu.coordinator.state.inventory import MAX_GPUS_PER_NODE, check_gpu_inventory
 from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL
@@ -146,8 +148,8 @@ def checked_batch(
     owner_of: Callable[[str], str | None],
 ) -> dict[str, agent_pb2.GpuSample]:
     """The batch's samples by UUID, if every one is about this node's GPUs and in range."""
-    if not batch.HasField("sampled_at"):
-        raise Invalid("telemetry.sampled_at", None, "the time the batch was sampled")
+    if not batch.HasField("sampled_at") or moment_of(batch.sampled_at) is None:
+        raise Invalid("telemetry.sampled_at", _stamp(batch.sampled_at), _WHEN_SAMPLED)
     vram = {status.inventory.uuid: status.inventory.vram_mib for status in record.gpus}
     samples: dict[str, agent_pb2.GpuSample] = {}
     for n, sample in enumerate(batch.samples):
@@ -167,7 +169,17 @@ def checked_batch(
     return samples
 
 
+_WHEN_SAMPLED = "the time it was sampled, a timestamp in years 1-9999 with nanos 0-999999999"
+
+
+def _stamp(stamp: Timestamp) -> str:
+    return f"seconds={stamp.seconds} nanos={stamp.nanos}"
+
+
 def _check_sample(sample: agent_pb2.GpuSample, where: str, vram_mib: int) -> None:
+    stamp = sample.telemetry.sampled_at
+    if sample.telemetry.HasField("sampled_at") and moment_of(stamp) is None:
+        raise Invalid(f"{where}.telemetry.sampled_at", _stamp(stamp), _WHEN_SAMPLED)
     if sample.health not in HEALTH_VERDICTS:
         raise Invalid(f"{where}.health", sample.health, "HEALTHY, DEGRADED or UNHEALTHY")
     names.check_reason(sample.health_reason, f"{where}.health_reason")
