@@ -15,9 +15,10 @@ import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.agent.amdsmi_backend import _temperature_c as amdsmi_temperature
-from kaiwo_gpu.agent.backend import GpuReading
+from kaiwo_gpu.agent.backend import GpuReading, ProcessVram
 from kaiwo_gpu.agent.sampler import telemetry_proto
 from kaiwo_gpu.cli import flags
+from kaiwo_gpu.cli.output import nodes_table
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Health, Selector
@@ -217,3 +218,54 @@ def test_node_labels_follow_one_rule_in_the_inventory_and_from_agents(key: str) 
     )
     with pytest.raises(InvalidArgumentError, match="labels"):
         node_record(register, None, lambda uuid: None)
+
+
+FORGED = "ok\x1b]0;pwned\x07\x1b[2K\rnode-x GPU 0: healthy\u2028\u202e"
+
+
+def test_text_that_could_drive_a_terminal_is_refused_at_the_edge_and_escaped_on_print() -> None:
+    """Review finding: an agent's health_reason with ANSI escapes forged lines and retitled
+    the terminal in `nodes` and `top`. The coordinator refuses it in every free-text field;
+    the agent's own sampler escapes what a process names itself, so its batch is taken;
+    and whatever reaches a table anyway (an older coordinator) prints escaped."""
+    record = node_record(
+        agent_pb2.Register(node="n1", gpus=raw_inventory("n1"), backend="simulated"),
+        None,
+        lambda uuid: None,
+    )
+    uuid = raw_inventory("n1")[0].uuid
+
+    def batch_with(sample: agent_pb2.GpuSample) -> agent_pb2.TelemetryBatch:
+        return agent_pb2.TelemetryBatch(sampled_at=Timestamp(seconds=1), samples=[sample])
+
+    forged_reason = agent_pb2.GpuSample(uuid=uuid, health=types_pb2.HEALTH_DEGRADED)
+    forged_reason.health_reason = FORGED
+    with pytest.raises(InvalidArgumentError, match="printable characters only"):
+        checked_batch(batch_with(forged_reason), record, lambda uuid: None)
+    process = types_pb2.ProcessMemory(pid=1, name=FORGED[:15], vram_mib=1)
+    forged_process = agent_pb2.GpuSample(
+        uuid=uuid,
+        health=types_pb2.HEALTH_HEALTHY,
+        telemetry=types_pb2.GpuTelemetry(processes=[process]),
+    )
+    with pytest.raises(InvalidArgumentError, match=r"processes\[0\]\.name"):
+        checked_batch(batch_with(forged_process), record, lambda uuid: None)
+    bad_model = raw_inventory("n2")
+    bad_model[0].model = "MI300X\x1b[31m"
+    register = agent_pb2.Register(node="n2", gpus=bad_model, backend="simulated")
+    with pytest.raises(InvalidArgumentError, match=r"register\.gpus\[0\]\.model"):
+        node_record(register, None, lambda uuid: None)
+
+    reading = GpuReading(processes=(ProcessVram(pid=1, name=FORGED, vram_mib=1),))
+    sent = telemetry_proto(reading, Timestamp(seconds=1), 1024)
+    taken = agent_pb2.GpuSample(uuid=uuid, health=types_pb2.HEALTH_HEALTHY, telemetry=sent)
+    checked_batch(batch_with(taken), record, lambda uuid: None)  # the sampler's is accepted
+    assert "\x1b" not in sent.processes[0].name
+
+    shown = types_pb2.NodeStatus(name="n1", schedulable=True, gpus=[types_pb2.GpuStatus(
+        inventory=raw_inventory("n1")[0], health=types_pb2.HEALTH_DEGRADED, health_reason=FORGED
+    )])  # fmt: skip
+    printed = nodes_table([shown])
+    assert all(line.isprintable() for line in printed.splitlines())
+    assert "\\x1b]0;pwned\\x07" in printed
+    assert names.escaped(FORGED).isprintable()

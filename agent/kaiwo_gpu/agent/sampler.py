@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaiwo_gpu.agent.backend import DeviceLostError, DiscoveredGpu, GpuBackend, GpuReading
 from kaiwo_gpu.agent.health import GpuHealth, classify, initial, limits_for, stale
-from kaiwo_gpu.common.names import MAX_REASON_CHARS
+from kaiwo_gpu.common.names import MAX_REASON_CHARS, escaped
 from kaiwo_gpu.common.telemetry_limits import (
     MAX_PERCENT,
     MAX_PROCESS_NAME,
@@ -47,6 +47,12 @@ def inventory_proto(gpu: DiscoveredGpu) -> types_pb2.GpuInventory:
         compute_partition=gpu.compute_partition,
         memory_partition=gpu.memory_partition,
     )
+
+
+def _text(text: str, max_chars: int) -> str:
+    """Text the coordinator takes: escaped (a process may name itself anything) and cut, so
+    one odd process name does not get the node's whole batch refused."""
+    return escaped(text)[:max_chars]
 
 
 def _believable(value: float | None, bounds: tuple[float, float]) -> float | None:
@@ -82,7 +88,7 @@ def telemetry_proto(
     believable.sort(key=lambda process: -process.vram_mib)
     for process in believable[:MAX_PROCESSES]:
         telemetry.processes.add(
-            pid=process.pid, name=process.name[:MAX_PROCESS_NAME], vram_mib=process.vram_mib
+            pid=process.pid, name=_text(process.name, MAX_PROCESS_NAME), vram_mib=process.vram_mib
         )
     return telemetry
 
@@ -183,7 +189,7 @@ class NodeSampler:
             sample = batch.samples.add(
                 uuid=gpu.uuid,
                 health=health_to_proto(verdict.health),
-                health_reason=verdict.reason[:MAX_REASON_CHARS],
+                health_reason=_text(verdict.reason, MAX_REASON_CHARS),
             )
             if reading is not None:  # lost or not read this tick: no telemetry to send
                 sample.telemetry.CopyFrom(telemetry_proto(reading, stamp, gpu.vram_mib))

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.common.names import escaped
 from kaiwo_gpu.common.units import format_fraction
 from kaiwo_gpu.common.wire import isolation_from_proto
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -47,8 +48,9 @@ def structured(data: object, output: OutputFormat, *, stream: bool = False) -> s
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, like kubectl: easy to read and to `awk`."""
-    lines = [list(headers), *(list(row) for row in rows)]
+    """Columns padded to their widest cell, like kubectl: easy to read and to `awk`. Cells
+    come from the network, so each is escaped: none can drive the terminal."""
+    lines = [list(headers), *([escaped(cell) for cell in row] for row in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
     return "\n".join(
         "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
@@ -147,11 +149,11 @@ def allocation_details(allocation: types_pb2.Allocation, now: datetime) -> str:
     )
     lines.append("environment:")
     lines.extend(f"  {line}" for line in environment_lines(allocation))
-    return "\n".join(lines)
+    return "\n".join(map(escaped, lines))
 
 
 def environment_lines(allocation: types_pb2.Allocation) -> list[str]:
-    return [f"{key}={value}" for key, value in sorted(allocation.environment.items())]
+    return [escaped(f"{key}={value}") for key, value in sorted(allocation.environment.items())]
 
 
 def _pairs(labels: Mapping[str, str]) -> str:
@@ -226,7 +228,7 @@ def nodes_table(nodes: Iterable[types_pb2.NodeStatus]) -> str:
             if gpu.overcommit
         ]
     )
-    return "\n".join([text, *(["", *reasons] if reasons else [])])
+    return "\n".join([text, *(["", *map(escaped, reasons)] if reasons else [])])
 
 
 def stats_table(stats: allocation_pb2.GetClusterStatsResponse) -> str:
@@ -256,7 +258,9 @@ EVENT_WIDTHS = (7, 32, 12, 5, 5, 6, 9, 16, 7)
 
 
 def fixed_columns(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "   ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+    return "   ".join(
+        escaped(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)
+    ).rstrip()
 
 
 def event_kind(event: allocation_pb2.AllocationEvent) -> str:

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from kaiwo_gpu.cli.output import format_duration, format_expiry, isolation_name, now_utc
 from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.names import escaped
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, format_fraction
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
@@ -157,7 +158,7 @@ def _gpu_table(nodes: Sequence[types_pb2.NodeStatus]) -> Table:
         flexible={"NODE", "MODEL"},
     )
     for node in nodes:
-        name = Text(node.name, style="" if node.schedulable else "yellow")
+        name = Text(escaped(node.name), style="" if node.schedulable else "yellow")
         if not node.gpus:
             table.add_row(name, "-", Text("no GPUs", style="dim"))
         for position, gpu in enumerate(sorted(node.gpus, key=lambda gpu: gpu.inventory.index)):
@@ -166,7 +167,7 @@ def _gpu_table(nodes: Sequence[types_pb2.NodeStatus]) -> Table:
             table.add_row(
                 name if position == 0 else "",
                 str(gpu.inventory.index),
-                gpu.inventory.model or "-",
+                escaped(gpu.inventory.model) or "-",
                 _health(gpu.health),
                 _share_bar(gpu.allocated_millis),
                 f"{_gib(gpu.allocated_memory_mib)}/{_gib(gpu.inventory.vram_mib)} GiB",
@@ -185,18 +186,21 @@ def _notes(nodes: Sequence[types_pb2.NodeStatus]) -> list[Text]:
     for node in nodes:
         if not node.schedulable:
             reason = node.unschedulable_reason or "no reason given"
-            notes.append(Text(f"{node.name}: unschedulable: {reason}", style="yellow"))
+            notes.append(Text(escaped(f"{node.name}: unschedulable: {reason}"), style="yellow"))
         for gpu in sorted(node.gpus, key=lambda gpu: gpu.inventory.index):
             if gpu.health in (types_pb2.HEALTH_DEGRADED, types_pb2.HEALTH_UNHEALTHY):
                 word, style = _HEALTH_STYLES[gpu.health]
                 reason = gpu.health_reason or "no reason given"
                 notes.append(
-                    Text(f"{node.name} GPU {gpu.inventory.index}: {word}: {reason}", style)
+                    Text(escaped(f"{node.name} GPU {gpu.inventory.index}: {word}: {reason}"), style)
                 )
             if gpu.overcommit:
                 notes.append(
                     Text(
-                        f"{node.name} GPU {gpu.inventory.index}: over-committed: {gpu.overcommit}",
+                        escaped(
+                            f"{node.name} GPU {gpu.inventory.index}: over-committed: "
+                            f"{gpu.overcommit}"
+                        ),
                         style="bold red",
                     )
                 )
@@ -215,9 +219,9 @@ def _allocation_table(allocations: Collection[types_pb2.Allocation], now: dateti
         shares = dict.fromkeys(format_fraction(grant.granted_millis) for grant in grants)
         memory = dict.fromkeys(_gib(grant.granted_memory_mib) for grant in grants)
         table.add_row(
-            allocation.id,
-            allocation.request.owner or "-",
-            allocation.node,
+            escaped(allocation.id),
+            escaped(allocation.request.owner) or "-",
+            escaped(allocation.node),
             ",".join(str(grant.index) for grant in grants) or "-",
             ",".join(shares) or "-",
             f"{','.join(memory)} GiB" if memory else "-",

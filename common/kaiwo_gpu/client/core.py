@@ -18,6 +18,7 @@ from kaiwo_gpu.client.calls import Call
 from kaiwo_gpu.client.retries import Attempts, Decision, Failure
 from kaiwo_gpu.client.support import ClientSettings, client_settings
 from kaiwo_gpu.common.errors import FailedPreconditionError
+from kaiwo_gpu.common.names import escaped
 
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
 
@@ -25,7 +26,8 @@ CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
 def failure_of(error: grpc.RpcError) -> Failure:
     """A failed call as the retry rules read it (a bare RpcError carries no status)."""
     if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
-        code, details = error.code(), error.details() or ""
+        # The coordinator's words are data: escaped, none can drive a terminal it reaches.
+        code, details = error.code(), escaped(error.details() or "")
     else:
         code, details = grpc.StatusCode.UNKNOWN, ""
     return Failure(code.name, details, reached_server=not details.startswith("failed to connect"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-
 QUOTED_CHARS = 48
 """How much of an offending value a message quotes: enough to recognise it, never so much
 that a 1 MB value makes a 1 MB status (which gRPC refuses, and clients then misread)."""

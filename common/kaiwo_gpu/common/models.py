@@ -27,7 +27,7 @@ _LABEL_KEY = re.compile(  # an optional DNS-1123 prefix, then a name
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _OWNER = re.compile(r"^[\x21-\x7e]{0,253}$")
 _STRATEGY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_NOTE = re.compile(r"[^\x00-\x1f]{0,512}")
+MAX_NOTE_CHARS = 512
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -234,7 +234,7 @@ class AllocationRequest:
         if self.strategy is not None:
             _check_str(self.strategy, _STRATEGY, "strategy", "a strategy name like best-fit")
         _check_str(self.owner, _OWNER, "owner", "up to 253 printable ASCII characters, no spaces")
-        _check_str(self.isolation_note, _NOTE, "isolation_note", "up to 512 characters")
+        names.check_text(self.isolation_note, "isolation_note", MAX_NOTE_CHARS)
         set_field(self, "labels", freeze_labels(self.labels, "labels"))
         if self.ttl_seconds is not None and not 1 <= self.ttl_seconds <= MAX_TTL_SECONDS:
             raise InvalidArgumentError("ttl_seconds", self.ttl_seconds, f"1-{MAX_TTL_SECONDS} s")

@@ -4,6 +4,11 @@ Nodes are named like their hosts, and Kubernetes names them the same way, so a n
 a DNS-1123 subdomain wherever it appears (a request's selector, an agent's registration,
 the inventory file, `--node`). Request ids, GPU UUIDs, model names and reasons likewise have
 one rule each; the modules that read them check with these functions.
+
+Free text (reasons, model names, process names, PCI addresses) must be printable: no
+control, format or separator character other than the space, so a forged reason cannot
+move a terminal's cursor, retitle it or fake a line. What reaches a terminal anyway (from
+an older coordinator, or an error message) goes through `escaped`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ REQUEST_ID_RULE = "1-128 characters of [A-Za-z0-9._:/-]"
 GPU_UUID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 GPU_UUID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
 GPU_MODEL = re.compile(r"\S{1,64}")
-GPU_MODEL_RULE = "a market name of 1-64 characters without spaces"
+GPU_MODEL_RULE = "a market name of 1-64 printable characters without spaces"
+PRINTABLE_RULE = "printable characters only (no control, format or line-separator characters)"
 AGENT_BACKENDS = ("amdsmi", "simulated")
 """The backends an agent may say it reads its GPUs through."""
 MAX_REASON_CHARS = 256
@@ -59,13 +65,32 @@ def check_gpu_uuid(value: object, field: str) -> str:
 
 
 def check_gpu_model(value: object, field: str) -> str:
-    if not isinstance(value, str) or not GPU_MODEL.fullmatch(value):
+    if not isinstance(value, str) or not GPU_MODEL.fullmatch(value) or not value.isprintable():
         raise InvalidArgumentError(field, value, GPU_MODEL_RULE)
     return value
 
 
 def check_reason(value: object, field: str) -> str:
-    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
-        shown = "(too long)" if isinstance(value, str) else value
-        raise InvalidArgumentError(field, shown, f"a text of up to {MAX_REASON_CHARS} characters")
+    return check_text(value, field, MAX_REASON_CHARS)
+
+
+def check_text(value: object, field: str, max_chars: int) -> str:
+    """Free text from the network: at most `max_chars`, printable (`str.isprintable`)."""
+    if not isinstance(value, str) or len(value) > max_chars or not value.isprintable():
+        raise InvalidArgumentError(
+            field, value, f"a text of up to {max_chars} characters, {PRINTABLE_RULE}"
+        )
     return value
+
+
+def escaped(text: str) -> str:
+    """The text with each character that is not printable written as an escape (`\\x1b`),
+    for a terminal: whatever a message carries, it cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

@@ -202,11 +202,10 @@ def _check_sample(sample: agent_pb2.GpuSample, where: str, vram_mib: int) -> Non
             f"{where}.telemetry.processes", len(telemetry.processes), f"0-{MAX_PROCESSES}"
         )
     for p, process in enumerate(telemetry.processes):
-        if len(process.name) > MAX_PROCESS_NAME or process.vram_mib > vram_mib:
+        names.check_text(process.name, f"{where}.telemetry.processes[{p}].name", MAX_PROCESS_NAME)
+        if process.vram_mib > vram_mib:
             raise Invalid(
-                f"{where}.telemetry.processes[{p}]",
-                process.pid,
-                f"a name of up to {MAX_PROCESS_NAME} characters and 0-{vram_mib} MiB",
+                f"{where}.telemetry.processes[{p}].vram_mib", process.vram_mib, f"0-{vram_mib} MiB"
             )
 
 

@@ -82,9 +82,9 @@ def checked_gpu(
     A model kaiwo-gpu knows by name may report less VRAM and fewer compute units than its
     published figures (a partition of it does), never more: more is a broken or lying
     report, and capacity that is not there would be granted."""
-    if not isinstance(bdf, str) or len(bdf) > MAX_BDF_CHARS:
+    if not isinstance(bdf, str) or len(bdf) > MAX_BDF_CHARS or not bdf.isprintable():
         raise InvalidArgumentError(
-            f"{where}.bdf", bdf, f"a PCI address of up to {MAX_BDF_CHARS} characters"
+            f"{where}.bdf", bdf, f"a PCI address of up to {MAX_BDF_CHARS} printable characters"
         )
     model = names.check_gpu_model(model, f"{where}.model")
     known = GPU_MODELS.get(model)
