@@ -15,6 +15,7 @@ from kaiwo_gpu.client import AsyncClient, AsyncHeldAllocation, Client, ClientSet
 from kaiwo_gpu.client.support import coordinator_target
 from kaiwo_gpu.common import InvalidArgumentError, NoCapacityError, NotFoundError, UnavailableError
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
+from kaiwo_gpu.coordinator.local.etcd import free_port
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running
 from tests.fake_coordinator import flaky, serving
@@ -474,3 +475,17 @@ def test_coordinator_targets(text: str, target: str) -> None:
 def test_bad_coordinator_targets_name_the_forms(text: str) -> None:
     with pytest.raises(InvalidArgumentError, match="host:port"):
         coordinator_target(text)
+
+
+async def test_a_client_given_several_addresses_fails_over_to_the_live_one(
+    running: Running,
+) -> None:
+    """Review finding: `Client("h:p,h:p")` was dialled as one misformatted name and spent
+    its whole timeout; it is now one `ipv4:` target, as the CLI and the environment make."""
+    dead = f"127.0.0.1:{free_port()}"
+    settings = ClientSettings(timeout_s=10.0)
+    async with AsyncClient(f"{dead},{running.target}", settings=settings) as client:
+        stats = await client.stats()
+    assert stats.gpu_count > 0
+    with pytest.raises(InvalidArgumentError, match="target"):
+        AsyncClient("a b c", settings=settings)

@@ -231,3 +231,35 @@ async def test_a_gpu_granted_more_than_it_has_is_flagged_and_every_read_still_an
             allocation_pb2.GetAllocationRequest(allocation_id="over-granted")
         )
         assert got.allocation.id == "over-granted"
+
+
+async def test_a_request_that_does_not_fit_while_etcd_is_down_is_unavailable(
+    own_etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    """Review finding: it answered RESOURCE_EXHAUSTED (exit 4, "no capacity") from a view
+    that may be stale, when etcd being away is the truth: UNAVAILABLE, retry."""
+    async with coordinator_running(own_etcd.endpoint, prefix, inventory) as running:
+        too_big = request("too-big", fraction_millis=1000, count=64)
+        code, _ = await _status(running.api.Allocate(too_big))
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED  # etcd up: the view is the truth
+        own_etcd.stop(kill=True)
+        try:
+            for _ in range(400):  # the watch notices the loss (20 s at most)
+                if not running.coordinator.view.connected:
+                    break
+                await asyncio.sleep(0.05)
+            code, message = await _status(
+                running.api.Allocate(request("too-big-2", fraction_millis=1000, count=64))
+            )
+        finally:
+            await asyncio.to_thread(own_etcd.start)
+        assert code is grpc.StatusCode.UNAVAILABLE, message
+        assert "etcd is unreachable" in message
+
+
+async def _status(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    raise AssertionError("the call succeeded")

@@ -58,10 +58,15 @@ def coordinator_target(text: str, field: str = "coordinator") -> str:
 
 
 def client_settings(target: str | None, settings: ClientSettings | None) -> ClientSettings:
-    """An explicit target wins, then the settings' target, then $KAIWO_GPU_COORDINATOR."""
+    """An explicit target wins, then the settings' target, then $KAIWO_GPU_COORDINATOR;
+    each read by `coordinator_target`, as the CLI and the environment are (so
+    `Client("h:p,h:p")` fails over instead of dialling a misformatted name)."""
     if settings is None:
-        return ClientSettings(target=target or target_from_environment(os.environ))
-    return replace(settings, target=target) if target else settings
+        if target:
+            return ClientSettings(target=coordinator_target(target, "target"))
+        return ClientSettings(target=target_from_environment(os.environ))
+    chosen = target or settings.target
+    return replace(settings, target=coordinator_target(chosen, "target"))
 
 
 def target_from_environment(environment: Mapping[str, str]) -> str:

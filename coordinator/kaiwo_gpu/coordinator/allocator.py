@@ -184,6 +184,17 @@ class Allocator:
                 self._drop_lease(item)  # also for callers that have gone away
             item.reject(error)
 
+    def _refusal(self, refused: tuple[int, KaiwoGpuError]) -> tuple[int, KaiwoGpuError]:
+        """No room, as the view says; but a view cut off from etcd may be stale (releases
+        it has not seen), so then the honest answer is UNAVAILABLE, not "no capacity"."""
+        index, error = refused
+        if self.view.connected:
+            return refused
+        return index, UnavailableError(
+            "etcd is unreachable, so this coordinator's view of the cluster may be stale; "
+            f"nothing was placed (the last view had no room: {error.message}); retry"
+        )
+
     def _drop_lease(self, item: _Pending) -> None:
         """A lease granted for a request that did not commit is dropped, not left to expire."""
         lease_id, item.lease_id = item.lease_id, 0
@@ -207,7 +218,7 @@ class Allocator:
                     return
                 decision = self._decide(pending)  # the first decision never happened
             self._scheduler_state = decision.scheduler_state
-            for index, error in (*decision.failed, *decision.refused):
+            for index, error in (*decision.failed, *map(self._refusal, decision.refused)):
                 self._drop_lease(pending[index])
                 pending[index].reject(error)
             for index in decision.leftover:
