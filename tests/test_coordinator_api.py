@@ -496,3 +496,13 @@ async def test_a_huge_bad_value_is_answered_as_a_short_field_error(running: Runn
     assert message.startswith("request.owner: 'xxxx"), message[:200]
     assert "(1000000 characters)" in message
     assert len(message) < 300
+
+
+async def test_a_garbage_page_token_is_a_field_error(running: Running) -> None:
+    """Review finding: it was read as "from the start", so a client that mangled its token
+    silently got the first page again."""
+    code, message = await _code(
+        running.api.ListAllocations(allocation_pb2.ListAllocationsRequest(page_token="../x y"))
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, message
+    assert message.startswith("page_token:"), message

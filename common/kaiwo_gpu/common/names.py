@@ -25,6 +25,8 @@ NODE_NAME_RULE = (
 )
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 REQUEST_ID_RULE = "1-128 characters of [A-Za-z0-9._:/-]"
+ALLOCATION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+ALLOCATION_ID_RULE = "1-128 characters of [A-Za-z0-9._-]"
 GPU_UUID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 GPU_UUID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
 GPU_MODEL = re.compile(r"\S{1,64}")
@@ -55,6 +57,14 @@ def check_request_id(value: object, field: str) -> str:
     if not is_request_id(value):
         raise InvalidArgumentError(field, value, REQUEST_ID_RULE)
     assert isinstance(value, str)
+    return value
+
+
+def check_allocation_id(value: object, field: str) -> str:
+    """An allocation id as Get, Release and KeepAlive take it, and as a page token is one
+    (the last id of the page before)."""
+    if not isinstance(value, str) or not ALLOCATION_ID.fullmatch(value):
+        raise InvalidArgumentError(field, value, ALLOCATION_ID_RULE)
     return value
 
 

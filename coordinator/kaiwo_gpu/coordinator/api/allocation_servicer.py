@@ -8,14 +8,14 @@ adds what is derived from them (the grant's environment, the latest expiry known
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 
-from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, UnavailableError
+from kaiwo_gpu.common import names
+from kaiwo_gpu.common.errors import KaiwoGpuError, UnavailableError
 from kaiwo_gpu.common.wire import request_from_proto
 from kaiwo_gpu.coordinator.allocator import Allocator
 from kaiwo_gpu.coordinator.api.queries import (
@@ -30,15 +30,12 @@ from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 
 log = structlog.get_logger(__name__)
 
-_ALLOCATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 
 def check_allocation_id(value: str) -> str:
-    if not _ALLOCATION_ID.match(value):
-        raise InvalidArgumentError("allocation_id", value, "1-128 characters of [A-Za-z0-9._-]")
-    return value
+    return names.check_allocation_id(value, "allocation_id")
 
 
 Context = grpc.aio.ServicerContext[object, object]

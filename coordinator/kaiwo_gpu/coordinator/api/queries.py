@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
@@ -38,6 +39,8 @@ def list_allocations(
     if query.page_size > MAX_PAGE_SIZE:
         raise InvalidArgumentError("page_size", query.page_size, f"0-{MAX_PAGE_SIZE}")
     size = query.page_size or DEFAULT_PAGE_SIZE
+    if query.page_token:  # a token is the last id of the page before; garbage is an error
+        names.check_allocation_id(query.page_token, "page_token")
     chosen = sorted(
         (
             record
