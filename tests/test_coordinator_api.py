@@ -506,3 +506,34 @@ async def test_a_garbage_page_token_is_a_field_error(running: Running) -> None:
     )
     assert code is grpc.StatusCode.INVALID_ARGUMENT, message
     assert message.startswith("page_token:"), message
+
+
+@pytest.mark.parametrize(
+    ("method", "streaming"),
+    [("Allocate", False), ("GetAllocation", False), ("WatchAllocations", True)],
+)
+async def test_bytes_that_are_not_the_request_are_invalid_argument(
+    running: Running, method: str, streaming: bool
+) -> None:
+    """Review finding: raw garbage answered UNKNOWN "DecodeError", which a client cannot
+    tell from a bug in the server."""
+    path = f"/kaiwo_gpu.v1.AllocationService/{method}"
+    garbage = b"\xff\xff\xff\xff not a protobuf"
+
+    async def call() -> None:
+        if streaming:
+            watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = running.channel.unary_stream(
+                path
+            )
+            async for _ in watch(garbage, timeout=10):
+                pass
+        else:
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = running.channel.unary_unary(
+                path
+            )
+            await unary(garbage, timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call()
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert "is not a valid kaiwo_gpu.v1." in (refused.value.details() or "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-QUOTED_CHARS = 48
+QUOTED_CHARS = 64
 """How much of an offending value a message quotes: enough to recognise it, never so much
 that a 1 MB value makes a 1 MB status (which gRPC refuses, and clients then misread)."""
 STATUS_MESSAGE_CHARS = 1024
@@ -17,12 +17,14 @@ STATUS_MESSAGE_CHARS = 1024
 
 
 def quoted(value: object) -> str:
-    """`repr(value)` (so control characters are escaped), cut to QUOTED_CHARS."""
+    """`repr(value)` (so control characters are escaped), cut to its first and last few
+    characters (QUOTED_CHARS in all: the end of a path is what names the file)."""
     text = repr(value)
     if len(text) <= QUOTED_CHARS:
         return text
     size = len(value) if isinstance(value, str | bytes) else len(text)
-    return f"{text[:QUOTED_CHARS]}... ({size} characters)"
+    tail = QUOTED_CHARS // 3
+    return f"{text[: QUOTED_CHARS - tail]}...{text[-tail:]} ({size} characters)"
 
 
 class KaiwoGpuError(Exception):

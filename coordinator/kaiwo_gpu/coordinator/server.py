@@ -24,6 +24,7 @@ from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
+from kaiwo_gpu.coordinator.api.decode_errors import DecodeErrorsAreInvalidArgument
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, StrategyRegistry
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.coordinator.state.inventory import load_inventory
@@ -69,13 +70,14 @@ class Coordinator:
         )
         self.health = HealthServicer()
         self.server = grpc.aio.server(
+            interceptors=[DecodeErrorsAreInvalidArgument()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 # gRPC shares ports by default: a second coordinator on the same address
                 # would start "fine" and take half the traffic. Refuse instead.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.agents = AgentServicer(
             self.store,
