@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from kaiwo_gpu.client import Client, ClientSettings
 from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.state.view_state import AGENT_MISSING
 
-from .agents import AgentProcess, eventually, nodes_by_name
+from .agents import AgentProcess, agents_running, eventually, nodes_by_name
 from .conftest import Running, coordinator_running
 from .harness import child, request
 from .test_agents import FAST, _schedulable, _unschedulable, address
@@ -127,3 +128,59 @@ async def test_sigterm_stops_an_agent_whose_gpu_read_hangs(etcd: LocalEtcd, pref
             rest = agent.stdout.read()
             assert "exited" in rest
             assert "closed under a running read" not in rest
+
+
+async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path, inventory: Path
+) -> None:
+    """Review finding: with a coordinator SIGSTOPped, its agents stayed connected to it (their
+    10 s pings drew GOAWAY too_many_pings, and nothing else noticed), so the healthy
+    coordinator marked their nodes unschedulable, and clients of `ipv4:c1,c2` hung on the
+    frozen one until their deadline. Now keepalive finds the frozen one within seconds."""
+    flags = ("--node-ttl=2s", "--sample-interval=200ms")
+    frozen = CoordinatorProcess(
+        etcd.endpoint, prefix, inventory, tmp_path / "frozen.log", extra_args=flags
+    )
+    healthy = CoordinatorProcess(
+        etcd.endpoint, prefix, inventory, tmp_path / "healthy.log", extra_args=flags
+    )
+    frozen.start()
+    healthy.start()
+    stopped = False
+    try:
+        await frozen.wait_serving()
+        await healthy.wait_serving()
+        async with (
+            agents_running((frozen.address, healthy.address), ["frozen-a"]) as (agent,),
+            coordinator_running(etcd.endpoint, prefix, inventory, **FAST) as observer,
+        ):
+            await eventually(lambda: _observed(observer, "frozen-a", True), timeout_s=60)
+            assert agent.uplink.status.coordinator == frozen.address
+            assert frozen.process is not None
+            frozen.process.send_signal(signal.SIGSTOP)
+            stopped = True
+            frozen_at = asyncio.get_running_loop().time()
+
+            async def moved() -> bool | None:
+                status = agent.uplink.status
+                return True if status.connected and status.coordinator == healthy.address else None
+
+            await eventually(moved, timeout_s=30)
+            moved_after_s = asyncio.get_running_loop().time() - frozen_at
+            assert moved_after_s < 15, moved_after_s  # keepalive: ping after 2 s, 2 s to answer
+            await eventually(lambda: _observed(observer, "frozen-a", True), timeout_s=30)
+
+            def stats_through_both() -> int:
+                target = f"{frozen.address},{healthy.address}"
+                settings = ClientSettings(timeout_s=60.0)
+                with Client(target, settings=settings) as client:
+                    return client.stats().gpu_count
+
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.to_thread(stats_through_both) > 0
+            assert asyncio.get_running_loop().time() - started < 40  # not the whole deadline
+    finally:
+        if stopped and frozen.process is not None:
+            frozen.process.send_signal(signal.SIGCONT)
+        frozen.stop(signal.SIGKILL)
+        healthy.stop()

@@ -256,3 +256,20 @@ def test_the_workload_environment_replaces_every_grant_variable() -> None:
         "HOME": "/home/a",
         "ROCR_VISIBLE_DEVICES": "1",
     }
+
+
+def test_an_attempt_gets_at_most_its_own_timeout_and_one_that_runs_out_is_tried_again() -> None:
+    """Review finding: a call held by a frozen coordinator waited its whole deadline while
+    another one was healthy. An attempt now gives up after attempt_timeout_s and the call
+    is tried again; only the call's own deadline ends it."""
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.4, attempt_timeout_s=10.0)
+    call = Attempts(policy, LongestPause(), started_at=0.0, timeout_s=30.0)
+    assert call.timeout_s(0.0) == 10.0
+    assert call.failed(TIMED_OUT, 10.0) == Retry(0.1)
+    assert call.timeout_s(10.1) == 10.0
+    assert call.failed(TIMED_OUT, 20.1) == Retry(0.2)
+    assert call.timeout_s(20.3) == pytest.approx(9.7)  # what is left of the call
+    ended = call.failed(TIMED_OUT, 30.0)
+    assert isinstance(ended, GiveUp)
+    assert isinstance(ended.error, DeadlineExceededError)
+    assert "gave up after 3 attempts" in ended.error.message

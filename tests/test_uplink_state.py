@@ -568,3 +568,57 @@ def test_whatever_happens_one_stream_and_one_operation_at_a_time(data: st.DataOb
             shell.feed(StreamOpened(session, shell.now_s))
     assert state.finished
     assert shell.open is None
+
+
+def heartbeat() -> agent_pb2.CoordinatorDirective:
+    return agent_pb2.CoordinatorDirective(heartbeat=agent_pb2.Heartbeat())
+
+
+def tick(state: UplinkState, session: int, at_s: float) -> list[Command]:
+    """One tick that samples and sends: the commands after the send."""
+    state.handle(TickDue(session, at_s))
+    commands = state.handle(Sampled(session, at_s, BATCH))
+    if any(isinstance(command, SendBatch) for command in commands):
+        return state.handle(BatchSent(session, at_s))
+    return commands
+
+
+def test_a_coordinator_silent_past_its_promised_heartbeats_is_left_for_the_next() -> None:
+    """Review finding: an agent stayed on a SIGSTOPped coordinator, whose TCP connection
+    stays open, while the other one marked its node unschedulable."""
+    state, _ = new_state()
+    session = connect(state, 0.0).session
+    state.handle(StreamOpened(session, 0.0))
+    promise = registered()
+    promise.registered.heartbeat_ms = 2000
+    state.handle(DirectiveReceived(session, promise))
+    for second in range(1, 30):  # heartbeats every 2 s keep it
+        if second % 2 == 0:
+            state.handle(DirectiveReceived(session, heartbeat()))
+        assert only(tick(state, session, float(second)), WaitForTick)
+    assert state.status.heartbeats == 14
+    # Then it freezes after the heartbeat of second 28: past three heartbeats (6 s) of
+    # silence the stream ends.
+    for second in range(30, 35):
+        assert only(tick(state, session, float(second)), WaitForTick)
+    ended = tick(state, session, 35.0)
+    assert only(ended, CloseStream)
+    assert only(ended, Backoff)
+    assert "sent nothing for 7s" in state.status.last_error
+    assert connect(state, 40.0).address == ADDRESSES[1]
+
+
+def test_a_coordinator_that_promises_no_heartbeat_is_held_only_to_its_registration() -> None:
+    state, _ = new_state()
+    session = connect(state, 0.0).session
+    state.handle(StreamOpened(session, 0.0))
+    state.handle(DirectiveReceived(session, registered()))  # an older coordinator: no promise
+    for second in range(1, 60):
+        assert only(tick(state, session, float(second)), WaitForTick)
+    # One that never answers the registration is left after as long.
+    state, _ = new_state()
+    session = connect(state, 0.0).session
+    state.handle(StreamOpened(session, 0.0))
+    for second in range(1, 6):
+        assert only(tick(state, session, float(second)), WaitForTick)
+    assert only(tick(state, session, 6.5), CloseStream)

@@ -50,15 +50,11 @@ from kaiwo_gpu.agent.uplink_state import (
     UplinkStatus,
     WaitForTick,
 )
+from kaiwo_gpu.common.keepalive import CHANNEL_OPTIONS
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 ConnectCall: TypeAlias = (
     "grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.CoordinatorDirective]"
@@ -153,7 +149,7 @@ class Uplink:
 
     async def _follow(self, session: int, address: str) -> None:
         try:
-            self._channel = grpc.aio.insecure_channel(address, options=KEEPALIVE_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             call = self._call = agent_pb2_grpc.AgentServiceStub(self._channel).Connect()
             await call.write(agent_pb2.AgentMessage(register=self.register))
             self._post(StreamOpened(session, self._now()))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from kaiwo_gpu.agent.backend import PlacedShare
+from kaiwo_gpu.common.keepalive import HEARTBEAT_S, MISSED_HEARTBEATS
 from kaiwo_gpu.v1 import agent_pb2
 
 MIN_INTERVAL_MS = 100
@@ -57,6 +58,7 @@ class UplinkStatus:
     connected: bool = False
     registrations: int = 0
     batches_sent: int = 0
+    heartbeats: int = 0
     interval_ms: int = 1000
     last_error: str = ""
     placed: Mapping[str, PlacedShare] = field(default_factory=dict)
@@ -227,6 +229,11 @@ class UplinkState:
     Per session (one stream) at most one operation is in flight: opening the stream,
     sampling, or writing a batch. An end or a stop that arrives meanwhile waits for it, so
     a read is never started twice and the backend is never closed under one.
+
+    A coordinator that has said nothing for MISSED_HEARTBEATS of the heartbeats it promised
+    when it answered the registration (or has not answered it in MISSED_HEARTBEATS x
+    HEARTBEAT_S) is taken for frozen: the stream ends and the next address is tried. One
+    that promises none (an older version) is only held to the registration answer.
     """
 
     def __init__(
@@ -263,6 +270,9 @@ class UplinkState:
         """(status, details) of an end that waits for the operation in flight."""
         self.tick_interval_s = 0.0
         self.next_tick_s = 0.0
+        self.heard_at_s = 0.0  # when the coordinator last said something, as ticks saw it
+        self.heard_since = False  # it said something since heard_at_s
+        self.silence_limit_s: float | None = MISSED_HEARTBEATS * HEARTBEAT_S
 
     @property
     def finished(self) -> bool:
@@ -282,13 +292,16 @@ class UplinkState:
             case StreamOpened(at_s=at_s):
                 self.in_flight = None
                 self.next_tick_s = at_s
+                self.heard_at_s = at_s
                 return self._close() if self.stopping else self._tick()
             case DirectiveReceived(directive=directive):
+                self.heard_since = True
                 return [] if self.ending else self._follow(directive)
             case TickDue():
                 return [] if self.in_flight else self._tick()
             case Sampled(at_s=at_s, batch=batch):
                 self.in_flight = None
+                self._check_heard(at_s)
                 if self.ending:
                     return self._end(at_s)
                 if self.registered:  # a batch before the answer could race a refusal
@@ -298,6 +311,7 @@ class UplinkState:
             case BatchSent(at_s=at_s):
                 self.in_flight = None
                 self.status.batches_sent += 1
+                self._check_heard(at_s)
                 return self._end(at_s) if self.ending else self._after_tick(at_s)
             case TickFailed(at_s=at_s, status=status, details=details):
                 self.in_flight = None
@@ -310,6 +324,18 @@ class UplinkState:
                 self.in_flight = None
                 return self._end(at_s)
 
+    def _check_heard(self, at_s: float) -> None:
+        """Ends the session (at the caller's next step) when the coordinator went silent."""
+        if self.heard_since:
+            self.heard_at_s, self.heard_since = at_s, False
+        silent_s = at_s - self.heard_at_s
+        limit_s = self.silence_limit_s
+        if limit_s is not None and silent_s > limit_s and self.ending is None:
+            self.ending = (
+                "UNAVAILABLE",
+                f"the coordinator has sent nothing for {silent_s:.0f}s (frozen or cut off?)",
+            )
+
     def _connect(self, at_s: float) -> list[Command]:
         self.session += 1
         self.phase = "streaming"
@@ -318,6 +344,8 @@ class UplinkState:
         self.registered = False
         self.in_flight = "open"
         self.ending = None
+        self.heard_since = False
+        self.silence_limit_s = MISSED_HEARTBEATS * HEARTBEAT_S  # for the registration answer
         return [Connect(self.session, self.address)]
 
     def _stop(self) -> list[Command]:
@@ -347,6 +375,8 @@ class UplinkState:
         body = directive.WhichOneof("body")
         if body == "registered":
             self._set_interval(directive.registered.sample_interval_ms)
+            promised_ms = directive.registered.heartbeat_ms
+            self.silence_limit_s = MISSED_HEARTBEATS * promised_ms / 1000 if promised_ms else None
             self.registered = True
             self.status.coordinator = self.address
             self.status.connected = True
@@ -363,7 +393,9 @@ class UplinkState:
                     },
                 )
             ]
-        if body == "set_sample_interval":
+        if body == "heartbeat":
+            self.status.heartbeats += 1
+        elif body == "set_sample_interval":
             self._set_interval(directive.set_sample_interval.sample_interval_ms)
         elif body == "placed_allocations":
             shares = placed_shares(directive.placed_allocations)

@@ -17,10 +17,14 @@ import grpc
 from kaiwo_gpu.client.calls import Call
 from kaiwo_gpu.client.retries import Attempts, Decision, Failure
 from kaiwo_gpu.client.support import ClientSettings, client_settings
+from kaiwo_gpu.common import keepalive
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.names import escaped
 
-CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    *keepalive.CHANNEL_OPTIONS,
+)
 
 
 def failure_of(error: grpc.RpcError) -> Failure:

@@ -26,6 +26,10 @@ class RetryPolicy:
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
+    attempt_timeout_s: float = 10.0
+    """An attempt unanswered for this long is abandoned and tried again while the call's
+    deadline allows: a coordinator that froze holding the call must not take all of it
+    (the retry reaches another one when the target names several)."""
 
 
 def retry_delays(policy: RetryPolicy, rng: random.Random) -> Iterator[float]:
@@ -89,6 +93,8 @@ class Attempts:
         not_found_after_retry_is_done: bool = False,
     ) -> None:
         self.deadline = started_at + timeout_s
+        self._attempt_timeout_s = policy.attempt_timeout_s
+        self._attempt_capped = False  # the last attempt had less time than the call had left
         self._started_at = started_at
         self._timeout_s = timeout_s
         self._delays = retry_delays(policy, rng)
@@ -98,8 +104,11 @@ class Attempts:
         self._may_have_taken_effect = False
 
     def timeout_s(self, now: float) -> float:
-        """How long the next attempt may take: what is left of the call's time."""
-        return max(MIN_ATTEMPT_TIMEOUT_S, self.deadline - now)
+        """How long the next attempt may take: what is left of the call's time, and no more
+        than the policy's attempt timeout."""
+        left_s = self.deadline - now
+        self._attempt_capped = self._attempt_timeout_s < left_s
+        return max(MIN_ATTEMPT_TIMEOUT_S, min(left_s, self._attempt_timeout_s))
 
     def failed(self, failure: Failure, now: float) -> Decision:
         """What to do after this attempt failed at `now`."""
@@ -107,9 +116,13 @@ class Attempts:
         done_before = self._not_found_after_retry_is_done and self._may_have_taken_effect
         if failure.status == "NOT_FOUND" and done_before:
             return AlreadyDone(failure.as_error())
-        if failure.status == "DEADLINE_EXCEEDED" and self._last_retried is not None:
-            return GiveUp(self._at_deadline(self._last_retried, now, "the last attempt timed out"))
-        if failure.status not in RETRYABLE_STATUSES:
+        attempt_timed_out = failure.status == "DEADLINE_EXCEEDED" and self._attempt_capped
+        if failure.status == "DEADLINE_EXCEEDED" and not attempt_timed_out:
+            if self._last_retried is not None:
+                why = "the last attempt timed out"
+                return GiveUp(self._at_deadline(self._last_retried, now, why))
+            return GiveUp(failure.as_error())
+        if failure.status not in RETRYABLE_STATUSES and not attempt_timed_out:
             return GiveUp(failure.as_error())
         pause_s = next(self._delays)
         if now + pause_s >= self.deadline:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kaiwo_gpu.v1 import types_pb2 as kaiwo__gpu_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kaiwo_gpu/v1/agent.proto\x12\x0ckaiwo_gpu.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18kaiwo_gpu/v1/types.proto\"u\n\x0c\x41gentMessage\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.kaiwo_gpu.v1.RegisterH\x00\x12\x31\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1c.kaiwo_gpu.v1.TelemetryBatchH\x00\x42\x06\n\x04\x62ody\"\xcd\x01\n\x08Register\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x32\n\x06labels\x18\x02 \x03(\x0b\x32\".kaiwo_gpu.v1.Register.LabelsEntry\x12(\n\x04gpus\x18\x03 \x03(\x0b\x32\x1a.kaiwo_gpu.v1.GpuInventory\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x01\n\tGpuSample\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12-\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1a.kaiwo_gpu.v1.GpuTelemetry\x12$\n\x06health\x18\x03 \x01(\x0e\x32\x14.kaiwo_gpu.v1.Health\x12\x15\n\rhealth_reason\x18\x04 \x01(\t\"j\n\x0eTelemetryBatch\x12.\n\nsampled_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07samples\x18\x02 \x03(\x0b\x32\x17.kaiwo_gpu.v1.GpuSample\"\xcd\x01\n\x14\x43oordinatorDirective\x12.\n\nregistered\x18\x01 \x01(\x0b\x32\x18.kaiwo_gpu.v1.RegisteredH\x00\x12>\n\x13set_sample_interval\x18\x02 \x01(\x0b\x32\x1f.kaiwo_gpu.v1.SetSampleIntervalH\x00\x12=\n\x12placed_allocations\x18\x03 \x01(\x0b\x32\x1f.kaiwo_gpu.v1.PlacedAllocationsH\x00\x42\x06\n\x04\x62ody\"@\n\nRegistered\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x1a\n\x12sample_interval_ms\x18\x02 \x01(\r\"/\n\x11SetSampleInterval\x12\x1a\n\x12sample_interval_ms\x18\x01 \x01(\r\"m\n\x11PlacedAllocations\x12-\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x18.kaiwo_gpu.v1.Allocation\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2]\n\x0c\x41gentService\x12M\n\x07\x43onnect\x12\x1a.kaiwo_gpu.v1.AgentMessage\x1a\".kaiwo_gpu.v1.CoordinatorDirective(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kaiwo_gpu/v1/agent.proto\x12\x0ckaiwo_gpu.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18kaiwo_gpu/v1/types.proto\"u\n\x0c\x41gentMessage\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.kaiwo_gpu.v1.RegisterH\x00\x12\x31\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1c.kaiwo_gpu.v1.TelemetryBatchH\x00\x42\x06\n\x04\x62ody\"\xcd\x01\n\x08Register\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x32\n\x06labels\x18\x02 \x03(\x0b\x32\".kaiwo_gpu.v1.Register.LabelsEntry\x12(\n\x04gpus\x18\x03 \x03(\x0b\x32\x1a.kaiwo_gpu.v1.GpuInventory\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x01\n\tGpuSample\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12-\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1a.kaiwo_gpu.v1.GpuTelemetry\x12$\n\x06health\x18\x03 \x01(\x0e\x32\x14.kaiwo_gpu.v1.Health\x12\x15\n\rhealth_reason\x18\x04 \x01(\t\"j\n\x0eTelemetryBatch\x12.\n\nsampled_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07samples\x18\x02 \x03(\x0b\x32\x17.kaiwo_gpu.v1.GpuSample\"\xfb\x01\n\x14\x43oordinatorDirective\x12.\n\nregistered\x18\x01 \x01(\x0b\x32\x18.kaiwo_gpu.v1.RegisteredH\x00\x12>\n\x13set_sample_interval\x18\x02 \x01(\x0b\x32\x1f.kaiwo_gpu.v1.SetSampleIntervalH\x00\x12=\n\x12placed_allocations\x18\x03 \x01(\x0b\x32\x1f.kaiwo_gpu.v1.PlacedAllocationsH\x00\x12,\n\theartbeat\x18\x04 \x01(\x0b\x32\x17.kaiwo_gpu.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x0b\n\tHeartbeat\"V\n\nRegistered\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x1a\n\x12sample_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x03 \x01(\r\"/\n\x11SetSampleInterval\x12\x1a\n\x12sample_interval_ms\x18\x01 \x01(\r\"m\n\x11PlacedAllocations\x12-\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x18.kaiwo_gpu.v1.Allocation\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2]\n\x0c\x41gentService\x12M\n\x07\x43onnect\x12\x1a.kaiwo_gpu.v1.AgentMessage\x1a\".kaiwo_gpu.v1.CoordinatorDirective(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,13 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TELEMETRYBATCH']._serialized_start=564
   _globals['_TELEMETRYBATCH']._serialized_end=670
   _globals['_COORDINATORDIRECTIVE']._serialized_start=673
-  _globals['_COORDINATORDIRECTIVE']._serialized_end=878
-  _globals['_REGISTERED']._serialized_start=880
-  _globals['_REGISTERED']._serialized_end=944
-  _globals['_SETSAMPLEINTERVAL']._serialized_start=946
-  _globals['_SETSAMPLEINTERVAL']._serialized_end=993
-  _globals['_PLACEDALLOCATIONS']._serialized_start=995
-  _globals['_PLACEDALLOCATIONS']._serialized_end=1104
-  _globals['_AGENTSERVICE']._serialized_start=1106
-  _globals['_AGENTSERVICE']._serialized_end=1199
+  _globals['_COORDINATORDIRECTIVE']._serialized_end=924
+  _globals['_HEARTBEAT']._serialized_start=926
+  _globals['_HEARTBEAT']._serialized_end=937
+  _globals['_REGISTERED']._serialized_start=939
+  _globals['_REGISTERED']._serialized_end=1025
+  _globals['_SETSAMPLEINTERVAL']._serialized_start=1027
+  _globals['_SETSAMPLEINTERVAL']._serialized_end=1074
+  _globals['_PLACEDALLOCATIONS']._serialized_start=1076
+  _globals['_PLACEDALLOCATIONS']._serialized_end=1185
+  _globals['_AGENTSERVICE']._serialized_start=1187
+  _globals['_AGENTSERVICE']._serialized_end=1280
 # @@protoc_insertion_point(module_scope)

@@ -161,28 +161,51 @@ class CoordinatorDirective(_message.Message):
     REGISTERED_FIELD_NUMBER: _builtins.int
     SET_SAMPLE_INTERVAL_FIELD_NUMBER: _builtins.int
     PLACED_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
     def set_sample_interval(self) -> Global___SetSampleInterval: ...
     @_builtins.property
     def placed_allocations(self) -> Global___PlacedAllocations: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
     def __init__(
         self,
         *,
         registered: Global___Registered | None = ...,
         set_sample_interval: Global___SetSampleInterval | None = ...,
         placed_allocations: Global___PlacedAllocations | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "placed_allocations", b"placed_allocations", "registered", b"registered", "set_sample_interval", b"set_sample_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "placed_allocations", b"placed_allocations", "registered", b"registered", "set_sample_interval", b"set_sample_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "placed_allocations", b"placed_allocations", "registered", b"registered", "set_sample_interval", b"set_sample_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "placed_allocations", b"placed_allocations", "registered", b"registered", "set_sample_interval", b"set_sample_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "set_sample_interval", "placed_allocations"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "set_sample_interval", "placed_allocations", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___CoordinatorDirective: _TypeAlias = CoordinatorDirective  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    """Sent when nothing else was for a while, so an agent can tell a frozen coordinator (whose
+    TCP connection stays open) from a quiet one, and move to the next address.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class Registered(_message.Message):
@@ -190,17 +213,23 @@ class Registered(_message.Message):
 
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     SAMPLE_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
     coordinator_id: _builtins.str
     sample_interval_ms: _builtins.int
+    heartbeat_ms: _builtins.int
+    """The coordinator sends something (a heartbeat if nothing else) at least this often, and
+    an agent that hears nothing for three of these takes it for frozen. 0: no promise.
+    """
     def __init__(
         self,
         *,
         coordinator_id: _builtins.str = ...,
         sample_interval_ms: _builtins.int = ...,
+        heartbeat_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "sample_interval_ms", b"sample_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "heartbeat_ms", b"heartbeat_ms", "sample_interval_ms", b"sample_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

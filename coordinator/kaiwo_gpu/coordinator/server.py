@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from kaiwo_gpu.common import keepalive
 from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
@@ -77,6 +78,7 @@ class Coordinator:
                 # gRPC shares ports by default: a second coordinator on the same address
                 # would start "fine" and take half the traffic. Refuse instead.
                 ("grpc.so_reuseport", 0),
+                *keepalive.SERVER_OPTIONS,
             ],
         )
         self.agents = AgentServicer(

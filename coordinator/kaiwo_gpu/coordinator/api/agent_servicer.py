@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import structlog
 
+from kaiwo_gpu.common import keepalive
 from kaiwo_gpu.common.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -340,11 +341,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 registered=agent_pb2.Registered(
                     coordinator_id=self.coordinator_id,
                     sample_interval_ms=self.settings.sample_interval_ms,
+                    heartbeat_ms=round(keepalive.HEARTBEAT_S * 1000),
                 )
             )
         )
         while True:
-            await session.placements_changed.wait()
+            try:
+                await asyncio.wait_for(session.placements_changed.wait(), keepalive.HEARTBEAT_S)
+            except TimeoutError:  # nothing to say: say that we are alive
+                await context.write(agent_pb2.CoordinatorDirective(heartbeat=agent_pb2.Heartbeat()))
+                continue
             session.placements_changed.clear()
             await context.write(
                 agent_pb2.CoordinatorDirective(placed_allocations=self._placed_on(session.node))
