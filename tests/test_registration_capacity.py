@@ -8,13 +8,21 @@ land that the real GPU cannot hold. Real etcd, real gRPC over loopback, real age
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Awaitable, Callable
 
+import grpc
+import pytest
+
+from kaiwo_gpu.common.errors import FailedPreconditionError
+from kaiwo_gpu.common.models import AllocationRequest
+from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
-from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.registration import claim_agent_node
 from kaiwo_gpu.coordinator.state.store import EtcdStore
+from kaiwo_gpu.coordinator.state.view import ClusterView
+from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
 
 from .agents import RawAgent, agents_running, eventually, nodes_by_name, raw_inventory
@@ -118,13 +126,14 @@ def _register(agent: RawAgent) -> agent_pb2.AgentMessage:
     )
 
 
-async def test_a_placement_landing_after_the_view_was_read_fails_the_smaller_registration(
+async def test_a_placement_the_view_has_not_seen_fails_the_smaller_registration(
     etcd: LocalEtcd, prefix: str
 ) -> None:
-    """The check reads grants from the view; a placement committed since (by any
-    coordinator) rewrote the GPU's version key, so the write must not go through."""
+    """The check reads grants from the view; a placement committed that it has not seen yet
+    (by any coordinator) rewrote the GPU's version key, so the write must not go through."""
     layout = KeyLayout(prefix)
     store = EtcdStore([etcd.endpoint])
+    stale_view = ViewState.load(layout, 1, [])  # a view that has seen nothing
     try:
         lease_id, _ = await store.grant_lease(10)
         big = agent_pb2.Register(
@@ -132,18 +141,15 @@ async def test_a_placement_landing_after_the_view_was_read_fails_the_smaller_reg
         )
         claim = await claim_agent_node(
             store, layout, big, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
-            granted={}, gpu_revisions={},
+            view=stale_view,
         )  # fmt: skip
         assert claim is not None
-        uuid = big.gpus[0].uuid
         # A placement through another coordinator: it rewrites the GPU's version key.
-        await store.commit(Txn(puts=(Put(layout.gpu(uuid), b""),)))
-        small = agent_pb2.Register()
-        small.CopyFrom(big)
-        small.gpus[0].vram_mib = 64 * GIB
+        await store.commit(Txn(puts=(Put(layout.gpu(big.gpus[0].uuid), b""),)))
+        small = _smaller(big)
         stale = await claim_agent_node(
             store, layout, small, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
-            granted={}, gpu_revisions={},  # the view has not seen that placement yet
+            view=stale_view,
         )  # fmt: skip
         assert stale is None
         _, kv = await store.read(layout.node("racing"))
@@ -151,3 +157,98 @@ async def test_a_placement_landing_after_the_view_was_read_fails_the_smaller_reg
         assert types_pb2.NodeStatus.FromString(kv.value).gpus[0].inventory.vram_mib == 192 * GIB
     finally:
         await store.close()
+
+
+class PlacingStore(EtcdStore):
+    """The real store; its next read of a node record first lets a placement land."""
+
+    before_next_read: Callable[[], Awaitable[None]] | None = None
+
+    async def read(self, key: bytes) -> tuple[int, KeyValue | None]:
+        hook, self.before_next_read = self.before_next_read, None
+        if hook is not None:
+            await hook()
+        return await super().read(key)
+
+
+async def test_a_placement_landing_while_the_registration_reads_is_counted(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """Review finding: the grants were taken before the record was read and the revisions
+    after (the view's live map), so a placement the view applied in between was in the
+    guard but not in the check, and the smaller record went through over it."""
+    layout = KeyLayout(prefix)
+    store = PlacingStore([etcd.endpoint])
+    view = ClusterView(store, layout)
+    await view.start()
+    allocator = Allocator(store, view, layout, AllocatorSettings())
+    allocator.start()
+    try:
+        lease_id, _ = await store.grant_lease(30)
+        big = agent_pb2.Register(
+            node="landing", gpus=raw_inventory("landing", 1), backend="simulated"
+        )
+        claim = await claim_agent_node(
+            store, layout, big, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
+            view=view.state,
+        )  # fmt: skip
+        assert claim is not None
+        await view.wait_for(claim.presence_revision, 10)
+
+        async def placement_lands() -> None:
+            request = AllocationRequest("landed", fraction_millis=500, memory_mib=100 * GIB)
+            await allocator.allocate(request)
+            await view.wait_for(await store.revision(), 10)  # and the view applies it
+
+        store.before_next_read = placement_lands
+        with pytest.raises(FailedPreconditionError, match="cannot hold"):
+            await claim_agent_node(
+                store, layout, _smaller(big), lease_id=lease_id, holder="c1",
+                owner_of=lambda _: None, view=view.state,
+            )  # fmt: skip
+        await audit_etcd(etcd.endpoint, prefix)
+        _, kv = await store.read(layout.node("landing"))
+        assert kv is not None
+        assert types_pb2.NodeStatus.FromString(kv.value).gpus[0].inventory.vram_mib == 192 * GIB
+    finally:
+        await allocator.stop()
+        await view.stop()
+        await store.close()
+
+
+def _smaller(register: agent_pb2.Register) -> agent_pb2.Register:
+    small = agent_pb2.Register()
+    small.CopyFrom(register)
+    small.gpus[0].vram_mib = 64 * GIB
+    return small
+
+
+async def test_a_granted_gpu_that_moves_to_another_index_is_refused(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """Review finding: two GPUs that swapped indexes under an exclusive grant were accepted,
+    so the next exclusive allocation got the same device (ROCR_VISIBLE_DEVICES=0) twice."""
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        inventory = raw_inventory("swap", 2)
+        channel = grpc.aio.insecure_channel(_address(running))
+        try:
+            agent = RawAgent(channel, "swap", inventory)
+            await agent.register()
+            held = (
+                await running.api.Allocate(
+                    request("held", fraction_millis=1000, isolation=types_pb2.ISOLATION_EXCLUSIVE)
+                )
+            ).allocation
+            agent.close()
+            swapped = [types_pb2.GpuInventory() for _ in inventory]
+            for new, old, other in zip(swapped, inventory, reversed(inventory), strict=True):
+                new.CopyFrom(old)
+                new.index, new.bdf = other.index, other.bdf
+            again = RawAgent(channel, "swap", swapped)
+            await again.call.write(_register(again))
+            code, message = await again.status()
+        finally:
+            await channel.close()
+        assert code is grpc.StatusCode.FAILED_PRECONDITION, message
+        assert held.gpus[0].uuid in message
+        assert "moved from index" in message

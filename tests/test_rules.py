@@ -18,7 +18,7 @@ from kaiwo_gpu.agent.amdsmi_backend import _temperature_c as amdsmi_temperature
 from kaiwo_gpu.agent.backend import GpuReading, ProcessVram
 from kaiwo_gpu.agent.sampler import telemetry_proto
 from kaiwo_gpu.cli import flags
-from kaiwo_gpu.cli.output import nodes_table
+from kaiwo_gpu.cli.output import nodes_table, stats_table
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Health, Selector
@@ -26,7 +26,7 @@ from kaiwo_gpu.common.telemetry_limits import TEMPERATURE_C
 from kaiwo_gpu.common.wire import HEALTH_VERDICTS, health_from_proto, health_to_proto
 from kaiwo_gpu.coordinator.state.agent_reports import checked_batch, node_record
 from kaiwo_gpu.coordinator.state.inventory import parse_inventory
-from kaiwo_gpu.v1 import agent_pb2, types_pb2
+from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
 from tests.agents import raw_inventory
 
 NODE_NAMES = {
@@ -269,3 +269,7 @@ def test_text_that_could_drive_a_terminal_is_refused_at_the_edge_and_escaped_on_
     assert all(line.isprintable() for line in printed.splitlines())
     assert "\\x1b]0;pwned\\x07" in printed
     assert names.escaped(FORGED).isprintable()
+    # A record written by hand reaches `stats` through the strategy names it counts
+    # (review finding: they printed raw).
+    stats = allocation_pb2.GetClusterStatsResponse(allocations_by_strategy={FORGED: 1})
+    assert all(line.isprintable() for line in stats_table(stats).splitlines())

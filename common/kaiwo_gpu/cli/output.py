@@ -249,7 +249,7 @@ def stats_table(stats: allocation_pb2.GetClusterStatsResponse) -> str:
         ("allocations", str(stats.allocation_count)),
         ("by strategy", strategies or "-"),
     ]
-    return "\n".join(f"{name + ':':<13}{value}" for name, value in rows)
+    return "\n".join(escaped(f"{name + ':':<13}{value}") for name, value in rows)
 
 
 EVENT_HEADERS = ("EVENT", *ALLOCATION_HEADERS)

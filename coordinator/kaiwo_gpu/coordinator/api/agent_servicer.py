@@ -234,7 +234,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         session = _Session(register.node, lease_id)
         try:
             for _ in range(MAX_REGISTER_ATTEMPTS):
-                state = self.view.state
                 claim = await claim_agent_node(
                     self.store,
                     self.layout,
@@ -242,8 +241,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     lease_id=lease_id,
                     holder=self.coordinator_id,
                     owner_of=others,
-                    granted=state.granted_on(register.node),
-                    gpu_revisions=state.gpu_revisions,
+                    view=self.view.state,
                 )
                 if claim is not None:
                     session.claim = claim

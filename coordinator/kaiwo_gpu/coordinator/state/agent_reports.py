@@ -117,26 +117,37 @@ def node_record(
     return record
 
 
-def check_grants_fit(record: types_pb2.NodeStatus, granted: Mapping[str, GpuUsage]) -> None:
-    """A registration must never leave more granted on a GPU than the GPU it reports has.
+def check_grants_fit(
+    record: types_pb2.NodeStatus,
+    granted: Mapping[str, GpuUsage],
+    previous: types_pb2.NodeStatus | None,
+) -> None:
+    """A new record must never leave more granted on a GPU than the GPU it lists has, nor
+    move a granted GPU to another index or PCI address (grants name those: two exclusive
+    allocations would get the same device).
 
     A change of partition mode shrinks each device's VRAM and compute units under the work
-    placed on it, and a GPU that vanished has none: the registration is refused
+    placed on it, and a GPU that vanished has none: the record is refused
     (FailedPreconditionError naming the GPU and what is granted on it) until that work is
     released, so no record in etcd ever holds more than its GPU has."""
     reported = {status.inventory.uuid: status.inventory for status in record.gpus}
+    before = {s.inventory.uuid: s.inventory for s in previous.gpus} if previous else {}
     for uuid, usage in sorted(granted.items()):
-        gpu = reported.get(uuid)
-        excess = (
-            "the registration does not list it"
-            if gpu is None
-            else usage.excess_over(gpu.vram_mib, gpu.compute_units)
-        )
+        gpu, old = reported.get(uuid), before.get(uuid)
+        if gpu is None:
+            excess = "the new record does not list it"
+        elif old is not None and (old.index, old.bdf) != (gpu.index, gpu.bdf):
+            excess = (
+                f"it moved from index {old.index} ({old.bdf or 'no PCI address'}) to "
+                f"{gpu.index} ({gpu.bdf or 'no PCI address'}), which its grants name"
+            )
+        else:
+            excess = usage.excess_over(gpu.vram_mib, gpu.compute_units)
         if excess:
             raise FailedPreconditionError(
                 f"node {record.name!r}: GPU {uuid} holds {usage.holders} allocation(s) "
                 f"({usage.allocated_millis} millis, {usage.allocated_memory_mib} MiB) that "
-                f"the registered figures cannot hold: {excess}; release them (`kaiwo-gpu list "
+                f"the new figures cannot hold: {excess}; release them (`kaiwo-gpu list "
                 f"--node {record.name}`) or restore the GPU's partition mode, and the agent "
                 "registers at its next attempt"
             )

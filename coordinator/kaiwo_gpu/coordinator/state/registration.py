@@ -7,7 +7,7 @@ coordinator that is given an inventory must be given the same one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,11 +15,11 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from kaiwo_gpu.common.errors import ConflictError, FailedPreconditionError
-from kaiwo_gpu.coordinator.placement.cluster import GpuUsage
 from kaiwo_gpu.coordinator.state.agent_reports import check_grants_fit, node_record
 from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Store, Txn
 from kaiwo_gpu.coordinator.state.commit_plan import MAX_TXN_OPS
 from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)
@@ -117,17 +117,17 @@ async def claim_agent_node(
     lease_id: int,
     holder: str,
     owner_of: Callable[[str], str | None],
-    granted: Mapping[str, GpuUsage],
-    gpu_revisions: Mapping[str, int],
+    view: ViewState,
 ) -> AgentNodeClaim | None:
     """Writes the node record (when it changed) and the presence key on `lease_id`, in one
     transaction guarded by the record as read; None when it changed meanwhile (read again).
 
-    A changed record must hold what is `granted` on the node's GPUs (as the caller's view
-    has it; `check_grants_fit`), and the transaction also requires each of those GPUs'
-    version keys to be at the revision in `gpu_revisions`, so a placement that landed since
-    the view was read makes it fail rather than slip under the new figures. The presence
-    key is put whoever held it: the newest connection of a node takes it.
+    A changed record must hold what the allocations in `view` grant on the node's GPUs
+    (`check_grants_fit`), and the transaction also requires each of those GPUs' version
+    keys to be at the revision `view` has for it, both taken at one instant after the
+    record was read, so a placement the view had not seen makes the commit fail rather
+    than slip under the new figures. The presence key is put whoever held it: the newest
+    connection of a node takes it.
     """
     node_key = layout.node(register.node)
     _, current = await store.read(node_key)
@@ -145,13 +145,18 @@ async def claim_agent_node(
     unchanged = current is not None and current.value == value
     guards: tuple[tuple[bytes, int], ...] = ((node_key, revision_read),)
     if not unchanged:
-        check_grants_fit(record, granted)
+        # No await from here to the commit's compare: the grants and the revisions that
+        # guard them are one reading of the view.
+        granted = view.granted_on(register.node)
+        check_grants_fit(record, granted, previous)
         # A placement needs the GPU in the record: only the GPUs the record had can have
         # gained one since the view was read.
         uuids = set(granted)
         if previous is not None:
             uuids |= {status.inventory.uuid for status in previous.gpus}
-        guards += tuple((layout.gpu(uuid), gpu_revisions.get(uuid, 0)) for uuid in sorted(uuids))
+        guards += tuple(
+            (layout.gpu(uuid), view.gpu_revisions.get(uuid, 0)) for uuid in sorted(uuids)
+        )
     result = await store.commit(
         Txn(
             expect_mod_revision=guards,
