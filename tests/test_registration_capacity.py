@@ -9,6 +9,7 @@ land that the real GPU cannot hold. Real etcd, real gRPC over loopback, real age
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -252,3 +253,28 @@ async def test_a_granted_gpu_that_moves_to_another_index_is_refused(
         assert code is grpc.StatusCode.FAILED_PRECONDITION, message
         assert held.gpus[0].uuid in message
         assert "moved from index" in message
+
+
+async def test_an_inventory_file_that_shrinks_a_gpu_under_its_grants_is_refused(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    """Review finding: the static inventory bypassed the check, so a coordinator restarted
+    with smaller figures in the file wrote 64 GiB under a 150 GiB grant."""
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        held = (
+            await running.api.Allocate(
+                request("held", memory_mib=150 * GIB, selector=types_pb2.Selector(nodes=["node-a"]))
+            )
+        ).allocation
+    shrunk = inventory.with_name("shrunk.yaml")
+    shrunk.write_text(
+        inventory.read_text().replace(
+            "gpus: [{model: MI300X, count: 4}]",
+            "gpus: [{model: MI300X, count: 4, vram_mib: 65536, compute_units: 80}]",
+        )
+    )
+    with pytest.raises(FailedPreconditionError, match=f"GPU {held.gpus[0].uuid} holds 1"):
+        async with coordinator_running(etcd.endpoint, prefix, shrunk):
+            pass
+    audit = await audit_etcd(etcd.endpoint, prefix)
+    assert {g.inventory.vram_mib for g in audit.nodes["node-a"].gpus} == {192 * GIB}

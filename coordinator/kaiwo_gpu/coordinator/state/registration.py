@@ -35,7 +35,10 @@ async def register_nodes(
     Unchanged records are left alone; nodes an inventory registered earlier and the file no
     longer lists are deleted. A node registered by anyone else (an agent) is never touched,
     not even when the file names it. Every write requires the record it read to be
-    unchanged, so a concurrent writer is never overwritten; on a clash it reads again.
+    unchanged, so a concurrent writer is never overwritten; on a clash it reads again. A
+    changed record must hold what is granted on its GPUs (`check_grants_fit`, as for agents:
+    FailedPreconditionError, and the coordinator does not start), guarded by the GPUs'
+    version keys as read before the grants.
     """
     for _ in range(MAX_ATTEMPTS - 1):
         outcome = await _register_once(store, layout, nodes)
@@ -56,14 +59,18 @@ async def _register_once(
         parsed = layout.parse(found.key)
         if parsed is not None and parsed[0] is KeyKind.NODE:
             current[parsed[1]] = found
-    wanted = {node.name: node.SerializeToString(deterministic=True) for node in nodes}
+    by_name = {node.name: node for node in nodes}
+    wanted = {name: node.SerializeToString(deterministic=True) for name, node in by_name.items()}
     writes: list[tuple[bytes, int, bytes]] = []  # (key, revision read, new value)
+    replaced: list[tuple[types_pb2.NodeStatus, types_pb2.NodeStatus, KeyValue]] = []
     for name, value in wanted.items():
         kv = current.get(name)
         if kv is not None and not _from_inventory(kv.value):
             log.warning("node is registered by someone else; inventory entry ignored", node=name)
-        elif kv is None or kv.value != value:
-            writes.append((layout.node(name), kv.mod_revision if kv is not None else 0, value))
+        elif kv is None:
+            writes.append((layout.node(name), 0, value))
+        elif kv.value != value:
+            replaced.append((by_name[name], types_pb2.NodeStatus.FromString(kv.value), kv))
     removals = [
         (kv.key, kv.mod_revision)
         for name, kv in current.items()
@@ -76,6 +83,16 @@ async def _register_once(
         )
         for chunk in _chunks(writes)
     ]
+    # A record that replaces one is its own transaction, with its GPUs' guards.
+    for (new, _, kv), gpu_guards in zip(
+        replaced, await _grants_checked(store, layout, replaced), strict=True
+    ):
+        txns.append(
+            Txn(
+                expect_mod_revision=((kv.key, kv.mod_revision), *gpu_guards),
+                puts=(Put(kv.key, wanted[new.name]),),
+            )
+        )
     txns += [
         Txn(expect_mod_revision=tuple(chunk), deletes=tuple(key for key, _ in chunk))
         for chunk in _chunks(removals)
@@ -83,7 +100,29 @@ async def _register_once(
     for txn in txns:  # a few nodes per etcd round trip, each guarded by what we read
         if not (await store.commit(txn)).succeeded:
             return None
-    return len(writes), len(removals)
+    return len(writes) + len(replaced), len(removals)
+
+
+async def _grants_checked(
+    store: Store,
+    layout: KeyLayout,
+    replaced: list[tuple[types_pb2.NodeStatus, types_pb2.NodeStatus, KeyValue]],
+) -> list[tuple[tuple[bytes, int], ...]]:
+    """Refuses a replacing record that cannot hold its grants; for each, the GPU version
+    keys its write must find unchanged (read before the grants, so a placement landing in
+    between is counted, or fails the compare)."""
+    if not replaced:
+        return []
+    _, gpu_keys = await store.read_prefix(layout.gpu(""))
+    _, records = await store.read_prefix(layout.allocation(""))
+    revisions = {kv.key: kv.mod_revision for kv in gpu_keys}
+    state = ViewState.load(layout, 1, records)  # the grants as placement reads them
+    guards = []
+    for new, old, _ in replaced:
+        check_grants_fit(new, state.granted_on(new.name), old)
+        keys = [layout.gpu(status.inventory.uuid) for status in old.gpus]
+        guards.append(tuple((key, revisions.get(key, 0)) for key in keys))
+    return guards
 
 
 def _chunks(items: list[T]) -> list[list[T]]:
