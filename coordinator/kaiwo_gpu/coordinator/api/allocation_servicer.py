@@ -7,8 +7,9 @@ adds what is derived from them (the grant's environment, the latest expiry known
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -24,6 +25,7 @@ from kaiwo_gpu.coordinator.api.queries import (
     matches,
     node_statuses,
 )
+from kaiwo_gpu.coordinator.api.watchers import WatcherSlots, peer_address
 from kaiwo_gpu.coordinator.state.records import for_client, timestamp
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
@@ -60,10 +62,26 @@ def _mapped_errors(handler: Handler[Request, Reply]) -> Handler[Request, Reply]:
     return answer
 
 
+WATCH_WRITE_TIMEOUT_S = 10.0
+"""How long an event may wait for its watcher to read before the watcher is ended."""
+
+
+async def _write(context: Context, event: allocation_pb2.AllocationEvent) -> None:
+    try:
+        await asyncio.wait_for(context.write(event), WATCH_WRITE_TIMEOUT_S)
+    except TimeoutError:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this watcher read nothing for {WATCH_WRITE_TIMEOUT_S:g}s; watch again to "
+            "resynchronize",
+        )
+
+
 class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
     def __init__(self, allocator: Allocator, view: ClusterView) -> None:
         self.allocator = allocator
         self.view = view
+        self._watchers = WatcherSlots()
 
     async def _shown(self, records: Sequence[types_pb2.Allocation]) -> list[types_pb2.Allocation]:
         """Records as clients see them, each with the latest expiry known or asked of etcd
@@ -134,13 +152,28 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
             allocations=await self._shown(page), next_page_token=token
         )
 
-    async def WatchAllocations(
+    async def WatchAllocations(  # type: ignore[override]  # writes through context.write
         self,
         request: allocation_pb2.WatchAllocationsRequest,
         context: Context,
-    ) -> AsyncIterator[allocation_pb2.AllocationEvent]:
+    ) -> None:
         """Every current allocation as ADDED, then changes as they happen. A renewal is not
-        a change (it moves the lease alone): Get or List shows the later expiry."""
+        a change (it moves the lease alone): Get or List shows the later expiry. Watchers
+        are admitted up to `WatcherSlots`' limits, and one that does not read its events
+        (a write waits WATCH_WRITE_TIMEOUT_S) or falls SUBSCRIBER_QUEUE_LIMIT behind is
+        ended with RESOURCE_EXHAUSTED: watch again to resynchronize."""
+        address = peer_address(context.peer())
+        refused = self._watchers.take(address)
+        if refused is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        try:
+            await self._watch(request, context)
+        finally:
+            self._watchers.give_back(address)
+
+    async def _watch(
+        self, request: allocation_pb2.WatchAllocationsRequest, context: Context
+    ) -> None:
         await self.allocator.caught_up()
         # Subscribe and copy the current state in one step (no await between), so no
         # change can fall between the dump and the stream.
@@ -155,8 +188,11 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         try:
             shown = await self._shown([record for record, _ in current])
             for allocation, (_, revision) in zip(shown, current, strict=True):
-                yield allocation_pb2.AllocationEvent(
-                    kind=added, allocation=allocation, revision=revision
+                await _write(
+                    context,
+                    allocation_pb2.AllocationEvent(
+                        kind=added, allocation=allocation, revision=revision
+                    ),
                 )
             while True:
                 queued = await subscription.queue.get()
@@ -167,8 +203,11 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
                     )
                 elif matches(queued.allocation, request.owner, request.node, {}):
                     (allocation,) = await self._shown([queued.allocation])
-                    yield allocation_pb2.AllocationEvent(
-                        kind=queued.kind, allocation=allocation, revision=queued.revision
+                    await _write(
+                        context,
+                        allocation_pb2.AllocationEvent(
+                            kind=queued.kind, allocation=allocation, revision=queued.revision
+                        ),
                     )
         finally:
             self.view.unsubscribe(subscription)

@@ -10,7 +10,7 @@ they arrive, outside any handler code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -45,9 +45,13 @@ class DecodeErrorsAreInvalidArgument(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             stream: Any = handler.unary_stream  # an async generator function in grpc.aio
 
-            async def unary_stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
-                async for reply in stream(await decoded(raw, context), context):
-                    yield reply
+            async def unary_stream(raw: bytes, context: Context) -> None:
+                replies = stream(await decoded(raw, context), context)
+                if hasattr(replies, "__aiter__"):  # a generator: its replies, written
+                    async for reply in replies:
+                        await context.write(reply)
+                else:  # a coroutine that writes its own replies
+                    await replies
 
             return handler._replace(request_deserializer=None, unary_stream=unary_stream)  # type: ignore[attr-defined, no-any-return]
         unary: Any = handler.unary_unary

@@ -31,7 +31,8 @@ from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger(__name__)
 
-SUBSCRIBER_QUEUE_LIMIT = 10_000
+SUBSCRIBER_QUEUE_LIMIT = 1_000
+"""Events a watcher may be behind before it is ended (it watches again to resynchronize)."""
 
 
 class Subscription:
