@@ -65,6 +65,12 @@ class AgentStreamSettings:
         return 3 * self.sample_interval_ms / 1000 + 2.0
 
 
+HEALTH_WRITE_MIN_GAP_S = 1.0
+"""A node's record is rewritten for health at most once per this (or per sample interval,
+if longer): verdicts that flip faster are coalesced, the latest written (2,000 flipping
+batches made 2,002 etcd revisions in 2.3 s, and one stream could fill etcd's quota)."""
+
+
 class _Session:
     """One agent's connection: what it registered and the revisions it wrote."""
 
@@ -76,6 +82,7 @@ class _Session:
         self.placements_changed.set()  # the first list goes out at once
         self.closing = asyncio.Event()  # end the stream now: stopping, or replaced
         self.closed_because: KaiwoGpuError | None = None  # None: end it with OK
+        self.health_written_at = -math.inf  # loop time of this session's last health write
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -94,6 +101,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.clock = clock
         self.coordinator_id = "coordinator"
         self.dropped_batches = 0
+        self.health_writes_deferred = 0
+        self._health_write_gap_s = max(HEALTH_WRITE_MIN_GAP_S, settings.sample_interval_ms / 1000)
         self._sessions: dict[str, _Session] = {}
         self._stopping = False
         self._feed: asyncio.Task[None] | None = None
@@ -311,7 +320,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             session.node, batch, session.claim.record, self._owner_of, self.clock()
         )
         changed = ingested.health_change
-        if changed is not None:
+        now = asyncio.get_running_loop().time()
+        if changed is not None and now - session.health_written_at < self._health_write_gap_s:
+            # At most one write per node per gap: a flipping GPU cannot fill etcd. The
+            # record stays as last written, so a later batch with the verdict writes it.
+            self.health_writes_deferred += 1
+        elif changed is not None:
+            session.health_written_at = now
             try:
                 await self._write_health(session, changed)
             except UnavailableError as error:  # the next batch carries the verdict again
