@@ -788,3 +788,32 @@ async def test_a_flipping_gpu_rewrites_its_node_record_at_most_once_a_second(
             agent.close()
         assert revisions <= elapsed_s / 1.0 + 2, (revisions, elapsed_s)
         assert running.coordinator.agents.health_writes_deferred > 100
+
+
+@pytest.mark.parametrize("deleted", ["presence", "record", "both"])
+async def test_a_deleted_key_of_a_connected_node_is_put_back(
+    etcd: LocalEtcd, prefix: str, deleted: str
+) -> None:
+    """Review finding: after `etcdctl del` of agents/node-00 (or of nodes/node-01) the node
+    stayed unschedulable (or missing from ListNodes) for as long as its agent stayed
+    connected. The coordinator holding the stream owns both keys and restores them."""
+    layout = KeyLayout(prefix)
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as running,
+        agents_running(address(running), ["kept"]),
+    ):
+        await eventually(lambda: _schedulable(running, "kept"))
+        keys = {"presence": [layout.agent("kept")], "record": [layout.node("kept")]}
+        keys["both"] = keys["presence"] + keys["record"]
+        store = EtcdStore([etcd.endpoint])
+        try:
+            await store.commit(Txn(deletes=tuple(keys[deleted])))
+
+            async def restored() -> bool | None:
+                found = [(await store.read(key))[1] for key in keys["both"]]
+                return True if all(kv is not None for kv in found) else None
+
+            await eventually(restored)
+        finally:
+            await store.close()
+        await eventually(lambda: _schedulable(running, "kept"))

@@ -65,6 +65,8 @@ class AgentStreamSettings:
         return 3 * self.sample_interval_ms / 1000 + 2.0
 
 
+RESTORE_GAP_S = 1.0
+"""How often the coordinator may put back a connected node's deleted keys."""
 HEALTH_WRITE_MIN_GAP_S = 1.0
 """A node's record is rewritten for health at most once per this (or per sample interval,
 if longer): verdicts that flip faster are coalesced, the latest written (2,000 flipping
@@ -74,8 +76,9 @@ batches made 2,002 etcd revisions in 2.3 s, and one stream could fill etcd's quo
 class _Session:
     """One agent's connection: what it registered and the revisions it wrote."""
 
-    def __init__(self, node: str, lease_id: int) -> None:
-        self.node = node
+    def __init__(self, register: agent_pb2.Register, lease_id: int) -> None:
+        self.register = register
+        self.node = register.node
         self.lease_id = lease_id
         self.claim = AgentNodeClaim(types_pb2.NodeStatus(), 0, 0)
         self.placements_changed = asyncio.Event()
@@ -83,6 +86,7 @@ class _Session:
         self.closing = asyncio.Event()  # end the stream now: stopping, or replaced
         self.closed_because: KaiwoGpuError | None = None  # None: end it with OK
         self.health_written_at = -math.inf  # loop time of this session's last health write
+        self.restored_at = -math.inf  # loop time of the last repair of its keys
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -240,7 +244,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, register: agent_pb2.Register, others: Callable[[str], str | None]
     ) -> _Session:
         lease_id, _ = await self.store.grant_lease(self.settings.node_ttl_s)
-        session = _Session(register.node, lease_id)
+        session = _Session(register, lease_id)
         try:
             for _ in range(MAX_REGISTER_ATTEMPTS):
                 claim = await claim_agent_node(
@@ -300,12 +304,45 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if not message.HasField("telemetry"):
                 raise InvalidArgumentError("message", "register", "telemetry after registering")
             self._check_still_held(session)
+            await self._restore_if_lost(session)
             now = loop.time()
             if now - last_ingest < min_gap_s and not _new_verdicts(session, message.telemetry):
                 self.dropped_batches += 1  # faster than asked, and it changes no verdict
                 continue
             last_ingest = now
             await self._ingest(session, message.telemetry)
+
+    async def _restore_if_lost(self, session: _Session) -> None:
+        """Puts back the node record or presence key of a node whose agent is still here,
+        when something deleted it (`etcdctl del`, a restore from backup): the coordinator
+        that holds the stream owns both. At most once per RESTORE_GAP_S per node."""
+        state, now = self.view.state, asyncio.get_running_loop().time()
+        seen_ours = self.view.connected and state.revision >= session.claim.presence_revision
+        lost = session.node not in state.agents or session.node not in state.nodes
+        if not (seen_ours and lost) or now - session.restored_at < RESTORE_GAP_S:
+            return
+        session.restored_at = now
+        try:
+            claim = await claim_agent_node(
+                self.store,
+                self.layout,
+                session.register,
+                lease_id=session.lease_id,
+                holder=self.coordinator_id,
+                owner_of=lambda uuid: state.gpu_owner(uuid, besides=session.node),
+                view=state,
+            )
+        except UnavailableError as error:
+            log.warning("node keys not restored", node=session.node, error=error.message)
+            return
+        if claim is not None:
+            session.claim = claim
+            log.warning(
+                "node keys restored",
+                node=session.node,
+                record=session.node in state.nodes,
+                presence=session.node in state.agents,
+            )
 
     def _check_still_held(self, session: _Session) -> None:
         """Another coordinator took the node when etcd shows a newer presence key."""
