@@ -77,7 +77,7 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
             assert kv.lease == record.lease_id
             allocations[name] = record
         elif kind is KeyKind.REQUEST and kv.value.startswith(RELEASED_PREFIX):
-            tombstones[name] = kv.value.removeprefix(RELEASED_PREFIX).decode()
+            tombstones[name] = kv.value.removeprefix(RELEASED_PREFIX).decode().partition(":")[0]
         elif kind is KeyKind.REQUEST:
             request_keys[name] = kv.value.decode()
         elif kind is KeyKind.NODE:

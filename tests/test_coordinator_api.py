@@ -18,6 +18,8 @@ from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex
 from kaiwo_gpu.coordinator.placement.cluster import GpuKey
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
+from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -537,3 +539,44 @@ async def test_bytes_that_are_not_the_request_are_invalid_argument(
         await call()
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
     assert "is not a valid kaiwo_gpu.v1." in (refused.value.details() or "")
+
+
+async def test_a_released_request_id_is_held_for_its_owner_but_not_against_another(
+    running: Running,
+) -> None:
+    """Review finding: Slurm's request ids are predictable, and anyone who allocated and
+    released one first made the real job's prolog fail for 30-60 minutes. The tombstone now
+    says whose it was: its owner's late duplicate is still refused, another owner's
+    request takes the id anew."""
+    squatted = request("slurm-c1-42-node-a", fraction_millis=100, owner="mallory")
+    first = (await running.api.Allocate(squatted)).allocation
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=first.id))
+    code, message = await _code(running.api.Allocate(squatted))
+    assert code is grpc.StatusCode.ALREADY_EXISTS, message
+    assert "for this owner, which has been released" in message
+    job = request("slurm-c1-42-node-a", fraction_millis=100, owner="slurm/42")
+    taken = await running.api.Allocate(job)
+    assert not taken.replayed
+    assert taken.allocation.id != first.id
+    assert (await running.api.Allocate(job)).replayed  # and it is idempotent again
+    code, _ = await _code(running.api.Allocate(squatted))
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    audit = await audit_etcd(running.endpoint, running.prefix)
+    assert list(audit.allocations) == [taken.allocation.id]
+
+
+async def test_a_tombstone_that_names_no_owner_holds_its_id_for_everyone(
+    running: Running,
+) -> None:
+    """Tombstones written before they named owners stay as strict as they were."""
+    store = EtcdStore([running.endpoint])
+    try:
+        key = KeyLayout(running.prefix).request("old-released")
+        result = await store.commit(Txn(puts=(Put(key, b"released:0123abcd"),)))
+    finally:
+        await store.close()
+    await running.coordinator.view.wait_for(result.revision, 10)
+    code, message = await _code(
+        running.api.Allocate(request("old-released", fraction_millis=100, owner="anyone"))
+    )
+    assert code is grpc.StatusCode.ALREADY_EXISTS, message

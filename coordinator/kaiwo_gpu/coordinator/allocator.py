@@ -41,7 +41,7 @@ from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.records import timestamp
 from kaiwo_gpu.coordinator.state.replays import replay_of
 from kaiwo_gpu.coordinator.state.view import ClusterView
-from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX
+from kaiwo_gpu.coordinator.state.view_state import tombstone_value
 from kaiwo_gpu.v1 import types_pb2
 
 log = structlog.get_logger(__name__)
@@ -388,7 +388,7 @@ class Allocator:
         record, _ = await self.record(allocation_id)
         key = self.layout.allocation(allocation_id)
         request_key = self.layout.request(record.request_id)
-        tombstone = RELEASED_PREFIX + allocation_id.encode()
+        tombstone = tombstone_value(allocation_id, record.request.owner)
         for attempt in range(2):
             lease_id = await self.leases.tombstone_lease()
             try:

@@ -40,7 +40,9 @@ class CommitPlan:
             if gpu_key not in self._expect:
                 expect[gpu_key] = state.gpu_revisions.get(grant.uuid, 0)
                 puts.append(Put(gpu_key, b""))
-        expect[layout.request(record.request_id)] = 0
+        # A new request_id, or one whose tombstone (another owner's) this replaces.
+        released = state.released_requests.get(record.request_id)
+        expect[layout.request(record.request_id)] = released.revision if released else 0
         return expect, puts
 
     def add(self, record: types_pb2.Allocation) -> bool:

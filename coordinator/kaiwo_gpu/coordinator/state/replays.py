@@ -1,9 +1,11 @@
 """What a request_id already made, as the view knows it (pure).
 
-A request_id makes at most one allocation, ever: a retry of the same request gets that
-allocation back; the same id with another request, or after the allocation was released
-(its tombstone), is refused, so a late duplicate never makes a second allocation nobody
-will release.
+A request_id makes at most one allocation per owner: a retry of the same request gets
+that allocation back; the same id with another request, or from the same owner after the
+allocation was released (its tombstone), is refused, so a late duplicate never makes a
+second allocation nobody will release. Another owner's released allocation does not hold
+the id: Slurm's ids are predictable, and whoever allocated and released one first must not
+make the real job's prolog fail. (Owners are what requests say until identity lands.)
 """
 
 from __future__ import annotations
@@ -11,18 +13,25 @@ from __future__ import annotations
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.coordinator.state.records import same_request
-from kaiwo_gpu.coordinator.state.view_state import ViewState
+from kaiwo_gpu.coordinator.state.view_state import Tombstone, ViewState, owner_tag
 from kaiwo_gpu.v1 import types_pb2
+
+
+def reusable(released: Tombstone, request: AllocationRequest) -> bool:
+    """Whether a request may take a released id anew: only when another owner released it
+    (an older tombstone, which names no owner, holds the id for everyone)."""
+    return released.owner_tag is not None and released.owner_tag != owner_tag(request.owner)
 
 
 def replay_of(state: ViewState, request: AllocationRequest) -> types_pb2.Allocation | None:
     """The allocation `request` already made, None if it made none, or an error when its
     request_id may not be used for it (released, bound to a removed record, or reused)."""
     released = state.released_requests.get(request.request_id)
-    if released is not None:
+    if released is not None and not reusable(released, request):
         raise AlreadyExistsError(
-            f"request_id {request.request_id!r} already made allocation {released}, which "
-            "has been released; use a new request_id"
+            f"request_id {request.request_id!r} already made allocation "
+            f"{released.allocation_id} for this owner, which has been released; use a new "
+            "request_id"
         )
     orphaned = state.orphaned_request(request.request_id)
     if orphaned is not None:

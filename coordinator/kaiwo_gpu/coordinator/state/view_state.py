@@ -16,8 +16,9 @@ capacity that allocation holds is unknown.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from kaiwo_gpu.coordinator.placement.cluster import GpuUsage, Node, PlacedAllocation, Telemetry
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
@@ -28,7 +29,31 @@ from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 AllocationEvent = allocation_pb2.AllocationEvent
 RELEASED_PREFIX = b"released:"
-"""A request key whose value starts with this marks a request_id whose allocation is gone."""
+"""A request key whose value starts with this marks a request_id whose allocation is gone:
+`released:<allocation id>:<owner tag>` (older tombstones have no tag)."""
+
+
+def owner_tag(owner: str) -> str:
+    """8 hex characters that tell owners apart in a tombstone, whatever an owner's length:
+    the tombstone costs the same for every owner."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:8]
+
+
+def tombstone_value(allocation_id: str, owner: str) -> bytes:
+    return RELEASED_PREFIX + f"{allocation_id}:{owner_tag(owner)}".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A released request_id: the allocation it made, who held it (None: an older
+    tombstone that did not say), and the revision of its key (a new allocation of another
+    owner replaces it, guarded by that revision)."""
+
+    allocation_id: str
+    owner_tag: str | None
+    revision: int
+
+
 AGENT_MISSING = "its agent is not connected (stopped, or its node lease expired)"
 
 
@@ -45,7 +70,7 @@ class ViewState:
         self._placed: dict[str, PlacedAllocation] = {}  # what each record holds
         self.allocation_revisions: dict[str, int] = {}
         self.allocation_by_request: dict[str, str] = {}
-        self.released_requests: dict[str, str] = {}
+        self.released_requests: dict[str, Tombstone] = {}
         self.request_keys: dict[str, str] = {}
         self.gpu_revisions: dict[str, int] = {}
         self.unreadable_nodes: set[str] = set()
@@ -112,7 +137,10 @@ class ViewState:
             return
         value = change.value.decode(errors="replace")
         if change.value.startswith(RELEASED_PREFIX):
-            self.released_requests[request_id] = value[len(RELEASED_PREFIX) :]
+            allocation_id, _, tag = value[len(RELEASED_PREFIX) :].partition(":")
+            self.released_requests[request_id] = Tombstone(
+                allocation_id, tag or None, change.revision
+            )
         else:
             self.request_keys[request_id] = value
 
