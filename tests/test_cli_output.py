@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kaiwo_gpu.cli.output import format_mib, nodes_table
-from kaiwo_gpu.v1 import types_pb2
+from kaiwo_gpu.cli.output import format_mib, nodes_table, stats_table
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 
 def gpu(index: int, health: int, reason: str = "") -> types_pb2.GpuStatus:
@@ -47,3 +47,10 @@ def test_an_over_committed_gpu_is_named_below_the_table() -> None:
     node = types_pb2.NodeStatus(name="n1", schedulable=True, gpus=[gpu(0, 1), over])
     _, reasons = nodes_table([node]).split("\n\n")
     assert reasons.splitlines() == ["n1 GPU 2: over-committed: compute unit 227 granted of 0-109"]
+
+
+def test_stats_say_when_etcd_nears_its_quota() -> None:
+    quiet = stats_table(allocation_pb2.GetClusterStatsResponse())
+    assert "etcd:" not in quiet
+    loud = stats_table(allocation_pb2.GetClusterStatsResponse(etcd_space_warning="90% of it"))
+    assert loud.splitlines()[-1] == "etcd:        90% of it"

@@ -263,3 +263,25 @@ async def _status(call: object) -> tuple[grpc.StatusCode, str]:
     except grpc.aio.AioRpcError as error:
         return error.code(), error.details() or ""
     raise AssertionError("the call succeeded")
+
+
+async def test_etcd_nearing_its_quota_is_said_before_writes_fail(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    """Review finding: one stream filled a 64 MB quota in 10 s and then every Allocate and
+    Release failed with nothing said before. The coordinator reads etcd's database size and
+    warns from 80% of the quota it is told (here one far below what etcd already holds)."""
+    async with coordinator_running(
+        etcd.endpoint, prefix, inventory, etcd_quota_bytes=4096, space_check_s=0.1
+    ) as running:
+        for _ in range(100):  # 10 s at most
+            stats = await running.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+            if stats.etcd_space_warning:
+                break
+            await asyncio.sleep(0.1)
+        assert "of its 0 MiB quota" in stats.etcd_space_warning
+        assert "etcdctl defrag" in stats.etcd_space_warning
+    async with coordinator_running(etcd.endpoint, prefix, inventory, space_check_s=0.1) as roomy:
+        await asyncio.sleep(0.3)
+        stats = await roomy.api.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+        assert stats.etcd_space_warning == ""  # 2 GiB: far from it

@@ -248,6 +248,7 @@ def stats_table(stats: allocation_pb2.GetClusterStatsResponse) -> str:
         ),
         ("allocations", str(stats.allocation_count)),
         ("by strategy", strategies or "-"),
+        *([("etcd", stats.etcd_space_warning)] if stats.etcd_space_warning else []),
     ]
     return "\n".join(escaped(f"{name + ':':<13}{value}") for name, value in rows)
 

@@ -17,6 +17,7 @@ from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
+from kaiwo_gpu.common.units import parse_memory_mib
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import (
@@ -95,6 +96,13 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         default="1s",
         parse=flags.interval_ms,
     )
+    flags.env_flag(
+        parser,
+        "--etcd-quota",
+        "etcd's --quota-backend-bytes, e.g. 8Gi: the coordinator warns at 80%% of it",
+        default="2Gi",
+        parse=flags.checked(lambda text: parse_memory_mib(text, "--etcd-quota") * 2**20),
+    )
     parser.add_argument(
         "--etcd-wait",
         type=flags.seconds,
@@ -116,6 +124,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
         startup_wait_s=args.etcd_wait,
         node_ttl_s=args.node_ttl,
         sample_interval_ms=args.sample_interval,
+        etcd_quota_bytes=args.etcd_quota,
     )
 
     async def serve() -> None:

@@ -444,6 +444,7 @@ class GetClusterStatsResponse(_message.Message):
     ALLOCATED_MEMORY_MIB_FIELD_NUMBER: _builtins.int
     ALLOCATION_COUNT_FIELD_NUMBER: _builtins.int
     ALLOCATIONS_BY_STRATEGY_FIELD_NUMBER: _builtins.int
+    ETCD_SPACE_WARNING_FIELD_NUMBER: _builtins.int
     node_count: _builtins.int
     schedulable_node_count: _builtins.int
     gpu_count: _builtins.int
@@ -453,6 +454,8 @@ class GetClusterStatsResponse(_message.Message):
     capacity_memory_mib: _builtins.int
     allocated_memory_mib: _builtins.int
     allocation_count: _builtins.int
+    etcd_space_warning: _builtins.str
+    """Non-empty when etcd's database nears its quota (80%): at the quota every write fails."""
     @_builtins.property
     def allocations_by_strategy(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
@@ -468,10 +471,11 @@ class GetClusterStatsResponse(_message.Message):
         allocated_memory_mib: _builtins.int = ...,
         allocation_count: _builtins.int = ...,
         allocations_by_strategy: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        etcd_space_warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_memory_mib", b"allocated_memory_mib", "allocated_millis", b"allocated_millis", "allocation_count", b"allocation_count", "allocations_by_strategy", b"allocations_by_strategy", "capacity_memory_mib", b"capacity_memory_mib", "capacity_millis", b"capacity_millis", "gpu_count", b"gpu_count", "healthy_gpu_count", b"healthy_gpu_count", "node_count", b"node_count", "schedulable_node_count", b"schedulable_node_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_memory_mib", b"allocated_memory_mib", "allocated_millis", b"allocated_millis", "allocation_count", b"allocation_count", "allocations_by_strategy", b"allocations_by_strategy", "capacity_memory_mib", b"capacity_memory_mib", "capacity_millis", b"capacity_millis", "etcd_space_warning", b"etcd_space_warning", "gpu_count", b"gpu_count", "healthy_gpu_count", b"healthy_gpu_count", "node_count", b"node_count", "schedulable_node_count", b"schedulable_node_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,7 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kaiwo_gpu.common import keepalive
-from kaiwo_gpu.common.errors import InvalidArgumentError, UnavailableError
+from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, UnavailableError
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
@@ -31,6 +31,7 @@ from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.coordinator.state.inventory import load_inventory
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.registration import register_nodes
+from kaiwo_gpu.coordinator.state.space import space_warning
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, allocation_pb2, allocation_pb2_grpc
@@ -89,8 +90,12 @@ class Coordinator:
                 node_ttl_s=settings.node_ttl_s, sample_interval_ms=settings.sample_interval_ms
             ),
         )
+        self.space_warning = ""
+        """What `state.space` says of etcd's database size at the last check ("": fine)."""
+        self._space_task: asyncio.Task[None] | None = None
         allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
-            AllocationServicer(self.allocator, self.view), self.server
+            AllocationServicer(self.allocator, self.view, lambda: self.space_warning),
+            self.server,
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -159,6 +164,7 @@ class Coordinator:
         self.allocator.start()
         self.agents.start(f"{socket.gethostname()}:{self.port}/{os.getpid()}")
         await self.server.start()
+        self._space_task = asyncio.create_task(self._watch_space(), name="etcd-space")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -172,7 +178,27 @@ class Coordinator:
         )
         return self.port
 
+    async def _watch_space(self) -> None:
+        """Reads etcd's database size every `space_check_s` and warns before the quota."""
+        while True:
+            try:
+                size = await self.store.db_size()
+            except KaiwoGpuError:
+                pass  # etcd away: the watch says so, and health turns NOT_SERVING
+            else:
+                warning = space_warning(size, self.settings.etcd_quota_bytes)
+                if warning:
+                    log.warning("etcd is running out of space", detail=warning)
+                elif self.space_warning:
+                    log.info("etcd has room again", db_size_bytes=size)
+                self.space_warning = warning
+            await asyncio.sleep(self.settings.space_check_s)
+
     async def stop(self) -> None:
+        if self._space_task is not None:
+            self._space_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._space_task
         await self.health.enter_graceful_shutdown()
         await self.agents.stop()
         await self.server.stop(self.settings.shutdown_grace_s)

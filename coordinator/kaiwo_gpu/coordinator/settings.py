@@ -21,6 +21,7 @@ ENVIRONMENT = {
     "log_format": "KAIWO_GPU_LOG_FORMAT",
     "node_ttl": "KAIWO_GPU_NODE_TTL",
     "sample_interval": "KAIWO_GPU_SAMPLE_INTERVAL",
+    "etcd_quota": "KAIWO_GPU_ETCD_QUOTA",
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -40,3 +41,8 @@ class CoordinatorSettings:
     """An agent's node stays schedulable this long after its coordinator last heard of it."""
     sample_interval_ms: int = 1000
     """The telemetry interval the coordinator asks its agents for."""
+    etcd_quota_bytes: int = 2 * 1024**3
+    """etcd's --quota-backend-bytes (etcd's default is 2 GiB): the coordinator warns when
+    the database reaches 80% of it."""
+    space_check_s: float = 30.0
+    """How often the coordinator reads etcd's database size."""

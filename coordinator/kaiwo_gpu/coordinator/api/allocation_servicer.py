@@ -78,9 +78,15 @@ async def _write(context: Context, event: allocation_pb2.AllocationEvent) -> Non
 
 
 class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
-    def __init__(self, allocator: Allocator, view: ClusterView) -> None:
+    def __init__(
+        self,
+        allocator: Allocator,
+        view: ClusterView,
+        space_warning: Callable[[], str] = lambda: "",
+    ) -> None:
         self.allocator = allocator
         self.view = view
+        self._space_warning = space_warning
         self._watchers = WatcherSlots()
 
     async def _shown(self, records: Sequence[types_pb2.Allocation]) -> list[types_pb2.Allocation]:
@@ -232,4 +238,4 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         context: Context,
     ) -> allocation_pb2.GetClusterStatsResponse:
         await self.allocator.caught_up()
-        return cluster_stats(self.view.state)
+        return cluster_stats(self.view.state, self._space_warning())

@@ -96,7 +96,9 @@ def node_statuses(
         yield status
 
 
-def cluster_stats(state: ViewState) -> allocation_pb2.GetClusterStatsResponse:
+def cluster_stats(
+    state: ViewState, etcd_space_warning: str = ""
+) -> allocation_pb2.GetClusterStatsResponse:
     snapshot = state.snapshot
     by_strategy = Counter(record.strategy for record in state.allocations.values())
     return allocation_pb2.GetClusterStatsResponse(
@@ -112,4 +114,5 @@ def cluster_stats(state: ViewState) -> allocation_pb2.GetClusterStatsResponse:
         ),
         allocation_count=len(state.allocations),
         allocations_by_strategy=dict(by_strategy),
+        etcd_space_warning=etcd_space_warning,
     )

@@ -274,6 +274,12 @@ class EtcdStore:
             raise self._translate(error) from None
         return {lease_id: max(replies.get(lease_id, 0), 0) for lease_id in lease_ids}
 
+    async def db_size(self) -> int:
+        """The size of etcd's database in bytes, as the member this store talks to has it."""
+        await self.connect()
+        response = await self._call(self._client.maintenancestub.Status, rpc.StatusRequest())
+        return int(response.dbSize)
+
     async def lease_ttl(self, lease_id: int) -> int:
         """Seconds the lease has left, read from etcd; 0 when it no longer exists."""
         await self.connect()
