@@ -13,6 +13,8 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
@@ -188,3 +190,12 @@ def child(args: Sequence[str], **popen: object) -> Iterator[subprocess.Popen[str
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+async def status_of(call: object) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a call that must fail ended with."""
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    raise AssertionError("the call succeeded")

@@ -25,14 +25,7 @@ from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running, coordinator_running
 from tests.harness import audit_etcd, request
-
-
-async def _code(call: object) -> tuple[grpc.StatusCode, str]:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as error:
-        return error.code(), error.details() or ""
-    raise AssertionError("the call succeeded")
+from tests.harness import status_of as _code
 
 
 async def test_allocate_returns_placement_environment_and_lease(running: Running) -> None:

@@ -15,7 +15,7 @@ from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running, coordinator_running
-from tests.harness import request
+from tests.harness import request, status_of
 
 if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
@@ -240,7 +240,7 @@ async def test_a_request_that_does_not_fit_while_etcd_is_down_is_unavailable(
     that may be stale, when etcd being away is the truth: UNAVAILABLE, retry."""
     async with coordinator_running(own_etcd.endpoint, prefix, inventory) as running:
         too_big = request("too-big", fraction_millis=1000, count=64)
-        code, _ = await _status(running.api.Allocate(too_big))
+        code, _ = await status_of(running.api.Allocate(too_big))
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED  # etcd up: the view is the truth
         own_etcd.stop(kill=True)
         try:
@@ -248,21 +248,13 @@ async def test_a_request_that_does_not_fit_while_etcd_is_down_is_unavailable(
                 if not running.coordinator.view.connected:
                     break
                 await asyncio.sleep(0.05)
-            code, message = await _status(
+            code, message = await status_of(
                 running.api.Allocate(request("too-big-2", fraction_millis=1000, count=64))
             )
         finally:
             await asyncio.to_thread(own_etcd.start)
         assert code is grpc.StatusCode.UNAVAILABLE, message
         assert "etcd is unreachable" in message
-
-
-async def _status(call: object) -> tuple[grpc.StatusCode, str]:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as error:
-        return error.code(), error.details() or ""
-    raise AssertionError("the call succeeded")
 
 
 async def test_etcd_nearing_its_quota_is_said_before_writes_fail(
