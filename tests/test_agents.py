@@ -817,3 +817,43 @@ async def test_a_deleted_key_of_a_connected_node_is_put_back(
         finally:
             await store.close()
         await eventually(lambda: _schedulable(running, "kept"))
+
+
+async def test_an_agent_registers_through_a_coordinator_whose_etcd_is_slow(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """Review finding: registering takes several etcd round trips before its answer; with
+    each one 1.6 s, the agent's 6 s limit on the answer ended every attempt (no agent ever
+    registered). The coordinator now sends heartbeats while it registers."""
+    host, port = etcd.endpoint.rsplit(":", 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                await asyncio.sleep(0.8)  # each direction: 1.6 s a round trip
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    pipes: set[asyncio.Task[None]] = set()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        etcd_r, etcd_w = await asyncio.open_connection(host, int(port))
+        for task in (pipe(client_r, etcd_w), pipe(etcd_r, client_w)):
+            pipes.add(asyncio.create_task(task))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    slow = f"127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    try:
+        async with (
+            # A node lease outlives a registration's round trips (FAST's 2 s would not).
+            coordinator_running(slow, prefix, None, node_ttl_s=15) as running,
+            agents_running(address(running), ["patient"]) as (agent,),
+        ):
+            await eventually(lambda: _registered(agent, 1), timeout_s=60)
+            assert agent.uplink.status.heartbeats >= 1  # they came while it registered
+    finally:
+        proxy.close()
+        for task in pipes:
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)

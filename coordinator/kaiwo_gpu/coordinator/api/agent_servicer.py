@@ -73,6 +73,13 @@ if longer): verdicts that flip faster are coalesced, the latest written (2,000 f
 batches made 2,002 etcd revisions in 2.3 s, and one stream could fill etcd's quota)."""
 
 
+async def _heartbeats(context: Context) -> None:
+    """A heartbeat every HEARTBEAT_S, until cancelled."""
+    while True:
+        await asyncio.sleep(keepalive.HEARTBEAT_S)
+        await context.write(agent_pb2.CoordinatorDirective(heartbeat=agent_pb2.Heartbeat()))
+
+
 class _Session:
     """One agent's connection: what it registered and the revisions it wrote."""
 
@@ -164,7 +171,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             first: object = await asyncio.wait_for(context.read(), REGISTER_WAIT_S)
             if not isinstance(first, agent_pb2.AgentMessage) or not first.HasField("register"):
                 raise InvalidArgumentError("first message", "telemetry", "register")
-            session = await self._register(first.register)
+            # Registering takes several etcd round trips, which a slow etcd stretches:
+            # heartbeats meanwhile tell the agent this coordinator is alive, only slow.
+            pinger = asyncio.create_task(_heartbeats(context))
+            try:
+                session = await self._register(first.register)
+            finally:
+                pinger.cancel()
+                await asyncio.gather(pinger, return_exceptions=True)
             await self._serve(session, context)
         except TimeoutError:
             await context.abort(
@@ -322,6 +336,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if not (seen_ours and lost) or now - session.restored_at < RESTORE_GAP_S:
             return
         session.restored_at = now
+        missing = {
+            "record_was_missing": session.node not in state.nodes,
+            "presence_was_missing": session.node not in state.agents,
+        }
         try:
             claim = await claim_agent_node(
                 self.store,
@@ -337,12 +355,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             return
         if claim is not None:
             session.claim = claim
-            log.warning(
-                "node keys restored",
-                node=session.node,
-                record=session.node in state.nodes,
-                presence=session.node in state.agents,
-            )
+            log.warning("node keys restored", node=session.node, **missing)
 
     def _check_still_held(self, session: _Session) -> None:
         """Another coordinator took the node when etcd shows a newer presence key."""
