@@ -184,3 +184,34 @@ async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
             frozen.process.send_signal(signal.SIGCONT)
         frozen.stop(signal.SIGKILL)
         healthy.stop()
+
+
+async def test_an_agent_skips_a_coordinator_frozen_before_it_came(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path
+) -> None:
+    """Review finding: a coordinator frozen before the agent connected took gRPC's 20 s
+    connect timeout to leave (its TCP accepts, its HTTP/2 never answers), each time round."""
+    flags = ("--node-ttl=2s", "--sample-interval=200ms")
+    frozen = CoordinatorProcess(etcd.endpoint, prefix, None, tmp_path / "f.log", extra_args=flags)
+    healthy = CoordinatorProcess(etcd.endpoint, prefix, None, tmp_path / "h.log", extra_args=flags)
+    frozen.start()
+    healthy.start()
+    try:
+        await frozen.wait_serving()
+        await healthy.wait_serving()
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        started = asyncio.get_running_loop().time()
+        async with agents_running((frozen.address, healthy.address), ["late"]) as (agent,):
+
+            async def on_healthy() -> bool | None:
+                status = agent.uplink.status
+                return True if status.connected and status.coordinator == healthy.address else None
+
+            await eventually(on_healthy, timeout_s=40)
+            assert asyncio.get_running_loop().time() - started < 19  # gRPC connect timeout: 20 s
+    finally:
+        if frozen.process is not None:
+            frozen.process.send_signal(signal.SIGCONT)
+        frozen.stop(signal.SIGKILL)
+        healthy.stop()

@@ -50,10 +50,15 @@ from kaiwo_gpu.agent.uplink_state import (
     UplinkStatus,
     WaitForTick,
 )
-from kaiwo_gpu.common.keepalive import CHANNEL_OPTIONS
+from kaiwo_gpu.common.keepalive import CHANNEL_OPTIONS, HEARTBEAT_S, MISSED_HEARTBEATS
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger(__name__)
+
+OPEN_TIMEOUT_S = MISSED_HEARTBEATS * HEARTBEAT_S
+"""How long opening a stream and writing Register may take: a coordinator frozen before the
+agent came accepts the TCP connection and never finishes the HTTP/2 handshake."""
+_NO_ANSWER = f"the coordinator did not take the stream in {OPEN_TIMEOUT_S:g}s (frozen?)"
 
 
 ConnectCall: TypeAlias = (
@@ -151,7 +156,13 @@ class Uplink:
         try:
             self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             call = self._call = agent_pb2_grpc.AgentServiceStub(self._channel).Connect()
-            await call.write(agent_pb2.AgentMessage(register=self.register))
+            register = call.write(agent_pb2.AgentMessage(register=self.register))
+            try:  # a coordinator frozen before we came accepts TCP and never answers
+                await asyncio.wait_for(register, OPEN_TIMEOUT_S)
+            except TimeoutError:
+                call.cancel()
+                self._post(StreamEnded(session, self._now(), "UNAVAILABLE", _NO_ANSWER))
+                return
             self._post(StreamOpened(session, self._now()))
             async for directive in call:
                 self._post(DirectiveReceived(session, directive))
