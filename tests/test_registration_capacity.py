@@ -278,3 +278,21 @@ async def test_an_inventory_file_that_shrinks_a_gpu_under_its_grants_is_refused(
             pass
     audit = await audit_etcd(etcd.endpoint, prefix)
     assert {g.inventory.vram_mib for g in audit.nodes["node-a"].gpus} == {192 * GIB}
+
+
+async def test_an_inventory_file_that_drops_a_node_under_its_grants_is_refused(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    """Review finding: a coordinator started with a file that no longer listed node-b deleted
+    its record and left two allocations on a node that did not exist."""
+    async with coordinator_running(etcd.endpoint, prefix, inventory) as running:
+        await running.api.Allocate(
+            request("on-b", fraction_millis=500, selector=types_pb2.Selector(nodes=["node-b"]))
+        )
+    only_a = inventory.with_name("only-a.yaml")
+    only_a.write_text(inventory.read_text().split("  - name: node-b")[0])
+    with pytest.raises(FailedPreconditionError, match="the new record does not list it"):
+        async with coordinator_running(etcd.endpoint, prefix, only_a):
+            pass
+    audit = await audit_etcd(etcd.endpoint, prefix)
+    assert "node-b" in audit.nodes

@@ -11,7 +11,8 @@
 
 Parsing is pure and names the offending path (`nodes[0].gpus[1].vram_mib`) on error. Nodes
 carry the label `kaiwo.ai/source: inventory`; a node of that source missing from the file is
-removed from etcd when a coordinator starts with it (its allocations stay until released).
+removed from etcd when a coordinator starts with it, unless allocations hold its GPUs (then
+the coordinator does not start: release them first).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ async def register_nodes(
     """Makes etcd hold exactly the inventory's nodes: (written, removed).
 
     Unchanged records are left alone; nodes an inventory registered earlier and the file no
-    longer lists are deleted. A node registered by anyone else (an agent) is never touched,
+    longer lists are deleted, unless allocations hold their GPUs. A node registered by
+    anyone else (an agent) is never touched,
     not even when the file names it. Every write requires the record it read to be
     unchanged, so a concurrent writer is never overwritten; on a clash it reads again. A
     changed record must hold what is granted on its GPUs (`check_grants_fit`, as for agents:
@@ -71,8 +72,9 @@ async def _register_once(
             writes.append((layout.node(name), 0, value))
         elif kv.value != value:
             replaced.append((by_name[name], types_pb2.NodeStatus.FromString(kv.value), kv))
-    removals = [
-        (kv.key, kv.mod_revision)
+    # A node the file no longer lists is a record with no GPUs: it must hold no grants.
+    removed = [
+        (types_pb2.NodeStatus(name=name), types_pb2.NodeStatus.FromString(kv.value), kv)
         for name, kv in current.items()
         if name not in wanted and _from_inventory(kv.value)
     ]
@@ -83,24 +85,20 @@ async def _register_once(
         )
         for chunk in _chunks(writes)
     ]
-    # A record that replaces one is its own transaction, with its GPUs' guards.
+    # A record that replaces or removes one is its own transaction, with its GPUs' guards.
+    changed = replaced + removed
     for (new, _, kv), gpu_guards in zip(
-        replaced, await _grants_checked(store, layout, replaced), strict=True
+        changed, await _grants_checked(store, layout, changed), strict=True
     ):
-        txns.append(
-            Txn(
-                expect_mod_revision=((kv.key, kv.mod_revision), *gpu_guards),
-                puts=(Put(kv.key, wanted[new.name]),),
-            )
-        )
-    txns += [
-        Txn(expect_mod_revision=tuple(chunk), deletes=tuple(key for key, _ in chunk))
-        for chunk in _chunks(removals)
-    ]
+        guards = ((kv.key, kv.mod_revision), *gpu_guards)
+        if new.name in wanted:
+            txns.append(Txn(expect_mod_revision=guards, puts=(Put(kv.key, wanted[new.name]),)))
+        else:
+            txns.append(Txn(expect_mod_revision=guards, deletes=(kv.key,)))
     for txn in txns:  # a few nodes per etcd round trip, each guarded by what we read
         if not (await store.commit(txn)).succeeded:
             return None
-    return len(writes) + len(replaced), len(removals)
+    return len(writes) + len(replaced), len(removed)
 
 
 async def _grants_checked(
