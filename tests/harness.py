@@ -81,7 +81,7 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
         elif kind is KeyKind.REQUEST and kv.value.startswith(RELEASED_PREFIX):
             tombstones[name] = kv.value.removeprefix(RELEASED_PREFIX).decode().partition(":")[0]
         elif kind is KeyKind.REQUEST:
-            request_keys[name] = kv.value.decode()
+            request_keys[name] = kv.value.decode().partition("|")[0]
         elif kind is KeyKind.NODE:
             node = types_pb2.NodeStatus()
             node.ParseFromString(kv.value)

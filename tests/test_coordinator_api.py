@@ -573,3 +573,24 @@ async def test_a_tombstone_that_names_no_owner_holds_its_id_for_everyone(
         running.api.Allocate(request("old-released", fraction_millis=100, owner="anyone"))
     )
     assert code is grpc.StatusCode.ALREADY_EXISTS, message
+
+
+async def test_an_owners_late_duplicate_stays_refused_after_another_owner_used_the_id(
+    running: Running,
+) -> None:
+    """Review finding: once another owner took a released id and released it in turn, the
+    tombstone named only the second, and the first owner's late duplicate made a new
+    allocation nobody would release. A binding keeps the owners of the tombstone it
+    replaced, and its own tombstone names them all."""
+    alice = request("shared-id", fraction_millis=100, owner="alice")
+    bob = request("shared-id", fraction_millis=100, owner="bob")
+    for turn in (alice, bob):
+        made = (await running.api.Allocate(turn)).allocation
+        await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
+    for late in (alice, bob):
+        code, message = await _code(running.api.Allocate(late))
+        assert code is grpc.StatusCode.ALREADY_EXISTS, message
+    carol = await running.api.Allocate(request("shared-id", fraction_millis=100, owner="carol"))
+    assert not carol.replayed  # a third owner still takes it
+    audit = await audit_etcd(running.endpoint, running.prefix)
+    assert list(audit.allocations) == [carol.allocation.id]

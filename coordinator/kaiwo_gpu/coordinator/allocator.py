@@ -41,7 +41,12 @@ from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.records import timestamp
 from kaiwo_gpu.coordinator.state.replays import replay_of
 from kaiwo_gpu.coordinator.state.view import ClusterView
-from kaiwo_gpu.coordinator.state.view_state import tombstone_value
+from kaiwo_gpu.coordinator.state.view_state import (
+    bound_allocation,
+    inherited_owners,
+    owner_tag,
+    tombstone_value,
+)
 from kaiwo_gpu.v1 import types_pb2
 
 log = structlog.get_logger(__name__)
@@ -151,7 +156,7 @@ class Allocator:
         if replay is None:
             return None
         revision, kv = await self.store.read(self.layout.request(request.request_id))
-        if kv is not None and kv.value == replay.id.encode():
+        if kv is not None and bound_allocation(kv.value) == replay.id:
             return replay
         await self.view.wait_for(revision, self.settings.catch_up_timeout_s)
         return replay_of(self.view.state, request)
@@ -388,7 +393,16 @@ class Allocator:
         record, _ = await self.record(allocation_id)
         key = self.layout.allocation(allocation_id)
         request_key = self.layout.request(record.request_id)
-        tombstone = tombstone_value(allocation_id, record.request.owner)
+        # Its owner, and the owners of the tombstone it replaced, if it took a released id
+        # (a binding does not change while its allocation lives; when this view has not
+        # seen it yet, etcd says).
+        state = self.view.state
+        if state.request_keys.get(record.request_id) == allocation_id:
+            inherited = state.inherited_tags.get(record.request_id, frozenset())
+        else:
+            _, binding = await self.store.read(request_key)
+            inherited = inherited_owners(binding.value) if binding is not None else frozenset()
+        tombstone = tombstone_value(allocation_id, inherited | {owner_tag(record.request.owner)})
         for attempt in range(2):
             lease_id = await self.leases.tombstone_lease()
             try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
-from kaiwo_gpu.coordinator.state.view_state import ViewState
+from kaiwo_gpu.coordinator.state.view_state import ViewState, binding_value
 from kaiwo_gpu.v1 import types_pb2
 
 MAX_TXN_OPS = 128
@@ -60,13 +60,18 @@ class CommitPlan:
         self.allocations.append(record)
         return True
 
+    def _binding(self, record: types_pb2.Allocation) -> bytes:
+        """The request key's value; one that replaces a tombstone keeps its owners."""
+        released = self._state.released_requests.get(record.request_id)
+        return binding_value(record.id, released.owner_tags if released else frozenset())
+
     def txn(self) -> Txn:
         records = [
             Put(self._layout.allocation(a.id), a.SerializeToString(), a.lease_id)
             for a in self.allocations
         ]
         requests = [
-            Put(self._layout.request(a.request_id), a.id.encode(), a.lease_id)
+            Put(self._layout.request(a.request_id), self._binding(a), a.lease_id)
             for a in self.allocations
         ]
         return Txn(

@@ -13,14 +13,15 @@ from __future__ import annotations
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.coordinator.state.records import same_request
-from kaiwo_gpu.coordinator.state.view_state import Tombstone, ViewState, owner_tag
+from kaiwo_gpu.coordinator.state.view_state import ALL_OWNERS, Tombstone, ViewState, owner_tag
 from kaiwo_gpu.v1 import types_pb2
 
 
 def reusable(released: Tombstone, request: AllocationRequest) -> bool:
-    """Whether a request may take a released id anew: only when another owner released it
-    (an older tombstone, which names no owner, holds the id for everyone)."""
-    return released.owner_tag is not None and released.owner_tag != owner_tag(request.owner)
+    """Whether a request may take a released id anew: only when other owners released it
+    (an older tombstone, which names no owner, or one of too many, holds it for everyone)."""
+    tags = released.owner_tags
+    return bool(tags) and ALL_OWNERS not in tags and owner_tag(request.owner) not in tags
 
 
 def replay_of(state: ViewState, request: AllocationRequest) -> types_pb2.Allocation | None:

@@ -30,7 +30,12 @@ from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 AllocationEvent = allocation_pb2.AllocationEvent
 RELEASED_PREFIX = b"released:"
 """A request key whose value starts with this marks a request_id whose allocation is gone:
-`released:<allocation id>:<owner tag>` (older tombstones have no tag)."""
+`released:<allocation id>:<owner tags>` (comma-separated; older tombstones have none). A
+live binding that took a released id anew keeps the tags it replaced:
+`<allocation id>|<owner tags>`, so its own release keeps refusing their late duplicates."""
+MAX_TOMBSTONE_OWNERS = 8
+"""Past this many owners, a tombstone holds its id for everyone (ALL_OWNERS)."""
+ALL_OWNERS = "*"
 
 
 def owner_tag(owner: str) -> str:
@@ -39,8 +44,30 @@ def owner_tag(owner: str) -> str:
     return hashlib.sha256(owner.encode()).hexdigest()[:8]
 
 
-def tombstone_value(allocation_id: str, owner: str) -> bytes:
-    return RELEASED_PREFIX + f"{allocation_id}:{owner_tag(owner)}".encode()
+def _tags(tags: frozenset[str]) -> str:
+    return ALL_OWNERS if len(tags) > MAX_TOMBSTONE_OWNERS else ",".join(sorted(tags))
+
+
+def tombstone_value(allocation_id: str, owner_tags: frozenset[str]) -> bytes:
+    return RELEASED_PREFIX + f"{allocation_id}:{_tags(owner_tags)}".encode()
+
+
+def binding_value(allocation_id: str, inherited_tags: frozenset[str]) -> bytes:
+    """A request key's value while its allocation lives."""
+    if not inherited_tags:
+        return allocation_id.encode()
+    return f"{allocation_id}|{_tags(inherited_tags)}".encode()
+
+
+def bound_allocation(value: bytes) -> str:
+    """The allocation id a live request key names."""
+    return value.decode(errors="replace").partition("|")[0]
+
+
+def inherited_owners(value: bytes) -> frozenset[str]:
+    """The owners of the tombstone a live request key replaced (none for most)."""
+    tags = value.decode(errors="replace").partition("|")[2]
+    return frozenset(filter(None, tags.split(",")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +77,8 @@ class Tombstone:
     owner replaces it, guarded by that revision)."""
 
     allocation_id: str
-    owner_tag: str | None
+    owner_tags: frozenset[str]
+    """Empty for an older tombstone, which named no owner: it holds the id for everyone."""
     revision: int
 
 
@@ -71,7 +99,8 @@ class ViewState:
         self.allocation_revisions: dict[str, int] = {}
         self.allocation_by_request: dict[str, str] = {}
         self.released_requests: dict[str, Tombstone] = {}
-        self.request_keys: dict[str, str] = {}
+        self.request_keys: dict[str, str] = {}  # request_id -> the allocation it made
+        self.inherited_tags: dict[str, frozenset[str]] = {}  # owners a live binding replaced
         self.gpu_revisions: dict[str, int] = {}
         self.unreadable_nodes: set[str] = set()
         self.unreadable_allocations: set[str] = set()
@@ -133,16 +162,19 @@ class ViewState:
     def _apply_request(self, request_id: str, change: Change) -> None:
         self.released_requests.pop(request_id, None)
         self.request_keys.pop(request_id, None)
+        self.inherited_tags.pop(request_id, None)
         if change.value is None:
             return
         value = change.value.decode(errors="replace")
         if change.value.startswith(RELEASED_PREFIX):
-            allocation_id, _, tag = value[len(RELEASED_PREFIX) :].partition(":")
+            allocation_id, _, tags = value[len(RELEASED_PREFIX) :].partition(":")
             self.released_requests[request_id] = Tombstone(
-                allocation_id, tag or None, change.revision
+                allocation_id, frozenset(filter(None, tags.split(","))), change.revision
             )
         else:
-            self.request_keys[request_id] = value
+            self.request_keys[request_id] = bound_allocation(change.value)
+            if inherited := inherited_owners(change.value):
+                self.inherited_tags[request_id] = inherited
 
     def _apply_agent(self, node: str, change: Change) -> None:
         self._nodes_unsnapped.add(node)
