@@ -93,6 +93,9 @@ class _Session:
         self.closing = asyncio.Event()  # end the stream now: stopping, or replaced
         self.closed_because: KaiwoGpuError | None = None  # None: end it with OK
         self.health_written_at = -math.inf  # loop time of this session's last health write
+        self.pending_health: types_pb2.NodeStatus | None = None  # verdicts not written yet
+        self.health_flush_due = False
+        self.health_lock = asyncio.Lock()
         self.restored_at = -math.inf  # loop time of the last repair of its keys
 
 
@@ -369,16 +372,38 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         ingested = self.view.ingest(
             session.node, batch, session.claim.record, self._owner_of, self.clock()
         )
-        changed = ingested.health_change
-        now = asyncio.get_running_loop().time()
-        if changed is not None and now - session.health_written_at < self._health_write_gap_s:
-            # At most one write per node per gap: a flipping GPU cannot fill etcd. The
-            # record stays as last written, so a later batch with the verdict writes it.
-            self.health_writes_deferred += 1
-        elif changed is not None:
-            session.health_written_at = now
+        # The latest verdicts to write: None when the record already says them.
+        session.pending_health = ingested.health_change
+        if session.pending_health is None:
+            return
+        wait_s = (
+            session.health_written_at + self._health_write_gap_s - asyncio.get_running_loop().time()
+        )
+        if wait_s <= 0:
+            await self._write_pending_health(session)
+            return
+        # At most one write per node per gap, so a flipping GPU cannot fill etcd; the
+        # latest verdicts are written when the gap is over, whatever comes meanwhile.
+        self.health_writes_deferred += 1
+        if not session.health_flush_due:
+            session.health_flush_due = True
+            self._in_background(self._flush_health(session, wait_s))
+
+    async def _flush_health(self, session: _Session, wait_s: float) -> None:
+        await asyncio.sleep(wait_s)
+        session.health_flush_due = False
+        if self._sessions.get(session.node) is session:  # still this node's connection
+            with contextlib.suppress(FailedPreconditionError):  # taken over meanwhile
+                await self._write_pending_health(session)
+
+    async def _write_pending_health(self, session: _Session) -> None:
+        async with session.health_lock:  # one write at a time, each on the claim before
+            record, session.pending_health = session.pending_health, None
+            if record is None:
+                return
+            session.health_written_at = asyncio.get_running_loop().time()
             try:
-                await self._write_health(session, changed)
+                await self._write_health(session, record)
             except UnavailableError as error:  # the next batch carries the verdict again
                 log.warning("health change not written", node=session.node, error=error.message)
 
