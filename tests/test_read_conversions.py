@@ -103,7 +103,7 @@ def _state(nodes: list[types_pb2.NodeStatus], allocations: list[types_pb2.Alloca
     return state
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(node_records, max_size=3), st.lists(allocation_records, max_size=6))
 def test_every_read_answers_for_any_records(
     nodes: list[types_pb2.NodeStatus], allocations: list[types_pb2.Allocation]
