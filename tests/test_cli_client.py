@@ -544,6 +544,15 @@ class Terminal:
             self.seen += await asyncio.wait_for(chunk, 60)
         return self.seen.decode(errors="replace")
 
+    async def read_line_with(self, marker: bytes) -> str:
+        """Everything up to the end of the line that holds `marker`."""
+        await self.read_until(marker)
+        while b"\n" not in self.seen[self.seen.index(marker) :]:
+            loop = asyncio.get_running_loop()
+            chunk = loop.run_in_executor(None, os.read, self.primary, 1024)
+            self.seen += await asyncio.wait_for(chunk, 60)
+        return self.seen.decode(errors="replace")
+
     def type(self, keys: bytes) -> None:
         os.write(self.primary, keys)
 
@@ -576,7 +585,8 @@ async def test_run_inside_a_script_leaves_the_command_in_the_scripts_group(
     terminal = await Terminal.start(running, "/bin/sh", "-c", f"{line}; echo after=$?")
     await terminal.read_until(b"ready")
     terminal.type(b"\x03")
-    text = await terminal.read_until(b"sigints")
+    # The whole line: reading up to "sigints" alone could stop before its number came.
+    text = await terminal.read_line_with(b"sigints")
     await terminal.finish()
     assert "fg True False" in text  # the script's group holds the terminal, the command too
     assert "sigints 1" in text  # from the terminal only: run did not forward it again
