@@ -18,7 +18,11 @@ import grpc
 from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
-from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX
+from kaiwo_gpu.coordinator.state.view_state import (
+    RELEASED_PREFIX,
+    bound_allocation,
+    released_allocation,
+)
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 INVENTORY = """\
@@ -79,9 +83,9 @@ async def audit_etcd(endpoint: str, prefix: str) -> EtcdAudit:
             assert kv.lease == record.lease_id
             allocations[name] = record
         elif kind is KeyKind.REQUEST and kv.value.startswith(RELEASED_PREFIX):
-            tombstones[name] = kv.value.removeprefix(RELEASED_PREFIX).decode().partition(":")[0]
+            tombstones[name] = released_allocation(kv.value)[0]
         elif kind is KeyKind.REQUEST:
-            request_keys[name] = kv.value.decode().partition("|")[0]
+            request_keys[name] = bound_allocation(kv.value)
         elif kind is KeyKind.NODE:
             node = types_pb2.NodeStatus()
             node.ParseFromString(kv.value)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
-from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex
-from kaiwo_gpu.coordinator.placement.cluster import GpuKey
-from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
-from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, SchedulerState
 from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+from tests.cluster_strategies import STRATEGIES, EveryGpuTwice
 from tests.conftest import Running, coordinator_running
 from tests.harness import audit_etcd, request
 from tests.harness import status_of as _code
@@ -415,34 +411,17 @@ async def test_keep_alive_through_another_coordinator_after_a_release_is_not_fou
         await other.coordinator.view.start_following()
 
 
-class LastFit:
-    """The last GPU in (node, index) order that fits: a strategy no built-in has."""
-
-    name = "last-fit"
-
-    def candidates(
-        self,
-        snapshot: ClusterSnapshot,
-        index: CapacityIndex,
-        min_free_millis: int,
-        state: SchedulerState,
-    ) -> Iterator[int]:
-        return reversed(range(len(snapshot.gpus)))
-
-    def advance(self, state: SchedulerState, chosen: tuple[GpuKey, ...]) -> SchedulerState:
-        return state
-
-
 async def test_the_coordinator_places_with_the_strategies_it_was_given(
     etcd: LocalEtcd, running: Running, inventory: Path
 ) -> None:
-    extended = BUILTIN_STRATEGIES.with_strategy(LastFit())
-    async with coordinator_running(etcd.endpoint, running.prefix, inventory, extended) as own:
-        placed = await own.api.Allocate(request("last", fraction_millis=100, strategy="last-fit"))
+    # EveryGpuTwice (no built-in) offers the GPUs last first: it places on the last one.
+    name = EveryGpuTwice.name
+    async with coordinator_running(etcd.endpoint, running.prefix, inventory, STRATEGIES) as own:
+        placed = await own.api.Allocate(request("last", fraction_millis=100, strategy=name))
         assert (placed.allocation.node, placed.allocation.gpus[0].index) == ("node-b", 1)
-        assert placed.allocation.strategy == "last-fit"
+        assert placed.allocation.strategy == name
     code, message = await _code(
-        running.api.Allocate(request("not-here", fraction_millis=100, strategy="last-fit"))
+        running.api.Allocate(request("not-here", fraction_millis=100, strategy=name))
     )
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "strategy" in message

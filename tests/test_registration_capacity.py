@@ -20,7 +20,7 @@ from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
-from kaiwo_gpu.coordinator.state.registration import claim_agent_node
+from kaiwo_gpu.coordinator.state.registration import AgentNodeClaim, claim_agent_node
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.coordinator.state.view_state import ViewState
@@ -140,18 +140,12 @@ async def test_a_placement_the_view_has_not_seen_fails_the_smaller_registration(
         big = agent_pb2.Register(
             node="racing", gpus=raw_inventory("racing", 1), backend="simulated"
         )
-        claim = await claim_agent_node(
-            store, layout, big, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
-            view=stale_view,
-        )  # fmt: skip
+        claim = await _claim(store, layout, big, lease_id, stale_view)
         assert claim is not None
         # A placement through another coordinator: it rewrites the GPU's version key.
         await store.commit(Txn(puts=(Put(layout.gpu(big.gpus[0].uuid), b""),)))
         small = _smaller(big)
-        stale = await claim_agent_node(
-            store, layout, small, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
-            view=stale_view,
-        )  # fmt: skip
+        stale = await _claim(store, layout, small, lease_id, stale_view)
         assert stale is None
         _, kv = await store.read(layout.node("racing"))
         assert kv is not None
@@ -189,10 +183,7 @@ async def test_a_placement_landing_while_the_registration_reads_is_counted(
         big = agent_pb2.Register(
             node="landing", gpus=raw_inventory("landing", 1), backend="simulated"
         )
-        claim = await claim_agent_node(
-            store, layout, big, lease_id=lease_id, holder="c1", owner_of=lambda _: None,
-            view=view.state,
-        )  # fmt: skip
+        claim = await _claim(store, layout, big, lease_id, view.state)
         assert claim is not None
         await view.wait_for(claim.presence_revision, 10)
 
@@ -203,10 +194,7 @@ async def test_a_placement_landing_while_the_registration_reads_is_counted(
 
         store.before_next_read = placement_lands
         with pytest.raises(FailedPreconditionError, match="cannot hold"):
-            await claim_agent_node(
-                store, layout, _smaller(big), lease_id=lease_id, holder="c1",
-                owner_of=lambda _: None, view=view.state,
-            )  # fmt: skip
+            await _claim(store, layout, _smaller(big), lease_id, view.state)
         await audit_etcd(etcd.endpoint, prefix)
         _, kv = await store.read(layout.node("landing"))
         assert kv is not None
@@ -215,6 +203,19 @@ async def test_a_placement_landing_while_the_registration_reads_is_counted(
         await allocator.stop()
         await view.stop()
         await store.close()
+
+
+async def _claim(
+    store: EtcdStore,
+    layout: KeyLayout,
+    register: agent_pb2.Register,
+    lease_id: int,
+    view: ViewState,
+) -> AgentNodeClaim | None:
+    """A registration by coordinator "c1" with no other node owning its GPUs."""
+    return await claim_agent_node(
+        store, layout, register, lease_id=lease_id, holder="c1", owner_of=lambda _: None, view=view
+    )
 
 
 def _smaller(register: agent_pb2.Register) -> agent_pb2.Register:

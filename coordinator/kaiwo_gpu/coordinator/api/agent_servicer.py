@@ -73,11 +73,14 @@ if longer): verdicts that flip faster are coalesced, the latest written (2,000 f
 batches made 2,002 etcd revisions in 2.3 s, and one stream could fill etcd's quota)."""
 
 
+HEARTBEAT = agent_pb2.CoordinatorDirective(heartbeat=agent_pb2.Heartbeat())
+
+
 async def _heartbeats(context: Context) -> None:
     """A heartbeat every HEARTBEAT_S, until cancelled."""
     while True:
         await asyncio.sleep(keepalive.HEARTBEAT_S)
-        await context.write(agent_pb2.CoordinatorDirective(heartbeat=agent_pb2.Heartbeat()))
+        await context.write(HEARTBEAT)
 
 
 class _Session:
@@ -245,11 +248,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         # GPU ownership is read from the view: let it hold this coordinator's own
         # registrations first, or two quick ones could claim one GPU for two nodes.
         await self.view.wait_for(self._last_registration, self.settings.view_wait_s)
-        state = self.view.state
-
-        def others(uuid: str) -> str | None:
-            return state.gpu_owner(uuid, besides=register.node)
-
+        others = self._owner_besides(register.node)
         node_record(register, None, others)  # refuse bad input before granting anything
         # One registration of a node at a time here, so the session this coordinator keeps
         # is the one whose presence key etcd kept (the later write).
@@ -335,14 +334,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         that holds the stream owns both. At most once per RESTORE_GAP_S per node."""
         state, now = self.view.state, asyncio.get_running_loop().time()
         seen_ours = self.view.connected and state.revision >= session.claim.presence_revision
-        lost = session.node not in state.agents or session.node not in state.nodes
-        if not (seen_ours and lost) or now - session.restored_at < RESTORE_GAP_S:
-            return
-        session.restored_at = now
         missing = {
             "record_was_missing": session.node not in state.nodes,
             "presence_was_missing": session.node not in state.agents,
         }
+        if not (seen_ours and any(missing.values())) or now - session.restored_at < RESTORE_GAP_S:
+            return
+        session.restored_at = now
         try:
             claim = await claim_agent_node(
                 self.store,
@@ -350,7 +348,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 session.register,
                 lease_id=session.lease_id,
                 holder=self.coordinator_id,
-                owner_of=lambda uuid: state.gpu_owner(uuid, besides=session.node),
+                owner_of=self._owner_besides(session.node),
                 view=state,
             )
         except UnavailableError as error:
@@ -407,6 +405,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             except UnavailableError as error:  # the next batch carries the verdict again
                 log.warning("health change not written", node=session.node, error=error.message)
 
+    def _owner_besides(self, node: str) -> Callable[[str], str | None]:
+        """Which other node names a GPU, as the view has it when asked."""
+        return lambda uuid: self.view.state.gpu_owner(uuid, besides=node)
+
     def _owner_of(self, uuid: str) -> str | None:
         """Which node names the GPU (only asked when a batch is refused)."""
         return self.view.state.gpu_owner(uuid)
@@ -437,7 +439,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             try:
                 await asyncio.wait_for(session.placements_changed.wait(), keepalive.HEARTBEAT_S)
             except TimeoutError:  # nothing to say: say that we are alive
-                await context.write(agent_pb2.CoordinatorDirective(heartbeat=agent_pb2.Heartbeat()))
+                await context.write(HEARTBEAT)
                 continue
             session.placements_changed.clear()
             await context.write(

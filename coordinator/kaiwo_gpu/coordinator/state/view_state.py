@@ -66,15 +66,25 @@ def bound_allocation(value: bytes) -> str:
 
 def inherited_owners(value: bytes) -> frozenset[str]:
     """The owners of the tombstone a live request key replaced (none for most)."""
-    tags = value.decode(errors="replace").partition("|")[2]
-    return frozenset(filter(None, tags.split(",")))
+    return _parse_tags(value.decode(errors="replace").partition("|")[2])
+
+
+def released_allocation(value: bytes) -> tuple[str, frozenset[str]]:
+    """The allocation a tombstone names, and the owners that released its id."""
+    text = value.removeprefix(RELEASED_PREFIX).decode(errors="replace")
+    allocation_id, _, tags = text.partition(":")
+    return allocation_id, _parse_tags(tags)
+
+
+def _parse_tags(text: str) -> frozenset[str]:
+    return frozenset(filter(None, text.split(",")))
 
 
 @dataclass(frozen=True, slots=True)
 class Tombstone:
-    """A released request_id: the allocation it made, who held it (None: an older
-    tombstone that did not say), and the revision of its key (a new allocation of another
-    owner replaces it, guarded by that revision)."""
+    """A released request_id: the allocation it made, the owners that released it, and the
+    revision of its key (a new allocation of another owner replaces it, guarded by that
+    revision)."""
 
     allocation_id: str
     owner_tags: frozenset[str]
@@ -165,12 +175,9 @@ class ViewState:
         self.inherited_tags.pop(request_id, None)
         if change.value is None:
             return
-        value = change.value.decode(errors="replace")
         if change.value.startswith(RELEASED_PREFIX):
-            allocation_id, _, tags = value[len(RELEASED_PREFIX) :].partition(":")
-            self.released_requests[request_id] = Tombstone(
-                allocation_id, frozenset(filter(None, tags.split(","))), change.revision
-            )
+            allocation_id, tags = released_allocation(change.value)
+            self.released_requests[request_id] = Tombstone(allocation_id, tags, change.revision)
         else:
             self.request_keys[request_id] = bound_allocation(change.value)
             if inherited := inherited_owners(change.value):
