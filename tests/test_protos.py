@@ -38,6 +38,7 @@ def test_allocation_service_has_every_rpc() -> None:
         "GetAllocation",
         "ListAllocations",
         "WatchAllocations",
+        "RemoveNode",
         "ListNodes",
         "GetClusterStats",
     }

@@ -1,4 +1,5 @@
-"""The commands that talk to a coordinator: allocate, release, get, list, nodes, watch, stats.
+"""The commands that talk to a coordinator: allocate, release, get, list, nodes, watch, stats,
+top and node remove.
 
 Each parses its flags, makes one or a few client calls and prints the answer as a table,
 JSON, YAML or KEY=value lines. Failures exit with a status scripts can rely on (EXIT_CODES).
@@ -218,6 +219,19 @@ def add_client_parsers(commands: Subcommands) -> None:
     stats = commands.add_parser("stats", help="cluster totals", epilog="example: kaiwo-gpu stats")
     _answer_flags(stats)
 
+    node = commands.add_parser("node", help="manage node records: remove one that is gone")
+    actions = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    remove = actions.add_parser(
+        "remove",
+        help="remove the record of a node whose agent is gone and that holds no allocation",
+        description="Deletes node records for good: a node whose agent is not connected (its "
+        "node lease has expired), that no allocation names and that no inventory file "
+        "lists. An agent that connects again registers its node anew.",
+        epilog="example: kaiwo-gpu node remove gpu-17 gpu-18",
+    )
+    remove.add_argument("nodes", nargs="+", metavar="NODE", type=flags.node_name)
+    _answer_flags(remove)
+
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(settings=connection_settings(args))
@@ -271,6 +285,8 @@ def run_client_command(args: argparse.Namespace) -> int:
                 _watch(client, args, output)
             elif args.command == "top":
                 _top(client, args)
+            elif args.command == "node":
+                return _remove_nodes(client, args, output)
     except KaiwoGpuError as error:
         print(f"kaiwo-gpu {args.command}: {error.message}", file=sys.stderr)
         return exit_code(error)
@@ -297,6 +313,26 @@ def _release(client: Client, args: argparse.Namespace, output: OutputFormat) -> 
             released.append(record)
     if released or not status:
         _print_allocations(released, output)
+    return status
+
+
+def _remove_nodes(client: Client, args: argparse.Namespace, output: OutputFormat) -> int:
+    """Removes each node it can; one that is refused is reported and the rest still go."""
+    removed: list[str] = []
+    status = 0
+    for name in dict.fromkeys(args.nodes):
+        try:
+            client.remove_node(name)
+        except KaiwoGpuError as error:
+            print(f"kaiwo-gpu node remove: {name}: {error.message}", file=sys.stderr)
+            status = status or exit_code(error)
+            continue
+        removed.append(name)
+    if output is OutputFormat.TABLE:
+        for name in removed:
+            print(f"removed node {name}")
+    else:
+        print(structured({"removed": removed}, output))
     return status
 
 

@@ -21,7 +21,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 CLIENT_COMMANDS = frozenset(
-    {"allocate", "release", "get", "list", "nodes", "watch", "stats", "top"}
+    {"allocate", "release", "get", "list", "nodes", "watch", "stats", "top", "node"}
 )
 
 

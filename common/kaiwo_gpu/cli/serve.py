@@ -63,9 +63,9 @@ def add_coordinator_parser(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "coordinator",
         help="serve the allocation API, keeping state in etcd",
-        description="Serves Allocate, Release, KeepAlive, Get, List, Watch, ListNodes and "
-        "GetClusterStats over gRPC, with gRPC health and reflection, keeping allocations "
-        "in etcd. Several coordinators may share one etcd and never over-commit a GPU. "
+        description="Serves Allocate, Release, KeepAlive, Get, List, Watch, ListNodes, "
+        "GetClusterStats and RemoveNode over gRPC, with gRPC health and reflection, keeping "
+        "allocations in etcd. Several coordinators may share one etcd and never over-commit a GPU. "
         "SIGTERM stops it gracefully. Each flag can also come from the environment "
         "variable named in its help.",
         epilog="example: kaiwo-gpu coordinator --etcd 10.0.0.5:2379,10.0.0.6:2379 "
@@ -103,6 +103,14 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         default="2Gi",
         parse=flags.checked(lambda text: parse_memory_mib(text, "--etcd-quota") * 2**20),
     )
+    flags.env_flag(
+        parser,
+        "--expire-agentless-nodes",
+        "remove an agent-registered node whose agent has been gone this long (and that "
+        "holds no allocation), e.g. 7d; 0 = never",
+        default="0",
+        parse=flags.duration,
+    )
     parser.add_argument(
         "--etcd-wait",
         type=flags.seconds,
@@ -125,6 +133,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
         node_ttl_s=args.node_ttl,
         sample_interval_ms=args.sample_interval,
         etcd_quota_bytes=args.etcd_quota,
+        agentless_node_expiry_s=args.expire_agentless_nodes or None,
     )
 
     async def serve() -> None:

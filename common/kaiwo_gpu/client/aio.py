@@ -104,6 +104,11 @@ class AsyncClient(ClientCore):
     ) -> builtins.list[types_pb2.NodeStatus]:
         return await self._run(self._stub.ListNodes, calls.nodes(labels or {}))
 
+    async def remove_node(self, node: str) -> types_pb2.NodeStatus | None:
+        """Removes a node that has no agent and no allocations: the record as it was, or
+        None when a retried attempt had already removed it."""
+        return await self._run(self._stub.RemoveNode, calls.remove_node(node))
+
     async def stats(self) -> allocation_pb2.GetClusterStatsResponse:
         return await self._run(self._stub.GetClusterStats, calls.stats())
 

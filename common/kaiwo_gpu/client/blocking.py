@@ -107,6 +107,11 @@ class Client(ClientCore):
     ) -> builtins.list[types_pb2.NodeStatus]:
         return self._run(self._stub.ListNodes, calls.nodes(labels or {}))
 
+    def remove_node(self, node: str) -> types_pb2.NodeStatus | None:
+        """Removes a node that has no agent and no allocations: the record as it was, or
+        None when a retried attempt had already removed it."""
+        return self._run(self._stub.RemoveNode, calls.remove_node(node))
+
     def stats(self) -> allocation_pb2.GetClusterStatsResponse:
         return self._run(self._stub.GetClusterStats, calls.stats())
 

@@ -74,6 +74,11 @@ class AllocationServiceStub:
                 request_serializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.GetClusterStatsRequest.SerializeToString,
                 response_deserializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.GetClusterStatsResponse.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/kaiwo_gpu.v1.AllocationService/RemoveNode',
+                request_serializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AllocationServiceServicer:
@@ -130,6 +135,13 @@ class AllocationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveNode(self, request, context):
+        """Deletes a node record whose agent is not connected and whose GPUs hold no allocation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +184,11 @@ def add_AllocationServiceServicer_to_server(servicer, server):
                     servicer.GetClusterStats,
                     request_deserializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.GetClusterStatsRequest.FromString,
                     response_serializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.GetClusterStatsResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=kaiwo__gpu_dot_v1_dot_allocation__pb2.RemoveNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +407,33 @@ class AllocationService:
             '/kaiwo_gpu.v1.AllocationService/GetClusterStats',
             kaiwo__gpu_dot_v1_dot_allocation__pb2.GetClusterStatsRequest.SerializeToString,
             kaiwo__gpu_dot_v1_dot_allocation__pb2.GetClusterStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kaiwo_gpu.v1.AllocationService/RemoveNode',
+            kaiwo__gpu_dot_v1_dot_allocation__pb2.RemoveNodeRequest.SerializeToString,
+            kaiwo__gpu_dot_v1_dot_allocation__pb2.RemoveNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

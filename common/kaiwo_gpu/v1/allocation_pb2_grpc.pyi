@@ -42,6 +42,8 @@ class AllocationServiceStub:
     """Streams the current allocations (as ADDED), then every change (a KeepAlive is not one)."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.ListNodesRequest, _allocation_pb2.ListNodesResponse]
     GetClusterStats: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.GetClusterStatsRequest, _allocation_pb2.GetClusterStatsResponse]
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_allocation_pb2.RemoveNodeRequest, _allocation_pb2.RemoveNodeResponse]
+    """Deletes a node record whose agent is not connected and whose GPUs hold no allocation."""
 
 @_typing.type_check_only
 class AllocationServiceAsyncStub(AllocationServiceStub):
@@ -57,6 +59,8 @@ class AllocationServiceAsyncStub(AllocationServiceStub):
     """Streams the current allocations (as ADDED), then every change (a KeepAlive is not one)."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_allocation_pb2.ListNodesRequest, _allocation_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetClusterStats: _aio.UnaryUnaryMultiCallable[_allocation_pb2.GetClusterStatsRequest, _allocation_pb2.GetClusterStatsResponse]  # type: ignore[assignment]
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_allocation_pb2.RemoveNodeRequest, _allocation_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """Deletes a node record whose agent is not connected and whose GPUs hold no allocation."""
 
 class AllocationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -117,5 +121,13 @@ class AllocationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _allocation_pb2.GetClusterStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_allocation_pb2.GetClusterStatsResponse, _abc.Awaitable[_allocation_pb2.GetClusterStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _allocation_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_allocation_pb2.RemoveNodeResponse, _abc.Awaitable[_allocation_pb2.RemoveNodeResponse]]:
+        """Deletes a node record whose agent is not connected and whose GPUs hold no allocation."""
 
 def add_AllocationServiceServicer_to_server(servicer: AllocationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

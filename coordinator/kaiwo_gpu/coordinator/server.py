@@ -26,6 +26,7 @@ from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
 from kaiwo_gpu.coordinator.api.decode_errors import DecodeErrorsAreInvalidArgument
+from kaiwo_gpu.coordinator.node_expiry import NodeExpiry
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, StrategyRegistry
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 from kaiwo_gpu.coordinator.state.inventory import load_inventory
@@ -89,6 +90,11 @@ class Coordinator:
             AgentStreamSettings(
                 node_ttl_s=settings.node_ttl_s, sample_interval_ms=settings.sample_interval_ms
             ),
+        )
+        self.node_expiry = (
+            NodeExpiry(self.store, self.view, settings.agentless_node_expiry_s)
+            if settings.agentless_node_expiry_s
+            else None
         )
         self.space_warning = ""
         """What `state.space` says of etcd's database size at the last check ("": fine)."""
@@ -165,6 +171,8 @@ class Coordinator:
         self.agents.start(f"{socket.gethostname()}:{self.port}/{os.getpid()}")
         await self.server.start()
         self._space_task = asyncio.create_task(self._watch_space(), name="etcd-space")
+        if self.node_expiry is not None:
+            self.node_expiry.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -199,6 +207,8 @@ class Coordinator:
             self._space_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._space_task
+        if self.node_expiry is not None:
+            await self.node_expiry.stop()
         await self.health.enter_graceful_shutdown()
         await self.agents.stop()
         await self.server.stop(self.settings.shutdown_grace_s)

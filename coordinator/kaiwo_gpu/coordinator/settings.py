@@ -22,6 +22,7 @@ ENVIRONMENT = {
     "node_ttl": "KAIWO_GPU_NODE_TTL",
     "sample_interval": "KAIWO_GPU_SAMPLE_INTERVAL",
     "etcd_quota": "KAIWO_GPU_ETCD_QUOTA",
+    "expire_agentless_nodes": "KAIWO_GPU_EXPIRE_AGENTLESS_NODES",
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -46,3 +47,5 @@ class CoordinatorSettings:
     the database reaches 80% of it."""
     space_check_s: float = 30.0
     """How often the coordinator reads etcd's database size."""
+    agentless_node_expiry_s: int | None = None
+    """Remove an agent-registered node that has had no agent this long (None: never)."""

@@ -26,6 +26,7 @@ from kaiwo_gpu.coordinator.api.queries import (
     node_statuses,
 )
 from kaiwo_gpu.coordinator.api.watchers import WatcherSlots, peer_address
+from kaiwo_gpu.coordinator.state.node_removal import remove_node
 from kaiwo_gpu.coordinator.state.records import for_client, timestamp
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
@@ -239,3 +240,16 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
     ) -> allocation_pb2.GetClusterStatsResponse:
         await self.allocator.caught_up()
         return cluster_stats(self.view.state, self._space_warning())
+
+    @_mapped_errors
+    async def RemoveNode(
+        self,
+        request: allocation_pb2.RemoveNodeRequest,
+        context: Context,
+    ) -> allocation_pb2.RemoveNodeResponse:
+        """Anyone may remove a node that nothing uses (until identity makes it admin's)."""
+        name = names.check_node_name(request.node, "node")
+        await self.allocator.caught_up()
+        record = await remove_node(self.allocator.store, self.view, name)
+        log.info("node removed", node=name, gpus=len(record.gpus))
+        return allocation_pb2.RemoveNodeResponse(node=record)

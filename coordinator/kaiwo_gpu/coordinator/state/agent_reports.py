@@ -30,7 +30,7 @@ from kaiwo_gpu.common.telemetry_limits import (
 from kaiwo_gpu.common.wire import HEALTH_VERDICTS, moment_of
 from kaiwo_gpu.coordinator.placement.cluster import GpuUsage, Telemetry
 from kaiwo_gpu.coordinator.state.inventory import MAX_GPUS_PER_NODE, check_gpu_inventory
-from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL
+from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL, source_of
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
 KEPT_PROCESSES = 16
@@ -74,7 +74,7 @@ def node_record(
     reconnecting agent does not make a bad GPU look healthy until its next batch.
     """
     names.check_node_name(register.node, "register.node")
-    if previous is not None and previous.labels.get(SOURCE_LABEL) != FROM_AGENT:
+    if previous is not None and source_of(previous) != FROM_AGENT:
         raise FailedPreconditionError(
             f"node {register.node!r} is registered by the static inventory; remove it "
             "there before running an agent for it"

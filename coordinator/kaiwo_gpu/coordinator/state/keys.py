@@ -16,12 +16,20 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
+from kaiwo_gpu.v1 import types_pb2
 
 DEFAULT_PREFIX = "/kaiwo-gpu/v1/"
 SOURCE_LABEL = "kaiwo.ai/source"
 """The node label that says who wrote the record: "inventory" or "agent"."""
 FROM_INVENTORY = "inventory"
 FROM_AGENT = "agent"
+
+
+def source_of(record: types_pb2.NodeStatus) -> str:
+    """Who wrote a node record (FROM_INVENTORY, FROM_AGENT; "" for a record of neither)."""
+    return record.labels.get(SOURCE_LABEL, "")
+
+
 _PREFIX = re.compile(r"^/[A-Za-z0-9._/-]{0,200}/$")
 
 

@@ -18,7 +18,7 @@ from kaiwo_gpu.common.errors import ConflictError, FailedPreconditionError
 from kaiwo_gpu.coordinator.state.agent_reports import check_grants_fit, node_record
 from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Store, Txn
 from kaiwo_gpu.coordinator.state.commit_plan import MAX_TXN_OPS
-from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, SOURCE_LABEL, KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, KeyKind, KeyLayout, source_of
 from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import agent_pb2, types_pb2
 
@@ -134,7 +134,7 @@ def _from_inventory(value: bytes) -> bool:
         record.ParseFromString(value)
     except DecodeError:
         return False
-    return record.labels.get(SOURCE_LABEL) == FROM_INVENTORY
+    return source_of(record) == FROM_INVENTORY
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from kaiwo_gpu.coordinator.placement.cluster import GpuUsage, Node, PlacedAllocation, Telemetry
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.state.changes import Change, KeyValue
-from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, SOURCE_LABEL, KeyKind, KeyLayout
+from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, KeyKind, KeyLayout, source_of
 from kaiwo_gpu.coordinator.state.records import node_from_record, placed_from_record
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
@@ -343,11 +343,7 @@ class ViewState:
     def _node(self, name: str, record: types_pb2.NodeStatus) -> Node:
         """The node as placement sees it: an agent's node needs its agent connected."""
         node = node_from_record(record)
-        if (
-            node.schedulable
-            and record.labels.get(SOURCE_LABEL) == FROM_AGENT
-            and name not in self.agents
-        ):
+        if node.schedulable and source_of(record) == FROM_AGENT and name not in self.agents:
             node = replace(node, schedulable=False, unschedulable_reason=AGENT_MISSING)
         return node
 
