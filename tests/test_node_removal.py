@@ -8,6 +8,7 @@ file lists it; a coordinator can be told to expire such nodes after a set time.
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import grpc
@@ -69,8 +70,8 @@ async def test_a_node_is_removed_once_its_agent_is_gone_and_nothing_holds_it(
         await running.api.Release(
             allocation_pb2.ReleaseRequest(allocation_id=granted.allocation.id)
         )
-        code, out, err = await cli(running, "node", "remove", "leaving")
-        assert (code, out.strip()) == (0, "removed node leaving"), err
+        exit_status, out, err = await cli(running, "node", "remove", "leaving")
+        assert (exit_status, out.strip()) == (0, "removed node leaving"), err
         assert "leaving" not in await nodes_by_name(running.api)  # the same coordinator, at once
         try:
             assert (await store.read(layout.node("leaving")))[1] is None
@@ -79,8 +80,8 @@ async def test_a_node_is_removed_once_its_agent_is_gone_and_nothing_holds_it(
         finally:
             await store.close()
 
-        code, _, err = await cli(running, "node", "remove", "leaving")
-        assert code == 3  # not found
+        exit_status, _, err = await cli(running, "node", "remove", "leaving")
+        assert exit_status == 3  # not found
         assert "no node named 'leaving'" in err, err
 
 
@@ -145,14 +146,14 @@ async def test_agentless_nodes_expire_after_the_set_time_unless_held_or_back(
         async with agents_running(running.target, ["staying"]):
             async with agents_running(running.target, ["gone", "holding", "back"]):
                 for name in ("gone", "holding", "back", "staying"):
-                    await eventually(lambda name=name: _present(running, name))
+                    await eventually(functools.partial(_present, running, name))
                 await running.api.Allocate(
                     request(
                         "keep", fraction_millis=250, selector=types_pb2.Selector(nodes=["holding"])
                     )
                 )
             for name in ("gone", "holding", "back"):
-                await eventually(lambda name=name: _agentless(running, name))
+                await eventually(functools.partial(_agentless, running, name))
             assert await expiry.check(0.0) == []
             async with agents_running(running.target, ["back"]):
                 await eventually(lambda: _present(running, "back"))
