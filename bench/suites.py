@@ -54,5 +54,10 @@ SUITES: Mapping[str, Suite] = {
             "Allocate and KeepAlive round trip and throughput against a bare etcd txn",
         ),
         Suite("telemetry", "bench.telemetry", "telemetry ingestion of one coordinator process"),
+        Suite(
+            "etcd-space",
+            "bench.etcd_space",
+            "etcd bytes an allocate+release pair leaves, against bare puts of its keys",
+        ),
     )
 }

@@ -145,3 +145,18 @@ def test_telemetry_quick(tmp_path: Path) -> None:
         "ListNodes, no load",
     ]
     assert isinstance(figures["keeps_up"], bool)
+
+
+def test_etcd_space_quick(tmp_path: Path) -> None:
+    figures = quick_figures("etcd-space", tmp_path)
+    for phase in ("floor", "pairs"):
+        assert figures[phase]["count"] > 0
+        assert figures[phase]["kept_bytes_per_item"] >= 0
+    assert figures["pairs"]["revisions_per_item"] == 2.0  # one Allocate, one Release
+    assert set(figures["sizes"]) == {
+        "allocation record",
+        "request binding",
+        "GPU version key",
+        "tombstone",
+    }
+    assert figures["sizes"]["tombstone"]["value"] > 0

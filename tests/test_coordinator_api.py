@@ -17,6 +17,7 @@ from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView
+from kaiwo_gpu.coordinator.state.view_state import owner_tag
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.cluster_strategies import STRATEGIES, EveryGpuTwice
 from tests.conftest import Running, coordinator_running
@@ -298,11 +299,36 @@ async def test_a_released_request_id_is_not_reused(running: Running) -> None:
     await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
     code, message = await _code(running.api.Allocate(request("once", fraction_millis=100)))
     assert code is grpc.StatusCode.ALREADY_EXISTS
-    assert made.id in message
-    assert "released" in message
+    assert "already made an allocation for this owner, which has been released" in message
     audit = await audit_etcd(running.endpoint, running.prefix)
     assert audit.allocations == {}
-    assert audit.tombstones == {"once": made.id}
+    assert audit.tombstones == {"once": frozenset({owner_tag(made.request.owner)})}
+
+
+async def test_a_tombstone_holds_the_owners_it_refuses_and_nothing_else(
+    running: Running,
+) -> None:
+    """Hardening review, item 4: a tombstone's bytes are paid by every released request for
+    30-60 minutes; it named the allocation (32 of its 50 bytes) only for a message. A
+    tombstone written before still names it, and the message still does."""
+    layout = KeyLayout(running.prefix)
+    made = (await running.api.Allocate(request("lean", fraction_millis=100, owner="o"))).allocation
+    await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.id))
+    store = EtcdStore([running.endpoint])
+    try:
+        found = await store.get(layout.request("lean"))
+        assert found is not None
+        assert found.value == b"released::" + owner_tag("o").encode()
+        old = b"released:0123abcd:" + owner_tag("o").encode()
+        result = await store.commit(Txn(puts=(Put(layout.request("older"), old),)))
+    finally:
+        await store.close()
+    await running.coordinator.view.wait_for(result.revision, 10)
+    code, message = await _code(
+        running.api.Allocate(request("older", fraction_millis=100, owner="o"))
+    )
+    assert code is grpc.StatusCode.ALREADY_EXISTS, message
+    assert "already made an allocation (0123abcd) for this owner" in message
 
 
 async def test_reads_see_the_callers_own_writes_at_once(running: Running) -> None:

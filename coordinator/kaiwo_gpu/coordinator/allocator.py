@@ -402,7 +402,7 @@ class Allocator:
         else:
             _, binding = await self.store.read(request_key)
             inherited = inherited_owners(binding.value) if binding is not None else frozenset()
-        tombstone = tombstone_value(allocation_id, inherited | {owner_tag(record.request.owner)})
+        tombstone = tombstone_value(inherited | {owner_tag(record.request.owner)})
         for attempt in range(2):
             lease_id = await self.leases.tombstone_lease()
             try:

@@ -29,10 +29,10 @@ def replay_of(state: ViewState, request: AllocationRequest) -> types_pb2.Allocat
     request_id may not be used for it (released, bound to a removed record, or reused)."""
     released = state.released_requests.get(request.request_id)
     if released is not None and not reusable(released, request):
+        made = f" ({released.allocation_id})" if released.allocation_id else ""
         raise AlreadyExistsError(
-            f"request_id {request.request_id!r} already made allocation "
-            f"{released.allocation_id} for this owner, which has been released; use a new "
-            "request_id"
+            f"request_id {request.request_id!r} already made an allocation{made} for this "
+            "owner, which has been released; use a new request_id"
         )
     orphaned = state.orphaned_request(request.request_id)
     if orphaned is not None:

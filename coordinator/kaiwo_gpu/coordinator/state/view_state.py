@@ -30,9 +30,11 @@ from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 AllocationEvent = allocation_pb2.AllocationEvent
 RELEASED_PREFIX = b"released:"
 """A request key whose value starts with this marks a request_id whose allocation is gone:
-`released:<allocation id>:<owner tags>` (comma-separated; older tombstones have none). A
-live binding that took a released id anew keeps the tags it replaced:
-`<allocation id>|<owner tags>`, so its own release keeps refusing their late duplicates."""
+`released::<owner tags>` (comma-separated). Tombstones of 0.1 name the allocation,
+`released:<allocation id>:<owner tags>` (the first ones no owner): read, never written, since
+the id cost every tombstone 32 of its 50 bytes and only ever went into a message. A live
+binding that took a released id anew keeps the tags it replaced: `<allocation id>|<owner
+tags>`, so its own release keeps refusing their late duplicates."""
 MAX_TOMBSTONE_OWNERS = 8
 """Past this many owners, a tombstone holds its id for everyone (ALL_OWNERS)."""
 ALL_OWNERS = "*"
@@ -48,8 +50,9 @@ def _tags(tags: frozenset[str]) -> str:
     return ALL_OWNERS if len(tags) > MAX_TOMBSTONE_OWNERS else ",".join(sorted(tags))
 
 
-def tombstone_value(allocation_id: str, owner_tags: frozenset[str]) -> bytes:
-    return RELEASED_PREFIX + f"{allocation_id}:{_tags(owner_tags)}".encode()
+def tombstone_value(owner_tags: frozenset[str]) -> bytes:
+    """What a released request key holds: the owners whose late duplicates it refuses."""
+    return RELEASED_PREFIX + f":{_tags(owner_tags)}".encode()
 
 
 def binding_value(allocation_id: str, inherited_tags: frozenset[str]) -> bytes:
@@ -70,7 +73,8 @@ def inherited_owners(value: bytes) -> frozenset[str]:
 
 
 def released_allocation(value: bytes) -> tuple[str, frozenset[str]]:
-    """The allocation a tombstone names, and the owners that released its id."""
+    """The allocation a tombstone names ("" for today's, which name none), and the owners
+    that released its id."""
     text = value.removeprefix(RELEASED_PREFIX).decode(errors="replace")
     allocation_id, _, tags = text.partition(":")
     return allocation_id, _parse_tags(tags)
@@ -82,11 +86,12 @@ def _parse_tags(text: str) -> frozenset[str]:
 
 @dataclass(frozen=True, slots=True)
 class Tombstone:
-    """A released request_id: the allocation it made, the owners that released it, and the
-    revision of its key (a new allocation of another owner replaces it, guarded by that
-    revision)."""
+    """A released request_id: the owners that released it, and the revision of its key (a new
+    allocation of another owner replaces it, guarded by that revision); the allocation it
+    made only when an older tombstone names it."""
 
     allocation_id: str
+    """Empty but for tombstones of 0.1, which named the allocation."""
     owner_tags: frozenset[str]
     """Empty for an older tombstone, which named no owner: it holds the id for everyone."""
     revision: int
