@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +15,8 @@ import grpc
 import pytest
 
 from kaiwo_gpu.client import AsyncClient, AsyncHeldAllocation, Client, ClientSettings, RetryPolicy
-from kaiwo_gpu.client.support import coordinator_target
+from kaiwo_gpu.client.retries import Failure, try_another_coordinator
+from kaiwo_gpu.client.support import coordinator_target, dial_targets
 from kaiwo_gpu.common import InvalidArgumentError, NoCapacityError, NotFoundError, UnavailableError
 from kaiwo_gpu.common.errors import AlreadyExistsError, FailedPreconditionError
 from kaiwo_gpu.coordinator.local.etcd import free_port
@@ -469,6 +473,25 @@ async def test_the_default_target_comes_from_the_environment(
 )
 def test_coordinator_targets(text: str, target: str) -> None:
     assert coordinator_target(text) == target
+    # Review finding: the CLI converts its flag, the client converted it again, and every
+    # command given an address list failed with "'ipv4:...' is not allowed".
+    assert coordinator_target(target) == target
+
+
+def test_an_address_list_is_dialled_one_address_at_a_time() -> None:
+    assert dial_targets("ipv4:10.0.0.1:1,10.0.0.2:2") == ("ipv4:10.0.0.1:1", "ipv4:10.0.0.2:2")
+    assert dial_targets("ipv4:10.0.0.1:1") == ("ipv4:10.0.0.1:1",)
+    assert dial_targets("dns:///coordinators.kaiwo:50051") == ("dns:///coordinators.kaiwo:50051",)
+
+
+@pytest.mark.parametrize(
+    ("status", "elsewhere"),
+    [("UNAVAILABLE", True), ("DEADLINE_EXCEEDED", True), ("ABORTED", False), ("NOT_FOUND", False)],
+)
+def test_a_retry_goes_elsewhere_only_when_the_coordinator_did_not_answer(
+    status: str, elsewhere: bool
+) -> None:
+    assert try_another_coordinator(Failure(status, "")) is elsewhere
 
 
 @pytest.mark.parametrize("text", ["", "nowhere", "a.example:1,b.example:2", "host:port"])
@@ -489,3 +512,48 @@ async def test_a_client_given_several_addresses_fails_over_to_the_live_one(
     assert stats.gpu_count > 0
     with pytest.raises(InvalidArgumentError, match="target"):
         AsyncClient("a b c", settings=settings)
+
+
+async def test_a_client_stays_with_the_coordinator_that_answered(running: Running) -> None:
+    """After one failed attempt moved it on, every later call goes where it moved (it reads
+    its own writes there), instead of trying the dead address first each time."""
+    dead = f"127.0.0.1:{free_port()}"
+
+    def calls() -> tuple[int, int]:
+        settings = ClientSettings(timeout_s=10.0)
+        with Client(f"{dead},{running.target}", settings=settings) as client:
+            made = client.allocate(fraction=0.1)
+            for _ in range(5):
+                assert client.get(made.id).id == made.id
+            client.release(made.id)
+            return client._current, len(client._open_channels())
+
+    # Dialled: the dead address once, then the live one for every call.
+    assert await asyncio.to_thread(calls) == (1, 2)
+
+
+async def test_the_cli_takes_an_address_list_whose_first_coordinator_is_dead(
+    running: Running,
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "kaiwo_gpu.cli.main",
+            "stats",
+            "-o",
+            "json",
+            "--coordinator",
+            f"{dead},{running.target}",
+            "--timeout",
+            "20s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gpu_count"] > 0

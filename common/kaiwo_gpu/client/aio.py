@@ -27,10 +27,10 @@ from kaiwo_gpu.client.retries import Retry
 from kaiwo_gpu.client.support import DEFAULT_HELD_TTL_S, ClientSettings, as_request, held_request
 from kaiwo_gpu.common.errors import NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 
-class AsyncClient(ClientCore):
+class AsyncClient(ClientCore[grpc.aio.Channel]):
     """`async with AsyncClient("127.0.0.1:50051") as client: await client.allocate(...)`."""
 
     def __init__(
@@ -42,14 +42,19 @@ class AsyncClient(ClientCore):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        super().__init__(target, settings, rng, clock)
+        super().__init__(
+            target,
+            settings,
+            rng,
+            clock,
+            lambda dialled: grpc.aio.insecure_channel(dialled, options=CHANNEL_OPTIONS),
+        )
         self._sleep = sleep
-        self._channel = grpc.aio.insecure_channel(self.settings.target, options=CHANNEL_OPTIONS)
-        self._stub = allocation_pb2_grpc.AllocationServiceStub(self._channel)
 
     async def close(self) -> None:
         self._closed = True
-        await self._channel.close()
+        for channel in self._open_channels():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -57,16 +62,18 @@ class AsyncClient(ClientCore):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _run(
-        self, method: Callable[..., Awaitable[ReplyT]], call: Call[ReplyT, ResultT]
-    ) -> ResultT:
+    async def _run(self, rpc: str, call: Call[ReplyT, ResultT]) -> ResultT:
+        """Performs `call` through the stub's method `rpc`, each attempt on the coordinator
+        the client uses at that moment."""
         attempts = self._attempts(call)
         while True:
+            used, stub = self._coordinator()
+            method: Callable[..., Awaitable[ReplyT]] = getattr(stub, rpc)
             try:
                 reply = await method(call.message, timeout=attempts.timeout_s(self._clock()))
                 return call.result(reply)
             except grpc.RpcError as error:
-                decision = self._after_failure(attempts, error)
+                decision = self._after_failure(attempts, error, used)
             if not isinstance(decision, Retry):
                 return call.outcome(decision)
             await self._sleep(decision.pause_s)
@@ -75,20 +82,20 @@ class AsyncClient(ClientCore):
         self, request: AllocationRequest | None = None, /, **fields: Any
     ) -> types_pb2.Allocation:
         """Places a request; resending the same request_id returns the same allocation."""
-        return await self._run(self._stub.Allocate, calls.allocate(as_request(request, fields)))
+        return await self._run("Allocate", calls.allocate(as_request(request, fields)))
 
     async def release(
         self, allocation_id: str, *, timeout_s: float | None = None
     ) -> types_pb2.Allocation | None:
         """The released record, or None when a retried attempt had already released it."""
-        return await self._run(self._stub.Release, calls.release(allocation_id, timeout_s))
+        return await self._run("Release", calls.release(allocation_id, timeout_s))
 
     async def keep_alive(self, allocation_id: str, *, timeout_s: float | None = None) -> datetime:
         """Renews the lease; returns when it will expire."""
-        return await self._run(self._stub.KeepAlive, calls.keep_alive(allocation_id, timeout_s))
+        return await self._run("KeepAlive", calls.keep_alive(allocation_id, timeout_s))
 
     async def get(self, allocation_id: str) -> types_pb2.Allocation:
-        return await self._run(self._stub.GetAllocation, calls.get(allocation_id))
+        return await self._run("GetAllocation", calls.get(allocation_id))
 
     async def list(
         self, *, owner: str = "", node: str = "", labels: Mapping[str, str] | None = None
@@ -96,27 +103,27 @@ class AsyncClient(ClientCore):
         """Every matching allocation, all pages."""
         pages = calls.ListPages(owner, node, labels or {})
         while not pages.complete:
-            pages.add(await self._run(self._stub.ListAllocations, pages.next_call()))
+            pages.add(await self._run("ListAllocations", pages.next_call()))
         return pages.found
 
     async def nodes(
         self, *, labels: Mapping[str, str] | None = None
     ) -> builtins.list[types_pb2.NodeStatus]:
-        return await self._run(self._stub.ListNodes, calls.nodes(labels or {}))
+        return await self._run("ListNodes", calls.nodes(labels or {}))
 
     async def remove_node(self, node: str) -> types_pb2.NodeStatus | None:
         """Removes a node that has no agent and no allocations: the record as it was, or
         None when a retried attempt had already removed it."""
-        return await self._run(self._stub.RemoveNode, calls.remove_node(node))
+        return await self._run("RemoveNode", calls.remove_node(node))
 
     async def stats(self) -> allocation_pb2.GetClusterStatsResponse:
-        return await self._run(self._stub.GetClusterStats, calls.stats())
+        return await self._run("GetClusterStats", calls.stats())
 
     async def watch(
         self, *, owner: str = "", node: str = ""
     ) -> AsyncGenerator[allocation_pb2.AllocationEvent, None]:
         """Every current allocation as ADDED, then each change, until the caller stops."""
-        stream = self._stub.WatchAllocations(calls.watch_message(owner, node))
+        stream = self._coordinator()[1].WatchAllocations(calls.watch_message(owner, node))
         with stream_failures_translated(stream):
             async for event in stream:
                 yield event

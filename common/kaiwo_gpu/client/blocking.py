@@ -29,10 +29,10 @@ from kaiwo_gpu.client.retries import Retry
 from kaiwo_gpu.client.support import DEFAULT_HELD_TTL_S, ClientSettings, as_request, held_request
 from kaiwo_gpu.common.errors import NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
-from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
 
-class Client(ClientCore):
+class Client(ClientCore[grpc.Channel]):
     """A connection to the coordinators at one gRPC target (`host:port`, `dns:///...`).
 
     Without a target or settings it uses $KAIWO_GPU_COORDINATOR, else 127.0.0.1:50051, so a
@@ -48,14 +48,19 @@ class Client(ClientCore):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        super().__init__(target, settings, rng, clock)
+        super().__init__(
+            target,
+            settings,
+            rng,
+            clock,
+            lambda dialled: grpc.insecure_channel(dialled, options=CHANNEL_OPTIONS),
+        )
         self._sleep = sleep
-        self._channel = grpc.insecure_channel(self.settings.target, options=CHANNEL_OPTIONS)
-        self._stub = allocation_pb2_grpc.AllocationServiceStub(self._channel)
 
     def close(self) -> None:
         self._closed = True
-        self._channel.close()
+        for channel in self._open_channels():
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -63,13 +68,17 @@ class Client(ClientCore):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, method: Callable[..., ReplyT], call: Call[ReplyT, ResultT]) -> ResultT:
+    def _run(self, rpc: str, call: Call[ReplyT, ResultT]) -> ResultT:
+        """Performs `call` through the stub's method `rpc`, each attempt on the coordinator
+        the client uses at that moment."""
         attempts = self._attempts(call)
         while True:
+            used, stub = self._coordinator()
+            method: Callable[..., ReplyT] = getattr(stub, rpc)
             try:
                 return call.result(method(call.message, timeout=attempts.timeout_s(self._clock())))
             except grpc.RpcError as error:
-                decision = self._after_failure(attempts, error)
+                decision = self._after_failure(attempts, error, used)
             if not isinstance(decision, Retry):
                 return call.outcome(decision)
             self._sleep(decision.pause_s)
@@ -78,20 +87,20 @@ class Client(ClientCore):
         self, request: AllocationRequest | None = None, /, **fields: Any
     ) -> types_pb2.Allocation:
         """Places a request; resending the same request_id returns the same allocation."""
-        return self._run(self._stub.Allocate, calls.allocate(as_request(request, fields)))
+        return self._run("Allocate", calls.allocate(as_request(request, fields)))
 
     def release(
         self, allocation_id: str, *, timeout_s: float | None = None
     ) -> types_pb2.Allocation | None:
         """The released record, or None when a retried attempt had already released it."""
-        return self._run(self._stub.Release, calls.release(allocation_id, timeout_s))
+        return self._run("Release", calls.release(allocation_id, timeout_s))
 
     def keep_alive(self, allocation_id: str, *, timeout_s: float | None = None) -> datetime:
         """Renews the lease; returns when it will expire."""
-        return self._run(self._stub.KeepAlive, calls.keep_alive(allocation_id, timeout_s))
+        return self._run("KeepAlive", calls.keep_alive(allocation_id, timeout_s))
 
     def get(self, allocation_id: str) -> types_pb2.Allocation:
-        return self._run(self._stub.GetAllocation, calls.get(allocation_id))
+        return self._run("GetAllocation", calls.get(allocation_id))
 
     def list(
         self, *, owner: str = "", node: str = "", labels: Mapping[str, str] | None = None
@@ -99,27 +108,27 @@ class Client(ClientCore):
         """Every matching allocation, all pages."""
         pages = calls.ListPages(owner, node, labels or {})
         while not pages.complete:
-            pages.add(self._run(self._stub.ListAllocations, pages.next_call()))
+            pages.add(self._run("ListAllocations", pages.next_call()))
         return pages.found
 
     def nodes(
         self, *, labels: Mapping[str, str] | None = None
     ) -> builtins.list[types_pb2.NodeStatus]:
-        return self._run(self._stub.ListNodes, calls.nodes(labels or {}))
+        return self._run("ListNodes", calls.nodes(labels or {}))
 
     def remove_node(self, node: str) -> types_pb2.NodeStatus | None:
         """Removes a node that has no agent and no allocations: the record as it was, or
         None when a retried attempt had already removed it."""
-        return self._run(self._stub.RemoveNode, calls.remove_node(node))
+        return self._run("RemoveNode", calls.remove_node(node))
 
     def stats(self) -> allocation_pb2.GetClusterStatsResponse:
-        return self._run(self._stub.GetClusterStats, calls.stats())
+        return self._run("GetClusterStats", calls.stats())
 
     def watch(
         self, *, owner: str = "", node: str = ""
     ) -> Generator[allocation_pb2.AllocationEvent, None, None]:
         """Every current allocation as ADDED, then each change, until the caller stops."""
-        stream = self._stub.WatchAllocations(calls.watch_message(owner, node))
+        stream = self._coordinator()[1].WatchAllocations(calls.watch_message(owner, node))
         with stream_failures_translated(stream):
             yield from stream
 

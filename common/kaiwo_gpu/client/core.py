@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
 from kaiwo_gpu.client.calls import Call
-from kaiwo_gpu.client.retries import Attempts, Decision, Failure
-from kaiwo_gpu.client.support import ClientSettings, client_settings
+from kaiwo_gpu.client.retries import Attempts, Decision, Failure, Retry, try_another_coordinator
+from kaiwo_gpu.client.support import ClientSettings, client_settings, dial_targets
 from kaiwo_gpu.common import keepalive
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.names import escaped
+from kaiwo_gpu.v1 import allocation_pb2_grpc
 
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -52,9 +54,18 @@ def stream_failures_translated(stream: Cancellable) -> Iterator[None]:
         stream.cancel()
 
 
-class ClientCore:
-    """What both clients keep besides their channel: settings, randomness and the clock, and
-    whether they are closed; each call's attempts start here."""
+ChannelT = TypeVar("ChannelT", grpc.Channel, grpc.aio.Channel)
+
+
+class ClientCore(Generic[ChannelT]):
+    """What both clients keep besides how they open a channel: settings, randomness and the
+    clock, whether they are closed, and which of the target's coordinators they use; each
+    call's attempts start here.
+
+    A client stays with one coordinator (so it reads its own writes) until an attempt there
+    fails in a way another might not (`try_another_coordinator`); the retry then goes to the
+    next, whose channel is opened on first use and kept until the client closes.
+    """
 
     def __init__(
         self,
@@ -62,11 +73,32 @@ class ClientCore:
         settings: ClientSettings | None,
         rng: random.Random | None,
         clock: Callable[[], float],
+        open_channel: Callable[[str], ChannelT],
     ) -> None:
         self.settings = client_settings(target, settings)
         self._rng = rng or random.Random()
         self._clock = clock
         self._closed = False
+        self._open_channel: Callable[[str], ChannelT] = open_channel
+        self._targets = dial_targets(self.settings.target)
+        self._current = 0
+        self._channels: dict[int, ChannelT] = {}
+        self._stubs: dict[int, Any] = {}
+        self._lock = threading.Lock()  # renewal threads share the blocking client
+
+    def _coordinator(self) -> tuple[int, Any]:
+        """The coordinator calls go to now, and its AllocationService stub."""
+        with self._lock:
+            index = self._current
+            if index not in self._stubs:
+                channel = self._open_channel(self._targets[index])
+                self._channels[index] = channel
+                self._stubs[index] = allocation_pb2_grpc.AllocationServiceStub(channel)
+            return index, self._stubs[index]
+
+    def _open_channels(self) -> list[ChannelT]:
+        with self._lock:
+            return list(self._channels.values())
 
     def _attempts(self, call: Call[Any, Any]) -> Attempts:
         if self._closed:
@@ -79,5 +111,13 @@ class ClientCore:
             not_found_after_retry_is_done=call.result_if_done_before is not None,
         )
 
-    def _after_failure(self, attempts: Attempts, error: grpc.RpcError) -> Decision:
-        return attempts.failed(failure_of(error), self._clock())
+    def _after_failure(self, attempts: Attempts, error: grpc.RpcError, used: int) -> Decision:
+        """The retry rules' decision; a retry that should go elsewhere moves the client to
+        the next coordinator, unless another call already moved it off `used`."""
+        failure = failure_of(error)
+        decision = attempts.failed(failure, self._clock())
+        if isinstance(decision, Retry) and try_another_coordinator(failure):
+            with self._lock:
+                if self._current == used:
+                    self._current = (used + 1) % len(self._targets)
+        return decision

@@ -32,6 +32,13 @@ class RetryPolicy:
     (the retry reaches another one when the target names several)."""
 
 
+def try_another_coordinator(failure: Failure) -> bool:
+    """Whether a retry of this failure should go to the target's next coordinator: one that
+    could not be reached, or left an attempt unanswered (frozen, partitioned, without
+    etcd), as opposed to one that answered (ABORTED: conflicts, retried where they were)."""
+    return failure.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
 def retry_delays(policy: RetryPolicy, rng: random.Random) -> Iterator[float]:
     """Endless waits between attempts; the caller stops at its deadline."""
     ceiling = policy.initial_backoff_s

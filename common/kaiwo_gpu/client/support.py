@@ -42,10 +42,16 @@ _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 def coordinator_target(text: str, field: str = "coordinator") -> str:
     """A gRPC target from `host:port`, a gRPC URI, or a comma list (as agents take it).
 
-    Several IPv4 addresses become one `ipv4:` target, so gRPC fails over between them; several
-    names cannot (give one DNS name that resolves to every coordinator instead).
+    Several IPv4 addresses become one `ipv4:` target, which the clients dial one address at a
+    time (`dial_targets`); several names cannot (give one DNS name that resolves to every
+    coordinator instead). A target this returned reads back as itself.
     """
-    parts = [part.strip() for part in text.split(",") if part.strip()] if text else []
+    stripped = text.strip() if text else ""
+    if stripped.startswith("ipv4:") and len(stripped) > len("ipv4:"):
+        parts = stripped.removeprefix("ipv4:").split(",")
+        if all(_IPV4_ADDRESS.match(part) for part in parts):
+            return stripped
+    parts = [part.strip() for part in stripped.split(",") if part.strip()]
     if len(parts) == 1 and (parts[0].startswith(_GRPC_SCHEMES) or _HOST_PORT.match(parts[0])):
         return parts[0]
     if len(parts) > 1 and all(_IPV4_ADDRESS.match(part) for part in parts):
@@ -55,6 +61,15 @@ def coordinator_target(text: str, field: str = "coordinator") -> str:
         text,
         "host:port, a gRPC target (dns:///name:port) or IPv4 host:port,host:port,...",
     )
+
+
+def dial_targets(target: str) -> tuple[str, ...]:
+    """The coordinators a client dials in turn: each address of an `ipv4:` list, else the
+    target itself. One channel with every address would stick to the first while it
+    accepts connections, which a frozen coordinator's kernel still does."""
+    if target.startswith("ipv4:") and "," in target:
+        return tuple(f"ipv4:{part}" for part in target.removeprefix("ipv4:").split(","))
+    return (target,)
 
 
 def client_settings(target: str | None, settings: ClientSettings | None) -> ClientSettings:
