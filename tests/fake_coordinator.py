@@ -15,8 +15,9 @@ from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc, types_pb2
 class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
     """Fails Allocate `failures` times with `status`, then places (the first call after
     `first_delay_s`), or, with `hang_after_failures`, never answers again; Release answers the
-    codes in `release` in turn (the last repeats; OK when empty); KeepAlive renews, or fails
-    with `keepalive_status` when one is given."""
+    codes in `release` in turn (the last repeats; OK when empty), and so does RemoveNode
+    (counted with the releases); KeepAlive renews, or fails with `keepalive_status` when one
+    is given."""
 
     def __init__(
         self,
@@ -64,6 +65,10 @@ class FlakyCoordinator(allocation_pb2_grpc.AllocationServiceServicer):
             if code is not grpc.StatusCode.OK:
                 await context.abort(code, f"release failed with {code.name}")
         return allocation_pb2.ReleaseResponse(allocation=types_pb2.Allocation(id="a1"))
+
+    async def RemoveNode(self, request: Any, context: Any) -> allocation_pb2.RemoveNodeResponse:
+        await self.Release(request, context)
+        return allocation_pb2.RemoveNodeResponse(node=types_pb2.NodeStatus(name=request.node))
 
     async def KeepAlive(self, request: Any, context: Any) -> allocation_pb2.KeepAliveResponse:
         self.keepalive_calls += 1

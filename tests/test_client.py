@@ -398,6 +398,19 @@ async def test_a_retried_release_that_finds_nothing_was_a_success() -> None:
         assert fake.release_calls == 1
 
 
+async def test_a_retried_node_removal_that_finds_nothing_says_so() -> None:
+    """Review finding: `kaiwo-gpu node remove ghost-typo` printed "removed node ghost-typo"
+    (exit 0) when its first attempt timed out and the retry found no such node. A node
+    name is typed by hand: NOT_FOUND stays NOT_FOUND."""
+    fake = flaky(release=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND])
+    async with serving(fake) as target:
+        settings = ClientSettings(target=target, timeout_s=20, retry=FAST_RETRY)
+        async with AsyncClient(settings=settings) as client:
+            with pytest.raises(NotFoundError):
+                await client.remove_node("ghost-typo")
+        assert fake.release_calls == 2
+
+
 async def test_aborted_is_retried_too() -> None:
     fake = flaky(failures=2, status=grpc.StatusCode.ABORTED)
     async with serving(fake) as target:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog.testing
 
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.node_expiry import NodeExpiry
@@ -99,6 +100,36 @@ async def test_an_inventory_node_an_unknown_node_and_a_bad_name_are_refused(
     assert set(await nodes_by_name(running.api)) == {"node-a", "node-b"}
 
 
+async def test_no_node_is_removed_while_an_allocation_record_cannot_be_read(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """Review finding: a record this coordinator cannot read (a newer version's, a hand
+    edit) may name the node; placement fails closed on it, and now removal does too."""
+    layout = KeyLayout(prefix)
+    store = EtcdStore([etcd.endpoint])
+    async with coordinator_running(etcd.endpoint, prefix, None, **FAST) as running:
+        async with agents_running(running.target, ["unsure"]):
+            await eventually(lambda: _present(running, "unsure"))
+        await eventually(lambda: _agentless(running, "unsure"))
+        try:
+            written = await store.commit(
+                Txn(puts=(Put(layout.allocation("mystery"), b"\xff\xff\xff\xff\x01"),))
+            )
+            await running.coordinator.view.wait_for(written.revision, 10)
+            code, message = await status_of(_remove(running, "unsure"))
+            assert code is grpc.StatusCode.FAILED_PRECONDITION
+            assert "cannot read" in message, message
+            expiry = NodeExpiry(running.coordinator.store, running.coordinator.view, after_s=1)
+            assert await expiry.check(0.0) == []
+            assert await expiry.check(5.0) == []  # quietly kept, and placement is blocked
+            assert "unsure" in await nodes_by_name(running.api)
+            gone = await store.commit(Txn(deletes=(layout.allocation("mystery"),)))
+            await running.coordinator.view.wait_for(gone.revision, 10)
+            assert await expiry.check(10.0) == ["unsure"]
+        finally:
+            await store.close()
+
+
 async def test_a_removal_decided_on_a_stale_view_changes_nothing(
     etcd: LocalEtcd, prefix: str
 ) -> None:
@@ -182,3 +213,31 @@ async def test_a_coordinator_told_to_expire_agentless_nodes_does_it_by_itself(
         await eventually(gone)
         # The presence key goes with the stream; then 1 s without an agent, checked every 0.25 s.
         assert asyncio.get_running_loop().time() - started >= 1.0
+
+
+async def test_two_coordinators_expiring_at_once_remove_each_node_once_and_quietly(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """Review finding: the coordinator that lost the race logged a warning for each node the
+    other had removed; a node already gone is the job done."""
+    async with (
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as first,
+        coordinator_running(etcd.endpoint, prefix, None, **FAST) as second,
+    ):
+        names = ["x1", "x2", "x3"]
+        async with agents_running(first.target, names):
+            for name in names:
+                await eventually(functools.partial(_present, second, name))
+        for name in names:
+            await eventually(functools.partial(_agentless, first, name))
+            await eventually(functools.partial(_agentless, second, name))
+        expiries = [
+            NodeExpiry(running.coordinator.store, running.coordinator.view, after_s=10)
+            for running in (first, second)
+        ]
+        for expiry in expiries:
+            assert await expiry.check(0.0) == []
+        with structlog.testing.capture_logs() as logs:
+            removed = await asyncio.gather(*(expiry.check(10.0) for expiry in expiries))
+        assert sorted(removed[0] + removed[1]) == names
+        assert [entry for entry in logs if entry["log_level"] == "warning"] == []

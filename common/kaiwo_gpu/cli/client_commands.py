@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.cli.output import (
@@ -288,51 +288,53 @@ def run_client_command(args: argparse.Namespace) -> int:
             elif args.command == "node":
                 return _remove_nodes(client, args, output)
     except KaiwoGpuError as error:
-        print(f"kaiwo-gpu {args.command}: {error.message}", file=sys.stderr)
+        command = "node remove" if args.command == "node" else args.command
+        print(f"kaiwo-gpu {command}: {error.message}", file=sys.stderr)
         return exit_code(error)
     return 0
 
 
+T = TypeVar("T")
+
+
+def _each(label: str, names: Sequence[str], act: Callable[[str], T | None]) -> tuple[list[T], int]:
+    """Does `act` for each name once; a failure is reported (`label: name: why`) and the
+    rest still go. What they returned (None left out), and the first failure's status."""
+    done: list[T] = []
+    status = 0
+    for name in dict.fromkeys(names):
+        try:
+            result = act(name)
+        except KaiwoGpuError as error:
+            print(f"kaiwo-gpu {label}: {name}: {error.message}", file=sys.stderr)
+            status = status or exit_code(error)
+            continue
+        if result is not None:
+            done.append(result)
+    return done, status
+
+
 def _release(client: Client, args: argparse.Namespace, output: OutputFormat) -> int:
-    """Releases each id it can; one that fails is reported and the rest still go."""
+    """Releases each id it can (a retried release that found it gone counts as done)."""
     if not args.ids and not args.owner:
         raise InvalidArgumentError("ID", "", "one or more allocation ids, or --owner")
     ids = list(dict.fromkeys(args.ids))
     if args.owner:
         ids.extend(a.id for a in client.list(owner=args.owner) if a.id not in ids)
-    released: list[types_pb2.Allocation] = []
-    status = 0
-    for allocation_id in ids:
-        try:
-            record = client.release(allocation_id)
-        except KaiwoGpuError as error:
-            print(f"kaiwo-gpu release: {allocation_id}: {error.message}", file=sys.stderr)
-            status = status or exit_code(error)
-            continue
-        if record is not None:
-            released.append(record)
+    released, status = _each("release", ids, client.release)
     if released or not status:
         _print_allocations(released, output)
     return status
 
 
 def _remove_nodes(client: Client, args: argparse.Namespace, output: OutputFormat) -> int:
-    """Removes each node it can; one that is refused is reported and the rest still go."""
-    removed: list[str] = []
-    status = 0
-    for name in dict.fromkeys(args.nodes):
-        try:
-            client.remove_node(name)
-        except KaiwoGpuError as error:
-            print(f"kaiwo-gpu node remove: {name}: {error.message}", file=sys.stderr)
-            status = status or exit_code(error)
-            continue
-        removed.append(name)
+    removed, status = _each("node remove", args.nodes, client.remove_node)
+    names = [node.name for node in removed]
     if output is OutputFormat.TABLE:
-        for name in removed:
+        for name in names:
             print(f"removed node {name}")
     else:
-        print(structured({"removed": removed}, output))
+        print(structured({"removed": names}, output))
     return status
 
 

@@ -111,9 +111,8 @@ class AsyncClient(ClientCore[grpc.aio.Channel]):
     ) -> builtins.list[types_pb2.NodeStatus]:
         return await self._run("ListNodes", calls.nodes(labels or {}))
 
-    async def remove_node(self, node: str) -> types_pb2.NodeStatus | None:
-        """Removes a node that has no agent and no allocations: the record as it was, or
-        None when a retried attempt had already removed it."""
+    async def remove_node(self, node: str) -> types_pb2.NodeStatus:
+        """Removes a node that has no agent and no allocations: the record as it was."""
         return await self._run("RemoveNode", calls.remove_node(node))
 
     async def stats(self) -> allocation_pb2.GetClusterStatsResponse:

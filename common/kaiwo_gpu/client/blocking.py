@@ -116,9 +116,8 @@ class Client(ClientCore[grpc.Channel]):
     ) -> builtins.list[types_pb2.NodeStatus]:
         return self._run("ListNodes", calls.nodes(labels or {}))
 
-    def remove_node(self, node: str) -> types_pb2.NodeStatus | None:
-        """Removes a node that has no agent and no allocations: the record as it was, or
-        None when a retried attempt had already removed it."""
+    def remove_node(self, node: str) -> types_pb2.NodeStatus:
+        """Removes a node that has no agent and no allocations: the record as it was."""
         return self._run("RemoveNode", calls.remove_node(node))
 
     def stats(self) -> allocation_pb2.GetClusterStatsResponse:

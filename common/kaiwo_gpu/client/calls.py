@@ -27,9 +27,8 @@ LIST_PAGE_SIZE = 1000
 @dataclass(frozen=True, slots=True)
 class Call(Generic[ReplyT, ResultT]):
     """One call: the message, what the caller gets from the reply, and its own time limit
-    (None: the client's). `result_if_done_before` is for a removal only (a release, a node
-    removal): what it returns when a retry finds NOT_FOUND after an attempt that may have
-    removed it already."""
+    (None: the client's). `result_if_done_before` is for a release only: what it returns
+    when a retry finds NOT_FOUND after an attempt that may have released it already."""
 
     message: Message
     result: Callable[[ReplyT], ResultT]
@@ -77,11 +76,11 @@ def nodes(
     return Call(message, lambda reply: list(reply.nodes))
 
 
-def remove_node(
-    node: str,
-) -> Call[allocation_pb2.RemoveNodeResponse, types_pb2.NodeStatus | None]:
+def remove_node(node: str) -> Call[allocation_pb2.RemoveNodeResponse, types_pb2.NodeStatus]:
+    """A node removal's NOT_FOUND is always an error, also after a retry: unlike an
+    allocation id, a node name is typed by hand, and a typo must not read as "removed"."""
     message = allocation_pb2.RemoveNodeRequest(node=node)
-    return Call(message, lambda reply: reply.node, None, lambda: None)
+    return Call(message, lambda reply: reply.node)
 
 
 def stats() -> Call[allocation_pb2.GetClusterStatsResponse, allocation_pb2.GetClusterStatsResponse]:

@@ -15,12 +15,11 @@ import contextlib
 
 import structlog
 
-from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError, NotFoundError
 from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.coordinator.state.node_removal import (
     agentless_since,
     expired_nodes,
-    removal_refusal,
     remove_node,
 )
 from kaiwo_gpu.coordinator.state.view import ClusterView
@@ -59,19 +58,20 @@ class NodeExpiry:
             await asyncio.sleep(self.check_s)
 
     async def check(self, now: float) -> list[str]:
-        """One pass at monotonic time `now`: the nodes it removed."""
+        """One pass at monotonic time `now`: the nodes it removed. A node that the rules
+        keep (it holds an allocation, its agent is back) or that another coordinator
+        removed first is left for now without a word; anything else is logged."""
         self._since = agentless_since(self._since, self._view.state, now)
         removed = []
         for name in expired_nodes(self._since, now, self.after_s):
-            if removal_refusal(self._view.state, name) is not None:
-                continue  # it holds an allocation, or changed: look again next time
             try:
                 await remove_node(self._store, self._view, name)
+            except (FailedPreconditionError, NotFoundError):
+                continue
             except KaiwoGpuError as error:
                 log.warning("could not expire node", node=name, error=error.message)
                 continue
-            log.info(
-                "node expired: no agent", node=name, agentless_s=round(now - self._since[name])
-            )
+            agentless_s = round(now - self._since[name])
+            log.info("node expired: no agent", node=name, agentless_s=agentless_s)
             removed.append(name)
         return removed

@@ -36,9 +36,9 @@ class CommitPlan:
         if node_key not in self._expect:
             expect[node_key] = state.node_revisions.get(record.node, 0)
         for grant in record.gpus:
-            gpu_key = layout.gpu(grant.uuid)
+            gpu_key, revision = state.gpu_guard(grant.uuid)
             if gpu_key not in self._expect:
-                expect[gpu_key] = state.gpu_revisions.get(grant.uuid, 0)
+                expect[gpu_key] = revision
                 puts.append(Put(gpu_key, b""))
         # A new request_id, or one whose tombstone (another owner's) this replaces.
         released = state.released_requests.get(record.request_id)

@@ -21,7 +21,7 @@ from kaiwo_gpu.common.errors import (
 )
 from kaiwo_gpu.common.names import escaped
 from kaiwo_gpu.coordinator.state.changes import Store, Txn
-from kaiwo_gpu.coordinator.state.keys import FROM_AGENT, FROM_INVENTORY, source_of
+from kaiwo_gpu.coordinator.state.keys import FROM_INVENTORY, source_of
 from kaiwo_gpu.coordinator.state.view import ClusterView
 from kaiwo_gpu.coordinator.state.view_state import ViewState
 from kaiwo_gpu.v1 import types_pb2
@@ -36,6 +36,9 @@ def removal_refusal(state: ViewState, name: str) -> KaiwoGpuError | None:
     may be removed (it takes no placements anyway) once the same rules hold."""
     if name not in state.nodes and name not in state.unreadable_nodes:
         return NotFoundError(f"no node named {name!r}")
+    if state.unreadable_allocations:
+        # Any of them may name the node: fail closed, as placement does.
+        return FailedPreconditionError(f"{state.blocked_reason}; no node is removed meanwhile")
     holder = state.agents.get(name)
     if holder is not None:
         return FailedPreconditionError(
@@ -66,7 +69,7 @@ def removal_txn(state: ViewState, name: str) -> Txn:
     guards = (
         (layout.node(name), state.node_revisions[name]),
         (layout.agent(name), 0),
-        *((layout.gpu(uuid), state.gpu_revisions.get(uuid, 0)) for uuid in uuids),
+        *(state.gpu_guard(uuid) for uuid in uuids),
     )
     unshared = [uuid for uuid in uuids if state.gpu_owner(uuid, besides=name) is None]
     return Txn(
@@ -100,11 +103,7 @@ def agentless_since(
     """Since when each agent-registered node has been without its agent, as far as this
     coordinator has seen: a node newly without one starts at `now`, one whose agent is
     back (or whose record is gone) drops out."""
-    return {
-        name: previous.get(name, now)
-        for name, record in state.nodes.items()
-        if source_of(record) == FROM_AGENT and name not in state.agents
-    }
+    return {name: previous.get(name, now) for name in state.nodes if state.agentless(name)}
 
 
 def expired_nodes(since: Mapping[str, float], now: float, after_s: float) -> list[str]:

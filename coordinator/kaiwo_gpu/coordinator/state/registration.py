@@ -191,9 +191,7 @@ async def claim_agent_node(
         uuids = set(granted)
         if previous is not None:
             uuids |= {status.inventory.uuid for status in previous.gpus}
-        guards += tuple(
-            (layout.gpu(uuid), view.gpu_revisions.get(uuid, 0)) for uuid in sorted(uuids)
-        )
+        guards += tuple(view.gpu_guard(uuid) for uuid in sorted(uuids))
     result = await store.commit(
         Txn(
             expect_mod_revision=guards,

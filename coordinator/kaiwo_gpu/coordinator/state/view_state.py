@@ -345,10 +345,21 @@ class ViewState:
             nodes.append(node)
         return nodes
 
+    def agentless(self, name: str) -> bool:
+        """Whether `name` is an agent's node whose agent is not connected (its presence key
+        is gone): out of placement, and a candidate for removal."""
+        record = self.nodes.get(name)
+        return record is not None and source_of(record) == FROM_AGENT and name not in self.agents
+
+    def gpu_guard(self, uuid: str) -> tuple[bytes, int]:
+        """The compare that a write depending on what is placed on the GPU makes: its
+        version key at the revision this state has for it (0: never placed on)."""
+        return self.layout.gpu(uuid), self.gpu_revisions.get(uuid, 0)
+
     def _node(self, name: str, record: types_pb2.NodeStatus) -> Node:
         """The node as placement sees it: an agent's node needs its agent connected."""
         node = node_from_record(record)
-        if node.schedulable and source_of(record) == FROM_AGENT and name not in self.agents:
+        if node.schedulable and self.agentless(name):
             node = replace(node, schedulable=False, unschedulable_reason=AGENT_MISSING)
         return node
 
