@@ -123,6 +123,8 @@ class NodeSampler:
         self.clock = clock
         self.wall_clock = wall_clock
         self.limits = {gpu.uuid: limits_for(gpu.model) for gpu in gpus}
+        self.last_batch: agent_pb2.TelemetryBatch | None = None
+        """The latest tick's batch, for /metrics."""
         started = clock()
         self.health: dict[str, GpuHealth] = {gpu.uuid: initial(started) for gpu in gpus}
         self._reading: asyncio.Future[dict[str, GpuReading | None]] | None = None
@@ -193,4 +195,5 @@ class NodeSampler:
             )
             if reading is not None:  # lost or not read this tick: no telemetry to send
                 sample.telemetry.CopyFrom(telemetry_proto(reading, stamp, gpu.vram_mib))
+        self.last_batch = batch
         return batch

@@ -24,10 +24,12 @@ from kaiwo_gpu.agent.backend import (
     GpuBackend,
     PlacedShare,
 )
+from kaiwo_gpu.agent.metrics import AgentCollector
 from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.agent.uplink import Uplink
 from kaiwo_gpu.common.errors import FailedPreconditionError
+from kaiwo_gpu.common.metrics_http import MetricsServer
 from kaiwo_gpu.common.names import AGENT_BACKENDS
 from kaiwo_gpu.v1 import agent_pb2
 
@@ -43,6 +45,7 @@ ENVIRONMENT = {
     "interval": "KAIWO_GPU_SAMPLE_INTERVAL",
     "labels": "KAIWO_GPU_NODE_LABELS",
     "log_format": "KAIWO_GPU_LOG_FORMAT",
+    "metrics_listen": "KAIWO_GPU_METRICS_LISTEN",
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -58,6 +61,8 @@ class AgentSettings:
     simulated_gpus: int = 8
     faults_file: Path | None = None
     seed: int = 0
+    metrics_listen: str | None = None
+    """host:port to serve Prometheus /metrics on (None: no metrics server)."""
 
 
 def open_backend(settings: AgentSettings) -> GpuBackend:
@@ -122,6 +127,9 @@ class NodeAgent:
             before_tick=self._load_faults,
         )
         self._faults_mtime: float | None = None
+        self.metrics = MetricsServer(
+            AgentCollector(settings.node, register.gpus, self.sampler, self.uplink.status)
+        )
 
     def _follow_placements(self, shares: Mapping[str, PlacedShare]) -> None:
         if isinstance(self.backend, FollowsPlacements):
@@ -151,16 +159,20 @@ class NodeAgent:
         log.info("simulated faults loaded", node=self.settings.node, path=str(path))
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.settings.metrics_listen:
+            self.metrics.start(self.settings.metrics_listen)
         log.info(
             "agent starting",
             node=self.settings.node,
             backend=self.backend.name,
             gpus=len(self.gpus),
             coordinators=list(self.settings.coordinators),
+            metrics_port=self.metrics.port or None,
         )
         try:
             await self.uplink.run(stop)
         finally:
+            self.metrics.stop()
             if self.sampler.reading:  # closing a library under a running call is unsafe
                 log.warning("a GPU read is still running; leaving the backend open")
             else:

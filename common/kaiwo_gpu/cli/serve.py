@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import (
     DEFAULT_ETCD,
     DEFAULT_LISTEN,
+    ENVIRONMENT,
     CoordinatorSettings,
 )
 from kaiwo_gpu.coordinator.state.keys import DEFAULT_PREFIX
@@ -56,6 +58,18 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         "console for people, json for log collectors",
         default="console",
         parse=flags.log_format,
+    )
+
+
+def _metrics_flag(
+    parser: argparse.ArgumentParser, environment: Mapping[str, str] = ENVIRONMENT
+) -> None:
+    flags.env_flag(
+        parser,
+        "--metrics-listen",
+        "host:port to serve Prometheus /metrics on, e.g. 0.0.0.0:9400 (default: none)",
+        parse=flags.address,
+        environment=environment,
     )
 
 
@@ -111,6 +125,7 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         default="0",
         parse=flags.duration,
     )
+    _metrics_flag(parser)
     parser.add_argument(
         "--etcd-wait",
         type=flags.seconds,
@@ -134,6 +149,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
         sample_interval_ms=args.sample_interval,
         etcd_quota_bytes=args.etcd_quota,
         agentless_node_expiry_s=args.expire_agentless_nodes or None,
+        metrics_listen=args.metrics_listen or None,
     )
 
     async def serve() -> None:
@@ -178,6 +194,7 @@ def add_agent_parser(commands: Subcommands) -> None:
     )
     flag("--labels", "node labels, k=v,k=v", default="", parse=flags.labels)
     flag("--log-format", "console or json", default="console", parse=flags.log_format)
+    _metrics_flag(parser, AGENT_ENVIRONMENT)
     simulated = parser.add_argument_group("simulated backend")
     simulated.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
     simulated.add_argument("--gpus", type=flags.gpu_count, default=8, help="GPUs on the node")
@@ -202,6 +219,7 @@ def run_agent(args: argparse.Namespace) -> None:
         simulated_gpus=args.gpus,
         faults_file=args.faults,
         seed=args.seed,
+        metrics_listen=args.metrics_listen or None,
     )
     agent = NodeAgent(settings)  # fails here, with the reason, when the backend cannot run
     asyncio.run(run_until_signalled(agent))

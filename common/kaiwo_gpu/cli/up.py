@@ -24,12 +24,18 @@ from kaiwo_gpu.cli.serve import add_service_flags
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
+from kaiwo_gpu.common.metrics_http import start_preferring
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+METRICS_HOST = "127.0.0.1"
+METRICS_PORT = 9400
+"""The coordinator's /metrics; agent i serves on METRICS_PORT + 1 + i (free ones if taken)."""
 
 
 def _state_dir() -> Path:
@@ -116,16 +122,24 @@ async def _serve_local_cluster(
     agents = [NodeAgent(one) for one in agent_settings]
     stop = asyncio.Event()
     running: list[asyncio.Task[None]] = []
+    ports = [start_preferring(coordinator.metrics, METRICS_HOST, METRICS_PORT)]
+    ports += [
+        start_preferring(agent.metrics, METRICS_HOST, METRICS_PORT + 1 + n)
+        for n, agent in enumerate(agents)
+    ]
 
     def ready() -> None:
         running.extend(asyncio.create_task(agent.run(stop)) for agent in agents)
-        _print_next_steps(args, etcd, faults_dir)
+        _print_next_steps(args, etcd, faults_dir, ports)
 
     try:
         await coordinator.run(on_ready=ready)
     finally:
         stop.set()
         await asyncio.gather(*running, return_exceptions=True)
+        for agent in agents:  # also those that never ran
+            agent.metrics.stop()
+        coordinator.metrics.stop()
 
 
 @contextlib.contextmanager
@@ -158,10 +172,15 @@ def _stop_leftover_etcd(pid_path: Path, data_dir: Path) -> None:
             time.sleep(0.05)
 
 
-def _print_next_steps(args: argparse.Namespace, etcd: LocalEtcd, faults_dir: Path) -> None:
+def _print_next_steps(
+    args: argparse.Namespace, etcd: LocalEtcd, faults_dir: Path, metrics_ports: list[int]
+) -> None:
+    agents = ", ".join(str(port) for port in metrics_ports[1:])
     print(
         f"\nkaiwo-gpu is up: coordinator on {args.listen}, etcd on {etcd.endpoint}, "
         f"{args.nodes} simulated agents (node-00 ...) with {args.gpus} {args.model} each.\n"
+        f"Prometheus metrics: coordinator http://{METRICS_HOST}:{metrics_ports[0]}/metrics, "
+        f"agents on ports {agents} (/metrics).\n"
         "Try (grpcurl, through server reflection):\n"
         f"  grpcurl -plaintext {args.listen} kaiwo_gpu.v1.AllocationService/ListNodes\n"
         f'  grpcurl -plaintext -d \'{{"request": {{"request_id": "try-1", '

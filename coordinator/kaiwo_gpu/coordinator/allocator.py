@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from kaiwo_gpu.common.errors import (
     UnavailableError,
 )
 from kaiwo_gpu.common.models import AllocationRequest
+from kaiwo_gpu.coordinator.instruments import Instruments
 from kaiwo_gpu.coordinator.leases import Clock, Leases, utc_now
 from kaiwo_gpu.coordinator.placement.strategies import (
     BUILTIN_STRATEGIES,
@@ -99,12 +101,14 @@ class Allocator:
         *,
         clock: Clock = utc_now,
         new_id: Callable[[], str] = new_allocation_id,
+        instruments: Instruments | None = None,
     ) -> None:
+        self.instruments = instruments or Instruments()
         self.store = store
         self.view = view
         self.layout = layout
         self.settings = settings
-        self.leases = Leases(store, clock)
+        self.leases = Leases(store, clock, self.instruments)
         self._policy = settings.policy
         self._clock = clock
         self._new_id = new_id
@@ -236,6 +240,7 @@ class Allocator:
             except KaiwoGpuError as error:
                 self._fail(owned, error)
                 return
+            started = time.perf_counter()
             try:
                 result = await self.store.commit(decision.plan.txn())
             except NotFoundError:  # a lease ran out between grant and commit
@@ -251,7 +256,9 @@ class Allocator:
                     revoke=False,
                 )
                 return
+            self.instruments.commit_seconds.observe(time.perf_counter() - started)
             if result.succeeded:
+                self.instruments.commit_allocations.observe(len(decision.placed))
                 self._last_write_revision = max(self._last_write_revision, result.revision)
                 self._last_placement_revision = max(self._last_placement_revision, result.revision)
                 for index, record in decision.placed:
@@ -274,14 +281,15 @@ class Allocator:
             BatchItem(item.request, self._new_id(), has_lease=bool(item.lease_id))
             for item in pending
         ]
-        return decide_batch(
-            items,
-            self.view.decision_snapshot(),
-            self.view.state,
-            scheduler_state=self._scheduler_state,
-            policy=self._policy,
-            now=self._clock(),
-        )
+        with self.instruments.decision_seconds.time():
+            return decide_batch(
+                items,
+                self.view.decision_snapshot(),
+                self.view.state,
+                scheduler_state=self._scheduler_state,
+                policy=self._policy,
+                now=self._clock(),
+            )
 
     async def caught_up(self) -> None:
         """Waits until the view holds this coordinator's own last write, so reads see it.
@@ -300,6 +308,7 @@ class Allocator:
     ) -> list[_Pending]:
         """Gives up on items out of attempts; the rest are decided again on a fresher view."""
         self.conflicts += 1
+        self.instruments.commit_conflicts.inc()
         newest = max((kv.mod_revision for kv in current.values()), default=0)
         if newest <= self.view.state.revision:
             # The view already holds what etcd showed (a deleted key shows nothing): back

@@ -20,6 +20,7 @@ import structlog
 
 from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.common.wire import moment_of
+from kaiwo_gpu.coordinator.instruments import Instruments
 from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.v1 import types_pb2
 
@@ -49,7 +50,10 @@ def utc_now() -> datetime:
 class Leases:
     """The leases one coordinator grants, renews and revokes."""
 
-    def __init__(self, store: Store, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, store: Store, clock: Clock = utc_now, instruments: Instruments | None = None
+    ) -> None:
+        self._instruments = instruments or Instruments()
         self._store = store
         self._clock = clock
         self._background: set[asyncio.Task[Any]] = set()
@@ -69,9 +73,11 @@ class Leases:
         """One lease per TTL, all at once: (lease id, granted TTL) or what failed, in order.
 
         Leases are granted after the decision, so a refused request costs no lease."""
-        return await asyncio.gather(
+        granted = await asyncio.gather(
             *(self._store.grant_lease(ttl_s) for ttl_s in ttls_s), return_exceptions=True
         )
+        self._instruments.lease_grants.inc(sum(not isinstance(g, BaseException) for g in granted))
+        return granted
 
     def revoke_soon(self, lease_id: int) -> None:
         """Drops a lease that holds nothing of ours any more (its request did not commit) in
@@ -133,6 +139,7 @@ class Leases:
         if ttl_s <= 0:
             self._renewed_until.pop(lease_id, None)
             return 0, None
+        self._instruments.lease_renewals.inc()
         expires_at = self._clock() + timedelta(seconds=ttl_s)
         self._remember(lease_id, expires_at)
         return ttl_s, expires_at

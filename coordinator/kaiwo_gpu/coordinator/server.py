@@ -22,10 +22,14 @@ from grpc_reflection.v1alpha import reflection
 
 from kaiwo_gpu.common import keepalive
 from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, UnavailableError
+from kaiwo_gpu.common.metrics_http import MetricsServer
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
 from kaiwo_gpu.coordinator.api.decode_errors import DecodeErrorsAreInvalidArgument
+from kaiwo_gpu.coordinator.api.rpc_metrics import RpcMetrics
+from kaiwo_gpu.coordinator.instruments import Instruments
+from kaiwo_gpu.coordinator.metrics import CoordinatorCollector, Sources
 from kaiwo_gpu.coordinator.node_expiry import NodeExpiry
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, StrategyRegistry
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
@@ -61,6 +65,7 @@ class Coordinator:
         self.layout = KeyLayout(settings.prefix)
         self.store = EtcdStore(settings.etcd_endpoints, timeout_s=settings.etcd_timeout_s)
         self.view = ClusterView(self.store, self.layout)
+        self.instruments = Instruments()
         self.allocator = Allocator(
             self.store,
             self.view,
@@ -70,10 +75,12 @@ class Coordinator:
                 default_ttl_s=settings.default_ttl_s,
                 strategies=strategies,
             ),
+            instruments=self.instruments,
         )
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[DecodeErrorsAreInvalidArgument()],
+            # Metrics outermost, so a request that does not decode is counted too.
+            interceptors=[RpcMetrics(self.instruments), DecodeErrorsAreInvalidArgument()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -116,6 +123,12 @@ class Coordinator:
         )
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics = MetricsServer(
+            CoordinatorCollector(
+                Sources(self.view, self.agents.connected_nodes, lambda: self.space_warning),
+                self.instruments,
+            )
+        )
 
     async def _connect(self) -> None:
         """Waits up to `startup_wait_s` for etcd, so a coordinator may start before it."""
@@ -165,6 +178,8 @@ class Coordinator:
     async def start(self) -> int:
         """Binds, connects to etcd, loads the view and starts serving; returns the port."""
         self._bind()
+        if self.settings.metrics_listen:
+            self.metrics.start(self.settings.metrics_listen)
         await self._connect()
         self.view.on_connected_change = self._report_etcd
         self.allocator.start()
@@ -183,6 +198,7 @@ class Coordinator:
             prefix=self.settings.prefix,
             nodes=len(self.view.state.nodes),
             allocations=len(self.view.state.allocations),
+            metrics_port=self.metrics.port or None,
         )
         return self.port
 
@@ -215,6 +231,7 @@ class Coordinator:
         await self.allocator.stop()
         await self.view.stop()
         await self.store.close()
+        self.metrics.stop()
         log.info("coordinator stopped", commit_conflicts=self.allocator.conflicts)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:

@@ -23,6 +23,7 @@ ENVIRONMENT = {
     "sample_interval": "KAIWO_GPU_SAMPLE_INTERVAL",
     "etcd_quota": "KAIWO_GPU_ETCD_QUOTA",
     "expire_agentless_nodes": "KAIWO_GPU_EXPIRE_AGENTLESS_NODES",
+    "metrics_listen": "KAIWO_GPU_METRICS_LISTEN",
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -49,3 +50,5 @@ class CoordinatorSettings:
     """How often the coordinator reads etcd's database size."""
     agentless_node_expiry_s: int | None = None
     """Remove an agent-registered node that has had no agent this long (None: never)."""
+    metrics_listen: str | None = None
+    """host:port to serve Prometheus /metrics on (None: no metrics server)."""

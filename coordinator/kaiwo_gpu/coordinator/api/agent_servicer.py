@@ -128,6 +128,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._last_registration = 0  # etcd revision of this coordinator's latest one
         self._background: set[asyncio.Task[None]] = set()
 
+    def connected_nodes(self) -> list[str]:
+        """The nodes whose agents stream to this coordinator now."""
+        return list(self._sessions)
+
     def start(self, coordinator_id: str) -> None:
         self.coordinator_id = coordinator_id
         self._feed = asyncio.create_task(self._follow_placements(), name="agent-placement-feed")

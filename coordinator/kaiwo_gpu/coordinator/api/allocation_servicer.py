@@ -26,6 +26,7 @@ from kaiwo_gpu.coordinator.api.queries import (
     node_statuses,
 )
 from kaiwo_gpu.coordinator.api.watchers import WatcherSlots, peer_address
+from kaiwo_gpu.coordinator.instruments import request_outcome
 from kaiwo_gpu.coordinator.state.node_removal import remove_node
 from kaiwo_gpu.coordinator.state.records import for_client, timestamp
 from kaiwo_gpu.coordinator.state.view import ClusterView
@@ -102,8 +103,14 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         request: allocation_pb2.AllocateRequest,
         context: Context,
     ) -> allocation_pb2.AllocateResponse:
-        parsed = request_from_proto(request.request)
-        record, replayed = await self.allocator.allocate(parsed)
+        counted = self.allocator.instruments.requests
+        try:
+            parsed = request_from_proto(request.request)
+            record, replayed = await self.allocator.allocate(parsed)
+        except KaiwoGpuError as error:
+            counted.labels(*request_outcome(error)).inc()
+            raise
+        counted.labels(*request_outcome(None, replayed)).inc()
         log.info(
             "allocated",
             request_id=parsed.request_id,
@@ -120,7 +127,13 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         request: allocation_pb2.ReleaseRequest,
         context: Context,
     ) -> allocation_pb2.ReleaseResponse:
-        record = await self.allocator.release(check_allocation_id(request.allocation_id))
+        counted = self.allocator.instruments.releases
+        try:
+            record = await self.allocator.release(check_allocation_id(request.allocation_id))
+        except KaiwoGpuError as error:
+            counted.labels("not_found" if error.status_code == "NOT_FOUND" else "failed").inc()
+            raise
+        counted.labels("released").inc()
         log.info("released", allocation_id=record.id, node=record.node)
         return allocation_pb2.ReleaseResponse(allocation=for_client(record))
 

@@ -217,6 +217,8 @@ class ClusterView:
             if allocation_id not in old
         ]
         fresh.apply_telemetry(self.state.telemetry)  # telemetry lives only in memory
+        # Counted since start (what went while the watch was away is not told apart).
+        fresh.removed_allocations = self.state.removed_allocations
         fresh.fold_telemetry()
         self.state = fresh
         self._publish(events)

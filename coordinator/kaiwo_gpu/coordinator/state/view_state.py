@@ -17,6 +17,7 @@ capacity that allocation holds is unknown.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -122,6 +123,7 @@ class ViewState:
         self._excluded_nodes: set[str] = set()  # as of the last rebuild
         self.allocations_by_node: dict[str, set[str]] = {}
         self.nodes_by_gpu: dict[str, set[str]] = {}  # GPU UUID -> the nodes naming it
+        self.removed_allocations: Counter[str] = Counter()  # "released" / "expired", as seen
         self.agents: dict[str, str] = {}  # node -> what its presence key says (a coordinator)
         self.agent_revisions: dict[str, int] = {}
         self.telemetry: dict[str, Telemetry] = {}  # by GPU UUID; fed by agents, never stored
@@ -252,6 +254,11 @@ class ViewState:
             previous = self._forget_allocation(allocation_id)
             if previous is None:
                 return None
+            # A release puts the tombstone in the transaction that deletes the record; an
+            # expiry (or a revoked lease) deletes the record and its request key together.
+            tombstone = self.released_requests.get(previous.request_id)
+            released = tombstone is not None and tombstone.revision == change.revision
+            self.removed_allocations["released" if released else "expired"] += 1
             return AllocationEvent(
                 kind=AllocationEvent.KIND_REMOVED, allocation=previous, revision=change.revision
             )

@@ -1,0 +1,92 @@
+"""Per-GPU gauges named and labelled as AMD's device-metrics-exporter names them by default.
+
+The agent exports them for its GPUs, and a coordinator re-exports them for the nodes whose
+agents stream to it, so dashboards and alerts written for AMD's exporter work unchanged on
+either. Names, units and labels follow the exporter: activity in percent, VRAM in MB (as
+amd-smi reports it), temperatures in Celsius, power in Watts, ECC counts as running totals;
+`gpu_health` is 1 for a healthy GPU and 0 otherwise. Pure: rows in, metric families out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from kaiwo_gpu.v1 import types_pb2
+
+LABELS = ("gpu_id", "gpu_uuid", "card_model", "hostname")
+"""AMD's label names for the GPU index, its UUID, its model and its node."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuGauge:
+    name: str
+    documentation: str
+    value: Callable[[types_pb2.GpuStatus], float | None]
+
+
+def _telemetry(field: str) -> Callable[[types_pb2.GpuStatus], float | None]:
+    def read(status: types_pb2.GpuStatus) -> float | None:
+        telemetry = status.telemetry
+        present = telemetry.HasField(field)  # type: ignore[arg-type]  # one of its optionals
+        return float(getattr(telemetry, field)) if present else None
+
+    return read
+
+
+def _free_vram(status: types_pb2.GpuStatus) -> float | None:
+    if not status.telemetry.HasField("used_vram_mib"):
+        return None
+    return float(max(0, status.inventory.vram_mib - status.telemetry.used_vram_mib))
+
+
+GAUGES = (
+    GpuGauge("gpu_gfx_activity", "Graphics (compute) engine activity, percent",
+             _telemetry("gfx_activity_percent")),
+    GpuGauge("gpu_umc_activity", "Memory controller (UMC) activity, percent",
+             _telemetry("umc_activity_percent")),
+    GpuGauge("gpu_used_vram", "VRAM in use, MB", _telemetry("used_vram_mib")),
+    GpuGauge("gpu_total_vram", "VRAM of the GPU, MB",
+             lambda status: float(status.inventory.vram_mib)),
+    GpuGauge("gpu_free_vram", "VRAM not in use, MB", _free_vram),
+    GpuGauge("gpu_junction_temperature", "Junction (hotspot) temperature, Celsius",
+             _telemetry("hotspot_temperature_c")),
+    GpuGauge("gpu_edge_temperature", "Edge temperature, Celsius",
+             _telemetry("edge_temperature_c")),
+    GpuGauge("gpu_memory_temperature", "HBM temperature, Celsius",
+             _telemetry("memory_temperature_c")),
+    GpuGauge("gpu_package_power", "Package (socket) power, Watts",
+             _telemetry("socket_power_w")),
+    GpuGauge("gpu_power_cap", "Power limit, Watts", _telemetry("power_limit_w")),
+    GpuGauge("gpu_ecc_correct_total", "Correctable ECC errors since the driver loaded",
+             _telemetry("ecc_correctable_total")),
+    GpuGauge("gpu_ecc_uncorrect_total", "Uncorrectable ECC errors since the driver loaded",
+             _telemetry("ecc_uncorrectable_total")),
+    GpuGauge("gpu_health", "1 when the GPU is healthy, 0 when it is not",
+             lambda status: 1.0 if status.health == types_pb2.HEALTH_HEALTHY else 0.0),
+)  # fmt: skip
+"""Each gauge: AMD's name, what it is, and how to read it off a GPU's row (None: the GPU
+did not report it, so the series is left out rather than shown as 0)."""
+
+
+class GpuMetricFamilies:
+    """Collects GPU rows (inventory, latest telemetry, health) into one family per gauge."""
+
+    def __init__(self) -> None:
+        self._families = {
+            gauge.name: GaugeMetricFamily(gauge.name, gauge.documentation, labels=LABELS)
+            for gauge in GAUGES
+        }
+
+    def add(self, hostname: str, status: types_pb2.GpuStatus) -> None:
+        inventory = status.inventory
+        labels = (str(inventory.index), inventory.uuid, inventory.model, hostname)
+        for gauge in GAUGES:
+            value = gauge.value(status)
+            if value is not None:
+                self._families[gauge.name].add_metric(labels, value)
+
+    def families(self) -> Iterator[Metric]:
+        yield from self._families.values()

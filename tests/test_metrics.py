@@ -1,0 +1,327 @@
+"""/metrics of the coordinator and the agent: scraped over HTTP, and by a real Prometheus.
+
+What is counted must move with what happens (an allocation raises the allocated share, its
+release lowers it; refusals count by reason), the GPU gauges carry AMD's exporter names and
+labels, and no long-lived series is labelled by an allocation id or an owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kaiwo_gpu.common.errors import InvalidArgumentError, NoCapacityError, UnavailableError
+from kaiwo_gpu.common.gpu_metrics import GAUGES, GpuMetricFamilies
+from kaiwo_gpu.coordinator.instruments import request_outcome
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd, free_port
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+from tests.agents import agents_running, eventually
+from tests.conftest import coordinator_running
+from tests.harness import request, status_of
+
+FAST = {"node_ttl_s": 2, "sample_interval_ms": 200}
+AMD_NAMES = {
+    "gpu_gfx_activity",
+    "gpu_umc_activity",
+    "gpu_used_vram",
+    "gpu_total_vram",
+    "gpu_free_vram",
+    "gpu_junction_temperature",
+    "gpu_edge_temperature",
+    "gpu_memory_temperature",
+    "gpu_package_power",
+    "gpu_ecc_correct_total",
+    "gpu_ecc_uncorrect_total",
+    "gpu_health",
+}
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def test_a_gpu_row_becomes_amd_named_gauges_and_what_it_lacks_is_left_out() -> None:
+    row = types_pb2.GpuStatus(
+        inventory=types_pb2.GpuInventory(uuid="u0", index=3, model="MI300X", vram_mib=196_608),
+        health=types_pb2.HEALTH_UNHEALTHY,
+        telemetry=types_pb2.GpuTelemetry(gfx_activity_percent=87, used_vram_mib=1024),
+    )
+    families = GpuMetricFamilies()
+    families.add("node-7", row)
+    samples = {family.name: family.samples for family in families.families() if family.samples}
+    assert {gauge.name for gauge in GAUGES} >= AMD_NAMES
+    assert set(samples) == {
+        "gpu_gfx_activity",
+        "gpu_used_vram",
+        "gpu_total_vram",
+        "gpu_free_vram",
+        "gpu_health",
+    }  # no temperature, power or ECC reading: no series, rather than a false 0
+    labels = {"gpu_id": "3", "gpu_uuid": "u0", "card_model": "MI300X", "hostname": "node-7"}
+    assert [(s.labels, s.value) for s in samples["gpu_gfx_activity"]] == [(labels, 87.0)]
+    assert samples["gpu_free_vram"][0].value == 196_608 - 1024
+    assert samples["gpu_health"][0].value == 0.0
+
+
+@pytest.mark.parametrize(
+    ("error", "replayed", "outcome"),
+    [
+        (None, False, ("placed", "")),
+        (None, True, ("replayed", "")),
+        (
+            NoCapacityError("full", [("memory", 3), ("unhealthy", 5)]),
+            False,
+            ("refused", "unhealthy"),
+        ),
+        (InvalidArgumentError("fraction", 2, "0.1-1"), False, ("invalid", "")),
+        (UnavailableError("etcd down"), False, ("failed", "unavailable")),
+    ],
+)
+def test_a_request_outcome_is_one_of_a_few_labels(
+    error: Exception | None, replayed: bool, outcome: tuple[str, str]
+) -> None:
+    assert request_outcome(error, replayed) == outcome  # type: ignore[arg-type]
+
+
+# --- over HTTP ----------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample of a /metrics page, by sample name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def value(
+    samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float:
+    matching = [v for have, v in samples.get(name, []) if labels.items() <= have.items()]
+    assert matching, f"no {name} with {labels}"
+    return sum(matching)
+
+
+@pytest.mark.integration
+async def test_the_coordinator_counts_what_it_answers_and_shows_the_share_it_holds(
+    etcd: LocalEtcd, prefix: str, inventory: Path
+) -> None:
+    async with coordinator_running(
+        etcd.endpoint, prefix, inventory, metrics_listen="127.0.0.1:0", **FAST
+    ) as running:
+        port = running.coordinator.metrics.port
+        before = await asyncio.to_thread(scrape, port)
+        assert value(before, "kaiwo_gpu_node_capacity_millis", node="node-a") == 4000
+        assert value(before, "kaiwo_gpu_node_allocated_millis", node="node-a") == 0
+        made = await running.api.Allocate(
+            request("m1", fraction_millis=500, selector=types_pb2.Selector(nodes=["node-a"]))
+        )
+        await running.api.Allocate(
+            request("m1", fraction_millis=500, selector=made.allocation.request.selector)
+        )
+        code, _ = await status_of(
+            running.api.Allocate(request("m2", fraction_millis=1000, count=8))
+        )
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED  # no node has 8 GPUs
+        code, _ = await status_of(running.api.Allocate(request("m3", fraction_millis=5000)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        held = await asyncio.to_thread(scrape, port)
+        assert value(held, "kaiwo_gpu_node_allocated_millis", node="node-a") == 500
+        assert value(held, "kaiwo_gpu_gpu_allocated_millis", node="node-a") == 500
+        assert value(held, "kaiwo_gpu_requests_total", outcome="placed") == 1
+        assert value(held, "kaiwo_gpu_requests_total", outcome="replayed") == 1
+        assert value(held, "kaiwo_gpu_requests_total", outcome="refused") == 1
+        assert value(held, "kaiwo_gpu_requests_total", outcome="invalid") == 1
+        invalid = value(held, "kaiwo_gpu_grpc_server_handled_total", grpc_code="INVALID_ARGUMENT")
+        assert invalid == 1
+        assert (
+            value(
+                held,
+                "kaiwo_gpu_grpc_server_handled_total",
+                grpc_method="Allocate",
+                grpc_code="OK",
+            )
+            == 2
+        )
+        assert value(held, "kaiwo_gpu_allocations") == 1
+        assert value(held, "kaiwo_gpu_commit_allocations_count") == 1
+        await running.api.Release(allocation_pb2.ReleaseRequest(allocation_id=made.allocation.id))
+        released = await asyncio.to_thread(scrape, port)
+        assert value(released, "kaiwo_gpu_node_allocated_millis", node="node-a") == 0
+        assert value(released, "kaiwo_gpu_releases_total", outcome="released") == 1
+        assert value(released, "kaiwo_gpu_allocations_removed_total", reason="released") == 1
+        everything = json.dumps(released)
+        assert made.allocation.id not in everything  # no allocation id as a label
+        assert "owner" not in everything
+
+
+@pytest.mark.integration
+async def test_an_agent_exports_its_gpus_under_amds_names_and_so_does_its_coordinator(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with (
+        coordinator_running(
+            etcd.endpoint, prefix, None, metrics_listen="127.0.0.1:0", **FAST
+        ) as running,
+        agents_running(running.target, ["amd-0"], gpus=2) as (agent,),
+    ):
+        agent_port = agent.metrics.start("127.0.0.1:0")
+
+        async def sampled() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+            found = await asyncio.to_thread(scrape, agent_port)
+            return found if len(found.get("gpu_health", [])) == 2 else None
+
+        from_agent = await eventually(sampled)
+        assert set(from_agent) >= AMD_NAMES
+        assert value(from_agent, "kaiwo_gpu_agent_connected") == 1
+        assert {labels["gpu_id"] for labels, _ in from_agent["gpu_total_vram"]} == {"0", "1"}
+        assert {labels["hostname"] for labels, _ in from_agent["gpu_total_vram"]} == {"amd-0"}
+
+        async def reexported() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+            found = await asyncio.to_thread(scrape, running.coordinator.metrics.port)
+            return found if len(found.get("gpu_health", [])) == 2 else None
+
+        from_coordinator = await eventually(reexported)
+        assert set(from_coordinator) >= AMD_NAMES
+        assert value(from_coordinator, "kaiwo_gpu_agents_connected") == 1
+        assert value(from_coordinator, "kaiwo_gpu_node_telemetry_age_seconds", node="amd-0") < 10
+
+
+@pytest.mark.integration
+async def test_a_taken_metrics_port_stops_the_coordinator_with_the_reason(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    async with coordinator_running(
+        etcd.endpoint, prefix, None, metrics_listen="127.0.0.1:0"
+    ) as first:
+        taken = f"127.0.0.1:{first.coordinator.metrics.port}"
+        with pytest.raises(UnavailableError, match=f"cannot serve metrics on {taken}"):
+            async with coordinator_running(etcd.endpoint, prefix, None, metrics_listen=taken):
+                pass
+
+
+# --- a real Prometheus ------------------------------------------------------------------
+
+
+@dataclass
+class Prometheus:
+    port: int
+
+    def query(self, expression: str) -> list[dict[str, object]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expression}
+        )
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            answer = json.loads(reply.read())
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def prometheus_scraping(tmp_path: Path, targets: dict[str, list[str]]) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Debian's prometheus is not installed (`.ci/run` installs it)")
+    config = tmp_path / "prometheus.yml"
+    jobs = [
+        {"job_name": job, "scrape_interval": "1s", "static_configs": [{"targets": addresses}]}
+        for job, addresses in targets.items()
+    ]
+    config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": jobs}))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield Prometheus(port)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def ready(prometheus: Prometheus) -> AsyncIterator[Prometheus]:
+    async def up() -> bool | None:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{prometheus.port}/-/ready", timeout=2
+            ) as reply:
+                return True if reply.status == 200 else None
+        except OSError:
+            return None
+
+    await eventually(up, timeout_s=60)
+    yield prometheus
+
+
+@pytest.mark.integration
+async def test_a_real_prometheus_sees_the_share_rise_and_fall_and_every_gpu(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path
+) -> None:
+    async with (
+        coordinator_running(
+            etcd.endpoint, prefix, None, metrics_listen="127.0.0.1:0", **FAST
+        ) as running,
+        agents_running(running.target, ["prom-0", "prom-1"], gpus=2) as agents,
+    ):
+        agent_ports = [agent.metrics.start("127.0.0.1:0") for agent in agents]
+        targets = {
+            "coordinator": [f"127.0.0.1:{running.coordinator.metrics.port}"],
+            "agent": [f"127.0.0.1:{port}" for port in agent_ports],
+        }
+        with prometheus_scraping(tmp_path, targets) as started:
+            async with ready(started) as prometheus:
+                allocated = 'sum(kaiwo_gpu_node_allocated_millis{job="coordinator"})'
+
+                async def share(wanted: float) -> bool | None:
+                    found = await asyncio.to_thread(prometheus.query, allocated)
+                    have = float(found[0]["value"][1]) if found else None  # type: ignore[index]
+                    return True if have == wanted else None
+
+                async def every_gpu() -> bool | None:
+                    found = await asyncio.to_thread(
+                        prometheus.query, 'count(gpu_health{job="agent"} == 1)'
+                    )
+                    return True if found and found[0]["value"][1] == "4" else None  # type: ignore[index]
+
+                await eventually(lambda: share(0), timeout_s=30)
+                await eventually(every_gpu, timeout_s=30)
+                for name in sorted(AMD_NAMES):
+                    found = await asyncio.to_thread(
+                        prometheus.query, f'count({name}{{job="agent"}})'
+                    )
+                    assert found, f"Prometheus has no {name}"
+                    assert found[0]["value"][1] == "4", (name, found)  # type: ignore[index]
+                made = await running.api.Allocate(request("prom", fraction_millis=750))
+                await eventually(lambda: share(750), timeout_s=30)
+                await running.api.Release(
+                    allocation_pb2.ReleaseRequest(allocation_id=made.allocation.id)
+                )
+                await eventually(lambda: share(0), timeout_s=30)
