@@ -42,6 +42,7 @@ AMD_NAMES = {
     "gpu_edge_temperature",
     "gpu_memory_temperature",
     "gpu_package_power",
+    "gpu_power_usage",
     "gpu_ecc_correct_total",
     "gpu_ecc_uncorrect_total",
     "gpu_health",
@@ -53,7 +54,9 @@ AMD_NAMES = {
 
 def test_a_gpu_row_becomes_amd_named_gauges_and_what_it_lacks_is_left_out() -> None:
     row = types_pb2.GpuStatus(
-        inventory=types_pb2.GpuInventory(uuid="u0", index=3, model="MI300X", vram_mib=196_608),
+        inventory=types_pb2.GpuInventory(
+            uuid="u0", index=3, model="MI300X", vram_mib=196_608, compute_partition="CPX"
+        ),
         health=types_pb2.HEALTH_UNHEALTHY,
         telemetry=types_pb2.GpuTelemetry(gfx_activity_percent=87, used_vram_mib=1024),
     )
@@ -67,11 +70,22 @@ def test_a_gpu_row_becomes_amd_named_gauges_and_what_it_lacks_is_left_out() -> N
         "gpu_total_vram",
         "gpu_free_vram",
         "gpu_health",
+        "gpu_nodes_total",
     }  # no temperature, power or ECC reading: no series, rather than a false 0
-    labels = {"gpu_id": "3", "gpu_uuid": "u0", "card_model": "MI300X", "hostname": "node-7"}
+    labels = {
+        "gpu_id": "3",
+        "gpu_uuid": "u0",
+        "card_model": "MI300X",
+        "gpu_compute_partition_type": "cpx",
+        "gpu_memory_partition_type": "",
+        "hostname": "node-7",
+    }
     assert [(s.labels, s.value) for s in samples["gpu_gfx_activity"]] == [(labels, 87.0)]
     assert samples["gpu_free_vram"][0].value == 196_608 - 1024
     assert samples["gpu_health"][0].value == 0.0
+    assert [(s.labels, s.value) for s in samples["gpu_nodes_total"]] == [
+        ({"hostname": "node-7"}, 1.0)
+    ]
 
 
 @pytest.mark.parametrize(

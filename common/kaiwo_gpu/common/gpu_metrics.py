@@ -16,8 +16,17 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from kaiwo_gpu.v1 import types_pb2
 
-LABELS = ("gpu_id", "gpu_uuid", "card_model", "hostname")
-"""AMD's label names for the GPU index, its UUID, its model and its node."""
+LABELS = (
+    "gpu_id",
+    "gpu_uuid",
+    "card_model",
+    "gpu_compute_partition_type",
+    "gpu_memory_partition_type",
+    "hostname",
+)
+"""AMD's label names for the GPU index, its UUID (optional in AMD's exporter, and what its
+dashboards filter on), its model, its partition modes (lower case, as AMD writes them: spx,
+nps1; empty when not reported) and its node. AMD's `serial_number` is not known here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +68,8 @@ GAUGES = (
              _telemetry("memory_temperature_c")),
     GpuGauge("gpu_package_power", "Package (socket) power, Watts",
              _telemetry("socket_power_w")),
-    GpuGauge("gpu_power_cap", "Power limit, Watts", _telemetry("power_limit_w")),
+    GpuGauge("gpu_power_usage", "Power usage, Watts (the socket power, as amd-smi reads it)",
+             _telemetry("socket_power_w")),
     GpuGauge("gpu_ecc_correct_total", "Correctable ECC errors since the driver loaded",
              _telemetry("ecc_correctable_total")),
     GpuGauge("gpu_ecc_uncorrect_total", "Uncorrectable ECC errors since the driver loaded",
@@ -79,10 +89,19 @@ class GpuMetricFamilies:
             gauge.name: GaugeMetricFamily(gauge.name, gauge.documentation, labels=LABELS)
             for gauge in GAUGES
         }
+        self._count: dict[str, int] = {}
 
     def add(self, hostname: str, status: types_pb2.GpuStatus) -> None:
         inventory = status.inventory
-        labels = (str(inventory.index), inventory.uuid, inventory.model, hostname)
+        labels = (
+            str(inventory.index),
+            inventory.uuid,
+            inventory.model,
+            inventory.compute_partition.lower(),
+            inventory.memory_partition.lower(),
+            hostname,
+        )
+        self._count[hostname] = self._count.get(hostname, 0) + 1
         for gauge in GAUGES:
             value = gauge.value(status)
             if value is not None:
@@ -90,3 +109,9 @@ class GpuMetricFamilies:
 
     def families(self) -> Iterator[Metric]:
         yield from self._families.values()
+        nodes = GaugeMetricFamily(
+            "gpu_nodes_total", "GPUs on the node", labels=("hostname",)
+        )  # AMD's name: a gauge, despite the suffix
+        for hostname, count in sorted(self._count.items()):
+            nodes.add_metric((hostname,), count)
+        yield nodes
