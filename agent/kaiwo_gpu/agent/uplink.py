@@ -50,10 +50,12 @@ from kaiwo_gpu.agent.uplink_state import (
     UplinkStatus,
     WaitForTick,
 )
+from kaiwo_gpu.common import tracing
 from kaiwo_gpu.common.keepalive import CHANNEL_OPTIONS, HEARTBEAT_S, MISSED_HEARTBEATS
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger(__name__)
+CONNECT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name + "/Connect"
 
 OPEN_TIMEOUT_S = MISSED_HEARTBEATS * HEARTBEAT_S
 """How long opening a stream and writing Register may take: a coordinator frozen before the
@@ -153,23 +155,33 @@ class Uplink:
                 log.warning(message, **fields)
 
     async def _follow(self, session: int, address: str) -> None:
-        try:
-            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            call = self._call = agent_pb2_grpc.AgentServiceStub(self._channel).Connect()
-            register = call.write(agent_pb2.AgentMessage(register=self.register))
-            try:  # a coordinator frozen before we came accepts TCP and never answers
-                await asyncio.wait_for(register, OPEN_TIMEOUT_S)
-            except TimeoutError:
-                call.cancel()
-                self._post(StreamEnded(session, self._now(), "UNAVAILABLE", _NO_ANSWER))
-                return
-            self._post(StreamOpened(session, self._now()))
-            async for directive in call:
-                self._post(DirectiveReceived(session, directive))
-        except Exception as error:
-            self._post(StreamEnded(session, self._now(), *self._failure(error)))
-        else:
-            self._post(StreamEnded(session, self._now()))
+        """One stream, from its opening to its end: a span (tracing on) for its life, and
+        one for the registration; telemetry batches get none (a thousand nodes would make
+        a thousand spans a second)."""
+        attributes = {"rpc.system": "grpc", "kaiwo_gpu.node": self.register.node}
+        with tracing.span(CONNECT, kind="client", attributes=attributes) as stream_span:
+            try:
+                self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                stub = agent_pb2_grpc.AgentServiceStub(self._channel)
+                call = self._call = stub.Connect(metadata=tracing.injected())
+                with tracing.span("kaiwo_gpu.agent.register", attributes=attributes):
+                    register = call.write(agent_pb2.AgentMessage(register=self.register))
+                    try:  # a coordinator frozen before we came accepts TCP and never answers
+                        await asyncio.wait_for(register, OPEN_TIMEOUT_S)
+                    except TimeoutError:
+                        call.cancel()
+                        tracing.record_error(stream_span, "UNAVAILABLE", _NO_ANSWER)
+                        self._post(StreamEnded(session, self._now(), "UNAVAILABLE", _NO_ANSWER))
+                        return
+                self._post(StreamOpened(session, self._now()))
+                async for directive in call:
+                    self._post(DirectiveReceived(session, directive))
+            except Exception as error:
+                code, details = self._failure(error)
+                tracing.record_error(stream_span, code, details)
+                self._post(StreamEnded(session, self._now(), code, details))
+            else:
+                self._post(StreamEnded(session, self._now()))
 
     async def _sample(self, session: int, wait_s: float) -> None:
         try:

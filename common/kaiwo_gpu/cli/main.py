@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_command(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from kaiwo_gpu.cli.run import run_command
+
+        return run_command(args)
+    from kaiwo_gpu.cli.client_commands import run_client_command
+
+    try:
+        return run_client_command(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -107,19 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only the client library's warnings (a failed renewal), and on stderr: stdout is
         # the command's (run) or the answer's (-o json).
         configure_logging("console", logging.WARNING)
-    if args.command in CLIENT_COMMANDS:
-        from kaiwo_gpu.cli.client_commands import run_client_command
+        from kaiwo_gpu.common import tracing
 
+        tracing.configure(tracing.CLI_SERVICE)
         try:
-            return run_client_command(args)
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
-        except BrokenPipeError:
-            return EXIT_OK
-    if args.command == "run":
-        from kaiwo_gpu.cli.run import run_command
-
-        return run_command(args)
+            return _client_command(args)
+        finally:
+            tracing.shutdown()  # the command's spans leave before the process does
     try:
         if args.command == "demo":
             from kaiwo_gpu.coordinator.local.demo import run_demo

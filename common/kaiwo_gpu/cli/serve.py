@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from kaiwo_gpu.agent.service import BACKEND_CHOICES, AgentSettings, NodeAgent, run_until_signalled
 from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
 from kaiwo_gpu.cli import flags
+from kaiwo_gpu.common import tracing
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
 from kaiwo_gpu.common.units import parse_memory_mib
@@ -137,6 +138,7 @@ def add_coordinator_parser(commands: Subcommands) -> None:
 
 def run_coordinator(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
+    tracing.configure(tracing.COORDINATOR_SERVICE)
     settings = CoordinatorSettings(
         listen=args.listen,
         etcd_endpoints=args.etcd,
@@ -156,7 +158,10 @@ def run_coordinator(args: argparse.Namespace) -> None:
         # Built inside the loop: grpc.aio objects belong to the loop that creates them.
         await Coordinator(settings).run()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        tracing.shutdown()
 
 
 def add_agent_parser(commands: Subcommands) -> None:
@@ -209,6 +214,7 @@ def add_agent_parser(commands: Subcommands) -> None:
 
 def run_agent(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
+    tracing.configure(tracing.AGENT_SERVICE)
     settings = AgentSettings(
         node=args.node,
         coordinators=args.coordinator,
@@ -222,4 +228,7 @@ def run_agent(args: argparse.Namespace) -> None:
         metrics_listen=args.metrics_listen or None,
     )
     agent = NodeAgent(settings)  # fails here, with the reason, when the backend cannot run
-    asyncio.run(run_until_signalled(agent))
+    try:
+        asyncio.run(run_until_signalled(agent))
+    finally:
+        tracing.shutdown()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.cli.serve import add_service_flags
+from kaiwo_gpu.common import tracing
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
@@ -75,6 +76,7 @@ def _local_address(listen: str) -> str:
 
 def run_up(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
+    tracing.configure(tracing.COORDINATOR_SERVICE)  # one process: its agents' spans too
     state_dir: Path = args.state_dir.resolve()  # the leftover check compares full paths
     state_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(state_dir / "up.lock"):
@@ -108,6 +110,7 @@ def run_up(args: argparse.Namespace) -> None:
             asyncio.run(_serve_local_cluster(settings, agents, args, etcd, faults_dir))
         finally:
             etcd.stop()
+            tracing.shutdown()
 
 
 async def _serve_local_cluster(

@@ -27,6 +27,7 @@ from kaiwo_gpu.client.holding import Holding
 from kaiwo_gpu.client.lease import Renew, RenewalStep
 from kaiwo_gpu.client.retries import Retry
 from kaiwo_gpu.client.support import DEFAULT_HELD_TTL_S, ClientSettings, as_request, held_request
+from kaiwo_gpu.common import tracing
 from kaiwo_gpu.common.errors import NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -72,16 +73,22 @@ class Client(ClientCore[grpc.Channel]):
         """Performs `call` through the stub's method `rpc`, each attempt on the coordinator
         the client uses at that moment."""
         attempts = self._attempts(call)
-        while True:
-            used, stub = self._coordinator()
-            method: Callable[..., ReplyT] = getattr(stub, rpc)
-            try:
-                return call.result(method(call.message, timeout=attempts.timeout_s(self._clock())))
-            except grpc.RpcError as error:
-                decision = self._after_failure(attempts, error, used)
-            if not isinstance(decision, Retry):
-                return call.outcome(decision)
-            self._sleep(decision.pause_s)
+        with self._traced(rpc) as span:
+            while True:
+                used, stub = self._coordinator()
+                method: Callable[..., ReplyT] = getattr(stub, rpc)
+                try:
+                    reply = method(
+                        call.message,
+                        timeout=attempts.timeout_s(self._clock()),
+                        metadata=tracing.injected(),
+                    )
+                    return call.result(reply)
+                except grpc.RpcError as error:
+                    decision = self._after_failure(attempts, error, used, span)
+                if not isinstance(decision, Retry):
+                    return call.outcome(decision)
+                self._sleep(decision.pause_s)
 
     def allocate(
         self, request: AllocationRequest | None = None, /, **fields: Any

@@ -16,13 +16,21 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 
 from kaiwo_gpu.client.calls import Call
-from kaiwo_gpu.client.retries import Attempts, Decision, Failure, Retry, try_another_coordinator
+from kaiwo_gpu.client.retries import (
+    Attempts,
+    Decision,
+    Failure,
+    GiveUp,
+    Retry,
+    try_another_coordinator,
+)
 from kaiwo_gpu.client.support import ClientSettings, client_settings, dial_targets
-from kaiwo_gpu.common import keepalive
+from kaiwo_gpu.common import keepalive, tracing
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.names import escaped
-from kaiwo_gpu.v1 import allocation_pb2_grpc
+from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 
+SERVICE = allocation_pb2.DESCRIPTOR.services_by_name["AllocationService"].full_name
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     *keepalive.CHANNEL_OPTIONS,
@@ -111,11 +119,24 @@ class ClientCore(Generic[ChannelT]):
             not_found_after_retry_is_done=call.result_if_done_before is not None,
         )
 
-    def _after_failure(self, attempts: Attempts, error: grpc.RpcError, used: int) -> Decision:
+    def _traced(self, rpc: str) -> contextlib.AbstractContextManager[Any]:
+        """A client span for one call, retries included (nothing when tracing is off)."""
+        return tracing.span(
+            f"{SERVICE}/{rpc}",
+            kind="client",
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc},
+        )
+
+    def _after_failure(
+        self, attempts: Attempts, error: grpc.RpcError, used: int, span: Any = None
+    ) -> Decision:
         """The retry rules' decision; a retry that should go elsewhere moves the client to
-        the next coordinator, unless another call already moved it off `used`."""
+        the next coordinator, unless another call already moved it off `used`. A call that
+        ends in failure marks its span so."""
         failure = failure_of(error)
         decision = attempts.failed(failure, self._clock())
+        if isinstance(decision, GiveUp):
+            tracing.record_error(span, failure.status, failure.message)
         if isinstance(decision, Retry) and try_another_coordinator(failure):
             with self._lock:
                 if self._current == used:

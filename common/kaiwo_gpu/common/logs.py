@@ -10,6 +10,8 @@ import sys
 
 import structlog
 
+from kaiwo_gpu.common import tracing
+
 
 def configure_logging(log_format: str = "console", level: int = logging.INFO) -> None:
     renderer: structlog.typing.Processor = (
@@ -21,6 +23,7 @@ def configure_logging(log_format: str = "console", level: int = logging.INFO) ->
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            tracing.log_fields,  # trace_id, span_id: logs and traces join up
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

@@ -18,9 +18,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
+from kaiwo_gpu.common import tracing
 from kaiwo_gpu.common.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -31,6 +33,7 @@ from kaiwo_gpu.common.errors import (
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.coordinator.instruments import Instruments
 from kaiwo_gpu.coordinator.leases import Clock, Leases, utc_now
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.placement.strategies import (
     BUILTIN_STRATEGIES,
     DEFAULT_STRATEGY,
@@ -81,6 +84,8 @@ class _Pending:
     lease_granted_at: datetime | None = None
     attempts: int = 0
     queued: bool = True
+    trace_context: object | None = None
+    """The caller's trace context (tracing on): the decision and the commit join its trace."""
 
     def resolve(self, record: types_pb2.Allocation, replayed: bool) -> None:
         if not self.future.done():  # the caller may have gone away meanwhile
@@ -89,6 +94,17 @@ class _Pending:
     def reject(self, error: KaiwoGpuError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+
+def _traced(
+    items: list[_Pending], name: str, kind: str = "internal"
+) -> contextlib.AbstractContextManager[Any]:
+    """A span for work done for `items` in the commit loop's task: a child of the first
+    caller's server span, linking the others (nothing when tracing is off)."""
+    contexts = [item.trace_context for item in items if item.trace_context is not None]
+    if not contexts:
+        return contextlib.nullcontext()
+    return tracing.span(name, kind=kind, parent=contexts[0], links=contexts[1:])
 
 
 class Allocator:
@@ -142,7 +158,7 @@ class Allocator:
         future: asyncio.Future[tuple[types_pb2.Allocation, bool]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._enqueue(_Pending(request, future))
+        self._enqueue(_Pending(request, future, trace_context=tracing.current_context()))
         return await future
 
     async def _confirmed_replay(self, request: AllocationRequest) -> types_pb2.Allocation | None:
@@ -241,8 +257,21 @@ class Allocator:
                 self._fail(owned, error)
                 return
             started = time.perf_counter()
+            txn = decision.plan.txn()
             try:
-                result = await self.store.commit(decision.plan.txn())
+                with _traced(owned, "etcd txn", kind="client") as span:
+                    tracing.set_attributes(
+                        span,
+                        {
+                            "db.system": "etcd",
+                            "db.operation": "txn",
+                            "db.etcd.compares": len(txn.expect_mod_revision),
+                            "db.etcd.puts": len(txn.puts),
+                            "kaiwo_gpu.conflicts_retried": max(i.attempts for i in owned),
+                        },
+                    )
+                    result = await self.store.commit(txn)
+                    tracing.set_attributes(span, {"db.etcd.succeeded": result.succeeded})
             except NotFoundError:  # a lease ran out between grant and commit
                 self._fail(owned, UnavailableError("a lease expired before the commit; retry"))
                 return
@@ -281,15 +310,37 @@ class Allocator:
             BatchItem(item.request, self._new_id(), has_lease=bool(item.lease_id))
             for item in pending
         ]
-        with self.instruments.decision_seconds.time():
-            return decide_batch(
+        with (
+            _traced(pending, "kaiwo_gpu.decide") as span,
+            self.instruments.decision_seconds.time(),
+        ):
+            snapshot = self.view.decision_snapshot()
+            decision = decide_batch(
                 items,
-                self.view.decision_snapshot(),
+                snapshot,
                 self.view.state,
                 scheduler_state=self._scheduler_state,
                 policy=self._policy,
                 now=self._clock(),
             )
+            if span is not None:
+                tracing.set_attributes(span, self._decision_attributes(pending, snapshot, decision))
+            return decision
+
+    def _decision_attributes(
+        self, pending: list[_Pending], snapshot: ClusterSnapshot, decision: BatchDecision
+    ) -> dict[str, object]:
+        strategies = {item.request.strategy or self.settings.default_strategy for item in pending}
+        reasons = sorted({name for _, error in decision.refused for name, _ in error.reasons})
+        return {
+            "kaiwo_gpu.batch_size": len(pending),
+            "kaiwo_gpu.strategy": ",".join(sorted(strategies)),
+            "kaiwo_gpu.gpus_considered": len(snapshot.gpus),
+            "kaiwo_gpu.placed": len(decision.placed),
+            "kaiwo_gpu.refused": len(decision.refused),
+            "kaiwo_gpu.failed": len(decision.failed),
+            "kaiwo_gpu.nofit_reasons": ",".join(reasons),
+        }
 
     async def caught_up(self) -> None:
         """Waits until the view holds this coordinator's own last write, so reads see it.
@@ -356,7 +407,9 @@ class Allocator:
         records; a request decided again after a conflict keeps the lease it has."""
         granted_at = self._clock()
         wanted = [(pending[index], ttl_s) for index, ttl_s in decision.leases_wanted]
-        grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
+        with _traced([item for item, _ in wanted], "etcd lease grant", kind="client") as span:
+            tracing.set_attributes(span, {"db.system": "etcd", "kaiwo_gpu.leases": len(wanted)})
+            grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
         failure: BaseException | None = None
         for (item, _), grant in zip(wanted, grants, strict=True):
             if isinstance(grant, BaseException):

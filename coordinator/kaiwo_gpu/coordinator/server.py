@@ -27,7 +27,7 @@ from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
 from kaiwo_gpu.coordinator.api.decode_errors import DecodeErrorsAreInvalidArgument
-from kaiwo_gpu.coordinator.api.rpc_metrics import RpcMetrics
+from kaiwo_gpu.coordinator.api.rpc_observer import RpcObserver
 from kaiwo_gpu.coordinator.instruments import Instruments
 from kaiwo_gpu.coordinator.metrics import CoordinatorCollector, Sources
 from kaiwo_gpu.coordinator.node_expiry import NodeExpiry
@@ -79,8 +79,8 @@ class Coordinator:
         )
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            # Metrics outermost, so a request that does not decode is counted too.
-            interceptors=[RpcMetrics(self.instruments), DecodeErrorsAreInvalidArgument()],
+            # Observed outermost, so a request that does not decode is counted and traced too.
+            interceptors=[RpcObserver(self.instruments), DecodeErrorsAreInvalidArgument()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

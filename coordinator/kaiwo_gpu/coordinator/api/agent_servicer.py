@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import structlog
 
-from kaiwo_gpu.common import keepalive
+from kaiwo_gpu.common import keepalive, tracing
 from kaiwo_gpu.common.errors import (
     ConflictError,
     FailedPreconditionError,
@@ -248,7 +248,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         task.add_done_callback(self._background.discard)
 
     async def _register(self, register: agent_pb2.Register) -> _Session:
-        """Writes the node record (when it changed) and the presence key, on a new lease."""
+        """Writes the node record (when it changed) and the presence key, on a new lease
+        (a span of its own, inside the stream's, with tracing on)."""
+        attributes = {"kaiwo_gpu.node": register.node, "kaiwo_gpu.gpus": len(register.gpus)}
+        with tracing.span("kaiwo_gpu.register_node", attributes=attributes):
+            return await self._register_traced(register)
+
+    async def _register_traced(self, register: agent_pb2.Register) -> _Session:
         # GPU ownership is read from the view: let it hold this coordinator's own
         # registrations first, or two quick ones could claim one GPU for two nodes.
         await self.view.wait_for(self._last_registration, self.settings.view_wait_s)

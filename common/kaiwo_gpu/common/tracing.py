@@ -1,0 +1,204 @@
+"""OpenTelemetry traces, configured the standard way and free when off.
+
+`configure(service)` is called once by each entry point (coordinator, agent, the CLI). It
+installs an SDK tracer provider with an exporter only when the standard environment asks
+for one: `OTEL_TRACES_EXPORTER` (otlp, console; `none` turns tracing off) or, with it
+unset, an `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+`OTEL_SERVICE_NAME` overrides the service's default name, `OTEL_TRACES_SAMPLER` (and its
+argument) picks the sampler, as the SDK reads them. With nothing set, `enabled()` is False
+and every helper here returns before touching OpenTelemetry, so tracing costs one boolean
+test per span site. The SDK and exporter are the `otel` extra; without them a request for
+an exporter logs that they are missing and tracing stays off.
+
+W3C trace context travels in gRPC metadata (`traceparent`, `tracestate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+COORDINATOR_SERVICE = "kaiwo-gpu-coordinator"
+AGENT_SERVICE = "kaiwo-gpu-agent"
+CLI_SERVICE = "kaiwo-gpu"
+TRACER_NAME = "kaiwo_gpu"
+
+_enabled = False
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def _exporters(environment: Mapping[str, str]) -> list[str]:
+    named = environment.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if named:
+        return [] if named == "none" else [part.strip() for part in named.split(",") if part]
+    endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    return ["otlp"] if any(environment.get(name) for name in endpoints) else []
+
+
+def configure(service: str, environment: Mapping[str, str] | None = None) -> bool:
+    """Installs a tracer provider when the environment asks for an exporter; whether it did."""
+    global _enabled
+    environment = os.environ if environment is None else environment
+    wanted = _exporters(environment)
+    if not wanted or _enabled:
+        return _enabled
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SpanExporter,
+        )
+    except ImportError:
+        log.warning(
+            "traces were asked for but the OpenTelemetry SDK is not installed; "
+            "install kaiwo-gpu[otel]",
+            exporters=wanted,
+        )
+        return False
+    exporters: list[SpanExporter] = []
+    for name in wanted:
+        if name == "otlp":
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+            except ImportError:
+                log.warning("the OTLP exporter is not installed; install kaiwo-gpu[otel]")
+                continue
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        else:
+            log.warning("unknown OTEL_TRACES_EXPORTER entry ignored", exporter=name)
+    if not exporters:
+        return False
+    name = environment.get("OTEL_SERVICE_NAME", "").strip() or service
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _enabled = True
+    return True
+
+
+def shutdown() -> None:
+    """Flushes what is queued (a CLI command's spans, before the process exits)."""
+    if not _enabled:
+        return
+    from opentelemetry import trace
+
+    provider: Any = trace.get_tracer_provider()
+    with contextlib.suppress(Exception):
+        provider.shutdown()
+
+
+def _tracer() -> Any:
+    from opentelemetry import trace
+
+    return trace.get_tracer(TRACER_NAME)
+
+
+@contextlib.contextmanager
+def span(
+    name: str,
+    *,
+    kind: str = "internal",
+    parent: object | None = None,
+    links: Sequence[object] = (),
+    attributes: Mapping[str, Any] | None = None,
+) -> Iterator[Any]:
+    """A span around the block (None when tracing is off). `parent` is a context from
+    `current_context()` or `extracted()`; `links` are such contexts too (a batch decided
+    for several requests is a child of the first and links the others)."""
+    if not _enabled:
+        yield None
+        return
+    from opentelemetry import trace
+    from opentelemetry.trace import Link, SpanKind
+
+    span_links = [
+        Link(trace.get_current_span(context).get_span_context())  # type: ignore[arg-type]
+        for context in links
+    ]
+    with _tracer().start_as_current_span(
+        name,
+        context=parent,
+        kind=getattr(SpanKind, kind.upper()),
+        links=span_links,
+        attributes=dict(attributes or {}),
+    ) as current:
+        yield current
+
+
+def set_attributes(current: Any, attributes: Mapping[str, Any]) -> None:
+    if current is not None:
+        current.set_attributes(dict(attributes))
+
+
+def record_error(current: Any, code: str, message: str) -> None:
+    """Marks a span failed with the status a call ended in."""
+    if current is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    current.set_attribute("rpc.grpc.status_code", code)
+    current.set_status(Status(StatusCode.ERROR, message[:256]))
+
+
+def current_context() -> object | None:
+    """The active context, to hand to work another task does (None when tracing is off)."""
+    if not _enabled:
+        return None
+    from opentelemetry import context
+
+    return context.get_current()
+
+
+def injected() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the active span's W3C context (nothing when tracing is off)."""
+    if not _enabled:
+        return ()
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
+def extracted(metadata: Iterable[Any] | None) -> object | None:
+    """The context a caller sent in its gRPC metadata (None when tracing is off)."""
+    if not _enabled:
+        return None
+    from opentelemetry import propagate
+
+    carrier = {
+        key: value.decode() if isinstance(value, bytes) else value
+        for key, value in metadata or ()
+        if key in ("traceparent", "tracestate")
+    }
+    return propagate.extract(carrier)
+
+
+def log_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: `trace_id` and `span_id` on every line logged inside a span."""
+    if not _enabled:
+        return event
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event

@@ -1,0 +1,168 @@
+"""Traces across processes: a real OTLP receiver gets one trace per request from the CLI and
+the coordinator, with the decision and the etcd transaction inside the coordinator's span.
+
+The receiver is a gRPC server implementing the collector's TraceService (from
+opentelemetry-proto) on 127.0.0.1; the CLI and the coordinator are subprocesses configured
+only by the standard OTEL_* environment, as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from kaiwo_gpu.common import tracing
+from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
+from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from tests.agents import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    span: trace_pb2.Span
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for pair in self.span.attributes:
+            kind = pair.value.WhichOneof("value")
+            found[pair.key] = getattr(pair.value, kind) if kind else None
+        return found
+
+
+@dataclass
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    spans: list[ReceivedSpan] = field(default_factory=list)
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
+            for scope in resource_spans.scope_spans:
+                self.spans.extend(ReceivedSpan(service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Receiver]:
+    """The receiver, and the standard environment pointing this test's processes at it."""
+    server = grpc.aio.server()
+    servicer = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export soon
+    try:
+        yield servicer
+    finally:
+        await server.stop(None)
+
+
+def test_with_nothing_set_no_exporter_is_installed() -> None:
+    assert tracing._exporters({}) == []
+    assert tracing._exporters({"OTEL_TRACES_EXPORTER": "none"}) == []
+    assert tracing._exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"}) == ["otlp"]
+    assert tracing._exporters({"OTEL_TRACES_EXPORTER": "otlp,console"}) == ["otlp", "console"]
+    assert tracing.configure("test", {}) is False
+    assert not tracing.enabled()
+    assert tracing.injected() == ()
+    with tracing.span("nothing") as span:
+        assert span is None
+
+
+async def test_one_allocate_is_one_trace_across_the_cli_and_the_coordinator(
+    etcd: LocalEtcd,
+    prefix: str,
+    inventory: Path,
+    tmp_path: Path,
+    receiver: Receiver,
+) -> None:
+    spans = receiver
+    log = tmp_path / "coordinator.log"
+    coordinator = CoordinatorProcess(etcd.endpoint, prefix, inventory, log)
+    coordinator.start()
+    try:
+        await coordinator.wait_serving()
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kaiwo_gpu.cli.main",
+            "allocate",
+            "--fraction",
+            "0.5",
+            "--coordinator",
+            coordinator.address,
+            "-o",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ},
+        )
+        out, err = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode == 0, err.decode()
+        allocation_id = json.loads(out)["id"]
+
+        def by_name(name: str, service: str) -> list[ReceivedSpan]:
+            return [s for s in spans.spans if s.span.name == name and s.service == service]
+
+        allocate = "kaiwo_gpu.v1.AllocationService/Allocate"
+
+        async def all_there() -> bool | None:
+            wanted = (
+                by_name(allocate, "kaiwo-gpu"),
+                by_name(allocate, "kaiwo-gpu-coordinator"),
+                by_name("kaiwo_gpu.decide", "kaiwo-gpu-coordinator"),
+                by_name("etcd txn", "kaiwo-gpu-coordinator"),
+            )
+            return True if all(wanted) else None
+
+        await eventually(all_there, timeout_s=30)
+        (client,) = by_name(allocate, "kaiwo-gpu")
+        (server,) = by_name(allocate, "kaiwo-gpu-coordinator")
+        (decision,) = by_name("kaiwo_gpu.decide", "kaiwo-gpu-coordinator")
+        txn = by_name("etcd txn", "kaiwo-gpu-coordinator")[0]
+        trace_id = client.span.trace_id
+        assert {s.span.trace_id for s in (server, decision, txn)} == {trace_id}
+        assert client.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+        assert server.span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+        assert server.span.parent_span_id == client.span.span_id
+        assert decision.span.parent_span_id == server.span.span_id
+        assert txn.span.parent_span_id == server.span.span_id
+        assert txn.attributes["db.system"] == "etcd"
+        assert decision.attributes["kaiwo_gpu.strategy"] == "best-fit"
+        assert decision.attributes["kaiwo_gpu.placed"] == 1
+        assert decision.attributes["kaiwo_gpu.gpus_considered"] == 6
+        assert server.attributes["rpc.grpc.status_code"] == "OK"
+
+        # Logs and traces join up: the coordinator's "allocated" line names the trace.
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        (allocated,) = [line for line in lines if line.get("allocation_id") == allocation_id]
+        assert allocated["trace_id"] == trace_id.hex()
+        assert allocated["span_id"] == server.span.span_id.hex()
+    finally:
+        coordinator.stop()
