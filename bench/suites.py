@@ -54,6 +54,7 @@ SUITES: Mapping[str, Suite] = {
             "Allocate and KeepAlive round trip and throughput against a bare etcd txn",
         ),
         Suite("telemetry", "bench.telemetry", "telemetry ingestion of one coordinator process"),
+        Suite("tracing", "bench.tracing", "what tracing costs an Allocate: off against on"),
         Suite(
             "etcd-space",
             "bench.etcd_space",
