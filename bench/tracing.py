@@ -3,14 +3,15 @@ an OTLP exporter to a local receiver, in alternating rounds of the same run.
 
 A throwaway etcd (temp dir, 127.0.0.1), and for each round one `kaiwo-gpu coordinator`
 subprocess on a small synthetic inventory: once with tracing off (nothing in its
-environment) and once on, which of the two first alternating by round (`OTEL_TRACES_EXPORTER=otlp` to an OTLP receiver in this process, the
-collector's TraceService from opentelemetry-proto, counting the spans it receives). Each
-round makes N sequential Allocate calls from one client (a new request_id each, 100 millis,
-no TTL), each followed by an untimed Release; only the Allocate is timed. The client here
-sends no trace context, so each Allocate is a trace of its own: the server span, the
-decision and the etcd transaction. Printed per mode: Allocate p50 and p99 (median over the
-rounds), the coordinator's CPU per allocate+release pair from /proc, and the overhead of
-tracing on against off.
+environment) and once on (`OTEL_TRACES_EXPORTER=otlp` to an OTLP receiver in this process,
+the collector's TraceService from opentelemetry-proto, counting the spans it receives),
+which of the two goes first alternating by round. Each round makes N sequential Allocate
+calls from one client (a new request_id each, 100 millis, no TTL), each followed by an
+untimed Release; only the Allocate is timed. The client here sends no trace context, so
+each Allocate is a trace of its own: the server span, the decision and the etcd
+transaction. Printed per mode: Allocate p50 and p99 (median over the rounds), the
+coordinator's CPU per allocate+release pair from /proc, and the overhead of tracing on
+against off.
 
 Run from the repository root:
 

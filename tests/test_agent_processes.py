@@ -155,7 +155,12 @@ async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
             coordinator_running(etcd.endpoint, prefix, inventory, **FAST) as observer,
         ):
             await eventually(lambda: _observed(observer, "frozen-a", True), timeout_s=60)
-            assert agent.uplink.status.coordinator == frozen.address
+
+            async def on_the_first() -> bool | None:  # under load it may have moved on once
+                status = agent.uplink.status
+                return True if status.connected and status.coordinator == frozen.address else None
+
+            await eventually(on_the_first, timeout_s=60)
             both = f"{frozen.address},{healthy.address}"
             # A client that was talking to the coordinator before it froze: its connection
             # stays open (the frozen process's kernel keeps it), so before each retry went
@@ -189,6 +194,60 @@ async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
             started = asyncio.get_running_loop().time()
             assert await asyncio.to_thread(stats_through_both) > 0  # a new client, likewise
             assert asyncio.get_running_loop().time() - started < 30
+    finally:
+        if stopped and frozen.process is not None:
+            frozen.process.send_signal(signal.SIGCONT)
+        frozen.stop(signal.SIGKILL)
+        healthy.stop()
+
+
+async def test_short_calls_new_clients_and_watches_leave_a_frozen_coordinator(
+    etcd: LocalEtcd, prefix: str, tmp_path: Path, inventory: Path
+) -> None:
+    """Review findings: with one channel per address, a new client (and a Watch) waited a
+    whole attempt on a frozen first coordinator, and a call of 10 s or less (top's 2 s, a
+    renewal, run's release) never moved off it at all. Each channel now holds every
+    address (gRPC passes over one that never answers its handshake), a connected client
+    rotates its list when a call there fails, and with two coordinators an attempt has at
+    most half the call's time."""
+    frozen = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "f.log")
+    healthy = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "h.log")
+    frozen.start()
+    healthy.start()
+    stopped = False
+    both = f"{frozen.address},{healthy.address}"
+    try:
+        await frozen.wait_serving()
+        await healthy.wait_serving()
+        connected = Client(both, settings=ClientSettings(timeout_s=5.0))
+        try:
+            assert await asyncio.to_thread(lambda: connected.stats().gpu_count) > 0
+            assert frozen.process is not None
+            frozen.process.send_signal(signal.SIGSTOP)
+            stopped = True
+
+            # Each call has 5 s; before, each of these failed with its deadline exceeded.
+            # A connected client: its first attempt (2.5 s) on the frozen one, then the other.
+            assert await asyncio.to_thread(lambda: connected.stats().gpu_count) > 0
+            assert connected._current == 1  # and the calls after it go there at once
+
+            def fresh() -> int:
+                with Client(both, settings=ClientSettings(timeout_s=5.0)) as client:
+                    return client.stats().gpu_count
+
+            assert await asyncio.to_thread(fresh) > 0
+
+            def first_event() -> str:
+                with Client(both, settings=ClientSettings(timeout_s=5.0)) as client:
+                    made = client.allocate(fraction=0.1, request_id="watched")
+                    event = next(iter(client.watch()))
+                    client.release(made.id)
+                    return event.allocation.request_id
+
+            # (bounded: before, the watch failed after 20 s on the frozen handshake)
+            assert await asyncio.wait_for(asyncio.to_thread(first_event), 60) == "watched"
+        finally:
+            connected.close()
     finally:
         if stopped and frozen.process is not None:
             frozen.process.send_signal(signal.SIGCONT)

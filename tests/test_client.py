@@ -491,8 +491,12 @@ def test_coordinator_targets(text: str, target: str) -> None:
     assert coordinator_target(target) == target
 
 
-def test_an_address_list_is_dialled_one_address_at_a_time() -> None:
-    assert dial_targets("ipv4:10.0.0.1:1,10.0.0.2:2") == ("ipv4:10.0.0.1:1", "ipv4:10.0.0.2:2")
+def test_an_address_list_is_dialled_from_each_address_in_turn() -> None:
+    assert dial_targets("ipv4:10.0.0.1:1,10.0.0.2:2,10.0.0.3:3") == (
+        "ipv4:10.0.0.1:1,10.0.0.2:2,10.0.0.3:3",
+        "ipv4:10.0.0.2:2,10.0.0.3:3,10.0.0.1:1",
+        "ipv4:10.0.0.3:3,10.0.0.1:1,10.0.0.2:2",
+    )
     assert dial_targets("ipv4:10.0.0.1:1") == ("ipv4:10.0.0.1:1",)
     assert dial_targets("dns:///coordinators.kaiwo:50051") == ("dns:///coordinators.kaiwo:50051",)
 
@@ -527,9 +531,10 @@ async def test_a_client_given_several_addresses_fails_over_to_the_live_one(
         AsyncClient("a b c", settings=settings)
 
 
-async def test_a_client_stays_with_the_coordinator_that_answered(running: Running) -> None:
-    """After one failed attempt moved it on, every later call goes where it moved (it reads
-    its own writes there), instead of trying the dead address first each time."""
+async def test_a_dead_address_in_front_costs_no_call_and_no_move(running: Running) -> None:
+    """A refused address is passed over inside the channel (its list holds every address),
+    so the client neither fails a call nor moves: all calls go to one coordinator, which
+    reads its own writes."""
     dead = f"127.0.0.1:{free_port()}"
 
     def calls() -> tuple[int, int]:
@@ -541,8 +546,8 @@ async def test_a_client_stays_with_the_coordinator_that_answered(running: Runnin
             client.release(made.id)
             return client._current, len(client._open_channels())
 
-    # Dialled: the dead address once, then the live one for every call.
-    assert await asyncio.to_thread(calls) == (1, 2)
+    # gRPC passes over the dead address itself: the client never had to move.
+    assert await asyncio.to_thread(calls) == (0, 1)
 
 
 async def test_the_cli_takes_an_address_list_whose_first_coordinator_is_dead(

@@ -28,7 +28,7 @@ from kaiwo_gpu.client.lease import Renew, RenewalStep
 from kaiwo_gpu.client.retries import Retry
 from kaiwo_gpu.client.support import DEFAULT_HELD_TTL_S, ClientSettings, as_request, held_request
 from kaiwo_gpu.common import tracing
-from kaiwo_gpu.common.errors import NotFoundError
+from kaiwo_gpu.common.errors import FailedPreconditionError, NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 
@@ -86,6 +86,10 @@ class Client(ClientCore[grpc.Channel]):
                     return call.result(reply)
                 except grpc.RpcError as error:
                     decision = self._after_failure(attempts, error, used, span)
+                except ValueError:  # "Cannot invoke RPC on closed channel!": close() won
+                    if self._closed:
+                        raise FailedPreconditionError("this client is closed") from None
+                    raise
                 if not isinstance(decision, Retry):
                     return call.outcome(decision)
                 self._sleep(decision.pause_s)
@@ -133,9 +137,13 @@ class Client(ClientCore[grpc.Channel]):
     def watch(
         self, *, owner: str = "", node: str = ""
     ) -> Generator[allocation_pb2.AllocationEvent, None, None]:
-        """Every current allocation as ADDED, then each change, until the caller stops."""
-        stream = self._coordinator()[1].WatchAllocations(calls.watch_message(owner, node))
-        with stream_failures_translated(stream):
+        """Every current allocation as ADDED, then each change, until the caller stops; a
+        stream that fails moves the client on, as a call does (watch again to follow it)."""
+        used, stub = self._coordinator()
+        stream = stub.WatchAllocations(
+            calls.watch_message(owner, node), metadata=tracing.injected()
+        )
+        with stream_failures_translated(stream, lambda failure: self._moved_on(failure, used)):
             yield from stream
 
     def allocation(

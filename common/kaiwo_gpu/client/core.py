@@ -21,7 +21,6 @@ from kaiwo_gpu.client.retries import (
     Decision,
     Failure,
     GiveUp,
-    Retry,
     try_another_coordinator,
 )
 from kaiwo_gpu.client.support import ClientSettings, client_settings, dial_targets
@@ -52,12 +51,17 @@ class Cancellable(Protocol):
 
 
 @contextlib.contextmanager
-def stream_failures_translated(stream: Cancellable) -> Iterator[None]:
-    """A stream's failure as the project's error; the stream is cancelled however it ends."""
+def stream_failures_translated(
+    stream: Cancellable, on_failure: Callable[[Failure], None] = lambda failure: None
+) -> Iterator[None]:
+    """A stream's failure as the project's error (told to `on_failure` first); the stream
+    is cancelled however it ends."""
     try:
         yield
     except grpc.RpcError as error:
-        raise failure_of(error).as_error() from None
+        failure = failure_of(error)
+        on_failure(failure)
+        raise failure.as_error() from None
     finally:
         stream.cancel()
 
@@ -70,9 +74,12 @@ class ClientCore(Generic[ChannelT]):
     clock, whether they are closed, and which of the target's coordinators they use; each
     call's attempts start here.
 
-    A client stays with one coordinator (so it reads its own writes) until an attempt there
-    fails in a way another might not (`try_another_coordinator`); the retry then goes to the
-    next, whose channel is opened on first use and kept until the client closes.
+    A client stays with one coordinator (so it reads its own writes) until a call there
+    fails in a way another might not (`try_another_coordinator`); then it moves to the next
+    (`dial_targets`: a channel whose address list starts there, opened on first use and kept
+    until the client closes), for the retry and the calls after it. With several
+    coordinators an attempt has at most half the call's time, so even a short call gets a
+    second attempt elsewhere.
     """
 
     def __init__(
@@ -97,6 +104,8 @@ class ClientCore(Generic[ChannelT]):
     def _coordinator(self) -> tuple[int, Any]:
         """The coordinator calls go to now, and its AllocationService stub."""
         with self._lock:
+            if self._closed:  # never open a channel after close (a call racing it)
+                raise FailedPreconditionError("this client is closed")
             index = self._current
             if index not in self._stubs:
                 channel = self._open_channel(self._targets[index])
@@ -117,6 +126,7 @@ class ClientCore(Generic[ChannelT]):
             started_at=self._clock(),
             timeout_s=call.timeout_s or self.settings.timeout_s,
             not_found_after_retry_is_done=call.result_if_done_before is not None,
+            alternatives=len(self._targets) > 1,
         )
 
     def _traced(self, rpc: str) -> contextlib.AbstractContextManager[Any]:
@@ -130,15 +140,19 @@ class ClientCore(Generic[ChannelT]):
     def _after_failure(
         self, attempts: Attempts, error: grpc.RpcError, used: int, span: Any = None
     ) -> Decision:
-        """The retry rules' decision; a retry that should go elsewhere moves the client to
-        the next coordinator, unless another call already moved it off `used`. A call that
-        ends in failure marks its span so."""
+        """The retry rules' decision, and the coordinator the client uses from now on. A
+        call that ends in failure marks its span so."""
         failure = failure_of(error)
         decision = attempts.failed(failure, self._clock())
         if isinstance(decision, GiveUp):
             tracing.record_error(span, failure.status, failure.message)
-        if isinstance(decision, Retry) and try_another_coordinator(failure):
+        self._moved_on(failure, used)  # also when the call gives up: the next call goes on
+        return decision
+
+    def _moved_on(self, failure: Failure, used: int) -> None:
+        """Moves the client to the next coordinator after a failure another might not have,
+        unless another call already moved it off `used`."""
+        if try_another_coordinator(failure):
             with self._lock:
                 if self._current == used:
                     self._current = (used + 1) % len(self._targets)
-        return decision

@@ -98,9 +98,15 @@ class Attempts:
         started_at: float,
         timeout_s: float,
         not_found_after_retry_is_done: bool = False,
+        alternatives: bool = False,
     ) -> None:
         self.deadline = started_at + timeout_s
-        self._attempt_timeout_s = policy.attempt_timeout_s
+        # With another coordinator to go to, no attempt takes more than half the call.
+        self._attempt_timeout_s = (
+            min(policy.attempt_timeout_s, timeout_s / 2)
+            if alternatives
+            else policy.attempt_timeout_s
+        )
         self._attempt_capped = False  # the last attempt had less time than the call had left
         self._started_at = started_at
         self._timeout_s = timeout_s

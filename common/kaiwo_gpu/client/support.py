@@ -64,11 +64,17 @@ def coordinator_target(text: str, field: str = "coordinator") -> str:
 
 
 def dial_targets(target: str) -> tuple[str, ...]:
-    """The coordinators a client dials in turn: each address of an `ipv4:` list, else the
-    target itself. One channel with every address would stick to the first while it
-    accepts connections, which a frozen coordinator's kernel still does."""
+    """The channel targets a client moves through: for an `ipv4:` list, the list rotated to
+    start at each address in turn, else the target alone. Each channel holds every address,
+    so gRPC itself passes over one that refuses or never answers its handshake (a frozen
+    coordinator whose kernel still accepts); the rotation moves the client off one that it
+    was connected to when it froze, which no channel notices by itself."""
     if target.startswith("ipv4:") and "," in target:
-        return tuple(f"ipv4:{part}" for part in target.removeprefix("ipv4:").split(","))
+        addresses = target.removeprefix("ipv4:").split(",")
+        return tuple(
+            "ipv4:" + ",".join(addresses[start:] + addresses[:start])
+            for start in range(len(addresses))
+        )
     return (target,)
 
 
