@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> Outcome:
     print(
         f"tracing benchmark: python {platform.python_version()} on {platform.machine()}, "
         f"{os.cpu_count()} CPUs shared by etcd, coordinator and client; {args.rounds} rounds "
-        f"of {args.samples} sequential Allocates, tracing off then on"
+        f"of {args.samples} sequential Allocates, tracing off and on in turn"
     )
     return run_in_workdir(functools.partial(run_cluster, args), started)
 

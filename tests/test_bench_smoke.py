@@ -160,3 +160,12 @@ def test_etcd_space_quick(tmp_path: Path) -> None:
         "tombstone",
     }
     assert figures["sizes"]["tombstone"]["value"] > 0
+
+
+def test_tracing_quick(tmp_path: Path) -> None:
+    figures = quick_figures("tracing", tmp_path)
+    for mode in ("off", "on"):
+        assert figures[mode]["p50_ms"] > 0
+        assert figures[mode]["rounds"]
+    assert figures["spans_received"] > 0  # tracing on really exported
+    assert "overhead_p50_ms" in figures

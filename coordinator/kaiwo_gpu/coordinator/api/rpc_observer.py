@@ -9,6 +9,7 @@ span that continues the caller's W3C context from its metadata, so the work it c
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +20,8 @@ from kaiwo_gpu.common import tracing
 from kaiwo_gpu.coordinator.instruments import Instruments
 
 Context = grpc.aio.ServicerContext[Any, Any]
+UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+"""Counted, never traced: a probe's health check every few seconds would be a trace each."""
 
 
 def _code_of(context: Context, error: BaseException | None) -> str:
@@ -59,13 +62,19 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         behaviour: Any = getattr(handler, kind)
         handled, seconds = self._handled, self._seconds
         unary = kind == "unary_unary"
+        traced = service not in UNTRACED_SERVICES
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
         async def observed(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             error: BaseException | None = None
-            parent = tracing.extracted(context.invocation_metadata())
-            with tracing.span(full, kind="server", parent=parent, attributes=attributes) as span:
+            parent = tracing.extracted(context.invocation_metadata()) if traced else None
+            observing = (
+                tracing.span(full, kind="server", parent=parent, attributes=attributes)
+                if traced
+                else contextlib.nullcontext()
+            )
+            with observing as span:
                 try:
                     if unary:
                         return await behaviour(request, context)
