@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -130,6 +133,47 @@ async def test_sigterm_stops_an_agent_whose_gpu_read_hangs(etcd: LocalEtcd, pref
             assert "closed under a running read" not in rest
 
 
+@dataclass
+class FreezablePair:
+    """Two coordinator processes on one etcd: `frozen` is the one a test SIGSTOPs."""
+
+    frozen: CoordinatorProcess
+    healthy: CoordinatorProcess
+    stopped: bool = False
+
+    @property
+    def both(self) -> str:
+        return f"{self.frozen.address},{self.healthy.address}"
+
+    def freeze(self) -> None:
+        assert self.frozen.process is not None
+        self.frozen.process.send_signal(signal.SIGSTOP)
+        self.stopped = True
+
+
+@contextlib.asynccontextmanager
+async def freezable_pair(
+    etcd: LocalEtcd, prefix: str, inventory: Path | None, tmp_path: Path
+) -> AsyncIterator[FreezablePair]:
+    """Both serving; afterwards the frozen one is thawed and killed, the other stopped."""
+    flags = ("--node-ttl=2s", "--sample-interval=200ms")
+    pair = FreezablePair(
+        CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "f.log", extra_args=flags),
+        CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "h.log", extra_args=flags),
+    )
+    pair.frozen.start()
+    pair.healthy.start()
+    try:
+        await pair.frozen.wait_serving()
+        await pair.healthy.wait_serving()
+        yield pair
+    finally:
+        if pair.stopped and pair.frozen.process is not None:
+            pair.frozen.process.send_signal(signal.SIGCONT)
+        pair.frozen.stop(signal.SIGKILL)
+        pair.healthy.stop()
+
+
 async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
     etcd: LocalEtcd, prefix: str, tmp_path: Path, inventory: Path
 ) -> None:
@@ -137,19 +181,8 @@ async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
     10 s pings drew GOAWAY too_many_pings, and nothing else noticed), so the healthy
     coordinator marked their nodes unschedulable, and clients of `ipv4:c1,c2` hung on the
     frozen one until their deadline. Now keepalive finds the frozen one within seconds."""
-    flags = ("--node-ttl=2s", "--sample-interval=200ms")
-    frozen = CoordinatorProcess(
-        etcd.endpoint, prefix, inventory, tmp_path / "frozen.log", extra_args=flags
-    )
-    healthy = CoordinatorProcess(
-        etcd.endpoint, prefix, inventory, tmp_path / "healthy.log", extra_args=flags
-    )
-    frozen.start()
-    healthy.start()
-    stopped = False
-    try:
-        await frozen.wait_serving()
-        await healthy.wait_serving()
+    async with freezable_pair(etcd, prefix, inventory, tmp_path) as pair:
+        frozen, healthy = pair.frozen, pair.healthy
         async with (
             agents_running((frozen.address, healthy.address), ["frozen-a"]) as (agent,),
             coordinator_running(etcd.endpoint, prefix, inventory, **FAST) as observer,
@@ -161,16 +194,14 @@ async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
                 return True if status.connected and status.coordinator == frozen.address else None
 
             await eventually(on_the_first, timeout_s=60)
-            both = f"{frozen.address},{healthy.address}"
+            both = pair.both
             # A client that was talking to the coordinator before it froze: its connection
             # stays open (the frozen process's kernel keeps it), so before each retry went
             # back to the same coordinator and the call failed after its whole 60 s.
             connected = Client(both, settings=ClientSettings(timeout_s=60.0))
             try:
                 assert await asyncio.to_thread(lambda: connected.stats().gpu_count) > 0
-                assert frozen.process is not None
-                frozen.process.send_signal(signal.SIGSTOP)
-                stopped = True
+                pair.freeze()
                 frozen_at = asyncio.get_running_loop().time()
                 assert await asyncio.to_thread(lambda: connected.stats().gpu_count) > 0
                 answered_after_s = asyncio.get_running_loop().time() - frozen_at
@@ -194,11 +225,6 @@ async def test_a_frozen_coordinator_is_left_by_its_agent_and_by_clients_of_both(
             started = asyncio.get_running_loop().time()
             assert await asyncio.to_thread(stats_through_both) > 0  # a new client, likewise
             assert asyncio.get_running_loop().time() - started < 30
-    finally:
-        if stopped and frozen.process is not None:
-            frozen.process.send_signal(signal.SIGCONT)
-        frozen.stop(signal.SIGKILL)
-        healthy.stop()
 
 
 async def test_short_calls_new_clients_and_watches_leave_a_frozen_coordinator(
@@ -210,21 +236,12 @@ async def test_short_calls_new_clients_and_watches_leave_a_frozen_coordinator(
     address (gRPC passes over one that never answers its handshake), a connected client
     rotates its list when a call there fails, and with two coordinators an attempt has at
     most half the call's time."""
-    frozen = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "f.log")
-    healthy = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "h.log")
-    frozen.start()
-    healthy.start()
-    stopped = False
-    both = f"{frozen.address},{healthy.address}"
-    try:
-        await frozen.wait_serving()
-        await healthy.wait_serving()
+    async with freezable_pair(etcd, prefix, inventory, tmp_path) as pair:
+        both = pair.both
         connected = Client(both, settings=ClientSettings(timeout_s=5.0))
         try:
             assert await asyncio.to_thread(lambda: connected.stats().gpu_count) > 0
-            assert frozen.process is not None
-            frozen.process.send_signal(signal.SIGSTOP)
-            stopped = True
+            pair.freeze()
 
             # Each call has 5 s; before, each of these failed with its deadline exceeded.
             # A connected client: its first attempt (2.5 s) on the frozen one, then the other.
@@ -248,11 +265,6 @@ async def test_short_calls_new_clients_and_watches_leave_a_frozen_coordinator(
             assert await asyncio.wait_for(asyncio.to_thread(first_event), 60) == "watched"
         finally:
             connected.close()
-    finally:
-        if stopped and frozen.process is not None:
-            frozen.process.send_signal(signal.SIGCONT)
-        frozen.stop(signal.SIGKILL)
-        healthy.stop()
 
 
 async def test_an_agent_skips_a_coordinator_frozen_before_it_came(
@@ -260,16 +272,9 @@ async def test_an_agent_skips_a_coordinator_frozen_before_it_came(
 ) -> None:
     """Review finding: a coordinator frozen before the agent connected took gRPC's 20 s
     connect timeout to leave (its TCP accepts, its HTTP/2 never answers), each time round."""
-    flags = ("--node-ttl=2s", "--sample-interval=200ms")
-    frozen = CoordinatorProcess(etcd.endpoint, prefix, None, tmp_path / "f.log", extra_args=flags)
-    healthy = CoordinatorProcess(etcd.endpoint, prefix, None, tmp_path / "h.log", extra_args=flags)
-    frozen.start()
-    healthy.start()
-    try:
-        await frozen.wait_serving()
-        await healthy.wait_serving()
-        assert frozen.process is not None
-        frozen.process.send_signal(signal.SIGSTOP)
+    async with freezable_pair(etcd, prefix, None, tmp_path) as pair:
+        frozen, healthy = pair.frozen, pair.healthy
+        pair.freeze()
         started = asyncio.get_running_loop().time()
         async with agents_running((frozen.address, healthy.address), ["late"]) as (agent,):
 
@@ -279,8 +284,3 @@ async def test_an_agent_skips_a_coordinator_frozen_before_it_came(
 
             await eventually(on_healthy, timeout_s=40)
             assert asyncio.get_running_loop().time() - started < 19  # gRPC connect timeout: 20 s
-    finally:
-        if frozen.process is not None:
-            frozen.process.send_signal(signal.SIGCONT)
-        frozen.stop(signal.SIGKILL)
-        healthy.stop()
