@@ -2,13 +2,17 @@
 
 Nothing here runs on a request's path: a scrape reads the view state, the agent streams this
 coordinator holds and the instruments' values, the same rows ListNodes answers with
-(`node_statuses`). Cluster-wide figures (allocations, per-GPU and per-node shares) come
-from etcd through the view, so every coordinator exports the same; the GPUs' AMD-named
-gauges only for the nodes whose agents stream to this one, as those agents export them.
+(`node_statuses`). The view belongs to the event loop (a read may rebuild its placement
+snapshot), so the HTTP thread that serves a scrape hands the reading to the loop and waits:
+reading it from that thread once lost etcd changes applied meanwhile. Cluster-wide figures
+(allocations, per-GPU and per-node shares) come from etcd through the view, so every
+coordinator exports the same; the GPUs' AMD-named gauges only for the nodes whose agents
+stream to this one, as those agents export them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,15 +41,37 @@ class Sources:
     space_warning: Callable[[], str]
 
 
+SCRAPE_TIMEOUT_S = 10.0
+"""How long a scrape waits for the event loop to read the view."""
+
+
 class CoordinatorCollector(Collector):
     def __init__(self, sources: Sources, instruments: Instruments) -> None:
         self._sources = sources
         self._instruments = instruments
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop that owns the view; None until the coordinator runs on one."""
 
     def collect(self) -> Iterator[Metric]:
         for instrument in self._instruments.collectors():
             yield from instrument.collect()
-        yield from self._view_gauges(datetime.now(UTC))
+        yield from self._on_the_loop()
+
+    def _on_the_loop(self) -> list[Metric]:
+        """The view's gauges, read by the loop that owns the view (directly when this is
+        that loop's thread, or when there is no loop yet and so nothing else reads it)."""
+        loop = self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or not loop.is_running() or running is loop:
+            return list(self._view_gauges(datetime.now(UTC)))
+
+        async def read() -> list[Metric]:
+            return list(self._view_gauges(datetime.now(UTC)))
+
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(SCRAPE_TIMEOUT_S)
 
     def _view_gauges(self, now: datetime) -> Iterator[Metric]:
         view = self._sources.view

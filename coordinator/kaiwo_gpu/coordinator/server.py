@@ -123,12 +123,13 @@ class Coordinator:
         )
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()
-        self.metrics = MetricsServer(
-            CoordinatorCollector(
-                Sources(self.view, self.agents.connected_nodes, lambda: self.space_warning),
-                self.instruments,
-            )
+        self._collector = CoordinatorCollector(
+            Sources(self.view, self.agents.connected_nodes, lambda: self.space_warning),
+            self.instruments,
         )
+        with contextlib.suppress(RuntimeError):  # built inside the loop it will run on
+            self._collector.loop = asyncio.get_running_loop()
+        self.metrics = MetricsServer(self._collector)
 
     async def _connect(self) -> None:
         """Waits up to `startup_wait_s` for etcd, so a coordinator may start before it."""
@@ -178,6 +179,7 @@ class Coordinator:
     async def start(self) -> int:
         """Binds, connects to etcd, loads the view and starts serving; returns the port."""
         self._bind()
+        self._collector.loop = asyncio.get_running_loop()
         if self.settings.metrics_listen:
             self.metrics.start(self.settings.metrics_listen)
         await self._connect()
