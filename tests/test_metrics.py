@@ -12,21 +12,28 @@ import contextlib
 import json
 import shutil
 import subprocess
+import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
+from kaiwo_gpu.agent.metrics import AgentCollector
+from kaiwo_gpu.agent.uplink_state import UplinkStatus
 from kaiwo_gpu.common.errors import InvalidArgumentError, NoCapacityError, UnavailableError
 from kaiwo_gpu.common.gpu_metrics import GAUGES, GpuMetricFamilies
 from kaiwo_gpu.coordinator.instruments import request_outcome
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd, free_port
-from kaiwo_gpu.v1 import allocation_pb2, types_pb2
+from kaiwo_gpu.coordinator.state.view_state import ViewState
+from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, types_pb2
 from tests.agents import agents_running, eventually
 from tests.conftest import coordinator_running
 from tests.harness import request, status_of
@@ -339,3 +346,50 @@ async def test_a_real_prometheus_sees_the_share_rise_and_fall_and_every_gpu(
                     allocation_pb2.ReleaseRequest(allocation_id=made.allocation.id)
                 )
                 await eventually(lambda: share(0), timeout_s=30)
+
+
+@pytest.mark.integration
+async def test_a_scrape_reads_the_view_on_the_event_loop_not_on_its_http_thread(
+    etcd: LocalEtcd, prefix: str, inventory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: a scrape that found a snapshot rebuild due rebuilt it on the HTTP
+    thread while the loop applied etcd changes, which were then lost (a coordinator kept
+    2,000 millis allocated where etcd held 100). The view is read on its own loop now."""
+    rebuilt_on: list[str] = []
+    rebuild = ViewState._rebuild
+
+    def recorded(state: ViewState) -> None:
+        rebuilt_on.append(threading.current_thread().name)
+        rebuild(state)
+
+    monkeypatch.setattr(ViewState, "_rebuild", recorded)
+    async with coordinator_running(
+        etcd.endpoint, prefix, inventory, metrics_listen="127.0.0.1:0"
+    ) as running:
+        state = running.coordinator.view.state
+        state._rebuild_due = True  # as a node that just registered leaves it
+        rebuilt_on.clear()
+        found = await asyncio.to_thread(scrape, running.coordinator.metrics.port)
+        assert value(found, "kaiwo_gpu_node_capacity_millis", node="node-a") == 4000
+        assert rebuilt_on == [threading.main_thread().name]  # the loop's thread, once
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Los_Angeles"])
+def test_the_agents_sample_age_is_right_in_any_time_zone(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: the sample's UTC stamp was read as local time: 32,400 s old in Tokyo
+    for a fresh sample, 0 s forever west of UTC."""
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    stamp.seconds -= 30  # sampled 30 s ago
+    sampler = SimpleNamespace(last_batch=agent_pb2.TelemetryBatch(sampled_at=stamp))
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        collector = AgentCollector("n", [], sampler, UplinkStatus())  # type: ignore[arg-type]
+        (age,) = [m for m in collector.collect() if m.name.endswith("sample_age_seconds")]
+        assert 29 <= age.samples[0].value <= 60
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -50,7 +51,8 @@ class AgentCollector(Collector):
             value=int(self._status.connected),
         )
         if batch is not None:
-            age = max(0.0, time.time() - batch.sampled_at.ToDatetime().timestamp())
+            sampled_at = batch.sampled_at.ToDatetime(tzinfo=UTC)  # naive would read as local
+            age = max(0.0, time.time() - sampled_at.timestamp())
             yield GaugeMetricFamily(
                 "kaiwo_gpu_agent_sample_age_seconds",
                 "Time since the agent last sampled its GPUs",
