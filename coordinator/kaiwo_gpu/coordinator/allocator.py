@@ -107,6 +107,16 @@ def _traced(
     return tracing.span(name, kind=kind, parent=contexts[0], links=contexts[1:])
 
 
+def _txn_attributes(txn: Txn, owned: list[_Pending]) -> dict[str, object]:
+    return {
+        "db.system": "etcd",
+        "db.operation": "txn",
+        "db.etcd.compares": len(txn.expect_mod_revision),
+        "db.etcd.puts": len(txn.puts),
+        "kaiwo_gpu.conflicts_retried": max(item.attempts for item in owned),
+    }
+
+
 class Allocator:
     def __init__(
         self,
@@ -260,16 +270,8 @@ class Allocator:
             txn = decision.plan.txn()
             try:
                 with _traced(owned, "etcd txn", kind="client") as span:
-                    tracing.set_attributes(
-                        span,
-                        {
-                            "db.system": "etcd",
-                            "db.operation": "txn",
-                            "db.etcd.compares": len(txn.expect_mod_revision),
-                            "db.etcd.puts": len(txn.puts),
-                            "kaiwo_gpu.conflicts_retried": max(i.attempts for i in owned),
-                        },
-                    )
+                    if span is not None:  # tracing off: not even the attributes are built
+                        tracing.set_attributes(span, _txn_attributes(txn, owned))
                     result = await self.store.commit(txn)
                     tracing.set_attributes(span, {"db.etcd.succeeded": result.succeeded})
             except NotFoundError:  # a lease ran out between grant and commit
@@ -408,7 +410,8 @@ class Allocator:
         granted_at = self._clock()
         wanted = [(pending[index], ttl_s) for index, ttl_s in decision.leases_wanted]
         with _traced([item for item, _ in wanted], "etcd lease grant", kind="client") as span:
-            tracing.set_attributes(span, {"db.system": "etcd", "kaiwo_gpu.leases": len(wanted)})
+            if span is not None:
+                tracing.set_attributes(span, {"db.system": "etcd", "kaiwo_gpu.leases": len(wanted)})
             grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
         failure: BaseException | None = None
         for (item, _), grant in zip(wanted, grants, strict=True):
