@@ -56,6 +56,11 @@ SUITES: Mapping[str, Suite] = {
         Suite("telemetry", "bench.telemetry", "telemetry ingestion of one coordinator process"),
         Suite("tracing", "bench.tracing", "what tracing costs an Allocate: off against on"),
         Suite(
+            "scrape",
+            "bench.scrape",
+            "a /metrics scrape of a full cluster, and Allocate while it is scraped",
+        ),
+        Suite(
             "etcd-space",
             "bench.etcd_space",
             "etcd bytes an allocate+release pair leaves, against bare puts of its keys",

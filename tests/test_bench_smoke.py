@@ -169,3 +169,12 @@ def test_tracing_quick(tmp_path: Path) -> None:
         assert figures[mode]["rounds"]
     assert figures["spans_received"] > 0  # tracing on really exported
     assert "overhead_p50_ms" in figures
+
+
+def test_scrape_quick(tmp_path: Path) -> None:
+    figures = quick_figures("scrape", tmp_path)
+    assert figures["gpus"] == 160  # 20 nodes x 8
+    assert figures["series"] > 5 * figures["gpus"]  # five share series per GPU at least
+    assert figures["scraped"]["scrapes"] > 0  # the scraped round really scraped
+    for mode in ("quiet", "scraped"):
+        assert figures[mode]["p50_ms"] > 0
