@@ -23,7 +23,7 @@ import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.core import Metric
 
-from kaiwo_gpu.agent.metrics import AgentCollector
+from kaiwo_gpu.agent.metrics import AgentMetrics
 from kaiwo_gpu.agent.sampler import NodeSampler
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.agent.uplink_state import UplinkStatus
@@ -163,10 +163,12 @@ def exported() -> dict[str, frozenset[str]]:
     coordinator = CoordinatorCollector(Sources(view, lambda: (), lambda: ""), instruments)
     sampler = NodeSampler(SimulatedBackend("n1", "MI300X", 1), ())
     sampler.last_batch = agent_pb2.TelemetryBatch(sampled_at=Timestamp(seconds=1))
-    agent = AgentCollector("n1", (), sampler, UplinkStatus())
-    for family in [*coordinator.collect(), *agent.collect()]:
+    agent = AgentMetrics("n1", (), sampler, UplinkStatus())
+    for family in coordinator.collect():
         for name, labels in _series(family, getattr(family, "_labelnames", ())).items():
             series.setdefault(name, labels)
+    for text in [*coordinator.families(), *agent.families()]:  # gauges, written as text
+        series.setdefault(text.name, frozenset(text.labels))
     for gauge in GAUGES:
         assert series.get(gauge.name) == frozenset(LABELS), gauge.name
     return series

@@ -109,7 +109,9 @@ def test_every_read_answers_for_any_records(
     nodes: list[types_pb2.NodeStatus], allocations: list[types_pb2.Allocation]
 ) -> None:
     state = _state(nodes, allocations)
-    listed = allocation_pb2.ListNodesResponse(nodes=list(node_statuses(state, {}, {})))
+    listed = allocation_pb2.ListNodesResponse(
+        nodes=list(node_statuses(state.nodes, state.snapshot, {}, {}))
+    )
     listed.SerializeToString()
     for node in listed.nodes:
         for gpu in node.gpus:

@@ -10,16 +10,21 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC
 
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from kaiwo_gpu.agent.sampler import NodeSampler
 from kaiwo_gpu.agent.uplink_state import UplinkStatus
 from kaiwo_gpu.common.gpu_metrics import GpuMetricFamilies
+from kaiwo_gpu.common.metrics_text import Family, Gauge, single
 from kaiwo_gpu.v1 import types_pb2
 
+CONNECTED = Gauge("kaiwo_gpu_agent_connected", "1 while the agent is registered with a coordinator")
+SAMPLE_AGE = Gauge(
+    "kaiwo_gpu_agent_sample_age_seconds", "Time since the agent last sampled its GPUs"
+)
 
-class AgentCollector(Collector):
+
+class AgentMetrics:
+    """The agent's families, as `MetricsServer` serves them (a text source)."""
+
     def __init__(
         self,
         node: str,
@@ -32,10 +37,11 @@ class AgentCollector(Collector):
         self._sampler = sampler
         self._status = status
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[Family]:
         batch = self._sampler.last_batch
         samples = {sample.uuid: sample for sample in batch.samples} if batch else {}
         gpus = GpuMetricFamilies()
+        gpus.node(self._node, len(self._inventory))
         for inventory in self._inventory:
             sample = samples.get(inventory.uuid)
             if sample is None:
@@ -45,16 +51,7 @@ class AgentCollector(Collector):
                 row.telemetry.CopyFrom(sample.telemetry)
             gpus.add(self._node, row)
         yield from gpus.families()
-        yield GaugeMetricFamily(
-            "kaiwo_gpu_agent_connected",
-            "1 while the agent is registered with a coordinator",
-            value=int(self._status.connected),
-        )
+        yield single(CONNECTED, int(self._status.connected))
         if batch is not None:
             sampled_at = batch.sampled_at.ToDatetime(tzinfo=UTC)  # naive would read as local
-            age = max(0.0, time.time() - sampled_at.timestamp())
-            yield GaugeMetricFamily(
-                "kaiwo_gpu_agent_sample_age_seconds",
-                "Time since the agent last sampled its GPUs",
-                value=age,
-            )
+            yield single(SAMPLE_AGE, max(0.0, time.time() - sampled_at.timestamp()))

@@ -24,7 +24,7 @@ from kaiwo_gpu.agent.backend import (
     GpuBackend,
     PlacedShare,
 )
-from kaiwo_gpu.agent.metrics import AgentCollector
+from kaiwo_gpu.agent.metrics import AgentMetrics
 from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.agent.uplink import Uplink
@@ -127,9 +127,8 @@ class NodeAgent:
             before_tick=self._load_faults,
         )
         self._faults_mtime: float | None = None
-        self.metrics = MetricsServer(
-            AgentCollector(settings.node, register.gpus, self.sampler, self.uplink.status)
-        )
+        agent_metrics = AgentMetrics(settings.node, register.gpus, self.sampler, self.uplink.status)
+        self.metrics = MetricsServer(texts=[agent_metrics.families])
 
     def _follow_placements(self, shares: Mapping[str, PlacedShare]) -> None:
         if isinstance(self.backend, FollowsPlacements):

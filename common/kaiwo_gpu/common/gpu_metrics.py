@@ -4,7 +4,7 @@ The agent exports them for its GPUs, and a coordinator re-exports them for the n
 agents stream to it, so dashboards and alerts written for AMD's exporter work unchanged on
 either. Names, units and labels follow the exporter: activity in percent, VRAM in MB (as
 amd-smi reports it), temperatures in Celsius, power in Watts, ECC counts as running totals;
-`gpu_health` is 1 for a healthy GPU and 0 otherwise. Pure: rows in, metric families out.
+`gpu_health` is 1 for a healthy GPU and 0 otherwise. Pure: rows in, families' text out.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily, Metric
-
+from kaiwo_gpu.common.metrics_text import Family, Gauge, GaugeRows
 from kaiwo_gpu.v1 import types_pb2
 
 LABELS = (
@@ -85,11 +84,8 @@ class GpuMetricFamilies:
     """Collects GPU rows (inventory, latest telemetry, health) into one family per gauge."""
 
     def __init__(self) -> None:
-        self._families = {
-            gauge.name: GaugeMetricFamily(gauge.name, gauge.documentation, labels=LABELS)
-            for gauge in GAUGES
-        }
-        self._count: dict[str, int] = {}
+        self._rows = GaugeRows(LABELS, [Gauge(g.name, g.documentation) for g in GAUGES])
+        self._gpus_on: dict[str, int] = {}
 
     def add(self, hostname: str, status: types_pb2.GpuStatus) -> None:
         inventory = status.inventory
@@ -101,17 +97,16 @@ class GpuMetricFamilies:
             inventory.memory_partition.lower(),
             hostname,
         )
-        self._count[hostname] = self._count.get(hostname, 0) + 1
-        for gauge in GAUGES:
-            value = gauge.value(status)
-            if value is not None:
-                self._families[gauge.name].add_metric(labels, value)
+        self._rows.add(labels, [gauge.value(status) for gauge in GAUGES])
 
-    def families(self) -> Iterator[Metric]:
-        yield from self._families.values()
-        nodes = GaugeMetricFamily(
-            "gpu_nodes_total", "GPUs on the node", labels=("hostname",)
-        )  # AMD's name: a gauge, despite the suffix
-        for hostname, count in sorted(self._count.items()):
-            nodes.add_metric((hostname,), count)
-        yield nodes
+    def node(self, hostname: str, gpus: int) -> None:
+        """The node's GPU count (`gpu_nodes_total`), sampled or not."""
+        self._gpus_on[hostname] = gpus
+
+    def families(self) -> Iterator[Family]:
+        yield from self._rows.families()
+        # AMD's name: a gauge, despite the suffix.
+        nodes = GaugeRows(("hostname",), [Gauge("gpu_nodes_total", "GPUs on the node")])
+        for hostname, count in sorted(self._gpus_on.items()):
+            nodes.add((hostname,), (count,))
+        yield from nodes.families()

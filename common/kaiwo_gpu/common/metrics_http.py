@@ -1,24 +1,51 @@
-"""/metrics over HTTP for the coordinator and the agent: prometheus-client's own server, on
-its own thread, serving one registry (never the process-wide default, so several services in
-one process, as `kaiwo-gpu up` and the tests run them, keep their series apart)."""
+"""/metrics over HTTP for the coordinator and the agent: prometheus-client's WSGI app, on
+a thread of its own, serving one registry (never the process-wide default, so several
+services in one process, as `kaiwo-gpu up` and the tests run them, keep their series apart),
+followed by the large gauge families `metrics_text` writes.
+
+The library's app answers (content negotiation, `name[]`, OPTIONS, errors); this wraps it
+only to add those families to a 200 answer, before OpenMetrics's `# EOF`, and to gzip the
+whole when the scraper accepts it (Prometheus always does), at a level that costs a 10 MB
+answer tens of milliseconds rather than the library's level 9.
+"""
 
 from __future__ import annotations
 
+import gzip
+import socket
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, gzip_accepted
 from prometheus_client.registry import Collector
 
 from kaiwo_gpu.common.errors import UnavailableError
+from kaiwo_gpu.common.metrics_text import Family
+
+TextSource = Callable[[], Iterable[Family]]
+"""Families to serve after the registry's, read anew at each scrape."""
+
+OPENMETRICS_END = b"# EOF\n"
+GZIP_LEVEL = 1
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # the base's name
+        """A scrape is not worth a log line."""
 
 
 class MetricsServer:
-    def __init__(self, *collectors: Collector) -> None:
+    def __init__(self, *collectors: Collector, texts: Sequence[TextSource] = ()) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created`: noise
         self.registry = CollectorRegistry(auto_describe=True)
         for collector in collectors:
             self.registry.register(collector)
+        self._texts = tuple(texts)
+        self._library_app = make_wsgi_app(self.registry, disable_compression=True)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -31,14 +58,53 @@ class MetricsServer:
             return self.port
         host, _, port = listen.rpartition(":")
         try:
-            self._server, self._thread = start_http_server(
-                int(port), addr=host.strip("[]"), registry=self.registry
+            family, _, _, _, address = socket.getaddrinfo(
+                host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+
+            class Server(ThreadingWSGIServer):
+                address_family = family
+
+            self._server = make_server(
+                str(address[0]), int(port), self.app, Server, handler_class=_QuietHandler
             )
         except (OSError, ValueError) as error:
             detail = error.strerror if isinstance(error, OSError) else str(error)
             raise UnavailableError(f"cannot serve metrics on {listen}: {detail}") from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
         self.port = int(self._server.server_port)
         return self.port
+
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        """The library's answer, with the text sources' families added to a scrape."""
+        answered: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def keep(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            answered.append((status, headers))
+
+        body = b"".join(self._library_app(environ, keep))
+        status, headers = answered[0]
+        content_type = dict(headers).get("Content-Type", "")
+        if status.startswith("200") and content_type:  # a scrape, not OPTIONS or the favicon
+            wanted = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+            extra = "".join(
+                family.text
+                for source in self._texts
+                for family in source()
+                if wanted is None or family.name in wanted
+            ).encode()
+            if body.endswith(OPENMETRICS_END):
+                body = body[: -len(OPENMETRICS_END)] + extra + OPENMETRICS_END
+            else:
+                body += extra
+            if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+                headers = [*headers, ("Content-Encoding", "gzip")]
+        start_response(status, headers)
+        return [body]
 
     def stop(self) -> None:
         if self._server is not None:

@@ -129,7 +129,7 @@ class Coordinator:
         )
         with contextlib.suppress(RuntimeError):  # built inside the loop it will run on
             self._collector.loop = asyncio.get_running_loop()
-        self.metrics = MetricsServer(self._collector)
+        self.metrics = MetricsServer(self._collector, texts=[self._collector.families])
 
     async def _connect(self) -> None:
         """Waits up to `startup_wait_s` for etcd, so a coordinator may start before it."""

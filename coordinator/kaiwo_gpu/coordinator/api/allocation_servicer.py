@@ -241,8 +241,13 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         await self.allocator.caught_up()
         if not self.view.state.nodes and not self.view.connected:
             raise UnavailableError("the coordinator has not read the cluster from etcd yet")
+        state = self.view.state
         return allocation_pb2.ListNodesResponse(
-            nodes=list(node_statuses(self.view.state, request.labels, self.view.telemetry.reports))
+            nodes=list(
+                node_statuses(
+                    state.nodes, state.snapshot, request.labels, self.view.telemetry.reports
+                )
+            )
         )
 
     @_mapped_errors

@@ -10,6 +10,7 @@ from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import Health
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.common.wire import health_to_proto
+from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.state.agent_reports import NodeReport
 from kaiwo_gpu.coordinator.state.records import timestamp
 from kaiwo_gpu.coordinator.state.view_state import ViewState
@@ -55,13 +56,15 @@ def list_allocations(
 
 
 def node_statuses(
-    state: ViewState, labels: Mapping[str, str], reports: Mapping[str, NodeReport]
+    nodes: Mapping[str, types_pb2.NodeStatus],
+    snapshot: ClusterSnapshot,
+    labels: Mapping[str, str],
+    reports: Mapping[str, NodeReport],
 ) -> Iterable[types_pb2.NodeStatus]:
     """Nodes as placement sees them (a node whose agent is gone is unschedulable), with
     usage per GPU and the latest telemetry this coordinator received from its agent."""
-    snapshot = state.snapshot
-    for name in sorted(state.nodes):
-        record = state.nodes[name]
+    for name in sorted(nodes):
+        record = nodes[name]
         if any(record.labels.get(k) != v for k, v in labels.items()):
             continue
         status = types_pb2.NodeStatus()
