@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,3 +169,62 @@ async def test_one_allocate_is_one_trace_across_the_cli_and_the_coordinator(
         assert allocated["span_id"] == server.span.span_id.hex()
     finally:
         coordinator.stop()
+
+
+@pytest.fixture
+def silent_collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """A port on 127.0.0.1 that takes connections and never answers: a collector that hangs.
+    The standard environment points this test's processes at it with a 30 s export timeout,
+    which OpenTelemetry's own shutdown waits out, retries and all."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes the handshakes; nobody reads
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: the coordinator tries soon
+        yield port
+
+
+async def test_a_collector_that_hangs_holds_neither_the_cli_nor_the_coordinator(
+    etcd: LocalEtcd, prefix: str, inventory: Path, tmp_path: Path, silent_collector: int
+) -> None:
+    """Review finding: with a collector that did not answer, a CLI command took 7-10 s to
+    exit and printed OpenTelemetry's retries on stderr, and a coordinator took about 30 s
+    to stop after SIGTERM. Both now wait at most `tracing.SHUTDOWN_TIMEOUT_S` (2 s) for
+    their last spans; the bounds below leave room for a slow machine, not for 30 s."""
+    coordinator = CoordinatorProcess(etcd.endpoint, prefix, inventory, tmp_path / "c.log")
+    coordinator.start()
+    try:
+        await coordinator.wait_serving()
+        started = time.monotonic()
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kaiwo_gpu.cli.main",
+            "allocate",
+            "--fraction",
+            "0.5",
+            "--coordinator",
+            coordinator.address,
+            "-o",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ},
+        )
+        out, err = await asyncio.wait_for(cli.communicate(), 60)
+        took = time.monotonic() - started
+        assert cli.returncode == 0, err.decode()
+        assert json.loads(out)["id"]
+        assert err.decode() == ""  # no exporter retries on the user's terminal
+        assert took < 20, f"the CLI took {took:.1f} s"
+        await asyncio.sleep(1)  # the coordinator's spans are now stuck in an export
+    finally:
+        started = time.monotonic()
+        status = await asyncio.to_thread(coordinator.stop, signal.SIGTERM, 60)
+        stopped_in = time.monotonic() - started
+    assert status == 0, coordinator.log_tail()
+    assert stopped_in < 20, f"the coordinator took {stopped_in:.1f} s to stop"

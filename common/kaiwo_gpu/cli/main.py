@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("console", logging.WARNING)
         from kaiwo_gpu.common import tracing
 
+        tracing.quiet_exporter_logs()
         tracing.configure(tracing.CLI_SERVICE)
         try:
             return _client_command(args)

@@ -16,7 +16,9 @@ W3C trace context travels in gRPC metadata (`traceparent`, `tracestate`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -85,7 +87,11 @@ def configure(service: str, environment: Mapping[str, str] | None = None) -> boo
     if not exporters:
         return False
     name = environment.get("OTEL_SERVICE_NAME", "").strip() or service
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    # Not at exit by the SDK's own hook, which waits up to 30 s for an unreachable
+    # collector: `shutdown` below bounds the wait.
+    provider = TracerProvider(
+        resource=Resource.create({SERVICE_NAME: name}), shutdown_on_exit=False
+    )
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
@@ -93,15 +99,37 @@ def configure(service: str, environment: Mapping[str, str] | None = None) -> boo
     return True
 
 
-def shutdown() -> None:
-    """Flushes what is queued (a CLI command's spans, before the process exits)."""
+SHUTDOWN_TIMEOUT_S = 2.0
+"""How long a process waits on its way out for its last spans to leave. OpenTelemetry's
+own shutdown waits for the exporter's retries (up to 30 s with a collector that does not
+answer); a CLI command, or a coordinator told to stop, must not."""
+
+
+def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
+    """Flushes what is queued (a command's spans, before the process exits), waiting at
+    most `timeout_s`; whether it finished. What is still in flight then is dropped: the
+    SDK's threads are daemons and do not hold the exit."""
     if not _enabled:
-        return
+        return True
     from opentelemetry import trace
 
     provider: Any = trace.get_tracer_provider()
-    with contextlib.suppress(Exception):
-        provider.shutdown()
+
+    def flush() -> None:
+        with contextlib.suppress(Exception):
+            provider.shutdown()
+
+    flushing = threading.Thread(target=flush, name="otel-shutdown", daemon=True)
+    flushing.start()
+    flushing.join(timeout_s)
+    return not flushing.is_alive()
+
+
+def quiet_exporter_logs() -> None:
+    """Keeps OpenTelemetry's own log lines (an export that failed, a retry) off the
+    terminal: a CLI command's stderr is the user's, and a collector that is down is not
+    what they asked about. Services keep them in their logs."""
+    logging.getLogger("opentelemetry").setLevel(logging.CRITICAL + 1)
 
 
 def _tracer() -> Any:
