@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -96,6 +97,35 @@ def test_with_nothing_set_no_exporter_is_installed() -> None:
     assert tracing.injected() == ()
     with tracing.span("nothing") as span:
         assert span is None
+
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+OTHER = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "trace_id"),
+    [
+        ([("traceparent", PARENT)], 0x0AF7651916CD43DD8448EB211C80319C),
+        ([("traceparent", PARENT.encode())], 0x0AF7651916CD43DD8448EB211C80319C),
+        ([("traceparent", PARENT), ("traceparent", OTHER)], None),  # review: last won
+        ([("traceparent", "garbage!!")], None),
+        ([], None),
+    ],
+)
+def test_a_caller_sends_one_parent_or_none(
+    metadata: list[tuple[str, str | bytes]], trace_id: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracing, "_enabled", True)  # the API alone extracts; no provider
+    context = trace.get_current_span(tracing.extracted(metadata)).get_span_context()  # type: ignore[arg-type]
+    assert (context.trace_id if context.is_valid else None) == trace_id
+
+
+def test_tracestate_sent_in_pieces_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "_enabled", True)
+    metadata = [("traceparent", PARENT), ("tracestate", "a=1"), ("tracestate", "b=2")]
+    context = trace.get_current_span(tracing.extracted(metadata)).get_span_context()  # type: ignore[arg-type]
+    assert dict(context.trace_state) == {"a": "1", "b": "2"}
 
 
 async def test_one_allocate_is_one_trace_across_the_cli_and_the_coordinator(

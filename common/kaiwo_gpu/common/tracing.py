@@ -206,17 +206,24 @@ def injected() -> tuple[tuple[str, str], ...]:
 
 
 def extracted(metadata: Iterable[Any] | None) -> object | None:
-    """The context a caller sent in its gRPC metadata (None when tracing is off)."""
+    """The context a caller sent in its gRPC metadata (None when tracing is off).
+
+    As W3C Trace Context reads headers: several `tracestate` values join with commas, and
+    more than one `traceparent` is no parent at all (a new trace), not whichever came last.
+    """
     if not _enabled:
         return None
     from opentelemetry import propagate
 
-    carrier = {
-        key: value.decode() if isinstance(value, bytes) else value
-        for key, value in metadata or ()
-        if key in ("traceparent", "tracestate")
-    }
-    return propagate.extract(carrier)
+    sent: dict[str, list[str]] = {"traceparent": [], "tracestate": []}
+    for key, value in metadata or ():
+        if key in sent:
+            sent[key].append(value.decode() if isinstance(value, bytes) else value)
+    if len(sent["traceparent"]) != 1:
+        return propagate.extract({})
+    return propagate.extract(
+        {"traceparent": sent["traceparent"][0], "tracestate": ",".join(sent["tracestate"])}
+    )
 
 
 def log_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
