@@ -3,7 +3,7 @@
 A throwaway etcd (temp dir, 127.0.0.1) and one `kaiwo-gpu coordinator` subprocess serving
 `/metrics` on 127.0.0.1, its inventory N nodes x 8 MI300X (2,000 nodes by default: 16,000
 GPUs, each a handful of series). First, idle: S scrapes one after another, timed, with the
-body's size and series count. Then rounds of N sequential Allocate calls from one client
+body's size and series count. Then rounds of `--samples` sequential Allocate calls from one client
 (each followed by an untimed Release), alternating by round which goes first: quiet (nothing
 scrapes) and scraped (a thread scrapes without pause all through the round: the worst case,
 which a real Prometheus, scraping every 15-60 s, meets only in bursts). Printed per mode:

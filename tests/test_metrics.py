@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -38,7 +39,8 @@ from kaiwo_gpu.agent.metrics import AgentMetrics
 from kaiwo_gpu.agent.uplink_state import UplinkStatus
 from kaiwo_gpu.common.errors import InvalidArgumentError, NoCapacityError, UnavailableError
 from kaiwo_gpu.common.gpu_metrics import GAUGES, GpuMetricFamilies
-from kaiwo_gpu.common.metrics_text import Family, Gauge, GaugeRows
+from kaiwo_gpu.common.metrics_text import Family, Gauge, GaugeRows, single
+from kaiwo_gpu.coordinator import metrics as coordinator_metrics
 from kaiwo_gpu.coordinator.instruments import request_outcome
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd, free_port
 from kaiwo_gpu.coordinator.state.view_state import ViewState
@@ -481,6 +483,50 @@ async def test_a_scrape_reads_the_view_on_the_event_loop_not_on_its_http_thread(
         found = await asyncio.to_thread(scrape, running.coordinator.metrics.port)
         assert value(found, "kaiwo_gpu_node_capacity_millis", node="node-a") == 4000
         assert rebuilt_on == [threading.main_thread().name]  # the loop's thread, once
+
+
+@pytest.mark.integration
+async def test_a_scrape_the_loop_cannot_answer_is_a_503_and_is_not_read_later(
+    etcd: LocalEtcd, prefix: str, inventory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: with the loop stuck, each scrape that gave up was a bare 500 with a
+    traceback, and its reading still ran on the loop once it came back."""
+    monkeypatch.setattr(coordinator_metrics, "SCRAPE_TIMEOUT_S", 0.3)
+    async with coordinator_running(
+        etcd.endpoint, prefix, inventory, metrics_listen="127.0.0.1:0"
+    ) as running:
+        collector = running.coordinator._collector
+        readings: list[str] = []
+        reading = collector._reading
+
+        def counted() -> coordinator_metrics.ScrapeView:
+            readings.append("read")
+            return reading()
+
+        monkeypatch.setattr(collector, "_reading", counted)
+        answers: list[object] = []
+
+        def scraping() -> None:
+            try:
+                fetched(running.coordinator.metrics.port)
+            except urllib.error.HTTPError as error:
+                answers.append((error.code, error.read().decode()))
+
+        scraper = threading.Thread(target=scraping)
+        scraper.start()
+        time.sleep(1.5)  # the loop stuck: this test runs on it
+        await asyncio.to_thread(scraper.join, 10)
+        await asyncio.sleep(0.2)  # a reading left queued would run now
+        assert answers == [(503, "the coordinator's event loop did not answer in 0.3 s\n")]
+        assert readings == []
+        found = await asyncio.to_thread(scrape, running.coordinator.metrics.port)
+        assert value(found, "kaiwo_gpu_node_capacity_millis", node="node-a") == 4000
+        assert readings == ["read"]
+
+
+def test_a_bool_is_written_as_a_number() -> None:
+    (family,) = parsed([single(Gauge("g", "a flag"), True)])  # review nit: it read "True"
+    assert family.samples[0].value == 1
 
 
 @pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Los_Angeles"])

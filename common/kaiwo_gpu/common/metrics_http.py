@@ -19,12 +19,15 @@ from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, gzip_accepted
 from prometheus_client.registry import Collector
 
 from kaiwo_gpu.common.errors import UnavailableError
 from kaiwo_gpu.common.metrics_text import Family
+
+log = structlog.get_logger(__name__)
 
 TextSource = Callable[[], Iterable[Family]]
 """Families to serve after the registry's, read anew at each scrape."""
@@ -34,6 +37,11 @@ GZIP_LEVEL = 1
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 30
+    """Seconds a connection may sit unread (socket timeout): a scraper that sends a request
+    and never reads the answer would otherwise hold the answer (20 MB on 2,000 nodes) and a
+    thread for as long as it stays connected."""
+
     def log_message(self, format: str, *args: Any) -> None:  # the base's name
         """A scrape is not worth a log line."""
 
@@ -90,12 +98,19 @@ class MetricsServer:
         content_type = dict(headers).get("Content-Type", "")
         if status.startswith("200") and content_type:  # a scrape, not OPTIONS or the favicon
             wanted = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
-            extra = "".join(
-                family.text
-                for source in self._texts
-                for family in source()
-                if wanted is None or family.name in wanted
-            ).encode()
+            try:
+                extra = "".join(
+                    family.text
+                    for source in self._texts
+                    for family in source()
+                    if wanted is None or family.name in wanted
+                ).encode()
+            except UnavailableError as error:  # the service could not be read in time
+                log.warning("a scrape was not answered", reason=error.message)
+                start_response(
+                    "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+                )
+                return [f"{error.message}\n".encode()]
             if body.endswith(OPENMETRICS_END):
                 body = body[: -len(OPENMETRICS_END)] + extra + OPENMETRICS_END
             else:

@@ -29,6 +29,8 @@ def escaped(value: str) -> str:
 
 def number(value: float) -> str:
     """A sample's value: an integer as it is, a float as Prometheus's Go client writes it."""
+    if isinstance(value, bool):  # an int to Python, "True" to a parser
+        return str(int(value))
     if isinstance(value, int):
         return str(value)
     return str(floatToGoString(value))  # type: ignore[no-untyped-call]
