@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -37,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kaiwo_gpu.agent.metrics import AgentMetrics
 from kaiwo_gpu.agent.uplink_state import UplinkStatus
+from kaiwo_gpu.common import metrics_http
 from kaiwo_gpu.common.errors import InvalidArgumentError, NoCapacityError, UnavailableError
 from kaiwo_gpu.common.gpu_metrics import GAUGES, GpuMetricFamilies
 from kaiwo_gpu.common.metrics_text import Family, Gauge, GaugeRows, single
@@ -522,6 +524,23 @@ async def test_a_scrape_the_loop_cannot_answer_is_a_503_and_is_not_read_later(
         found = await asyncio.to_thread(scrape, running.coordinator.metrics.port)
         assert value(found, "kaiwo_gpu_node_capacity_millis", node="node-a") == 4000
         assert readings == ["read"]
+
+
+def test_a_connection_that_stalls_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: a scraper that never finished its request, or never read the
+    answer, held a thread (and the answer, 20 MB on 2,000 nodes) for as long as it stayed
+    connected. The handler's socket now times out."""
+    monkeypatch.setattr(metrics_http._QuietHandler, "timeout", 0.5)
+    server = metrics_http.MetricsServer()
+    port = server.start("127.0.0.1:0")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+            started = time.monotonic()
+            assert stalled.recv(1024) == b""  # closed by the server, not by our 10 s
+            assert time.monotonic() - started < 8
+    finally:
+        server.stop()
 
 
 def test_a_bool_is_written_as_a_number() -> None:
