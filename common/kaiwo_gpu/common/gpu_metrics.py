@@ -29,9 +29,9 @@ nps1; empty when not reported) and its node. AMD's `serial_number` is not known 
 
 
 @dataclass(frozen=True, slots=True)
-class GpuGauge:
-    name: str
-    documentation: str
+class GpuGauge(Gauge):
+    """A gauge and how to read it off a GPU's row."""
+
     value: Callable[[types_pb2.GpuStatus], float | None]
 
 
@@ -84,7 +84,7 @@ class GpuMetricFamilies:
     """Collects GPU rows (inventory, latest telemetry, health) into one family per gauge."""
 
     def __init__(self) -> None:
-        self._rows = GaugeRows(LABELS, [Gauge(g.name, g.documentation) for g in GAUGES])
+        self._rows = GaugeRows(LABELS, GAUGES)
         self._gpus_on: dict[str, int] = {}
 
     def add(self, hostname: str, status: types_pb2.GpuStatus) -> None:

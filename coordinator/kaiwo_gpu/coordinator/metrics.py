@@ -167,12 +167,11 @@ class CoordinatorCollector(Collector):
         try:
             answer = reading.result(SCRAPE_TIMEOUT_S)
         except TimeoutError:
-            answer = None
-        if answer is None:
             abandoned.set()  # not read later, once for every scrape that gave up
             raise UnavailableError(
                 f"the coordinator's event loop did not answer in {SCRAPE_TIMEOUT_S:g} s"
-            )
+            ) from None
+        assert answer is not None  # only an abandoned read answers None
         return answer
 
     def _reading(self) -> ScrapeView:
@@ -211,41 +210,28 @@ def view_families(read: ScrapeView) -> Iterator[Family]:
     amd = GpuMetricFamilies()
     for status in node_statuses(read.nodes, read.snapshot, {}, read.reports):
         streaming = status.name in read.connected
-        allocated = memory = allocated_memory = 0
+        totals = [0, 0, 0, 0]  # a node's first four gauges sum its GPUs' first four
         written: set[str] = set()
         for gpu in status.gpus:
             inventory = gpu.inventory
             if inventory.uuid in written:
                 continue  # a record naming a GPU twice (by hand: placement skips the node)
             written.add(inventory.uuid)
-            gpus.add(
-                (status.name, str(inventory.index), inventory.uuid, inventory.model),
-                (
-                    gpu.allocated_millis,
-                    MILLIS_PER_GPU,
-                    gpu.allocated_memory_mib * MIB,
-                    inventory.vram_mib * MIB,
-                    gpu.allocation_count,
-                ),
+            row = (
+                gpu.allocated_millis,
+                MILLIS_PER_GPU,
+                gpu.allocated_memory_mib * MIB,
+                inventory.vram_mib * MIB,
+                gpu.allocation_count,
             )
-            allocated += gpu.allocated_millis
-            allocated_memory += gpu.allocated_memory_mib * MIB
-            memory += inventory.vram_mib * MIB
+            gpus.add((status.name, str(inventory.index), inventory.uuid, inventory.model), row)
+            totals = [total + value for total, value in zip(totals, row, strict=False)]
             if streaming and gpu.HasField("telemetry"):
                 amd.add(status.name, gpu)
-        nodes.add(
-            (status.name,),
-            (
-                allocated,
-                MILLIS_PER_GPU * len(status.gpus),
-                allocated_memory,
-                memory,
-                int(status.schedulable),
-            ),
-        )
+        nodes.add((status.name,), (*totals, int(status.schedulable)))
         report = read.reports.get(status.name)
         if streaming:
-            amd.node(status.name, len(status.gpus))
+            amd.node(status.name, len(written))
             if report is not None:
                 age = max(0.0, (read.at - report.received_at).total_seconds())
                 telemetry_age.add((status.name,), (age,))
