@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -28,6 +28,8 @@ from kaiwo_gpu.agent.metrics import AgentMetrics
 from kaiwo_gpu.agent.sampler import NodeSampler, inventory_proto
 from kaiwo_gpu.agent.simulated import SimulatedBackend
 from kaiwo_gpu.agent.uplink import Uplink
+from kaiwo_gpu.common import credentials
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.metrics_http import MetricsServer
 from kaiwo_gpu.common.names import AGENT_BACKENDS
@@ -46,6 +48,7 @@ ENVIRONMENT = {
     "labels": "KAIWO_GPU_NODE_LABELS",
     "log_format": "KAIWO_GPU_LOG_FORMAT",
     "metrics_listen": "KAIWO_GPU_METRICS_LISTEN",
+    **credentials.VARIABLES,
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -63,6 +66,8 @@ class AgentSettings:
     seed: int = 0
     metrics_listen: str | None = None
     """host:port to serve Prometheus /metrics on (None: no metrics server)."""
+    credentials: Credentials = field(default_factory=Credentials)
+    """The certificate (`kaiwo-gpu://agent/NODE`) or token the agent proves its node with."""
 
 
 def open_backend(settings: AgentSettings) -> GpuBackend:
@@ -125,6 +130,7 @@ class NodeAgent:
             interval_ms=settings.interval_ms,
             on_placements=self._follow_placements,
             before_tick=self._load_faults,
+            held=settings.credentials,
         )
         self._faults_mtime: float | None = None
         agent_metrics = AgentMetrics(settings.node, register.gpus, self.sampler, self.uplink.status)

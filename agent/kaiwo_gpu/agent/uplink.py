@@ -50,7 +50,8 @@ from kaiwo_gpu.agent.uplink_state import (
     UplinkStatus,
     WaitForTick,
 )
-from kaiwo_gpu.common import tracing
+from kaiwo_gpu.common import channels, credentials, tracing
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.keepalive import CHANNEL_OPTIONS, HEARTBEAT_S, MISSED_HEARTBEATS
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc
 
@@ -83,10 +84,17 @@ class Uplink:
         rng: random.Random | None = None,
         backoff_base_s: float = BACKOFF_BASE_S,
         backoff_cap_s: float = BACKOFF_CAP_S,
+        held: Credentials | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one coordinator address")
         self.addresses = tuple(addresses)
+        self.credentials = held or Credentials()
+        # Checked now, so a token that may not travel, or a file that cannot be read, stops
+        # the agent at start rather than failing every connection.
+        for address in self.addresses:
+            credentials.authorization(self.credentials, address)
+        channels.channel_credentials(self.credentials)
         self.register = register
         self.sampler = sampler
         self.on_placements = on_placements
@@ -161,9 +169,15 @@ class Uplink:
         attributes = {"rpc.system": "grpc", "kaiwo_gpu.node": self.register.node}
         with tracing.span(CONNECT, kind="client", attributes=attributes) as stream_span:
             try:
-                self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channel = channels.open_aio_channel(
+                    address, self.credentials, CHANNEL_OPTIONS
+                )
                 stub = agent_pb2_grpc.AgentServiceStub(self._channel)
-                call = self._call = stub.Connect(metadata=tracing.injected())
+                metadata = (
+                    *tracing.injected(),
+                    *credentials.authorization(self.credentials, address),
+                )
+                call = self._call = stub.Connect(metadata=metadata)
                 with tracing.span("kaiwo_gpu.agent.register", attributes=attributes):
                     register = call.write(agent_pb2.AgentMessage(register=self.register))
                     try:  # a coordinator frozen before we came accepts TCP and never answers

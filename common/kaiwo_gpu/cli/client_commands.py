@@ -46,7 +46,7 @@ from kaiwo_gpu.client.support import (
     coordinator_target,
 )
 from kaiwo_gpu.common.annotations import AmdGpuUnit
-from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError
+from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, described
 from kaiwo_gpu.v1 import types_pb2
 
 if TYPE_CHECKING:
@@ -87,11 +87,14 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         default=30,
         help="how long a call may take, retries included (default 30s)",
     )
+    flags.add_credential_flags(parser)
 
 
 def connection_settings(args: argparse.Namespace) -> ClientSettings:
     """The client settings the connection flags describe."""
-    return ClientSettings(target=args.coordinator, timeout_s=args.timeout)
+    return ClientSettings(
+        target=args.coordinator, timeout_s=args.timeout, credentials=flags.credentials_of(args)
+    )
 
 
 def add_output_flag(parser: argparse.ArgumentParser, *extra: OutputFormat) -> None:
@@ -289,7 +292,7 @@ def run_client_command(args: argparse.Namespace) -> int:
                 return _remove_nodes(client, args, output)
     except KaiwoGpuError as error:
         command = "node remove" if args.command == "node" else args.command
-        print(f"kaiwo-gpu {command}: {error.message}", file=sys.stderr)
+        print(f"kaiwo-gpu {command}: {described(error)}", file=sys.stderr)
         return exit_code(error)
     return 0
 
@@ -306,7 +309,7 @@ def _each(label: str, names: Sequence[str], act: Callable[[str], T | None]) -> t
         try:
             result = act(name)
         except KaiwoGpuError as error:
-            print(f"kaiwo-gpu {label}: {name}: {error.message}", file=sys.stderr)
+            print(f"kaiwo-gpu {label}: {name}: {described(error)}", file=sys.stderr)
             status = status or exit_code(error)
             continue
         if result is not None:

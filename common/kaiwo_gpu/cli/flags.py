@@ -11,9 +11,11 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
-from kaiwo_gpu.common import names
+from kaiwo_gpu.common import credentials, names
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest, Isolation, freeze_labels
 from kaiwo_gpu.common.units import parse_duration_s
@@ -122,7 +124,7 @@ def seconds(text: str) -> float:
 
 
 def env_flag(
-    parser: argparse.ArgumentParser,
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     flag: str,
     help_text: str,
     *,
@@ -184,3 +186,38 @@ def default_node_name() -> str:
     """The host name, made a DNS-1123 name (GPU_01 -> gpu-01), so nodes stay distinct."""
     name = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:253]
     return name if names.is_node_name(name) else "node"
+
+
+def add_credential_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, serving: bool = False
+) -> None:
+    """--tls-ca, --tls-cert, --tls-key (and a client's --token-file), each with its
+    KAIWO_GPU_* variable: one set of names for every process."""
+    holder = "this coordinator" if serving else "this client"
+    helps = {
+        "--tls-ca": "CA that client certificates must come from (required with it)"
+        if serving
+        else "CA to check the coordinator's certificate against (turns TLS on)",
+        "--tls-cert": f"certificate {holder} presents",
+        "--tls-key": "private key of --tls-cert",
+    }
+    if not serving:
+        helps["--token-file"] = "file holding a bearer token to send (over TLS or loopback)"
+    for flag, text in helps.items():
+        env_flag(
+            parser,
+            flag,
+            text,
+            parse=lambda value: Path(value) if value else None,
+            environment=credentials.VARIABLES,
+        )
+
+
+def credentials_of(args: argparse.Namespace) -> Credentials:
+    """The credentials the flags (or their variables) name."""
+    return Credentials(
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token_file=getattr(args, "token_file", None),
+    )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import NoReturn, cast
 
-from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.errors import KaiwoGpuError, described
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 
 EXIT_OK = 0
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_parser(commands)
     add_agent_parser(commands)
     add_up_parser(commands)
+    from kaiwo_gpu.cli.certs import add_certs_parser
+
+    add_certs_parser(commands)
     from kaiwo_gpu.cli.client_commands import add_client_parsers
     from kaiwo_gpu.cli.run import add_run_parser
 
@@ -165,8 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kaiwo_gpu.cli.up import run_up
 
             run_up(args)
+        elif args.command == "certs":
+            from kaiwo_gpu.cli.certs import run_certs
+
+            return run_certs(args)
     except KaiwoGpuError as error:
-        print(f"kaiwo-gpu: {error.message}", file=sys.stderr)
+        print(f"kaiwo-gpu: {described(error)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         return EXIT_OK

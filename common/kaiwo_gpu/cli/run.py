@@ -24,7 +24,7 @@ from kaiwo_gpu.client.support import (
     with_lease,
     workload_environment,
 )
-from kaiwo_gpu.common.errors import KaiwoGpuError
+from kaiwo_gpu.common.errors import KaiwoGpuError, described
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.units import format_fraction
 
@@ -86,7 +86,11 @@ def run_command(args: argparse.Namespace) -> int:
     supervisor = Supervisor(args.kill_after)
     request: AllocationRequest | None = None
     placed: list[HeldAllocation] = []
-    settings = connection_settings(args)
+    try:
+        settings = connection_settings(args)
+    except KaiwoGpuError as error:
+        say(described(error))
+        return exit_code(error)
     with supervisor.installed():  # also while withdrawing: a second signal is handled too
         try:
             pinned = () if args.any_node or args.node else (local_node(),)
@@ -102,7 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
             say(f"error: {error}")
             return 2
         except KaiwoGpuError as error:
-            say(error.message)
+            say(described(error))
             return exit_code(error)
 
 
@@ -130,6 +134,8 @@ def _hold_and_run(
             return EXIT_LEASE_LOST
         environment = workload_environment(os.environ, held.allocation)
         environment[COORDINATOR_VARIABLE] = args.coordinator
+        # The command proves the same identity with the same files, wherever it starts.
+        environment.update(client.settings.credentials.environment())
         try:
             status = exit_status(supervisor.run(argv, environment))
         except FileNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +75,28 @@ def _metrics_flag(
     )
 
 
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    security = parser.add_argument_group(
+        "security", "TLS on the gRPC port, and who may call (off without --tls-ca or --tokens)"
+    )
+    flags.add_credential_flags(security, serving=True)
+    flags.env_flag(
+        security,
+        "--tokens",
+        "file of 'SHA256-HEX NAME ROLE' lines: the bearer tokens accepted and whom they "
+        "stand for (re-read when it changes)",
+        parse=Path,
+    )
+    variable = ENVIRONMENT["insecure"]
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get(variable, "").strip().lower() in {"1", "true", "yes"},
+        help="serve plaintext beyond loopback (refused without it; for networks you trust) "
+        f"(${variable}=1)",
+    )
+
+
 def add_coordinator_parser(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "coordinator",
@@ -127,6 +150,7 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         parse=flags.duration,
     )
     _metrics_flag(parser)
+    add_security_flags(parser)
     parser.add_argument(
         "--etcd-wait",
         type=flags.seconds,
@@ -152,6 +176,9 @@ def run_coordinator(args: argparse.Namespace) -> None:
         etcd_quota_bytes=args.etcd_quota,
         agentless_node_expiry_s=args.expire_agentless_nodes or None,
         metrics_listen=args.metrics_listen or None,
+        tls=flags.credentials_of(args),
+        tokens=args.tokens,
+        insecure=args.insecure,
     )
 
     async def serve() -> None:
@@ -200,6 +227,13 @@ def add_agent_parser(commands: Subcommands) -> None:
     flag("--labels", "node labels, k=v,k=v", default="", parse=flags.labels)
     flag("--log-format", "console or json", default="console", parse=flags.log_format)
     _metrics_flag(parser, AGENT_ENVIRONMENT)
+    flags.add_credential_flags(
+        parser.add_argument_group(
+            "security",
+            "TLS to the coordinator; its certificate (URI SAN kaiwo-gpu://agent/NODE) or "
+            "token proves the node",
+        )
+    )
     simulated = parser.add_argument_group("simulated backend")
     simulated.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
     simulated.add_argument("--gpus", type=flags.gpu_count, default=8, help="GPUs on the node")
@@ -226,6 +260,7 @@ def run_agent(args: argparse.Namespace) -> None:
         faults_file=args.faults,
         seed=args.seed,
         metrics_listen=args.metrics_listen or None,
+        credentials=flags.credentials_of(args),
     )
     agent = NodeAgent(settings)  # fails here, with the reason, when the backend cannot run
     try:

@@ -27,7 +27,7 @@ from kaiwo_gpu.client.holding import Holding
 from kaiwo_gpu.client.lease import Renew, RenewalStep
 from kaiwo_gpu.client.retries import Retry
 from kaiwo_gpu.client.support import DEFAULT_HELD_TTL_S, ClientSettings, as_request, held_request
-from kaiwo_gpu.common import tracing
+from kaiwo_gpu.common import channels
 from kaiwo_gpu.common.errors import FailedPreconditionError, NotFoundError
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -54,7 +54,7 @@ class Client(ClientCore[grpc.Channel]):
             settings,
             rng,
             clock,
-            lambda dialled: grpc.insecure_channel(dialled, options=CHANNEL_OPTIONS),
+            lambda dialled, held: channels.open_channel(dialled, held, CHANNEL_OPTIONS),
         )
         self._sleep = sleep
 
@@ -81,7 +81,7 @@ class Client(ClientCore[grpc.Channel]):
                     reply = method(
                         call.message,
                         timeout=attempts.timeout_s(self._clock()),
-                        metadata=tracing.injected(),
+                        metadata=self._metadata(),
                     )
                     return call.result(reply)
                 except grpc.RpcError as error:
@@ -140,9 +140,7 @@ class Client(ClientCore[grpc.Channel]):
         """Every current allocation as ADDED, then each change, until the caller stops; a
         stream that fails moves the client on, as a call does (watch again to follow it)."""
         used, stub = self._coordinator()
-        stream = stub.WatchAllocations(
-            calls.watch_message(owner, node), metadata=tracing.injected()
-        )
+        stream = stub.WatchAllocations(calls.watch_message(owner, node), metadata=self._metadata())
         with stream_failures_translated(stream, lambda failure: self._moved_on(failure, used)):
             yield from stream
 

@@ -24,7 +24,8 @@ from kaiwo_gpu.client.retries import (
     try_another_coordinator,
 )
 from kaiwo_gpu.client.support import ClientSettings, client_settings, dial_targets
-from kaiwo_gpu.common import keepalive, tracing
+from kaiwo_gpu.common import credentials, keepalive, tracing
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import FailedPreconditionError
 from kaiwo_gpu.common.names import escaped
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
@@ -88,13 +89,17 @@ class ClientCore(Generic[ChannelT]):
         settings: ClientSettings | None,
         rng: random.Random | None,
         clock: Callable[[], float],
-        open_channel: Callable[[str], ChannelT],
+        open_channel: Callable[[str, Credentials], ChannelT],
     ) -> None:
         self.settings = client_settings(target, settings)
+        # Read once, before any call: a token that may not travel fails here.
+        self._authorization = credentials.authorization(
+            self.settings.credentials, self.settings.target
+        )
         self._rng = rng or random.Random()
         self._clock = clock
         self._closed = False
-        self._open_channel: Callable[[str], ChannelT] = open_channel
+        self._open_channel: Callable[[str, Credentials], ChannelT] = open_channel
         self._targets = dial_targets(self.settings.target)
         self._current = 0
         self._channels: dict[int, ChannelT] = {}
@@ -108,10 +113,14 @@ class ClientCore(Generic[ChannelT]):
                 raise FailedPreconditionError("this client is closed")
             index = self._current
             if index not in self._stubs:
-                channel = self._open_channel(self._targets[index])
+                channel = self._open_channel(self._targets[index], self.settings.credentials)
                 self._channels[index] = channel
                 self._stubs[index] = allocation_pb2_grpc.AllocationServiceStub(channel)
             return index, self._stubs[index]
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries: the trace context and the bearer token, if any."""
+        return (*tracing.injected(), *self._authorization)
 
     def _open_channels(self) -> list[ChannelT]:
         with self._lock:

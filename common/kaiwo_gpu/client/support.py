@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kaiwo_gpu.client.retries import RetryPolicy
+from kaiwo_gpu.common import credentials
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.grant_variables import GRANT_VARIABLES
 from kaiwo_gpu.common.models import AllocationRequest
@@ -27,11 +29,13 @@ DEFAULT_HELD_TTL_S = 120
 
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
-    """Where the coordinator is and how long one call may take, retries included."""
+    """Where the coordinator is, how to prove who calls it, and how long one call may take,
+    retries included."""
 
     target: str = DEFAULT_COORDINATOR
     timeout_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    credentials: Credentials = field(default_factory=Credentials)
 
 
 _IPV4_ADDRESS = re.compile(r"^(\d{1,3}\.){3}\d{1,3}:\d{1,5}$")
@@ -81,11 +85,14 @@ def dial_targets(target: str) -> tuple[str, ...]:
 def client_settings(target: str | None, settings: ClientSettings | None) -> ClientSettings:
     """An explicit target wins, then the settings' target, then $KAIWO_GPU_COORDINATOR;
     each read by `coordinator_target`, as the CLI and the environment are (so
-    `Client("h:p,h:p")` fails over instead of dialling a misformatted name)."""
+    `Client("h:p,h:p")` fails over instead of dialling a misformatted name). Without
+    settings the credentials come from $KAIWO_GPU_TLS_* and $KAIWO_GPU_TOKEN_FILE, so a
+    command started by `kaiwo-gpu run` proves the same identity."""
     if settings is None:
+        held = credentials.from_environment(os.environ)
         if target:
-            return ClientSettings(target=coordinator_target(target, "target"))
-        return ClientSettings(target=target_from_environment(os.environ))
+            return ClientSettings(target=coordinator_target(target, "target"), credentials=held)
+        return ClientSettings(target=target_from_environment(os.environ), credentials=held)
     chosen = target or settings.target
     return replace(settings, target=coordinator_target(chosen, "target"))
 

@@ -143,3 +143,14 @@ def error_from_status(status_code: str, message: str) -> KaiwoGpuError:
         error.status_code = status_code
         return error
     return cls(message)
+
+
+REFUSAL_STATUSES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+def described(error: KaiwoGpuError) -> str:
+    """The message for a person: a refusal leads with its status, so who reads it (or
+    greps a job's log) sees the coordinator said no to the caller, not that it failed."""
+    if error.status_code in REFUSAL_STATUSES:
+        return f"{error.status_code}: {error.message}"
+    return error.message

@@ -57,6 +57,14 @@ from kaiwo_gpu.v1 import types_pb2
 log = structlog.get_logger(__name__)
 
 
+RecordCheck = Callable[[types_pb2.Allocation], None]
+"""Sees a record before a change to it, and raises to refuse the change."""
+
+
+def _allowed(record: types_pb2.Allocation) -> None:
+    return None
+
+
 def new_allocation_id() -> str:
     return uuid.uuid4().hex
 
@@ -449,13 +457,17 @@ class Allocator:
             raise UnavailableError(f"allocation {allocation_id!r} is unreadable in etcd") from None
         return record, kv.mod_revision
 
-    async def release(self, allocation_id: str) -> types_pb2.Allocation:
+    async def release(
+        self, allocation_id: str, check: RecordCheck = _allowed
+    ) -> types_pb2.Allocation:
         """Deletes the allocation and keeps its request_id taken for a while (a tombstone).
 
         A late duplicate of the Allocate that made it then gets ALREADY_EXISTS instead of
-        silently making a second allocation nobody will release.
+        silently making a second allocation nobody will release. `check` sees the record
+        first and raises to refuse (its owner never changes, so what it saw is what goes).
         """
         record, _ = await self.record(allocation_id)
+        check(record)
         key = self.layout.allocation(allocation_id)
         request_key = self.layout.request(record.request_id)
         # Its owner, and the owners of the tombstone it replaced, if it took a released id
@@ -493,10 +505,14 @@ class Allocator:
         released.state = types_pb2.ALLOCATION_STATE_RELEASED
         return released
 
-    async def keep_alive(self, allocation_id: str) -> tuple[datetime, int]:
-        """Renews the allocation's lease, and only the lease; (new expiry, TTL in seconds)."""
+    async def keep_alive(
+        self, allocation_id: str, check: RecordCheck = _allowed
+    ) -> tuple[datetime, int]:
+        """Renews the allocation's lease, and only the lease; (new expiry, TTL in seconds),
+        if `check` passes the record."""
         await self.caught_up()
         record, _ = await self.record(allocation_id)
+        check(record)
         if not record.lease_id:
             raise FailedPreconditionError(
                 f"allocation {allocation_id!r} has no lease (it was made with ttl_seconds 0); "

@@ -26,8 +26,10 @@ from kaiwo_gpu.common.metrics_http import MetricsServer
 from kaiwo_gpu.coordinator.allocator import Allocator, AllocatorSettings
 from kaiwo_gpu.coordinator.api.agent_servicer import AgentServicer, AgentStreamSettings
 from kaiwo_gpu.coordinator.api.allocation_servicer import AllocationServicer
+from kaiwo_gpu.coordinator.api.callers import Callers
 from kaiwo_gpu.coordinator.api.decode_errors import DecodeErrorsAreInvalidArgument
 from kaiwo_gpu.coordinator.api.rpc_observer import RpcObserver
+from kaiwo_gpu.coordinator.api.tokens import TokenFile
 from kaiwo_gpu.coordinator.instruments import Instruments
 from kaiwo_gpu.coordinator.metrics import CoordinatorCollector, Sources
 from kaiwo_gpu.coordinator.node_expiry import NodeExpiry
@@ -39,6 +41,7 @@ from kaiwo_gpu.coordinator.state.registration import register_nodes
 from kaiwo_gpu.coordinator.state.space import space_warning
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view import ClusterView
+from kaiwo_gpu.coordinator.transport import ServingCertificates, check_plaintext
 from kaiwo_gpu.v1 import agent_pb2, agent_pb2_grpc, allocation_pb2, allocation_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -78,6 +81,12 @@ class Coordinator:
             instruments=self.instruments,
         )
         self.health = HealthServicer()
+        # Read here, so a bad token file or certificate stops the coordinator before it binds.
+        self.certificates = ServingCertificates(settings.tls) if settings.tls.tls else None
+        self.callers = Callers(
+            TokenFile(settings.tokens) if settings.tokens else None,
+            client_certificates=settings.tls.tls_ca is not None,
+        )
         self.server = grpc.aio.server(
             # Observed outermost, so a request that does not decode is counted and traced too.
             interceptors=[RpcObserver(self.instruments), DecodeErrorsAreInvalidArgument()],
@@ -97,6 +106,7 @@ class Coordinator:
             AgentStreamSettings(
                 node_ttl_s=settings.node_ttl_s, sample_interval_ms=settings.sample_interval_ms
             ),
+            callers=self.callers,
         )
         self.node_expiry = (
             NodeExpiry(self.store, self.view, settings.agentless_node_expiry_s)
@@ -107,7 +117,7 @@ class Coordinator:
         """What `state.space` says of etcd's database size at the last check ("": fine)."""
         self._space_task: asyncio.Task[None] | None = None
         allocation_pb2_grpc.add_AllocationServiceServicer_to_server(
-            AllocationServicer(self.allocator, self.view, lambda: self.space_warning),
+            AllocationServicer(self.allocator, self.view, self.callers, lambda: self.space_warning),
             self.server,
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
@@ -166,8 +176,15 @@ class Coordinator:
 
     def _bind(self) -> None:
         """Takes the listen address first, so a taken port fails before etcd is touched."""
+        listen = self.settings.listen
         try:
-            self.port = self.server.add_insecure_port(self.settings.listen)
+            if self.certificates is not None:
+                self.port = self.server.add_secure_port(
+                    listen, self.certificates.server_credentials()
+                )
+            else:
+                check_plaintext(listen, self.settings.insecure)
+                self.port = self.server.add_insecure_port(listen)
         except RuntimeError as error:
             self.port = 0
             detail = str(error)
@@ -201,7 +218,15 @@ class Coordinator:
             nodes=len(self.view.state.nodes),
             allocations=len(self.view.state.allocations),
             metrics_port=self.metrics.port or None,
+            tls=self.certificates is not None,
+            client_certificates=self.callers.client_certificates,
+            tokens=str(self.settings.tokens) if self.settings.tokens else None,
         )
+        if not self.callers.enabled:
+            log.warning(
+                "authorization is off: every caller may do everything (give --tls-ca for "
+                "client certificates or --tokens for bearer tokens)"
+            )
         return self.port
 
     async def _watch_space(self) -> None:

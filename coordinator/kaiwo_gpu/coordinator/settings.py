@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaiwo_gpu.common import credentials
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.coordinator.placement.strategies import DEFAULT_STRATEGY
 from kaiwo_gpu.coordinator.state.keys import DEFAULT_PREFIX
 
@@ -24,6 +26,9 @@ ENVIRONMENT = {
     "etcd_quota": "KAIWO_GPU_ETCD_QUOTA",
     "expire_agentless_nodes": "KAIWO_GPU_EXPIRE_AGENTLESS_NODES",
     "metrics_listen": "KAIWO_GPU_METRICS_LISTEN",
+    **credentials.VARIABLES,
+    "tokens": "KAIWO_GPU_TOKENS",
+    "insecure": "KAIWO_GPU_INSECURE",
 }
 """Flag destination -> environment variable that supplies its default."""
 
@@ -52,3 +57,10 @@ class CoordinatorSettings:
     """Remove an agent-registered node that has had no agent this long (None: never)."""
     metrics_listen: str | None = None
     """host:port to serve Prometheus /metrics on (None: no metrics server)."""
+    tls: Credentials = field(default_factory=Credentials)
+    """The certificate and key the gRPC port serves with, and the CA that client
+    certificates must come from (`token_file` is not read: clients send tokens)."""
+    tokens: Path | None = None
+    """The file of bearer-token digests and the identities they stand for."""
+    insecure: bool = False
+    """Serve plaintext beyond loopback (a warning at start; refused without it)."""

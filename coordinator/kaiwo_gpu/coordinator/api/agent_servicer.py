@@ -30,6 +30,9 @@ from kaiwo_gpu.common.errors import (
     KaiwoGpuError,
     UnavailableError,
 )
+from kaiwo_gpu.common.identity import Identity
+from kaiwo_gpu.coordinator.api import permissions
+from kaiwo_gpu.coordinator.api.callers import Callers, refused
 from kaiwo_gpu.coordinator.state.agent_reports import node_record
 from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
@@ -110,7 +113,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         layout: KeyLayout,
         settings: AgentStreamSettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        *,
+        callers: Callers | None = None,
     ) -> None:
+        self.callers = callers or Callers(None, client_certificates=False)
         self.store = store
         self.view = view
         self.layout = layout
@@ -177,10 +183,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         context: Context,
     ) -> None:
         session: _Session | None = None
+        caller: Identity | None = None
         try:
+            caller = self.callers.identify(context)
             first: object = await asyncio.wait_for(context.read(), REGISTER_WAIT_S)
             if not isinstance(first, agent_pb2.AgentMessage) or not first.HasField("register"):
                 raise InvalidArgumentError("first message", "telemetry", "register")
+            # Before anything is read of the node or written: only its own agent speaks for it.
+            permissions.check_speaks_for(caller, first.register.node)
             # Registering takes several etcd round trips, which a slow etcd stretches:
             # heartbeats meanwhile tell the agent this coordinator is alive, only slow.
             pinger = asyncio.create_task(_heartbeats(context))
@@ -196,8 +206,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 f"no register message within {REGISTER_WAIT_S:g}s of connecting",
             )
         except KaiwoGpuError as error:
+            refused("Connect", caller, error, context.peer())
             log.warning(
                 "agent stream refused",
+                identity=str(caller) if caller else None,
                 node=session.node if session else None,
                 status=error.status_code,
                 error=error.message,

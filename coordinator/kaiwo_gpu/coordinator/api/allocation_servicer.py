@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -17,8 +18,11 @@ import structlog
 
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import KaiwoGpuError, UnavailableError
+from kaiwo_gpu.common.identity import Identity
 from kaiwo_gpu.common.wire import request_from_proto
 from kaiwo_gpu.coordinator.allocator import Allocator
+from kaiwo_gpu.coordinator.api import permissions
+from kaiwo_gpu.coordinator.api.callers import Callers, refused
 from kaiwo_gpu.coordinator.api.queries import (
     cluster_stats,
     list_allocations,
@@ -43,18 +47,23 @@ def check_allocation_id(value: str) -> str:
 
 
 Context = grpc.aio.ServicerContext[object, object]
-Handler = Callable[[Any, Request, Context], Awaitable[Reply]]
+Handler = Callable[[Any, Request, Context, Identity], Awaitable[Reply]]
+Served = Callable[[Any, Request, Context], Awaitable[Reply]]
 
 
-def _mapped_errors(handler: Handler[Request, Reply]) -> Handler[Request, Reply]:
-    """Answers a `KaiwoGpuError` with its status and message, anything else with INTERNAL."""
+def _answered(handler: Handler[Request, Reply]) -> Served[Request, Reply]:
+    """Identifies the caller for the handler, and answers a `KaiwoGpuError` with its status
+    and message (a refusal logged with the caller), anything else with INTERNAL."""
     rpc = handler.__name__
 
     @functools.wraps(handler)
     async def answer(servicer: Any, request: Request, context: Context) -> Reply:
+        caller: Identity | None = None
         try:
-            return await handler(servicer, request, context)
+            caller = servicer.callers.identify(context)
+            return await handler(servicer, request, context, caller)
         except KaiwoGpuError as error:
+            refused(rpc, caller, error, context.peer())
             await context.abort(grpc.StatusCode[error.status_code], error.status_message)
         except Exception:
             log.exception("rpc failed", rpc=rpc)
@@ -84,12 +93,25 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         self,
         allocator: Allocator,
         view: ClusterView,
+        callers: Callers | None = None,
         space_warning: Callable[[], str] = lambda: "",
     ) -> None:
         self.allocator = allocator
         self.view = view
+        self.callers = callers or Callers(None, client_certificates=False)
         self._space_warning = space_warning
         self._watchers = WatcherSlots()
+
+    @staticmethod
+    def _owned_by(caller: Identity, action: str) -> Callable[[types_pb2.Allocation], None]:
+        """The check an allocation must pass before `caller` may `action` it."""
+        return lambda record: permissions.check_owns(
+            caller, record.request.owner, action, record.id
+        )
+
+    @staticmethod
+    def _visible(caller: Identity) -> Callable[[types_pb2.Allocation], bool]:
+        return lambda record: permissions.owns(caller, record.request.owner)
 
     async def _shown(self, records: Sequence[types_pb2.Allocation]) -> list[types_pb2.Allocation]:
         """Records as clients see them, each with the latest expiry known or asked of etcd
@@ -97,15 +119,17 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         expiries = await self.allocator.leases.expiries(records)
         return [for_client(r, e) for r, e in zip(records, expiries, strict=True)]
 
-    @_mapped_errors
+    @_answered
     async def Allocate(
         self,
         request: allocation_pb2.AllocateRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.AllocateResponse:
         counted = self.allocator.instruments.requests
         try:
-            parsed = request_from_proto(request.request)
+            asked = request_from_proto(request.request)
+            parsed = replace(asked, owner=permissions.owner_for(caller, asked.owner))
             record, replayed = await self.allocator.allocate(parsed)
         except KaiwoGpuError as error:
             counted.labels(*request_outcome(error)).inc()
@@ -113,6 +137,8 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         counted.labels(*request_outcome(None, replayed)).inc()
         log.info(
             "allocated",
+            identity=str(caller),
+            owner=parsed.owner,
             request_id=parsed.request_id,
             allocation_id=record.id,
             node=record.node,
@@ -121,53 +147,68 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         (shown,) = await self._shown([record])
         return allocation_pb2.AllocateResponse(allocation=shown, replayed=replayed)
 
-    @_mapped_errors
+    @_answered
     async def Release(
         self,
         request: allocation_pb2.ReleaseRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.ReleaseResponse:
         counted = self.allocator.instruments.releases
         try:
-            record = await self.allocator.release(check_allocation_id(request.allocation_id))
+            allocation_id = check_allocation_id(request.allocation_id)
+            record = await self.allocator.release(
+                allocation_id, check=self._owned_by(caller, "release")
+            )
         except KaiwoGpuError as error:
             counted.labels("not_found" if error.status_code == "NOT_FOUND" else "failed").inc()
             raise
         counted.labels("released").inc()
-        log.info("released", allocation_id=record.id, node=record.node)
+        log.info(
+            "released",
+            identity=str(caller),
+            owner=record.request.owner,
+            allocation_id=record.id,
+            node=record.node,
+        )
         return allocation_pb2.ReleaseResponse(allocation=for_client(record))
 
-    @_mapped_errors
+    @_answered
     async def KeepAlive(
         self,
         request: allocation_pb2.KeepAliveRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.KeepAliveResponse:
         expires_at, ttl_s = await self.allocator.keep_alive(
-            check_allocation_id(request.allocation_id)
+            check_allocation_id(request.allocation_id), check=self._owned_by(caller, "renew")
         )
         return allocation_pb2.KeepAliveResponse(expires_at=timestamp(expires_at), ttl_seconds=ttl_s)
 
-    @_mapped_errors
+    @_answered
     async def GetAllocation(
         self,
         request: allocation_pb2.GetAllocationRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.GetAllocationResponse:
         allocation_id = check_allocation_id(request.allocation_id)
         await self.allocator.caught_up()
         record, _ = await self.allocator.record(allocation_id)
+        self._owned_by(caller, "read")(record)
         expires_at = await self.allocator.leases.current_expiry(record)
         return allocation_pb2.GetAllocationResponse(allocation=for_client(record, expires_at))
 
-    @_mapped_errors
+    @_answered
     async def ListAllocations(
         self,
         request: allocation_pb2.ListAllocationsRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.ListAllocationsResponse:
+        permissions.check_listing(caller, request.owner)
         await self.allocator.caught_up()
-        page, token = list_allocations(self.view.state, request)
+        page, token = list_allocations(self.view.state, request, self._visible(caller))
         return allocation_pb2.ListAllocationsResponse(
             allocations=await self._shown(page), next_page_token=token
         )
@@ -182,17 +223,28 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         are admitted up to `WatcherSlots`' limits, and one that does not read its events
         (a write waits WATCH_WRITE_TIMEOUT_S) or falls SUBSCRIBER_QUEUE_LIMIT behind is
         ended with RESOURCE_EXHAUSTED: watch again to resynchronize."""
-        address = peer_address(context.peer())
-        refused = self._watchers.take(address)
-        if refused is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        caller: Identity | None = None
         try:
-            await self._watch(request, context)
+            caller = self.callers.identify(context)
+            permissions.check_listing(caller, request.owner)
+        except KaiwoGpuError as error:
+            refused("WatchAllocations", caller, error, context.peer())
+            await context.abort(grpc.StatusCode[error.status_code], error.status_message)
+        assert caller is not None
+        address = peer_address(context.peer())
+        full = self._watchers.take(address)
+        if full is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+        try:
+            await self._watch(request, context, self._visible(caller))
         finally:
             self._watchers.give_back(address)
 
     async def _watch(
-        self, request: allocation_pb2.WatchAllocationsRequest, context: Context
+        self,
+        request: allocation_pb2.WatchAllocationsRequest,
+        context: Context,
+        visible: Callable[[types_pb2.Allocation], bool],
     ) -> None:
         await self.allocator.caught_up()
         # Subscribe and copy the current state in one step (no await between), so no
@@ -202,7 +254,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         current = [
             (record, state.allocation_revisions[allocation_id])
             for allocation_id, record in sorted(state.allocations.items())
-            if matches(record, request.owner, request.node, {})
+            if matches(record, request.owner, request.node, {}) and visible(record)
         ]
         added = allocation_pb2.AllocationEvent.KIND_ADDED
         try:
@@ -221,7 +273,9 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "this watcher fell too far behind; watch again to resynchronize",
                     )
-                elif matches(queued.allocation, request.owner, request.node, {}):
+                elif matches(queued.allocation, request.owner, request.node, {}) and visible(
+                    queued.allocation
+                ):
                     (allocation,) = await self._shown([queued.allocation])
                     await _write(
                         context,
@@ -232,11 +286,12 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         finally:
             self.view.unsubscribe(subscription)
 
-    @_mapped_errors
+    @_answered
     async def ListNodes(
         self,
         request: allocation_pb2.ListNodesRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.ListNodesResponse:
         await self.allocator.caught_up()
         if not self.view.state.nodes and not self.view.connected:
@@ -250,24 +305,27 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
             )
         )
 
-    @_mapped_errors
+    @_answered
     async def GetClusterStats(
         self,
         request: allocation_pb2.GetClusterStatsRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.GetClusterStatsResponse:
         await self.allocator.caught_up()
         return cluster_stats(self.view.state, self._space_warning())
 
-    @_mapped_errors
+    @_answered
     async def RemoveNode(
         self,
         request: allocation_pb2.RemoveNodeRequest,
         context: Context,
+        caller: Identity,
     ) -> allocation_pb2.RemoveNodeResponse:
-        """Anyone may remove a node that nothing uses (until identity makes it admin's)."""
+        """An admin may remove a node that nothing uses."""
+        permissions.check_admin(caller, "remove nodes")
         name = names.check_node_name(request.node, "node")
         await self.allocator.caught_up()
         record = await remove_node(self.allocator.store, self.view, name)
-        log.info("node removed", node=name, gpus=len(record.gpus))
+        log.info("node removed", identity=str(caller), node=name, gpus=len(record.gpus))
         return allocation_pb2.RemoveNodeResponse(node=record)

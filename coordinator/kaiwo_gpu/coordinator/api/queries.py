@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
@@ -32,11 +32,17 @@ def matches(record: types_pb2.Allocation, owner: str, node: str, labels: Mapping
     return all(record.request.labels.get(k) == v for k, v in labels.items())
 
 
+def _everything(record: types_pb2.Allocation) -> bool:
+    return True
+
+
 def list_allocations(
-    state: ViewState, query: allocation_pb2.ListAllocationsRequest
+    state: ViewState,
+    query: allocation_pb2.ListAllocationsRequest,
+    visible: Callable[[types_pb2.Allocation], bool] = _everything,
 ) -> tuple[list[types_pb2.Allocation], str]:
-    """One page of stored records in id order, and the token of the next page ("" at the
-    end: the token is the last id of this page)."""
+    """One page of the stored records the caller may see, in id order, and the token of the
+    next page ("" at the end: the token is the last id of this page)."""
     if query.page_size > MAX_PAGE_SIZE:
         raise InvalidArgumentError("page_size", query.page_size, f"0-{MAX_PAGE_SIZE}")
     size = query.page_size or DEFAULT_PAGE_SIZE
@@ -48,6 +54,7 @@ def list_allocations(
             for allocation_id, record in state.allocations.items()
             if allocation_id > query.page_token
             and matches(record, query.owner, query.node, query.labels)
+            and visible(record)
         ),
         key=lambda record: record.id,
     )
