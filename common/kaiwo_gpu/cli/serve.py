@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from kaiwo_gpu.agent.service import BACKEND_CHOICES, AgentSettings, NodeAgent, run_until_signalled
 from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
 from kaiwo_gpu.cli import flags
-from kaiwo_gpu.common import tracing
+from kaiwo_gpu.common import credentials, tracing
+from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.logs import configure_logging
 from kaiwo_gpu.common.units import parse_memory_mib
@@ -29,6 +30,7 @@ from kaiwo_gpu.coordinator.settings import (
     ENVIRONMENT,
     CoordinatorSettings,
 )
+from kaiwo_gpu.coordinator.state.etcd_security import EtcdSecurity, check_endpoints
 from kaiwo_gpu.coordinator.state.keys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
@@ -141,6 +143,21 @@ def add_coordinator_parser(commands: Subcommands) -> None:
         default="2Gi",
         parse=flags.checked(lambda text: parse_memory_mib(text, "--etcd-quota") * 2**20),
     )
+    etcd_security = parser.add_argument_group(
+        "etcd security", "TLS to etcd (with --etcd-ca) and etcd's user/password authentication"
+    )
+    for flag, text in {
+        "--etcd-ca": "CA of etcd's certificate: TLS to etcd (host:port endpoints dial https)",
+        "--etcd-cert": "client certificate to show etcd (its --client-cert-auth)",
+        "--etcd-key": "private key of --etcd-cert",
+        "--etcd-password-file": "file holding the password of --etcd-user (or give "
+        f"${ENVIRONMENT['etcd_password']}; never a flag)",
+    }.items():
+        flags.env_flag(
+            etcd_security, flag, text, parse=lambda value: Path(value) if value else None
+        )
+    flags.env_flag(etcd_security, "--etcd-user", "etcd user to authenticate as")
+    parser.set_defaults(usage_error=parser.error)
     flags.env_flag(
         parser,
         "--expire-agentless-nodes",
@@ -160,7 +177,42 @@ def add_coordinator_parser(commands: Subcommands) -> None:
     add_service_flags(parser)
 
 
+def _etcd_security(args: argparse.Namespace) -> EtcdSecurity | None:
+    """The etcd flags as settings; a bad combination is a usage error (exit 2)."""
+    try:
+        password = os.environ.get(ENVIRONMENT["etcd_password"]) or None
+        if args.etcd_password_file is not None:
+            if password is not None:
+                raise FailedPreconditionError(
+                    f"give the etcd password once: --etcd-password-file or "
+                    f"${ENVIRONMENT['etcd_password']}, not both"
+                )
+            password = _read_password(args.etcd_password_file)
+        security = EtcdSecurity(
+            ca=args.etcd_ca,
+            cert=args.etcd_cert,
+            key=args.etcd_key,
+            user=args.etcd_user or None,
+            password=password,
+        )
+        check_endpoints(args.etcd, security)
+        return security if security != EtcdSecurity() else None
+    except KaiwoGpuError as error:
+        args.usage_error(error.message)  # exits 2
+        raise
+
+
+def _read_password(path: Path) -> str:
+    """The first line of a password file (a trailing newline is not the password's)."""
+    data = credentials.read(path, "--etcd-password-file") or b""
+    password = data.decode("utf-8", "replace").split("\n", 1)[0].rstrip("\r")
+    if not password:
+        raise FailedPreconditionError(f"--etcd-password-file {str(path)!r} is empty")
+    return password
+
+
 def run_coordinator(args: argparse.Namespace) -> None:
+    etcd_security = _etcd_security(args)  # before logging is set up: a usage error exits
     configure_logging(args.log_format)
     tracing.configure(tracing.COORDINATOR_SERVICE)
     settings = CoordinatorSettings(
@@ -174,6 +226,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
         node_ttl_s=args.node_ttl,
         sample_interval_ms=args.sample_interval,
         etcd_quota_bytes=args.etcd_quota,
+        etcd_security=etcd_security,
         agentless_node_expiry_s=args.expire_agentless_nodes or None,
         metrics_listen=args.metrics_listen or None,
         tls=flags.credentials_of(args),

@@ -66,7 +66,11 @@ class Coordinator:
             )
         self.settings = settings
         self.layout = KeyLayout(settings.prefix)
-        self.store = EtcdStore(settings.etcd_endpoints, timeout_s=settings.etcd_timeout_s)
+        self.store = EtcdStore(
+            settings.etcd_endpoints,
+            timeout_s=settings.etcd_timeout_s,
+            security=settings.etcd_security,
+        )
         self.view = ClusterView(self.store, self.layout)
         self.instruments = Instruments()
         self.allocator = Allocator(

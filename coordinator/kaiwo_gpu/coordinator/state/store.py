@@ -4,28 +4,45 @@ Callers hand over changes as data (`Txn`) and get plain values back; this module
 into etcd requests and turns etcd's failures into the project's errors. It uses aetcd's
 channel and generated etcd stubs directly: aetcd's own watch helper splits responses into
 single events and drops the response revision, which the cluster view needs to know how far
-it has caught up.
+it has caught up. It dials TLS and authenticates to etcd as `EtcdSecurity` says, and sends
+the auth token with every call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import aetcd
+import grpc
 from aetcd import rpc
 from aetcd.rpc import AioRpcError, StatusCode
 
 from kaiwo_gpu.common.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     KaiwoGpuError,
     NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from kaiwo_gpu.coordinator.state.changes import Change, KeyValue, Txn, TxnResult
+from kaiwo_gpu.coordinator.state.etcd_security import (
+    PASSWORD_SOURCES,
+    PLAINTEXT,
+    TLS,
+    EtcdSecurity,
+    check_endpoints,
+)
+
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
 
 _UNREACHABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
 _CHANNEL_OPTIONS = {
@@ -36,6 +53,11 @@ _CHANNEL_OPTIONS = {
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 _HAS_LEADER = (("hasleader", "true"),)
+_TLS_FAILURE_SIGNS = ("handshake", "tsi_", "ssl", "certificate")
+"""How grpc's words for a refused TLS session start (they vary with which side gives up)."""
+_TOKEN_LAPSED = ("invalid auth token", "revision of auth store is old")
+"""What etcd says of a token it no longer takes (a simple token lapses after minutes idle,
+any token when users or roles change): authenticate again and retry."""
 
 
 LEASES_PER_STREAM = 500
@@ -45,6 +67,10 @@ stream for thousands of leases could outlast its deadline."""
 
 class _PageCompacted(UnavailableError):
     """The revision a paged read pinned was compacted between pages."""
+
+
+class _TokenLapsed(UnauthenticatedError):
+    """etcd no longer takes the auth token the call carried."""
 
 
 class CompactedError(UnavailableError):
@@ -63,10 +89,10 @@ def parse_endpoints(endpoints: Sequence[str]) -> tuple[str, int, str]:
     """
     parsed: list[tuple[str, int]] = []
     for endpoint in endpoints:
-        text = endpoint.removeprefix("http://")
+        text = endpoint.removeprefix(PLAINTEXT).removeprefix(TLS)
         if "://" in text:
             raise InvalidArgumentError(
-                "etcd endpoint", endpoint, "host:port or http://host:port (TLS to etcd comes later)"
+                "etcd endpoint", endpoint, "host:port, http://host:port or https://host:port"
             )
         host, sep, port_text = text.rpartition(":")
         if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
@@ -90,36 +116,167 @@ def parse_endpoints(endpoints: Sequence[str]) -> tuple[str, int, str]:
 
 
 def _unavailable(error: Exception, target: str) -> UnavailableError:
-    detail = error.details() if isinstance(error, AioRpcError) else str(error)
-    return UnavailableError(f"etcd at {target} is unavailable: {detail}")
+    detail = (error.details() if isinstance(error, AioRpcError) else str(error)) or ""
+    hint = (
+        " (etcd refused the TLS handshake: check --etcd-ca, and that --etcd-cert comes "
+        "from the CA etcd trusts)"
+        if any(sign in detail.lower() for sign in _TLS_FAILURE_SIGNS)
+        else ""
+    )
+    return UnavailableError(f"etcd at {target} is unavailable: {detail}{hint}")
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over TLS: aetcd 1.0's `connect` only dials plaintext. The store
+    authenticates by itself (again whenever etcd drops its token), so this opens the
+    channel and the stubs the store uses, and nothing else."""
+
+    def __init__(self, channel_credentials: grpc.ChannelCredentials, **options: Any) -> None:
+        super().__init__(**options)
+        self._channel_credentials = channel_credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = rpc.secure_channel(
+            f"{self._host}:{self._port}",
+            self._channel_credentials,
+            options=list(self._options.items()),
+        )
+        self.kvstub = rpc.KVStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._connected.set()
+
+
+def _read(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise FailedPreconditionError(
+            f"cannot read {flag} {str(path)!r}: {error.strerror or error}"
+        ) from None
+
+
+def _channel_credentials(security: EtcdSecurity) -> grpc.ChannelCredentials:
+    """The CA to check etcd against and the client certificate to show it, read now."""
+    ca = _read(security.ca, "--etcd-ca")
+    cert = _read(security.cert, "--etcd-cert")
+    key = _read(security.key, "--etcd-key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 class EtcdStore:
     """One etcd client for the process; every call maps etcd outages to UnavailableError."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout_s: float = 5.0,
+        security: EtcdSecurity | None = None,
+    ) -> None:
         host, port, self.target = parse_endpoints(endpoints)
         self._timeout_s = timeout_s
-        self._client: Any = aetcd.Client(
-            host=host, port=port, timeout=timeout_s, options=dict(_CHANNEL_OPTIONS)
+        self._security = security or EtcdSecurity()
+        options: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "timeout": timeout_s,
+            "options": dict(_CHANNEL_OPTIONS),
+        }
+        self._client: Any = (
+            _TlsClient(_channel_credentials(self._security), **options)
+            if check_endpoints(endpoints, security)
+            else aetcd.Client(**options)
         )
+        self._token: Metadata | None = None if self._security.user else ()
+        """What every call carries: etcd's auth token (None: not authenticated yet)."""
+        self._authenticating = asyncio.Lock()
 
     async def connect(self) -> None:
         await self._client.connect()
+        if self._token is None:
+            await self._authenticate(None)
 
     async def close(self) -> None:
         await self._client.close()
+        if self._security.user:
+            self._token = None  # a new channel authenticates anew
+
+    async def _authenticate(self, lapsed: Metadata | None) -> None:
+        """Gets a new token unless another call already replaced the `lapsed` one."""
+        async with self._authenticating:
+            if self._token != lapsed:
+                return
+            request = rpc.AuthenticateRequest(
+                name=self._security.user, password=self._security.password
+            )
+            try:
+                reply = await rpc.AuthStub(self._client.channel).Authenticate(
+                    request, timeout=self._timeout_s
+                )
+            except AioRpcError as error:
+                detail = error.details() or ""
+                if "authentication is not enabled" in detail:
+                    self._token = ()  # etcd takes every call without a token
+                    return
+                if "authentication failed" in detail:
+                    raise UnauthenticatedError(
+                        f"etcd at {self.target} refused --etcd-user {self._security.user!r}: "
+                        f"wrong user name or password (check {PASSWORD_SOURCES})"
+                    ) from None
+                raise self._translate(error) from None
+            self._token = (("token", reply.token),)
+
+    async def _with_token(self, attempt: Callable[[Metadata], Awaitable[T]]) -> T:
+        """Runs `attempt` with the auth token and, if etcd no longer takes that token,
+        once more with a new one: a lapsed token is never the caller's problem."""
+        token = self._token or ()
+        try:
+            return await attempt(token)
+        except _TokenLapsed:
+            if not self._security.user:
+                raise
+        await self._authenticate(token)
+        return await attempt(self._token or ())
 
     async def _call(self, stub_method: Any, request: Any) -> Any:
         """Runs one unary etcd call; callers connect first (the stubs exist once connected)."""
-        try:
-            return await stub_method(request, timeout=self._timeout_s)
-        except AioRpcError as error:
-            raise self._translate(error) from None
+
+        async def attempt(token: Metadata) -> Any:
+            try:
+                return await stub_method(request, timeout=self._timeout_s, metadata=token)
+            except AioRpcError as error:
+                raise self._translate(error) from None
+
+        return await self._with_token(attempt)
+
+    def _who(self) -> str:
+        if self._security.user:
+            return f"--etcd-user {self._security.user!r}"
+        return "this coordinator's certificate" if self._security.cert else "an anonymous client"
 
     def _translate(self, error: AioRpcError) -> KaiwoGpuError:
         """Every etcd failure becomes one of ours, in words, never a gRPC repr."""
         code, detail = error.code(), error.details() or ""
+        if any(words in detail for words in _TOKEN_LAPSED):
+            return _TokenLapsed(f"etcd at {self.target} refused the auth token: {detail}")
+        if code is StatusCode.UNAUTHENTICATED or "user name is empty" in detail:
+            return UnauthenticatedError(
+                f"etcd at {self.target} requires authentication ({detail}): give --etcd-user "
+                f"and its password ({PASSWORD_SOURCES}), or --etcd-cert with a certificate "
+                "whose common name is an etcd user"
+            )
+        if code is StatusCode.PERMISSION_DENIED:
+            return PermissionDeniedError(
+                f"etcd at {self.target} denied {self._who()} ({detail}): grant its role "
+                "read and write on the coordinator's key prefix"
+            )
         if code is StatusCode.NOT_FOUND:  # e.g. a put on a lease that has expired
             return NotFoundError(f"etcd: {detail}")
         if code is StatusCode.RESOURCE_EXHAUSTED and "space" in detail:
@@ -260,18 +417,23 @@ class EtcdStore:
         return ttls
 
     async def _refresh_chunk(self, lease_ids: list[int]) -> dict[int, int]:
-        replies: dict[int, int] = {}
-        try:
-            call = self._client.leasestub.LeaseKeepAlive(
-                iter([rpc.LeaseKeepAliveRequest(ID=lease_id) for lease_id in lease_ids]),
-                timeout=self._timeout_s,
-            )
-            async for reply in call:
-                replies[int(reply.ID)] = int(reply.TTL)
-                if len(replies) == len(lease_ids):
-                    break
-        except AioRpcError as error:
-            raise self._translate(error) from None
+        async def attempt(token: Metadata) -> dict[int, int]:
+            replies: dict[int, int] = {}
+            try:
+                call = self._client.leasestub.LeaseKeepAlive(
+                    iter([rpc.LeaseKeepAliveRequest(ID=lease_id) for lease_id in lease_ids]),
+                    timeout=self._timeout_s,
+                    metadata=token,
+                )
+                async for reply in call:
+                    replies[int(reply.ID)] = int(reply.TTL)
+                    if len(replies) == len(lease_ids):
+                        break
+            except AioRpcError as error:
+                raise self._translate(error) from None
+            return replies
+
+        replies = await self._with_token(attempt)
         return {lease_id: max(replies.get(lease_id, 0), 0) for lease_id in lease_ids}
 
     async def db_size(self) -> int:
@@ -296,6 +458,27 @@ class EtcdStore:
                 self._client.leasestub.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id)
             )
 
+    async def _open_watch(self, request: Any, token: Metadata) -> tuple[Any, Any]:
+        """A watch stream and its first response. etcd checks the token as the watch is
+        created and cancels it if refused; etcd 3.5.1 says "permission denied" for a
+        lapsed token too, so with an etcd user that also means: authenticate again."""
+        call = rpc.WatchStub(self._client.channel).Watch(metadata=_HAS_LEADER + token)
+        try:
+            await call.write(request)
+            response = await call.read()
+        except AioRpcError as error:
+            call.cancel()
+            raise _unavailable(error, self.target) from None
+        except BaseException:
+            call.cancel()
+            raise
+        reason = getattr(response, "cancel_reason", "")
+        refusals = _TOKEN_LAPSED + (("permission denied",) if self._security.user else ())
+        if getattr(response, "canceled", False) and any(w in reason for w in refusals):
+            call.cancel()
+            raise _TokenLapsed(f"etcd at {self.target} cancelled the watch: {reason}")
+        return call, response
+
     async def watch(
         self, prefix: bytes, start_revision: int
     ) -> AsyncIterator[tuple[int, list[Change]]]:
@@ -316,11 +499,12 @@ class EtcdStore:
                 progress_notify=True,
             )
         )
-        call = rpc.WatchStub(self._client.channel).Watch(metadata=_HAS_LEADER)
         try:
-            await call.write(request)
+            call, response = await self._with_token(functools.partial(self._open_watch, request))
+        except _TokenLapsed as refused:  # again with a new token: etcd denies the watch
+            raise UnavailableError(refused.message) from None
+        try:
             while True:
-                response = await call.read()
                 if response is None or not isinstance(response, rpc.WatchResponse):
                     raise UnavailableError(f"etcd at {self.target} closed the watch stream")
                 if response.compact_revision:
@@ -347,6 +531,7 @@ class EtcdStore:
                 else:
                     # A progress notice: every change up to this revision has been sent.
                     yield response.header.revision, changes
+                response = await call.read()
         except AioRpcError as error:
             raise _unavailable(error, self.target) from None
         finally:
