@@ -56,6 +56,11 @@ SUITES: Mapping[str, Suite] = {
         Suite("telemetry", "bench.telemetry", "telemetry ingestion of one coordinator process"),
         Suite("tracing", "bench.tracing", "what tracing costs an Allocate: off against on"),
         Suite(
+            "tls",
+            "bench.tls",
+            "Allocate and a new connection over mutual TLS against plaintext, with the ratios",
+        ),
+        Suite(
             "scrape",
             "bench.scrape",
             "a /metrics scrape of a full cluster, and Allocate while it is scraped",

@@ -171,6 +171,23 @@ def test_tracing_quick(tmp_path: Path) -> None:
     assert "overhead_p50_ms" in figures
 
 
+def test_tls_quick(tmp_path: Path) -> None:
+    figures = quick_figures("tls", tmp_path)
+    assert set(figures["transports"]) == {"plaintext", "mTLS"}
+    for transport in figures["transports"].values():
+        for key in ("allocate_p50_ms", "allocate_p99_ms", "first_reply_p50_ms", "connect_p50_ms"):
+            assert transport[key] > 0
+        assert transport["allocate"]["count"] > 0
+        assert transport["first_reply"]["count"] > 0
+        assert transport["throughput"]["done"] > 0
+        assert transport["allocations_per_s"] > 0
+        assert len(transport["rounds"]) == figures["rounds"]
+    ratios = figures["ratios"]  # mTLS / plaintext, by the same keys
+    for key in ("allocate_p50_ms", "allocate_p99_ms", "allocations_per_s", "first_reply_p50_ms"):
+        assert ratios[key] > 0
+    assert "new_connection_extra_ms" in figures
+
+
 def test_scrape_quick(tmp_path: Path) -> None:
     figures = quick_figures("scrape", tmp_path)
     assert figures["gpus"] == 160  # 20 nodes x 8
