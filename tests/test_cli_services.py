@@ -312,3 +312,57 @@ async def test_up_stops_an_etcd_a_killed_up_left_behind(tmp_path: Path) -> None:
             assert up.wait(20) == 0
     finally:
         leftover.stop(kill=True)
+
+
+async def test_up_tls_is_mutual_tls_between_every_process_and_owners_are_identities(
+    tmp_path: Path,
+) -> None:
+    """The README's secure set-up, as a person tries it: `up --tls`, the banner's exports,
+    a certificate per user, and one user's release of another's allocation refused."""
+    listen = f"127.0.0.1:{free_port()}"
+    args = ["--tls", "--nodes=2", "--gpus=2", f"--listen={listen}", f"--state-dir={tmp_path}"]
+    async with _up(args, tmp_path) as (up, banner):
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in banner.splitlines()
+            if line.strip().startswith("export KAIWO_GPU_TLS_")
+        )
+        assert set(exports) == {"KAIWO_GPU_TLS_CA", "KAIWO_GPU_TLS_CERT", "KAIWO_GPU_TLS_KEY"}
+        tls_dir = tmp_path / "tls"
+        assert all(Path(path).parent == tls_dir for path in exports.values())
+        assert (tls_dir / "ca.key").stat().st_mode & 0o077 == 0
+        admin = {**exports, "KAIWO_GPU_COORDINATOR": listen}
+
+        async def agents_in() -> str | None:
+            nodes = await asyncio.to_thread(_run, "nodes", env=admin)
+            return nodes.stdout if {"node-00", "node-01"} <= set(nodes.stdout.split()) else None
+
+        assert "node-01" in await eventually(agents_in)  # agents registered over mutual TLS
+        plaintext = _run("list", "--timeout=2", env={"KAIWO_GPU_COORDINATOR": listen})
+        assert plaintext.returncode != 0
+        assert "--tls-ca" in plaintext.stderr  # says what is missing
+
+        users = {}
+        for name in ("alice", "bob"):
+            issued = _run("certs", "issue", "--dir", str(tls_dir), "--role", "user", name)
+            assert issued.returncode == 0, issued.stderr
+            users[name] = {
+                **admin,
+                "KAIWO_GPU_TLS_CERT": str(tls_dir / f"{name}.crt"),
+                "KAIWO_GPU_TLS_KEY": str(tls_dir / f"{name}.key"),
+            }
+        placed = _run("allocate", "--fraction=0.25", "--request-id=tls-1", env=users["alice"])
+        assert placed.returncode == 0, placed.stderr
+        assert "owner:       alice" in placed.stdout  # no --owner: the certificate's name
+        allocation_id = placed.stdout.split("id:", 1)[1].split()[0]
+
+        refused = _run("release", allocation_id, env=users["bob"])
+        assert refused.returncode == 1
+        assert "PERMISSION_DENIED" in refused.stderr
+        listed = _run("list", env=admin)
+        assert allocation_id in listed.stdout, "bob's release changed nothing"
+        assert allocation_id not in _run("list", env=users["bob"]).stdout
+        released = _run("release", allocation_id, env=users["alice"])
+        assert released.returncode == 0, released.stderr
+        up.send_signal(signal.SIGINT)
+        assert up.wait(20) == 0

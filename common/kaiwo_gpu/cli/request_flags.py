@@ -52,6 +52,14 @@ def default_owner() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _owner(args: argparse.Namespace) -> str:
+    """--owner, else none when the credentials name the caller (the coordinator sets the
+    owner from their identity), else `user@host`."""
+    if args.owner is not None:
+        return str(args.owner)
+    return "" if flags.credentials_of(args).identifies else default_owner()
+
+
 def add_allocation_flags(parser: argparse.ArgumentParser) -> None:
     """What to ask for; shared by `allocate` and `run`."""
     group = parser.add_argument_group("allocation")
@@ -91,7 +99,10 @@ def add_allocation_flags(parser: argparse.ArgumentParser) -> None:
         help="a label on the allocation (repeat for more)",
     )
     group.add_argument("--strategy", metavar="NAME", type=flags.strategy, help="placement strategy")
-    group.add_argument("--owner", help="who holds it (default user@host)")
+    group.add_argument(
+        "--owner",
+        help="who holds it (default: the identity of --tls-cert or --token-file, else user@host)",
+    )
     group.add_argument("--request-id", metavar="ID", help="makes a retried allocate idempotent")
     group.add_argument(
         "--node",
@@ -127,7 +138,7 @@ def request_from_flags(
             isolation=args.isolation or "",
             sharing=not args.no_sharing,
             ttl=args.ttl,
-            owner=default_owner() if args.owner is None else args.owner,
+            owner=_owner(args),
             labels=args.label,
             strategy=args.strategy,
             nodes=args.node or default_nodes,

@@ -1,7 +1,9 @@
 """`kaiwo-gpu up`: a local cluster of etcd, a coordinator and simulated node agents.
 
 For laptops, demos and the README's first command: everything runs on loopback, etcd's data
-lives under a state directory that is wiped at start, and Ctrl-C stops it all.
+lives under a state directory that is wiped at start, and Ctrl-C stops it all. With `--tls`
+every process proves itself to the others with a certificate from a CA kept under the state
+directory, and the person running it gets an admin certificate.
 """
 
 from __future__ import annotations
@@ -10,20 +12,24 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import getpass
 import os
 import shutil
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kaiwo_gpu.agent.service import AgentSettings, NodeAgent
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.cli.serve import add_service_flags
-from kaiwo_gpu.common import tracing
-from kaiwo_gpu.common.errors import FailedPreconditionError
+from kaiwo_gpu.common import pki, tracing
+from kaiwo_gpu.common.credentials import Credentials
+from kaiwo_gpu.common.errors import FailedPreconditionError, InvalidArgumentError
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
+from kaiwo_gpu.common.identity import Identity, Role, identity
 from kaiwo_gpu.common.logs import configure_logging
 from kaiwo_gpu.common.metrics_http import start_preferring
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
@@ -61,9 +67,57 @@ def add_up_parser(commands: Subcommands) -> None:
         "--state-dir",
         type=Path,
         default=_state_dir(),
-        help="where etcd keeps its data and log (default %(default)s)",
+        help="where etcd keeps its data and log, and --tls its CA (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS between every process, with a CA and certificates under "
+        "STATE_DIR/tls (the CA is kept across runs), and an admin certificate for you",
     )
     add_service_flags(parser)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPki:
+    """The credentials of every process of a `kaiwo-gpu up --tls` cluster."""
+
+    directory: Path
+    coordinator: Credentials
+    agents: dict[str, Credentials]
+    admin: Credentials
+    admin_identity: Identity
+
+
+def _admin_name(nodes: list[str]) -> str:
+    """The login name of whoever runs `up` when it makes a valid identity name that no
+    process of the cluster uses, else `admin`."""
+    try:
+        name = getpass.getuser()
+        identity(Role.ADMIN.value, name)
+    except (InvalidArgumentError, OSError, KeyError):
+        return "admin"
+    return name if name not in {*nodes, "coordinator"} else "admin"
+
+
+def make_local_pki(directory: Path, nodes: list[str]) -> LocalPki:
+    """The CA in `directory` (made the first time, so exported paths stay good across
+    runs) and fresh certificates for the coordinator, each agent and the admin."""
+    ca = pki.load_or_make_ca(directory)
+    ca_path = directory / f"{pki.CA_NAME}.crt"
+
+    def credentials_of(holder: Identity) -> Credentials:
+        certificate, key = pki.issue_into(directory, ca, holder)
+        return Credentials(tls_ca=ca_path, tls_cert=certificate, tls_key=key)
+
+    admin = identity(Role.ADMIN.value, _admin_name(nodes))
+    return LocalPki(
+        directory=directory,
+        coordinator=credentials_of(identity(Role.COORDINATOR.value, "coordinator")),
+        agents={node: credentials_of(identity(Role.AGENT.value, node)) for node in nodes},
+        admin=credentials_of(admin),
+        admin_identity=admin,
+    )
 
 
 def _local_address(listen: str) -> str:
@@ -88,26 +142,32 @@ def run_up(args: argparse.Namespace) -> None:
         faults_dir.mkdir()
         etcd = LocalEtcd(data_dir, log_path=state_dir / "etcd.log", pid_path=state_dir / "etcd.pid")
         try:
+            nodes = [f"node-{n:02d}" for n in range(args.nodes)]
+            local_pki = make_local_pki(state_dir / "tls", nodes) if args.tls else None
             etcd.start()
             settings = CoordinatorSettings(
                 listen=args.listen,
+                tls=local_pki.coordinator if local_pki else Credentials(),
                 etcd_endpoints=(etcd.endpoint,),
                 default_strategy=args.strategy,
                 default_ttl_s=args.default_ttl or None,
             )
             agents = [
                 AgentSettings(
-                    node=f"node-{n:02d}",
+                    node=node,
                     coordinators=(_local_address(args.listen),),
+                    credentials=local_pki.agents[node] if local_pki else Credentials(),
                     backend="simulated",
                     simulated_model=args.model,
                     simulated_gpus=args.gpus,
-                    faults_file=faults_dir / f"node-{n:02d}.yaml",
+                    faults_file=faults_dir / f"{node}.yaml",
                     seed=n,
                 )
-                for n in range(args.nodes)
+                for n, node in enumerate(nodes)
             ]
-            asyncio.run(_serve_local_cluster(settings, agents, args, etcd, faults_dir))
+            asyncio.run(
+                _serve_local_cluster(settings, agents, args, etcd, faults_dir, local_pki=local_pki)
+            )
         finally:
             etcd.stop()
             tracing.shutdown()
@@ -119,6 +179,8 @@ async def _serve_local_cluster(
     args: argparse.Namespace,
     etcd: LocalEtcd,
     faults_dir: Path,
+    *,
+    local_pki: LocalPki | None,
 ) -> None:
     """The coordinator and the simulated agents in one event loop, until Ctrl-C."""
     coordinator = Coordinator(settings)
@@ -133,7 +195,7 @@ async def _serve_local_cluster(
 
     def ready() -> None:
         running.extend(asyncio.create_task(agent.run(stop)) for agent in agents)
-        _print_next_steps(args, etcd, faults_dir, ports)
+        _print_next_steps(args, etcd, faults_dir, ports, local_pki)
 
     try:
         await coordinator.run(on_ready=ready)
@@ -176,18 +238,40 @@ def _stop_leftover_etcd(pid_path: Path, data_dir: Path) -> None:
 
 
 def _print_next_steps(
-    args: argparse.Namespace, etcd: LocalEtcd, faults_dir: Path, metrics_ports: list[int]
+    args: argparse.Namespace,
+    etcd: LocalEtcd,
+    faults_dir: Path,
+    metrics_ports: list[int],
+    local_pki: LocalPki | None,
 ) -> None:
     agents = ", ".join(str(port) for port in metrics_ports[1:])
+    address = _local_address(args.listen)
+    if local_pki is None:
+        grpcurl = "grpcurl -plaintext"
+        security = "Authorization is off (no TLS): every caller may do everything.\n"
+    else:
+        admin = local_pki.admin
+        grpcurl = f"grpcurl -cacert {admin.tls_ca} -cert {admin.tls_cert} -key {admin.tls_key}"
+        exports = "".join(
+            f"  export {name}={value}\n" for name, value in admin.environment().items()
+        )
+        security = (
+            f"Mutual TLS: certificates under {local_pki.directory}; you are "
+            f"{local_pki.admin_identity.uri}. From another shell:\n{exports}"
+            "A certificate for a user (their own allocations only):\n"
+            f"  kaiwo-gpu certs issue --dir {local_pki.directory} --role user alice\n"
+            "  # then KAIWO_GPU_TLS_CERT and KAIWO_GPU_TLS_KEY name alice.crt and alice.key\n"
+        )
     print(
         f"\nkaiwo-gpu is up: coordinator on {args.listen}, etcd on {etcd.endpoint}, "
         f"{args.nodes} simulated agents (node-00 ...) with {args.gpus} {args.model} each.\n"
+        f"{security}"
         f"Prometheus metrics: coordinator http://{METRICS_HOST}:{metrics_ports[0]}/metrics, "
         f"agents on ports {agents} (/metrics).\n"
         "Try (grpcurl, through server reflection):\n"
-        f"  grpcurl -plaintext {args.listen} kaiwo_gpu.v1.AllocationService/ListNodes\n"
-        f'  grpcurl -plaintext -d \'{{"request": {{"request_id": "try-1", '
-        f'"fraction_millis": 250}}}}\' {args.listen} kaiwo_gpu.v1.AllocationService/Allocate\n'
+        f"  {grpcurl} {address} kaiwo_gpu.v1.AllocationService/ListNodes\n"
+        f'  {grpcurl} -d \'{{"request": {{"request_id": "try-1", '
+        f'"fraction_millis": 250}}}}\' {address} kaiwo_gpu.v1.AllocationService/Allocate\n'
         "Make a simulated GPU overheat (overheat, ecc, vanish or none, by GPU index):\n"
         f"  echo '0: overheat' > {faults_dir}/node-00.yaml\n"
         "Ctrl-C stops the agents, the coordinator and etcd.\n",

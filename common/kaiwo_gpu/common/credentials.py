@@ -51,6 +51,12 @@ class Credentials:
         """Whether this end speaks TLS (a client with only a CA does: it checks the server)."""
         return any((self.tls_ca, self.tls_cert, self.tls_key))
 
+    @property
+    def identifies(self) -> bool:
+        """Whether these credentials name who holds them (a certificate or a token), so the
+        coordinator, not the client, knows the caller's name."""
+        return self.tls_cert is not None or self.token_file is not None
+
     def environment(self) -> dict[str, str]:
         """The KAIWO_GPU_* variables that hand these credentials on to a child process, as
         absolute paths (the child may start elsewhere)."""

@@ -148,9 +148,31 @@ def error_from_status(status_code: str, message: str) -> KaiwoGpuError:
 REFUSAL_STATUSES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 
+TLS_FAILURE_SIGNS = ("handshake", "tsi_", "ssl", "certificate")
+"""How grpc's words for a refused TLS session start (they vary with which side gives up)."""
+CLOSED_ON_CONNECT = "socket closed"
+"""What grpc reports when the server ends the connection as it opens: a TLS server that got
+plaintext, or a mutual-TLS server that got no client certificate."""
+TLS_HINT = (
+    "if the coordinator serves TLS, give --tls-ca (KAIWO_GPU_TLS_CA), and with mutual TLS "
+    "--tls-cert and --tls-key from the CA it trusts"
+)
+
+
+def is_tls_refusal(detail: str) -> bool:
+    """Whether a transport failure reads like a TLS session the other end refused."""
+    lowered = detail.lower()
+    return any(sign in lowered for sign in TLS_FAILURE_SIGNS)
+
+
 def described(error: KaiwoGpuError) -> str:
     """The message for a person: a refusal leads with its status, so who reads it (or
-    greps a job's log) sees the coordinator said no to the caller, not that it failed."""
+    greps a job's log) sees the coordinator said no to the caller, not that it failed. A
+    connection closed or refused at the TLS handshake says which flags to check."""
     if error.status_code in REFUSAL_STATUSES:
         return f"{error.status_code}: {error.message}"
+    if error.status_code == "UNAVAILABLE" and (
+        CLOSED_ON_CONNECT in error.message.lower() or is_tls_refusal(error.message)
+    ):
+        return f"{error.message} ({TLS_HINT})"
     return error.message

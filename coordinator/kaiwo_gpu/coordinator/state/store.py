@@ -31,6 +31,7 @@ from kaiwo_gpu.common.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
     UnavailableError,
+    is_tls_refusal,
 )
 from kaiwo_gpu.coordinator.state.changes import Change, KeyValue, Txn, TxnResult
 from kaiwo_gpu.coordinator.state.etcd_security import (
@@ -53,8 +54,6 @@ _CHANNEL_OPTIONS = {
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 _HAS_LEADER = (("hasleader", "true"),)
-_TLS_FAILURE_SIGNS = ("handshake", "tsi_", "ssl", "certificate")
-"""How grpc's words for a refused TLS session start (they vary with which side gives up)."""
 _TOKEN_LAPSED = ("invalid auth token", "revision of auth store is old")
 """What etcd says of a token it no longer takes (a simple token lapses after minutes idle,
 any token when users or roles change): authenticate again and retry."""
@@ -120,7 +119,7 @@ def _unavailable(error: Exception, target: str) -> UnavailableError:
     hint = (
         " (etcd refused the TLS handshake: check --etcd-ca, and that --etcd-cert comes "
         "from the CA etcd trusts)"
-        if any(sign in detail.lower() for sign in _TLS_FAILURE_SIGNS)
+        if is_tls_refusal(detail)
         else ""
     )
     return UnavailableError(f"etcd at {target} is unavailable: {detail}{hint}")
