@@ -41,6 +41,7 @@ from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, allocation_pb2_grpc
 from tests.agents import RawAgent, raw_inventory
 from tests.conftest import Running, coordinator_running
 from tests.harness import audit_etcd, request
+from tests.test_slurm import epilog, epilog_environment, site_file, task_environment, task_prolog
 
 pytestmark = pytest.mark.integration
 KAIWO_GPU = (sys.executable, "-m", "kaiwo_gpu.cli.main")
@@ -395,3 +396,24 @@ async def test_the_cli_says_permission_denied_when_releasing_anothers_allocation
         assert b"PERMISSION_DENIED" in err
         assert b"Traceback" not in err
         assert mine.id in (await audit_etcd(running.endpoint, running.prefix)).allocations
+
+
+async def test_the_slurm_scripts_speak_tls_as_the_slurm_scheduler(
+    etcd: LocalEtcd, prefix: str, inventory: Path, test_pki: Pki, tmp_path: Path
+) -> None:
+    """slurm.env names the `slurm` scheduler's certificate: the TaskProlog (as the job's
+    user) allocates for owner slurm/JOBID over mutual TLS and the Epilog releases it."""
+    slurm = test_pki.holder(Role.SCHEDULER, "slurm")
+    async with secured(etcd, prefix, inventory, test_pki) as running:
+        site = site_file(tmp_path, running.target, **slurm.environment())
+        node = next(iter((await audit_etcd(running.endpoint, running.prefix)).nodes))
+        job = task_environment(
+            "127.0.0.1:1", "77", node, KAIWO_GPU_SLURM_ENV=str(site), KAIWO_GPU_FRACTION="0.5"
+        )
+        start = await task_prolog(job)
+        assert start.status == 0, start.printed
+        (held,) = (await audit_etcd(running.endpoint, running.prefix)).allocations.values()
+        assert held.request.owner == "slurm/77"
+        ended = await epilog(epilog_environment(site, "77", node))
+        assert (ended.status, ended.output) == (0, "")
+        assert not (await audit_etcd(running.endpoint, running.prefix)).allocations

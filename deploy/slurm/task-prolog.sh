@@ -42,9 +42,14 @@ if [ -r "$env_file" ]; then
     # shellcheck source=/dev/null
     . "$env_file"
 fi
-if [ -n "${KAIWO_GPU_COORDINATOR:-}" ]; then
-    export KAIWO_GPU_COORDINATOR
-fi
+# The coordinator's address and the credentials the CLI proves itself with (slurm.env).
+for variable in KAIWO_GPU_COORDINATOR KAIWO_GPU_TLS_CA KAIWO_GPU_TLS_CERT KAIWO_GPU_TLS_KEY \
+    KAIWO_GPU_TOKEN_FILE; do
+    eval "value=\${$variable:-}"
+    if [ -n "$value" ]; then
+        export "${variable?}"
+    fi
+done
 kaiwo_gpu=${KAIWO_GPU_BIN:-kaiwo-gpu}
 
 # Label values: 1-63 of [A-Za-z0-9._-], starting and ending alphanumeric.
