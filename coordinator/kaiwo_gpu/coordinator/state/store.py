@@ -15,7 +15,6 @@ import contextlib
 import functools
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
@@ -23,8 +22,8 @@ import grpc
 from aetcd import rpc
 from aetcd.rpc import AioRpcError, StatusCode
 
+from kaiwo_gpu.common import credentials
 from kaiwo_gpu.common.errors import (
-    FailedPreconditionError,
     InvalidArgumentError,
     KaiwoGpuError,
     NotFoundError,
@@ -148,22 +147,11 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]
         self._connected.set()
 
 
-def _read(path: Path | None, flag: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise FailedPreconditionError(
-            f"cannot read {flag} {str(path)!r}: {error.strerror or error}"
-        ) from None
-
-
 def _channel_credentials(security: EtcdSecurity) -> grpc.ChannelCredentials:
     """The CA to check etcd against and the client certificate to show it, read now."""
-    ca = _read(security.ca, "--etcd-ca")
-    cert = _read(security.cert, "--etcd-cert")
-    key = _read(security.key, "--etcd-key")
+    ca = credentials.read(security.ca, "--etcd-ca")
+    cert = credentials.read(security.cert, "--etcd-cert")
+    key = credentials.read(security.key, "--etcd-key")
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
