@@ -9,11 +9,11 @@ clusters; with an organisation's CA, issue certificates whose URI SAN is
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from kaiwo_gpu.cli import flags
 from kaiwo_gpu.common import credentials, pki
@@ -23,6 +23,7 @@ from kaiwo_gpu.common.identity import IDENTITY_NAME_RULE, ROLES, Role, identity
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
+T = TypeVar("T")
 days = flags.whole_number(1, 36500, "a number of days")
 
 
@@ -64,6 +65,21 @@ def add_certs_parser(commands: Subcommands) -> None:
     )
     issue.add_argument("--days", type=days, default=pki.DEFAULT_DAYS)
     token.add_argument("--tokens", type=Path, help="append the line to this --tokens file")
+    for action in (issue, token):
+        action.add_argument(
+            "--force", action="store_true", help="replace NAME's files if they exist"
+        )
+
+
+def _refusing_overwrite(write: Callable[[], T]) -> T:
+    """Runs `write`, turning a refusal to replace a file into a message that says why."""
+    try:
+        return write()
+    except FileExistsError as error:
+        raise FailedPreconditionError(
+            f"{error.filename} exists (or the name is the CA's): issuing again would replace "
+            "a key in use, perhaps by a running process; pick another NAME, or pass --force"
+        ) from None
 
 
 def run_certs(args: argparse.Namespace) -> int:
@@ -74,7 +90,11 @@ def run_certs(args: argparse.Namespace) -> int:
                 f"{directory / pki.CA_NAME}.key exists: a second CA would orphan every "
                 "certificate the first one signed; remove it first to start over"
             )
-        certificate, key = pki.write_pair(directory, pki.CA_NAME, pki.new_ca(days=args.days))
+        certificate, key = _refusing_overwrite(
+            lambda: pki.write_pair(
+                directory, pki.CA_NAME, pki.new_ca(days=args.days), replace=False
+            )
+        )
         print(f"CA: {certificate} (key {key}, keep it private)")
         return 0
     holder = identity(args.role, args.name)
@@ -85,17 +105,19 @@ def run_certs(args: argparse.Namespace) -> int:
             raise FailedPreconditionError(
                 f"no CA in {directory}: run `kaiwo-gpu certs init --dir {directory}` first"
             ) from None
-        certificate, key = pki.issue_into(
-            directory, ca, holder, sans=tuple(args.san), days=args.days
+        certificate, key = _refusing_overwrite(
+            lambda: pki.issue_into(
+                directory, ca, holder, sans=tuple(args.san), days=args.days, replace=args.force
+            )
         )
         print(f"{holder.uri}: {certificate} and {key} (CA {directory / pki.CA_NAME}.crt)")
         return 0
     token = secrets.token_urlsafe(32)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{holder.name}.token"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(token + "\n")
+    _refusing_overwrite(
+        lambda: pki.write_file(path, (token + "\n").encode(), 0o600, replace=args.force)
+    )
     line = f"{credentials.token_digest(token)} {holder.name} {holder.role.value}"
     if args.tokens is not None:
         with args.tokens.open("a") as handle:

@@ -97,7 +97,7 @@ def _admin_name(nodes: list[str]) -> str:
         identity(Role.ADMIN.value, name)
     except (InvalidArgumentError, OSError, KeyError):
         return "admin"
-    return name if name not in {*nodes, "coordinator"} else "admin"
+    return name if name not in {*nodes, "coordinator", pki.CA_NAME} else "admin"
 
 
 def make_local_pki(directory: Path, nodes: list[str]) -> LocalPki:

@@ -9,6 +9,7 @@ works when its certificates carry the URI SAN `identity` describes.
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -136,17 +137,41 @@ def issue(
     return KeyPair(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def write_pair(directory: Path, name: str, pair: KeyPair) -> tuple[Path, Path]:
+def write_file(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
+    """Writes `path` whole, as a new file created with `mode` and renamed into place: a
+    symlink planted at `path` is replaced, never followed, and no reader sees half a file
+    or a key with wider permissions. Without `replace` an existing file is refused."""
+    if not replace and (path.exists() or path.is_symlink()):
+        raise FileExistsError(errno.EEXIST, "exists", str(path))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # whatever the umask
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_pair(
+    directory: Path, name: str, pair: KeyPair, *, replace: bool = True
+) -> tuple[Path, Path]:
     """Writes `name.crt` and `name.key` (mode 0600 from its creation, never readable by
-    others even for a moment); returns their paths."""
+    others even for a moment); returns their paths. Without `replace`, a name that has
+    either file already is refused (FileExistsError), so issuing never clobbers the CA
+    or a running process's certificate."""
     directory.mkdir(parents=True, exist_ok=True)
     certificate = directory / f"{name}.crt"
     key = directory / f"{name}.key"
-    certificate.write_bytes(pair.certificate_pem)
-    descriptor = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # also when the file was there before
-        handle.write(pair.key_pem)
+    if not replace:
+        for path in (certificate, key):
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(errno.EEXIST, "exists", str(path))
+    write_file(key, pair.key_pem, 0o600)
+    write_file(certificate, pair.certificate_pem, 0o644)
     return certificate, key
 
 
@@ -187,6 +212,12 @@ def issue_into(
     *,
     sans: tuple[str, ...] = (),
     days: int = DEFAULT_DAYS,
+    replace: bool = True,
 ) -> tuple[Path, Path]:
-    """Issues a certificate for `holder` and writes it as `NAME.crt` and `NAME.key`."""
-    return write_pair(directory, holder.name, issue(ca, holder, sans=sans, days=days))
+    """Issues a certificate for `holder` and writes it as `NAME.crt` and `NAME.key`; the
+    CA's own name is never a holder's file."""
+    if holder.name == CA_NAME:
+        raise FileExistsError(errno.EEXIST, "the CA's file name", str(directory / CA_NAME))
+    return write_pair(
+        directory, holder.name, issue(ca, holder, sans=sans, days=days), replace=replace
+    )
