@@ -29,6 +29,7 @@ from kaiwo_gpu.common import credentials, pki
 from kaiwo_gpu.common.channels import open_aio_channel
 from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -189,6 +190,9 @@ async def test_users_see_and_change_only_their_own_allocations(
             with pytest.raises(PermissionDeniedError) as refused:
                 await call
             assert "user/bob" in refused.value.message, action
+        with pytest.raises(AlreadyExistsError) as taken:  # alice's request id, bob's owner
+            await as_bob.allocate(request_id="a-1", fraction=0.5, ttl="5m")
+        assert mine.id not in taken.value.message, "another owner's allocation is not named"
         assert [a.id for a in await as_bob.list()] == []
         assert [a.id for a in await as_alice.list()] == [mine.id]
         assert await revision(running) == before  # nothing written by any refusal

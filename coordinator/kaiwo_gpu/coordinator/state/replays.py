@@ -5,7 +5,8 @@ that allocation back; the same id with another request, or from the same owner a
 allocation was released (its tombstone), is refused, so a late duplicate never makes a
 second allocation nobody will release. Another owner's released allocation does not hold
 the id: Slurm's ids are predictable, and whoever allocated and released one first must not
-make the real job's prolog fail. (Owners are what requests say until identity lands.)
+make the real job's prolog fail. A live allocation holds its id for everyone (ids are
+one key in etcd), but its id is named only to its own owner.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def replay_of(state: ViewState, request: AllocationRequest) -> types_pb2.Allocat
     record = state.allocations.get(allocation_id or "")
     if record is None:
         return None
+    if record.request.owner != request.owner:  # named only to the owner who made it
+        raise AlreadyExistsError(
+            f"request_id {request.request_id!r} is in use by another owner; "
+            "use a new request_id"
+        )
     if not same_request(record.request, request):
         raise AlreadyExistsError(
             f"request_id {request.request_id!r} already made allocation {allocation_id} "
