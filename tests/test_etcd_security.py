@@ -23,7 +23,11 @@ import pytest
 
 from kaiwo_gpu.cli.main import main
 from kaiwo_gpu.common import pki
-from kaiwo_gpu.common.errors import UnauthenticatedError, UnavailableError
+from kaiwo_gpu.common.errors import (
+    FailedPreconditionError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from kaiwo_gpu.common.identity import Identity, Role
 from kaiwo_gpu.coordinator.local.etcd import EtcdServingTls, LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
@@ -322,3 +326,26 @@ def test_etcd_flags_fall_back_to_their_variables(
         main(["coordinator"])
     assert exited.value.code == 2
     assert "--etcd-key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "refused"),
+    [
+        (["10.0.0.5:2379"], True),
+        (["http://etcd.example:2379"], True),
+        (["127.0.0.1:2379", "10.0.0.6:2379"], True),
+        (["127.0.0.1:2379"], False),
+        (["localhost:2379"], False),
+    ],
+)
+def test_an_etcd_password_never_goes_beyond_loopback_in_plaintext(
+    endpoints: list[str], refused: bool
+) -> None:
+    security = EtcdSecurity(user="kaiwo", password="s3cret-pw")
+    if not refused:
+        assert EtcdStore(endpoints, security=security).target
+        return
+    with pytest.raises(FailedPreconditionError) as error:
+        EtcdStore(endpoints, security=security)
+    assert "--etcd-ca" in error.value.message
+    assert "s3cret-pw" not in error.value.message

@@ -48,8 +48,7 @@ def replay_of(state: ViewState, request: AllocationRequest) -> types_pb2.Allocat
         return None
     if record.request.owner != request.owner:  # named only to the owner who made it
         raise AlreadyExistsError(
-            f"request_id {request.request_id!r} is in use by another owner; "
-            "use a new request_id"
+            f"request_id {request.request_id!r} is in use by another owner; use a new request_id"
         )
     if not same_request(record.request, request):
         raise AlreadyExistsError(

@@ -24,6 +24,7 @@ from aetcd.rpc import AioRpcError, StatusCode
 
 from kaiwo_gpu.common import credentials
 from kaiwo_gpu.common.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     KaiwoGpuError,
     NotFoundError,
@@ -176,9 +177,15 @@ class EtcdStore:
             "timeout": timeout_s,
             "options": dict(_CHANNEL_OPTIONS),
         }
+        tls = check_endpoints(endpoints, security)
+        if self._security.user and not tls and not credentials.is_loopback(self.target):
+            raise FailedPreconditionError(
+                f"--etcd-user would send its password to etcd at {self.target} in plaintext: "
+                "give --etcd-ca (TLS to etcd), or reach etcd on loopback"
+            )
         self._client: Any = (
             _TlsClient(_channel_credentials(self._security), **options)
-            if check_endpoints(endpoints, security)
+            if tls
             else aetcd.Client(**options)
         )
         self._token: Metadata | None = None if self._security.user else ()
