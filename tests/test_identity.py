@@ -38,6 +38,7 @@ from kaiwo_gpu.common.identity import Identity, Role
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
+from kaiwo_gpu.coordinator.transport import ServingCertificates
 from kaiwo_gpu.v1 import agent_pb2, allocation_pb2, allocation_pb2_grpc
 from tests.agents import RawAgent, raw_inventory
 from tests.conftest import Running, coordinator_running
@@ -421,3 +422,22 @@ async def test_the_slurm_scripts_speak_tls_as_the_slurm_scheduler(
         ended = await epilog(epilog_environment(site, "77", node))
         assert (ended.status, ended.output) == (0, "")
         assert not (await audit_etcd(running.endpoint, running.prefix)).allocations
+
+
+@pytest.mark.parametrize("ca_text", ["", "garbage\n", "leaf"])
+def test_a_client_ca_that_cannot_check_certificates_stops_the_coordinator_with_its_flag(
+    test_pki: Pki, ca_text: str
+) -> None:
+    """gRPC takes an empty CA file and refuses every client, and a garbage one fails as
+    a bind error: both must name --tls-ca instead."""
+    bad = test_pki.directory / "bad-ca.crt"
+    leaf = (test_pki.directory / "coordinator.crt").read_text()
+    bad.write_text(leaf if ca_text == "leaf" else ca_text)
+    files = Credentials(
+        tls_ca=bad,
+        tls_cert=test_pki.directory / "coordinator.crt",
+        tls_key=test_pki.directory / "coordinator.key",
+    )
+    with pytest.raises(FailedPreconditionError) as refused:
+        ServingCertificates(files)
+    assert f"--tls-ca {str(bad)!r}" in refused.value.message

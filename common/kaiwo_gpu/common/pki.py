@@ -196,6 +196,23 @@ def pair_problem(certificate_pem: bytes, key_pem: bytes) -> str | None:
     return None
 
 
+def ca_problem(ca_pem: bytes) -> str | None:
+    """Why a CA file cannot check client certificates (not PEM, or no CA certificate in
+    it), None when it can: gRPC would take an empty file and refuse every client."""
+    try:
+        certificates = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as error:
+        return f"not PEM certificates ({error})"
+    for certificate in certificates:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        except x509.ExtensionNotFound:
+            continue
+        if constraints.value.ca:
+            return None
+    return "no CA certificate in it (none has basicConstraints CA:TRUE)"
+
+
 def load_or_make_ca(directory: Path) -> KeyPair:
     """The CA in `directory` (`ca.crt`, `ca.key`), made there when it has none."""
     if (directory / f"{CA_NAME}.crt").exists() and (directory / f"{CA_NAME}.key").exists():

@@ -64,6 +64,9 @@ class ServingCertificates:
                 f"--tls-cert {str(self.files.tls_cert)!r} and --tls-key "
                 f"{str(self.files.tls_key)!r}: {problem}"
             )
+        ca_problem = None if ca is None else pki.ca_problem(ca)
+        if ca_problem is not None:
+            raise FailedPreconditionError(f"--tls-ca {str(self.files.tls_ca)!r}: {ca_problem}")
         return grpc.ssl_server_certificate_configuration([(key, certificate)], ca)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
