@@ -8,9 +8,11 @@ import fcntl
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -280,6 +282,18 @@ async def _up(args: list[str], cwd: Path) -> AsyncIterator[tuple[subprocess.Pope
         yield up, seen
 
 
+def _etcd_answers(endpoint: str, ca: Path, holder: Path | None) -> bool:
+    """Whether etcd answers /version to a client holding `holder`.crt/.key (or none)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if holder is not None:
+        context.load_cert_chain(f"{holder}.crt", f"{holder}.key")
+    try:
+        with urllib.request.urlopen(f"{endpoint}/version", context=context, timeout=5):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
 def _accepts_connections(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=2):
@@ -338,6 +352,15 @@ async def test_up_tls_is_mutual_tls_between_every_process_and_owners_are_identit
             return nodes.stdout if {"node-00", "node-01"} <= set(nodes.stdout.split()) else None
 
         assert "node-01" in await eventually(agents_in)  # agents registered over mutual TLS
+        etcd_endpoint = banner.split("etcd on ", 1)[1].split(",", 1)[0]
+        admin_files = Path(exports["KAIWO_GPU_TLS_CERT"]).with_suffix("")
+        assert admin_files.with_suffix(".key").exists()  # the admin's certificate opens no etcd
+        assert etcd_endpoint.startswith("https://127.0.0.1:")
+        assert not _etcd_answers(etcd_endpoint, tls_dir / "etcd" / "ca.crt", None)
+        assert not _etcd_answers(etcd_endpoint, tls_dir / "etcd" / "ca.crt", admin_files)
+        assert _etcd_answers(
+            etcd_endpoint, tls_dir / "etcd" / "ca.crt", tls_dir / "etcd" / "coordinator"
+        )
         plaintext = _run("list", "--timeout=2", env={"KAIWO_GPU_COORDINATOR": listen})
         assert plaintext.returncode != 0
         assert "--tls-ca" in plaintext.stderr  # says what is missing

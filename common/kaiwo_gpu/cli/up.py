@@ -32,9 +32,10 @@ from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.identity import Identity, Role, identity
 from kaiwo_gpu.common.logs import configure_logging
 from kaiwo_gpu.common.metrics_http import start_preferring
-from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
+from kaiwo_gpu.coordinator.local.etcd import EtcdServingTls, LocalEtcd
 from kaiwo_gpu.coordinator.server import Coordinator
 from kaiwo_gpu.coordinator.settings import CoordinatorSettings
+from kaiwo_gpu.coordinator.state.etcd_security import EtcdSecurity
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -87,6 +88,8 @@ class LocalPki:
     agents: dict[str, Credentials]
     admin: Credentials
     admin_identity: Identity
+    etcd_serving: EtcdServingTls
+    etcd_client: EtcdSecurity
 
 
 def _admin_name(nodes: list[str]) -> str:
@@ -102,7 +105,9 @@ def _admin_name(nodes: list[str]) -> str:
 
 def make_local_pki(directory: Path, nodes: list[str]) -> LocalPki:
     """The CA in `directory` (made the first time, so exported paths stay good across
-    runs) and fresh certificates for the coordinator, each agent and the admin."""
+    runs) and fresh certificates for the coordinator, each agent and the admin. etcd gets
+    a CA of its own under `directory/etcd`, whose only client certificate is the
+    coordinator's: a certificate `certs issue` makes for a user opens no door to etcd."""
     ca = pki.load_or_make_ca(directory)
     ca_path = directory / f"{pki.CA_NAME}.crt"
 
@@ -110,6 +115,11 @@ def make_local_pki(directory: Path, nodes: list[str]) -> LocalPki:
         certificate, key = pki.issue_into(directory, ca, holder)
         return Credentials(tls_ca=ca_path, tls_cert=certificate, tls_key=key)
 
+    etcd_dir = directory / "etcd"
+    etcd_ca = pki.load_or_make_ca(etcd_dir)
+    etcd_ca_path = etcd_dir / f"{pki.CA_NAME}.crt"
+    served = pki.issue_into(etcd_dir, etcd_ca, identity(Role.COORDINATOR.value, "etcd"))
+    client = pki.issue_into(etcd_dir, etcd_ca, identity(Role.COORDINATOR.value, "coordinator"))
     admin = identity(Role.ADMIN.value, _admin_name(nodes))
     return LocalPki(
         directory=directory,
@@ -117,6 +127,8 @@ def make_local_pki(directory: Path, nodes: list[str]) -> LocalPki:
         agents={node: credentials_of(identity(Role.AGENT.value, node)) for node in nodes},
         admin=credentials_of(admin),
         admin_identity=admin,
+        etcd_serving=EtcdServingTls(cert=served[0], key=served[1], ca=etcd_ca_path),
+        etcd_client=EtcdSecurity(ca=etcd_ca_path, cert=client[0], key=client[1]),
     )
 
 
@@ -140,15 +152,21 @@ def run_up(args: argparse.Namespace) -> None:
         faults_dir = state_dir / "faults"
         shutil.rmtree(faults_dir, ignore_errors=True)
         faults_dir.mkdir()
-        etcd = LocalEtcd(data_dir, log_path=state_dir / "etcd.log", pid_path=state_dir / "etcd.pid")
+        nodes = [f"node-{n:02d}" for n in range(args.nodes)]
+        local_pki = make_local_pki(state_dir / "tls", nodes) if args.tls else None
+        etcd = LocalEtcd(
+            data_dir,
+            log_path=state_dir / "etcd.log",
+            pid_path=state_dir / "etcd.pid",
+            tls=local_pki.etcd_serving if local_pki else None,
+        )
         try:
-            nodes = [f"node-{n:02d}" for n in range(args.nodes)]
-            local_pki = make_local_pki(state_dir / "tls", nodes) if args.tls else None
             etcd.start()
             settings = CoordinatorSettings(
                 listen=args.listen,
                 tls=local_pki.coordinator if local_pki else Credentials(),
                 etcd_endpoints=(etcd.endpoint,),
+                etcd_security=local_pki.etcd_client if local_pki else None,
                 default_strategy=args.strategy,
                 default_ttl_s=args.default_ttl or None,
             )
@@ -256,7 +274,8 @@ def _print_next_steps(
             f"  export {name}={value}\n" for name, value in admin.environment().items()
         )
         security = (
-            f"Mutual TLS: certificates under {local_pki.directory}; you are "
+            f"Mutual TLS between every process (etcd's own CA under "
+            f"{local_pki.directory / 'etcd'}): certificates under {local_pki.directory}; you are "
             f"{local_pki.admin_identity.uri}. From another shell:\n{exports}"
             "A certificate for a user (their own allocations only):\n"
             f"  kaiwo-gpu certs issue --dir {local_pki.directory} --role user alice\n"
