@@ -441,3 +441,29 @@ def test_a_client_ca_that_cannot_check_certificates_stops_the_coordinator_with_i
     with pytest.raises(FailedPreconditionError) as refused:
         ServingCertificates(files)
     assert f"--tls-ca {str(bad)!r}" in refused.value.message
+
+
+async def test_a_watch_ends_when_its_token_is_revoked(
+    etcd: LocalEtcd, prefix: str, inventory: Path, test_pki: Pki
+) -> None:
+    async with secured(etcd, prefix, inventory, test_pki, client_ca=False) as running:
+        tokens = running.coordinator.settings.tokens
+        assert tokens is not None
+        write_tokens(tokens, {**TOKENS, "root-token-1": ("root", "admin")})
+        carol_holds = test_pki.token("carol-token-1")
+        async with client(running, carol_holds) as carol:
+            mine = await carol.allocate(request_id="w-1", fraction=0.25)
+        channel, api = stub(running, carol_holds)
+        watch = api.WatchAllocations(  # type: ignore[attr-defined]
+            allocation_pb2.WatchAllocationsRequest(),
+            metadata=credentials.authorization(carol_holds, running.target),
+        )
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.allocation.id == mine.id
+        write_tokens(tokens, {"root-token-1": ("root", "admin")})  # carol's is revoked
+        async with client(running, test_pki.token("root-token-1")) as root:
+            await root.release(mine.id)  # a change carol's watch would have been sent
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(watch.read(), 10)
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await channel.close()

@@ -236,16 +236,30 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         if full is not None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
         try:
-            await self._watch(request, context, self._visible(caller))
+            await self._watch(request, context, caller)
         finally:
             self._watchers.give_back(address)
+
+    async def _still_accepted(self, caller: Identity, context: Context) -> None:
+        """Ends a watch whose caller's credentials are no longer accepted (a token taken
+        out of the tokens file): it is identified again before each change it is sent."""
+        try:
+            now = self.callers.identify(context)
+        except KaiwoGpuError as error:
+            refused("WatchAllocations", caller, error, context.peer())
+            await context.abort(grpc.StatusCode[error.status_code], error.status_message)
+        if now != caller:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "this watch's credentials changed; watch again"
+            )
 
     async def _watch(
         self,
         request: allocation_pb2.WatchAllocationsRequest,
         context: Context,
-        visible: Callable[[types_pb2.Allocation], bool],
+        caller: Identity,
     ) -> None:
+        visible = self._visible(caller)
         await self.allocator.caught_up()
         # Subscribe and copy the current state in one step (no await between), so no
         # change can fall between the dump and the stream.
@@ -276,6 +290,7 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
                 elif matches(queued.allocation, request.owner, request.node, {}) and visible(
                     queued.allocation
                 ):
+                    await self._still_accepted(caller, context)
                     (allocation,) = await self._shown([queued.allocation])
                     await _write(
                         context,
