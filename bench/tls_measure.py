@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.allocate_calls import (
     CALL_TIMEOUT_S,
@@ -29,7 +28,6 @@ from bench.allocate_calls import (
 from bench.lib import CpuMeter, CpuUse, Stats
 from kaiwo_gpu.common.channels import open_aio_channel
 from kaiwo_gpu.common.credentials import Credentials
-from kaiwo_gpu.common.errors import UnavailableError
 from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
 from kaiwo_gpu.v1 import allocation_pb2, allocation_pb2_grpc
 
@@ -71,27 +69,8 @@ class Transport:
         return open_aio_channel(self.coordinator.address, self.held, OWN_CONNECTION)
 
     async def wait_serving(self, timeout_s: float) -> None:
-        """Returns once health says SERVING over this transport; raises with the log's tail
-        if it never does (CoordinatorProcess.wait_serving speaks plaintext only)."""
-        deadline = time.monotonic() + timeout_s
-        async with self.channel() as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if not self.coordinator.alive():
-                    raise UnavailableError(
-                        f"the {self.name} coordinator exited:\n{self.coordinator.log_tail()}"
-                    )
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise UnavailableError(
-            f"the {self.name} coordinator was not serving in {timeout_s:g}s:\n"
-            f"{self.coordinator.log_tail()}"
-        )
+        """Returns once health says SERVING over this transport."""
+        await self.coordinator.wait_serving(timeout_s, self.held)
 
 
 @dataclass(slots=True)

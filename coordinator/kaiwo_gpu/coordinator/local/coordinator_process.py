@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kaiwo_gpu.common import channels
+from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import UnavailableError
 from kaiwo_gpu.coordinator.local.etcd import free_port
 
@@ -68,10 +70,11 @@ class CoordinatorProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
 
-    async def wait_serving(self, timeout_s: float = 30.0) -> None:
-        """Returns once health says SERVING; raises with the log's tail if it never does."""
+    async def wait_serving(self, timeout_s: float = 30.0, held: Credentials | None = None) -> None:
+        """Returns once health says SERVING (asked over TLS with `held`, else plaintext);
+        raises with the log's tail if it never does."""
         deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with channels.open_aio_channel(self.address, held or Credentials(), ()) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not self.alive():
