@@ -72,7 +72,7 @@ def test_the_wheel_has_kaiwo_gpu_as_its_only_top_level_package(tmp_path: Path) -
 
 
 def test_the_shipped_deployments_run_commands_the_cli_accepts() -> None:
-    """docker-compose, the DaemonSet and the systemd unit must not drift from the flags."""
+    """docker-compose, the DaemonSet and the systemd units must not drift from the flags."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     commands = [
         service["command"] for service in compose["services"].values() if "build" in service
@@ -80,9 +80,10 @@ def test_the_shipped_deployments_run_commands_the_cli_accepts() -> None:
     daemonset = yaml.safe_load((REPO / "deploy/kubernetes/agent-daemonset.yaml").read_text())
     (container,) = daemonset["spec"]["template"]["spec"]["containers"]
     commands.append(container["args"])
-    unit = (REPO / "deploy/systemd/kaiwo-gpu-agent.service").read_text()
-    (start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
-    commands.append(start.split()[1:])
-    assert len(commands) == 5
+    for unit in ("kaiwo-gpu-agent.service", "kaiwo-gpu-coordinator.service"):
+        text = (REPO / "deploy/systemd" / unit).read_text()
+        (start,) = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+        commands.append(start.split()[1:])
+    assert len(commands) == 6
     for command in commands:
         build_parser().parse_args(command)  # exits 2 on an unknown or bad flag
