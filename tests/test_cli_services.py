@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -56,6 +57,8 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["up", "--nodes", "0"],
         ["up", "--model", "H100"],
         ["up", "--gpus", "65"],
+        ["up", "--etcd-members", "0"],
+        ["up", "--coordinators", "17"],
         ["coordinator", "--node-ttl", "1s"],
         ["coordinator", "--sample-interval", "10ms"],
         ["agent", "--backend", "cuda"],
@@ -264,7 +267,157 @@ async def test_up_runs_etcd_and_a_coordinator_until_interrupted(tmp_path: Path) 
     etcd_endpoint = banner.split("etcd on ", 1)[1].split(",", 1)[0]
     host, port = etcd_endpoint.rsplit(":", 1)
     assert not _accepts_connections(host, int(port)), "etcd must stop with kaiwo-gpu up"
-    assert not (tmp_path / "etcd.pid").exists()
+    assert not (tmp_path / "etcd-0.pid").exists()
+    assert not (tmp_path / "coordinator-0.pid").exists()
+
+
+def _two_free_ports() -> int:
+    """A port p with p + 1 free as well (`up --coordinators 2` serves on both)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and _bindable(port + 1):
+            return port
+    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _etcd_leader(endpoints: list[str]) -> int:
+    """The index of the member that says it leads (etcd's JSON gateway, /v3/maintenance/status)."""
+    for n, endpoint in enumerate(endpoints):
+        status_url = f"http://{endpoint}/v3/maintenance/status"
+        with urllib.request.urlopen(status_url, data=b"{}", timeout=5) as reply:
+            status = json.load(reply)
+        if status["header"]["member_id"] == status["leader"]:
+            return n
+    raise AssertionError(f"no etcd member of {endpoints} leads")
+
+
+async def _line_containing(up: subprocess.Popen[str], *parts: str, timeout_s: float) -> str:
+    """The next line of `up`'s output holding every one of `parts` (bounded in time)."""
+    assert up.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = await asyncio.wait_for(asyncio.to_thread(up.stdout.readline), timeout_s)
+        if all(part in line for part in parts):
+            return line
+    raise AssertionError(f"no line with {parts} in {timeout_s:g}s")
+
+
+async def test_up_with_three_etcd_members_and_two_coordinators_survives_losing_one_of_each(
+    tmp_path: Path,
+) -> None:
+    """Issue 16's topology without Docker: each member and coordinator a process of its own;
+    what one coordinator grants the other shows at once; the SIGKILL of the etcd leader and
+    of a coordinator leaves a cluster that still allocates, and the agents fail over."""
+    port = _two_free_ports()
+    first, second = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+    args = ["--etcd-members=3", "--coordinators=2", "--nodes=2", "--gpus=2"]
+    args += [f"--listen={first}", f"--state-dir={tmp_path}"]
+    async with _up(args, tmp_path) as (up, banner):
+        assert f"coordinators on {first}, {second}, " in banner
+        assert f"export KAIWO_GPU_COORDINATOR={first},{second}" in banner
+        members = banner.split("etcd on ", 1)[1].split(", 2 simulated", 1)[0].split(", ")
+        etcd_pids = [int((tmp_path / f"etcd-{n}.pid").read_text()) for n in range(3)]
+        coordinator_pids = [int((tmp_path / f"coordinator-{n}.pid").read_text()) for n in range(2)]
+        assert len(members) == 3
+        assert len({*etcd_pids, *coordinator_pids, up.pid}) == 6, "one process each"
+        async with (
+            grpc.aio.insecure_channel(first) as one,
+            grpc.aio.insecure_channel(second) as other,
+        ):
+            api_one = allocation_pb2_grpc.AllocationServiceStub(one)
+            api_other = allocation_pb2_grpc.AllocationServiceStub(other)
+
+            async def both_nodes_in() -> bool | None:
+                stats = await api_other.GetClusterStats(allocation_pb2.GetClusterStatsRequest())
+                return True if stats.schedulable_node_count == 2 else None
+
+            await eventually(both_nodes_in)
+            placed = await api_one.Allocate(request("multi-1", fraction_millis=500))
+            seen = await api_other.GetAllocation(
+                allocation_pb2.GetAllocationRequest(allocation_id=placed.allocation.id)
+            )
+            assert seen.allocation.node == placed.allocation.node  # at once: no polling
+
+            leader = _etcd_leader(members)
+            os.kill(etcd_pids[leader], signal.SIGKILL)
+            os.kill(coordinator_pids[0], signal.SIGKILL)
+
+            codes: list[grpc.StatusCode] = []
+
+            async def placed_again() -> allocation_pb2.AllocateResponse | None:
+                try:
+                    return await api_other.Allocate(
+                        request("multi-2", fraction_millis=500), timeout=2
+                    )
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code())
+                    return None
+
+            again = await eventually(placed_again, timeout_s=30, every_s=0.5)
+            # The outage answers as retryable, never as a refusal or an internal error.
+            assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+            listed = await api_other.ListAllocations(allocation_pb2.ListAllocationsRequest())
+            assert {a.id for a in listed.allocations} == {
+                placed.allocation.id,
+                again.allocation.id,
+            }
+            # node-00's agent streamed to the killed coordinator and fails over to the other.
+            await _line_containing(
+                up, "registered with coordinator", f"coordinator={second}", "node-00", timeout_s=30
+            )
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+    for pid in etcd_pids + coordinator_pids:
+        assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived kaiwo-gpu up"
+
+
+async def test_up_tls_with_several_members_and_coordinators_fails_over_over_tls(
+    tmp_path: Path,
+) -> None:
+    """TLS to a list of addresses (etcd members, coordinators) checks one name for all; the
+    banner's exports reach both coordinators, and the client fails over to the second."""
+    port = _two_free_ports()
+    first, second = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+    args = ["--tls", "--etcd-members=3", "--coordinators=2", "--nodes=1", "--gpus=1"]
+    args += [f"--listen={first}", f"--state-dir={tmp_path}"]
+    async with _up(args, tmp_path) as (up, banner):
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in banner.splitlines()
+            if line.strip().startswith("export KAIWO_GPU_")
+        )
+        assert exports["KAIWO_GPU_COORDINATOR"] == f"{first},{second}"
+
+        async def node_in() -> str | None:
+            nodes = await asyncio.to_thread(_run, "nodes", "--timeout=5", env=exports)
+            return nodes.stdout if "node-00" in nodes.stdout else None
+
+        await eventually(node_in)
+        os.kill(int((tmp_path / "coordinator-0.pid").read_text()), signal.SIGKILL)
+        placed = await asyncio.to_thread(
+            _run, "allocate", "--fraction=0.5", "--request-id=tls-failover", env=exports
+        )
+        assert placed.returncode == 0, placed.stderr
+        assert "node:        node-00" in placed.stdout
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+
+
+def test_up_refuses_coordinator_ports_past_the_last_one(tmp_path: Path) -> None:
+    done = _run("up", "--coordinators=2", "--listen=127.0.0.1:65535", f"--state-dir={tmp_path}")
+    assert done.returncode != 0
+    assert "--listen" in done.stderr
+    assert "1-65534" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @contextlib.asynccontextmanager

@@ -186,3 +186,22 @@ def test_plaintext_is_loopback_only_and_tokens_never_travel_in_it(tmp_path: Path
         "KAIWO_GPU_TLS_CA": str(Path("ca.crt").absolute())
     }
     assert credentials.from_environment({"KAIWO_GPU_TOKEN_FILE": str(token)}).token_file == token
+
+
+@pytest.mark.parametrize(
+    ("target", "checked_name"),
+    [
+        ("ipv4:127.0.0.1:2379,127.0.0.2:2379", "127.0.0.1"),
+        ("ipv4:10.0.0.5:50051,10.0.0.6:50051,10.0.0.7:50051", "10.0.0.5"),
+        ("127.0.0.1:50051", None),  # one address: gRPC checks that one by itself
+        ("ipv4:127.0.0.1:2379", None),
+        ("dns:///coordinator.example:50051", None),  # the DNS name is what is checked
+    ],
+)
+def test_tls_over_an_address_list_checks_the_first_address(
+    target: str, checked_name: str | None
+) -> None:
+    """Without an override gRPC checks certificates against the whole `ipv4:a,b` target,
+    which no certificate holds, and every TLS handshake to a list fails."""
+    options = dict(credentials.tls_name_options(target))
+    assert options.get("grpc.ssl_target_name_override") == checked_name

@@ -1,7 +1,9 @@
-"""`kaiwo-gpu up`: a local cluster of etcd, a coordinator and simulated node agents.
+"""`kaiwo-gpu up`: a local cluster of etcd, coordinators and simulated node agents.
 
 For laptops, demos and the README's first command: everything runs on loopback, etcd's data
-lives under a state directory that is wiped at start, and Ctrl-C stops it all. With `--tls`
+lives under a state directory that is wiped at start, and Ctrl-C stops it all. Each etcd
+member and each coordinator is a process of its own, started as an operator would start it,
+so one can be killed alone; the agents run in this process. With `--tls`
 every process proves itself to the others with a certificate from a CA kept under the state
 directory, and the person running it gets an admin certificate.
 """
@@ -16,6 +18,7 @@ import getpass
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,10 +35,18 @@ from kaiwo_gpu.common.gpu_models import GPU_MODELS
 from kaiwo_gpu.common.identity import Identity, Role, identity
 from kaiwo_gpu.common.logs import configure_logging
 from kaiwo_gpu.common.metrics_http import start_preferring
-from kaiwo_gpu.coordinator.local.etcd import EtcdServingTls, LocalEtcd
-from kaiwo_gpu.coordinator.server import Coordinator
-from kaiwo_gpu.coordinator.settings import CoordinatorSettings
+from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
+from kaiwo_gpu.coordinator.local.etcd import (
+    EtcdServingTls,
+    LocalEtcd,
+    client_endpoints,
+    free_port,
+    local_etcd_cluster,
+    start_cluster,
+    stop_cluster,
+)
 from kaiwo_gpu.coordinator.state.etcd_security import EtcdSecurity
+from kaiwo_gpu.coordinator.state.keys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -43,7 +54,8 @@ if TYPE_CHECKING:
 
 METRICS_HOST = "127.0.0.1"
 METRICS_PORT = 9400
-"""The coordinator's /metrics; agent i serves on METRICS_PORT + 1 + i (free ones if taken)."""
+"""Coordinator i's /metrics; agent i serves on METRICS_PORT + coordinators + i (free ones
+if taken)."""
 
 
 def _state_dir() -> Path:
@@ -54,16 +66,31 @@ def _state_dir() -> Path:
 def add_up_parser(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "up",
-        help="run a local cluster: etcd, a coordinator and simulated node agents",
-        description="Starts a throwaway etcd on a free loopback port, a coordinator serving "
-        "on --listen, and N node agents with simulated GPUs whose load follows what is "
-        "placed on them, and runs until Ctrl-C. etcd's data lives under the state "
-        "directory and is wiped at start.",
-        epilog="example: kaiwo-gpu up --nodes 3 --gpus 8 --model MI300X",
+        help="run a local cluster: etcd, coordinators and simulated node agents",
+        description="Starts a throwaway etcd (one member or a cluster) on free loopback "
+        "ports, coordinators serving on --listen (and the ports after it), and N node agents "
+        "with simulated GPUs whose load follows what is placed on them, and runs until "
+        "Ctrl-C. Every etcd member and coordinator is a process of its own, with its log "
+        "and pid file under the state directory; etcd's data is wiped at start.",
+        epilog="examples: kaiwo-gpu up --nodes 3 --gpus 8 --model MI300X; "
+        "kaiwo-gpu up --etcd-members 3 --coordinators 2",
     )
     parser.add_argument("--nodes", type=flags.count, default=3)
     parser.add_argument("--gpus", type=flags.gpu_count, default=8, help="GPUs per node")
     parser.add_argument("--model", choices=sorted(GPU_MODELS), default="MI300X")
+    parser.add_argument(
+        "--etcd-members",
+        type=flags.whole_number(1, 7, "an etcd member count"),
+        default=1,
+        help="etcd members, each a process of its own (3 tolerates the loss of one)",
+    )
+    parser.add_argument(
+        "--coordinators",
+        type=flags.whole_number(1, 16, "a coordinator count"),
+        default=1,
+        help="coordinator processes sharing the etcd cluster, on --listen's port, port + 1, "
+        "...; the agents are spread over them and fail over between them",
+    )
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -140,89 +167,167 @@ def _local_address(listen: str) -> str:
     return listen
 
 
+def coordinator_addresses(listen: str, count: int) -> list[str]:
+    """Coordinator i serves on --listen's port + i, as the banner says."""
+    host, _, port_text = listen.rpartition(":")
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() else 0
+    if listen.startswith("unix:") or not 0 < port <= 65536 - count:
+        raise InvalidArgumentError(
+            "--listen", listen, f"host:port with a port of 1-{65536 - count} (one per coordinator)"
+        )
+    return [f"{host}:{port + n}" for n in range(count)]
+
+
+def _port_preferring(host: str, port: int) -> int:
+    """`port` when it is free on `host`, else a free one: a coordinator's /metrics."""
+    with contextlib.suppress(OSError), socket.socket() as probe:
+        probe.bind((host, port))
+        return port
+    return free_port(host)
+
+
+def _coordinator_flags(local_pki: LocalPki | None) -> list[str]:
+    """The TLS flags each coordinator of `up --tls` is started with."""
+    if local_pki is None:
+        return []
+    served, etcd = local_pki.coordinator, local_pki.etcd_client
+    return [
+        f"--tls-ca={served.tls_ca}",
+        f"--tls-cert={served.tls_cert}",
+        f"--tls-key={served.tls_key}",
+        f"--etcd-ca={etcd.ca}",
+        f"--etcd-cert={etcd.cert}",
+        f"--etcd-key={etcd.key}",
+    ]
+
+
 def run_up(args: argparse.Namespace) -> None:
     configure_logging(args.log_format)
-    tracing.configure(tracing.COORDINATOR_SERVICE)  # one process: its agents' spans too
+    tracing.configure(tracing.AGENT_SERVICE)  # the agents; each coordinator traces itself
     state_dir: Path = args.state_dir.resolve()  # the leftover check compares full paths
     state_dir.mkdir(parents=True, exist_ok=True)
+    addresses = coordinator_addresses(args.listen, args.coordinators)
     with _exclusive(state_dir / "up.lock"):
-        data_dir = state_dir / "etcd"
-        _stop_leftover_etcd(state_dir / "etcd.pid", data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        _stop_leftovers(state_dir)
         faults_dir = state_dir / "faults"
         shutil.rmtree(faults_dir, ignore_errors=True)
         faults_dir.mkdir()
         nodes = [f"node-{n:02d}" for n in range(args.nodes)]
         local_pki = make_local_pki(state_dir / "tls", nodes) if args.tls else None
-        etcd = LocalEtcd(
-            data_dir,
-            log_path=state_dir / "etcd.log",
-            pid_path=state_dir / "etcd.pid",
-            tls=local_pki.etcd_serving if local_pki else None,
+        cluster = local_etcd_cluster(
+            state_dir, args.etcd_members, tls=local_pki.etcd_serving if local_pki else None
         )
-        try:
-            etcd.start()
-            settings = CoordinatorSettings(
-                listen=args.listen,
-                tls=local_pki.coordinator if local_pki else Credentials(),
-                etcd_endpoints=(etcd.endpoint,),
-                etcd_security=local_pki.etcd_client if local_pki else None,
-                default_strategy=args.strategy,
-                default_ttl_s=args.default_ttl or None,
+        metrics_ports = [
+            _port_preferring(METRICS_HOST, METRICS_PORT + n) for n in range(len(addresses))
+        ]
+        coordinators = [
+            CoordinatorProcess(
+                client_endpoints(cluster),
+                DEFAULT_PREFIX,
+                None,
+                state_dir / f"coordinator-{n}.log",
+                address=address,
+                extra_args=[
+                    f"--strategy={args.strategy}",
+                    f"--default-ttl={args.default_ttl}s",
+                    f"--metrics-listen={METRICS_HOST}:{metrics_ports[n]}",
+                    *_coordinator_flags(local_pki),
+                ],
             )
-            agents = [
-                AgentSettings(
-                    node=node,
-                    coordinators=(_local_address(args.listen),),
-                    credentials=local_pki.agents[node] if local_pki else Credentials(),
-                    backend="simulated",
-                    simulated_model=args.model,
-                    simulated_gpus=args.gpus,
-                    faults_file=faults_dir / f"{node}.yaml",
-                    seed=n,
-                )
-                for n, node in enumerate(nodes)
-            ]
+            for n, address in enumerate(addresses)
+        ]
+        reachable = [_local_address(address) for address in addresses]
+        agents = [
+            AgentSettings(
+                node=node,
+                # Spread over the coordinators, each agent failing over to the others.
+                coordinators=tuple(
+                    reachable[n % len(reachable) :] + reachable[: n % len(reachable)]
+                ),
+                credentials=local_pki.agents[node] if local_pki else Credentials(),
+                backend="simulated",
+                simulated_model=args.model,
+                simulated_gpus=args.gpus,
+                faults_file=faults_dir / f"{node}.yaml",
+                seed=n,
+            )
+            for n, node in enumerate(nodes)
+        ]
+        try:
+            for member in cluster:
+                shutil.rmtree(member.data_dir, ignore_errors=True)
+            start_cluster(cluster)
+            for n, coordinator in enumerate(coordinators):
+                coordinator.start()
+                assert coordinator.pid is not None
+                (state_dir / f"coordinator-{n}.pid").write_text(str(coordinator.pid))
             asyncio.run(
-                _serve_local_cluster(settings, agents, args, etcd, faults_dir, local_pki=local_pki)
+                _serve_local_cluster(
+                    LocalCluster(args, cluster, coordinators, metrics_ports, faults_dir, local_pki),
+                    agents,
+                )
             )
         finally:
-            etcd.stop()
+            for coordinator in coordinators:  # all at once, then a wait for each
+                if coordinator.alive():
+                    coordinator.send(signal.SIGTERM)
+            for n, coordinator in enumerate(coordinators):
+                if coordinator.process is not None:
+                    coordinator.stop()
+                (state_dir / f"coordinator-{n}.pid").unlink(missing_ok=True)
+            stop_cluster(cluster)
             tracing.shutdown()
 
 
-async def _serve_local_cluster(
-    settings: CoordinatorSettings,
-    agent_settings: list[AgentSettings],
-    args: argparse.Namespace,
-    etcd: LocalEtcd,
-    faults_dir: Path,
-    *,
-    local_pki: LocalPki | None,
-) -> None:
-    """The coordinator and the simulated agents in one event loop, until Ctrl-C."""
-    coordinator = Coordinator(settings)
-    agents = [NodeAgent(one) for one in agent_settings]
+@dataclass(frozen=True, slots=True)
+class LocalCluster:
+    """What `up` started, for the banner."""
+
+    args: argparse.Namespace
+    etcd: list[LocalEtcd]
+    coordinators: list[CoordinatorProcess]
+    metrics_ports: list[int]
+    faults_dir: Path
+    local_pki: LocalPki | None
+
+
+async def _serve_local_cluster(cluster: LocalCluster, agent_settings: list[AgentSettings]) -> None:
+    """The simulated agents in this process once every coordinator serves, until Ctrl-C
+    or SIGTERM."""
     stop = asyncio.Event()
-    running: list[asyncio.Task[None]] = []
-    ports = [start_preferring(coordinator.metrics, METRICS_HOST, METRICS_PORT)]
-    ports += [
-        start_preferring(agent.metrics, METRICS_HOST, METRICS_PORT + 1 + n)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    held = cluster.local_pki.admin if cluster.local_pki else None
+
+    async def all_serving() -> None:
+        await asyncio.gather(*(one.wait_serving(held=held) for one in cluster.coordinators))
+
+    async def stopped() -> None:
+        await stop.wait()
+
+    waiting = asyncio.ensure_future(all_serving())
+    signalled = asyncio.ensure_future(stopped())
+    await asyncio.wait((waiting, signalled), return_when=asyncio.FIRST_COMPLETED)
+    if signalled.done():
+        waiting.cancel()
+        return
+    await waiting  # raises with the log of a coordinator that did not start
+    agents = [NodeAgent(one) for one in agent_settings]
+    first_port = METRICS_PORT + len(cluster.coordinators)
+    ports = [
+        start_preferring(agent.metrics, METRICS_HOST, first_port + n)
         for n, agent in enumerate(agents)
     ]
-
-    def ready() -> None:
-        running.extend(asyncio.create_task(agent.run(stop)) for agent in agents)
-        _print_next_steps(args, etcd, faults_dir, ports, local_pki)
-
+    running = [asyncio.create_task(agent.run(stop)) for agent in agents]
     try:
-        await coordinator.run(on_ready=ready)
+        _print_next_steps(cluster, ports)
+        await signalled
     finally:
         stop.set()
         await asyncio.gather(*running, return_exceptions=True)
-        for agent in agents:  # also those that never ran
+        for agent in agents:
             agent.metrics.stop()
-        coordinator.metrics.stop()
 
 
 @contextlib.contextmanager
@@ -239,60 +344,76 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
 
 
-def _stop_leftover_etcd(pid_path: Path, data_dir: Path) -> None:
-    """Stops an etcd that an earlier `up` left running (it was killed before cleaning up)."""
+def _stop_leftovers(state_dir: Path) -> None:
+    """Stops the etcd members and coordinators an earlier `up` on this state directory left
+    running (it was killed before cleaning up), found by their pid files."""
+    for pid_path in state_dir.glob("etcd*.pid"):
+        _stop_if_running(pid_path, f"--data-dir={state_dir}/etcd".encode())
+    for pid_path in state_dir.glob("coordinator-*.pid"):
+        _stop_if_running(pid_path, b"kaiwo_gpu.cli.main\0coordinator\0")
+
+
+def _stop_if_running(pid_path: Path, marker: bytes) -> None:
+    """SIGTERM to the pid in `pid_path` if its command line holds `marker` (so a recycled
+    pid is left alone), and a wait of up to 5 s for it to go."""
     try:
         pid = int(pid_path.read_text())
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
+        pid_path.unlink(missing_ok=True)
         return
-    if f"--data-dir={data_dir}".encode() in command:
+    if marker in command:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         for _ in range(100):
             if not Path(f"/proc/{pid}").exists():
                 break
             time.sleep(0.05)
+    pid_path.unlink(missing_ok=True)
 
 
-def _print_next_steps(
-    args: argparse.Namespace,
-    etcd: LocalEtcd,
-    faults_dir: Path,
-    metrics_ports: list[int],
-    local_pki: LocalPki | None,
-) -> None:
-    agents = ", ".join(str(port) for port in metrics_ports[1:])
-    address = _local_address(args.listen)
+def _print_next_steps(cluster: LocalCluster, agent_ports: list[int]) -> None:
+    args, local_pki = cluster.args, cluster.local_pki
+    addresses = [one.address for one in cluster.coordinators]
+    reachable = ",".join(_local_address(address) for address in addresses)
+    metrics = ", ".join(f"http://{METRICS_HOST}:{port}/metrics" for port in cluster.metrics_ports)
+    logs = cluster.coordinators[0].log_path.parent
     if local_pki is None:
         grpcurl = "grpcurl -plaintext"
         security = "Authorization is off (no TLS): every caller may do everything.\n"
+        exports = f"  export KAIWO_GPU_COORDINATOR={reachable}\n"
     else:
         admin = local_pki.admin
         grpcurl = f"grpcurl -cacert {admin.tls_ca} -cert {admin.tls_cert} -key {admin.tls_key}"
-        exports = "".join(
+        exports = f"  export KAIWO_GPU_COORDINATOR={reachable}\n" + "".join(
             f"  export {name}={value}\n" for name, value in admin.environment().items()
         )
         security = (
             f"Mutual TLS between every process (etcd's own CA under "
             f"{local_pki.directory / 'etcd'}): certificates under {local_pki.directory}; you are "
-            f"{local_pki.admin_identity.uri}. From another shell:\n{exports}"
+            f"{local_pki.admin_identity.uri}.\n"
             "A certificate for a user (their own allocations only):\n"
             f"  kaiwo-gpu certs issue --dir {local_pki.directory} --role user alice\n"
             "  # then KAIWO_GPU_TLS_CERT and KAIWO_GPU_TLS_KEY name alice.crt and alice.key\n"
         )
+    plural = "s" if len(addresses) > 1 else ""
     print(
-        f"\nkaiwo-gpu is up: coordinator on {args.listen}, etcd on {etcd.endpoint}, "
+        f"\nkaiwo-gpu is up: coordinator{plural} on {', '.join(addresses)}, "
+        f"etcd on {', '.join(member.endpoint for member in cluster.etcd)}, "
         f"{args.nodes} simulated agents (node-00 ...) with {args.gpus} {args.model} each.\n"
         f"{security}"
-        f"Prometheus metrics: coordinator http://{METRICS_HOST}:{metrics_ports[0]}/metrics, "
-        f"agents on ports {agents} (/metrics).\n"
-        "Try (grpcurl, through server reflection):\n"
-        f"  {grpcurl} {address} kaiwo_gpu.v1.AllocationService/ListNodes\n"
-        f'  {grpcurl} -d \'{{"request": {{"request_id": "try-1", '
-        f'"fraction_millis": 250}}}}\' {address} kaiwo_gpu.v1.AllocationService/Allocate\n'
+        f"Try it from another shell:\n{exports}"
+        "  kaiwo-gpu nodes\n"
+        "  kaiwo-gpu allocate --fraction 0.25 --ttl 10m\n"
+        "  kaiwo-gpu run --any-node --fraction 0.5 -- env   # ROCR_VISIBLE_DEVICES and more\n"
+        "  kaiwo-gpu top\n"
         "Make a simulated GPU overheat (overheat, ecc, vanish or none, by GPU index):\n"
-        f"  echo '0: overheat' > {faults_dir}/node-00.yaml\n"
-        "Ctrl-C stops the agents, the coordinator and etcd.\n",
+        f"  echo '0: overheat' > {cluster.faults_dir}/node-00.yaml\n"
+        f"Prometheus metrics: coordinator{plural} {metrics}; agents on ports "
+        f"{', '.join(str(port) for port in agent_ports)} (/metrics).\n"
+        f"Logs, pid files and etcd data under {logs}.\n"
+        f"(grpcurl works too, through server reflection: {grpcurl} "
+        f"{_local_address(addresses[0])} list)\n"
+        "Ctrl-C stops the agents, the coordinators and etcd.\n",
         flush=True,
     )

@@ -30,11 +30,15 @@ def open_channel(target: str, held: Credentials, options: Options) -> grpc.Chann
     secure = channel_credentials(held)
     if secure is None:
         return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, secure, options=options)
+    return grpc.secure_channel(
+        target, secure, options=[*options, *credentials.tls_name_options(target)]
+    )
 
 
 def open_aio_channel(target: str, held: Credentials, options: Options) -> grpc.aio.Channel:
     secure = channel_credentials(held)
     if secure is None:
         return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, secure, options=options)
+    return grpc.aio.secure_channel(
+        target, secure, options=[*options, *credentials.tls_name_options(target)]
+    )

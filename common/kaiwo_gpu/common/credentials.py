@@ -139,6 +139,20 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def tls_name_options(target: str) -> tuple[tuple[str, str], ...]:
+    """The name TLS checks servers against on a channel over several addresses.
+
+    gRPC checks one name per channel, and for an `ipv4:a:p,b:q` target that is the whole
+    target, which no certificate holds, so no handshake succeeds. The first address is
+    checked instead: each server of the list must hold it in its certificate (a certificate
+    shared by the servers, with all their addresses, does); or name them with one DNS name.
+    """
+    if not target.startswith("ipv4:") or "," not in target:
+        return ()
+    first = target.removeprefix("ipv4:").split(",", 1)[0]
+    return (("grpc.ssl_target_name_override", _host_of(first)),)
+
+
 FileStamp = tuple[tuple[int, int, int] | None, ...]
 
 

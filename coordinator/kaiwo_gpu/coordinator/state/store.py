@@ -178,6 +178,8 @@ class EtcdStore:
             "options": dict(_CHANNEL_OPTIONS),
         }
         tls = check_endpoints(endpoints, security)
+        if tls:  # several members: one name checked for all (credentials.tls_name_options)
+            options["options"].update(credentials.tls_name_options(self.target))
         if self._security.user and not tls and not credentials.is_loopback(self.target):
             raise FailedPreconditionError(
                 f"--etcd-user would send its password to etcd at {self.target} in plaintext: "
