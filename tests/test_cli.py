@@ -57,3 +57,15 @@ def test_console_script_is_installed() -> None:
     assert script.exists(), "install the package (pip install -e .) to get the kaiwo-gpu command"
     result = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("kaiwo-gpu 0.")
+
+
+@pytest.mark.parametrize(("spelling", "kind"), [("time-slicing", "none"), ("mps", "cu-mask")])
+def test_isolation_aliases_are_accepted_as_flags_and_mapped(spelling: str, kind: str) -> None:
+    """Every alias the annotations accept is a flag value too (one table: ISOLATION_ALIASES)."""
+    from kaiwo_gpu.cli.main import build_parser
+    from kaiwo_gpu.cli.request_flags import request_from_flags
+
+    args = build_parser().parse_args(["allocate", "--fraction=0.5", f"--isolation={spelling}"])
+    placed = request_from_flags(args)
+    assert placed.isolation.value == kind
+    assert f"{spelling!r}" in placed.isolation_note

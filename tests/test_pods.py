@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -81,9 +82,183 @@ def test_job_counts_whole_devices_in_device_unit() -> None:
 
 
 def test_same_job_in_milli_unit_is_too_small_and_says_so() -> None:
-    error = refused(load("training-job-devices.yaml"))
+    error = refused(load("training-job-devices.yaml"), amd_gpu_unit=AmdGpuUnit.MILLI)
     assert error.field == "spec.template.spec.containers[0].resources.limits[amd.com/gpu]"
     assert "100-1000 millis" in error.allowed
+
+
+def test_same_job_in_the_default_auto_unit_counts_devices() -> None:
+    req = request("training-job-devices.yaml")
+    assert (req.count, req.fraction_millis) == (2, 1000)
+
+
+def test_kaiwojob_reads_the_jobs_pod_template_and_its_own_annotations() -> None:
+    req = request("kaiwojob.yaml")
+    assert (req.count, req.fraction_millis, req.memory_mib) == (1, 500, 4000)
+    assert req.sharing is True
+    assert req.isolation is Isolation.NONE
+    assert "time-slicing" in req.isolation_note
+    assert req.owner == "research/amd-gpu-fractional-job"
+    assert req.request_id == "k8s:research/kaiwojob/amd-gpu-fractional-job"
+    assert req.labels == (("app", "fractional-job"),)
+
+
+def test_kaiwojob_in_the_proof_of_concepts_shape_asks_the_same() -> None:
+    upstream = load("kaiwojob.yaml")
+    poc: dict[str, Any] = copy.deepcopy(dict(upstream))
+    poc["spec"]["template"] = poc["spec"].pop("job")["spec"]["template"]
+    assert request_from_pod(poc) == request_from_pod(upstream)
+
+
+def test_kaiwoservice_reads_the_deployments_pod_template() -> None:
+    req = request("kaiwoservice.yaml")
+    assert (req.count, req.fraction_millis, req.memory_mib) == (1, 250, 32 * 1024)
+    assert req.request_id == (
+        "k8s:serving/kaiwoservice/vllm-online:7d2e9a41-5b3c-4f10-8e6d-2c9b0a1f3e57"
+    )
+    assert req.labels == (("app", "vllm-online"),)
+    assert req.selector.node_labels == (("amd.com/gpu.product-name", "MI300X"),)
+
+
+def kaiwo(kind: str, **spec: object) -> dict[str, object]:
+    return {"kind": kind, "metadata": {"name": "k", "namespace": "ns"}, "spec": spec}
+
+
+_TEMPLATE = {"spec": {"containers": [{"resources": {"limits": {"amd.com/gpu": 500}}}]}}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "field", "allowed"),
+    [
+        (kaiwo("KaiwoJob", image="rocm/pytorch", entrypoint="python x.py"),
+         "spec.job.spec.template", "spec.job.spec.template or spec.template"),
+        (kaiwo("KaiwoService", image="rocm/vllm"),
+         "spec.deployment.spec.template", "spec.deployment.spec.template or spec.template"),
+        (kaiwo("KaiwoJob", gpus=1, template=_TEMPLATE), "spec.gpus", "0 or unset"),
+        (kaiwo("KaiwoJob", gpusPerReplica=2, replicas=2, template=_TEMPLATE),
+         "spec.gpusPerReplica", "0 or unset"),
+        (kaiwo("KaiwoJob", rayJob={"spec": {"entrypoint": "python x.py"}}), "spec.rayJob",
+         "head and worker pods"),
+        (kaiwo("KaiwoJob", ray=True, template=_TEMPLATE), "spec.ray", "head and worker pods"),
+        (kaiwo("KaiwoService", ray={"serveConfigV2": "applications: []"}), "spec.ray",
+         "head and worker pods"),
+        (kaiwo("KaiwoService", type="Ray", deployment={"spec": {"template": _TEMPLATE}}),
+         "spec.type", "head and worker pods"),
+        (kaiwo("KaiwoService", aim={"model": "meta/llama-3-8b"}), "spec.aim", "AIM"),
+        (kaiwo("KaiwoJob", template=_TEMPLATE, job={"spec": {"template": _TEMPLATE}}),
+         "spec.template", "not both"),
+        (kaiwo("KaiwoJob", job="batch/v1 Job", template=_TEMPLATE), "spec.job", "a mapping"),
+        ({"kind": "KaiwoJob", "metadata": {"name": "k"}, "spec": []}, "spec", "a mapping"),
+    ],
+)  # fmt: skip
+def test_kaiwo_shapes_without_one_readable_pod_template_name_the_field(
+    manifest: dict[str, object], field: str, allowed: str
+) -> None:
+    error = refused(manifest)
+    assert error.field == field
+    assert allowed in error.allowed
+
+
+def test_kaiwo_shapes_kaiwo_does_not_size_are_fine() -> None:
+    req = request_from_pod(kaiwo("KaiwoJob", gpus=0, ray=False, replicas=3, template=_TEMPLATE))
+    assert (req.count, req.fraction_millis) == (1, 500)
+    service = kaiwo("KaiwoService", type="deployment", deployment={"spec": {"template": _TEMPLATE}})
+    assert request_from_pod(service).fraction_millis == 500
+
+
+def test_kaiwo_annotations_on_the_object_and_the_template_must_agree() -> None:
+    manifest = load("kaiwojob.yaml")
+    broken = copy.deepcopy(dict(manifest))
+    template = broken["spec"]["job"]["spec"]["template"]  # type: ignore[index]
+    template["metadata"]["annotations"] = {"kaiwo.ai/gpu-fraction": "0.25"}
+    error = refused(broken)
+    assert error.field == "metadata.annotations[kaiwo.ai/gpu-fraction]"
+    assert "'0.25', as spec.job.spec.template.metadata.annotations says" in error.allowed
+    template["metadata"]["annotations"] = {"kaiwo.ai/gpu-fraction": "0.5"}
+    assert request_from_pod(broken).fraction_millis == 500
+
+
+def with_gpu(*amounts: object) -> dict[str, object]:
+    containers = [{"resources": {"limits": {"amd.com/gpu": amount}}} for amount in amounts]
+    return pod(containers=containers)
+
+
+@pytest.mark.parametrize(
+    ("amounts", "fraction", "expected"),
+    [
+        ((1,), "0.5", (1, 500)),
+        (("2",), "0.5", (2, 500)),
+        ((1,), None, (1, 1000)),
+        ((64,), None, (64, 1000)),
+        ((1, 1), "0.3", (2, 300)),
+        ((100,), None, (1, 100)),
+        (("500",), None, (1, 500)),
+        ((500,), "0.5", (1, 500)),
+        ((250, 250), None, (1, 500)),
+        ((2000,), None, (2, 1000)),
+    ],
+)
+def test_auto_unit_reads_below_100_as_devices_and_the_rest_as_millis(
+    amounts: tuple[object, ...], fraction: str | None, expected: tuple[int, int]
+) -> None:
+    manifest = with_gpu(*amounts)
+    if fraction is not None:
+        manifest["metadata"] = {"name": "p", "annotations": {"kaiwo.ai/gpu-fraction": fraction}}
+    req = request_from_pod(manifest)
+    assert (req.count, req.fraction_millis) == expected
+
+
+def test_auto_unit_refuses_what_neither_reading_takes() -> None:
+    error = refused(with_gpu(99))
+    assert error.field == "spec.containers[0].resources.limits[amd.com/gpu]"
+    assert "1-64 devices" in error.allowed
+    assert "below 100 as devices" in error.allowed
+    assert "below 100 as devices" in refused(with_gpu(1500)).allowed
+    assert "1-64 devices" in refused(with_gpu(40, 40)).allowed  # 80 devices for the pod
+
+
+def test_auto_unit_refuses_devices_and_millis_in_one_pod() -> None:
+    error = refused(with_gpu(1, 500))
+    assert error.field == "spec.containers[1].resources.limits[amd.com/gpu]"
+    assert "an amount in devices, as spec.containers[0] gives" in error.allowed
+
+
+def test_a_fraction_contradicting_a_milli_amount_is_still_refused_in_auto() -> None:
+    manifest = with_gpu(500)
+    manifest["metadata"] = {"name": "p", "annotations": {"kaiwo.ai/gpu-fraction": "0.25"}}
+    assert refused(manifest).field == "annotation kaiwo.ai/gpu-fraction"
+
+
+@pytest.mark.parametrize(
+    ("amount", "unit", "expected"),
+    [
+        (500, AmdGpuUnit.MILLI, (1, 500)),
+        (2000, AmdGpuUnit.MILLI, (2, 1000)),
+        (1, AmdGpuUnit.MILLI, "100-1000 millis"),
+        (99, AmdGpuUnit.MILLI, "100-1000 millis"),
+        (1, AmdGpuUnit.DEVICE, (1, 1000)),
+        (99, AmdGpuUnit.DEVICE, "1-64 devices"),
+        (500, AmdGpuUnit.DEVICE, "1-64 devices"),
+    ],
+)
+def test_explicit_milli_and_device_units_read_as_before(
+    amount: int, unit: AmdGpuUnit, expected: tuple[int, int] | str
+) -> None:
+    manifest = with_gpu(amount)
+    if isinstance(expected, str):
+        assert expected in refused(manifest, amd_gpu_unit=unit).allowed
+        return
+    req = request_from_pod(manifest, amd_gpu_unit=unit)
+    assert (req.count, req.fraction_millis) == expected
+
+
+def test_a_missing_limit_is_called_missing() -> None:
+    error = refused(load("broken-no-gpu.yaml"))
+    assert str(error).startswith("spec.containers[*].resources.limits[amd.com/gpu]: missing;")
+    request_only = pod(containers=[{"resources": {"requests": {"amd.com/gpu": 500}}}])
+    message = str(refused(request_only))
+    assert message.startswith("spec.containers[0].resources.limits[amd.com/gpu]: missing;")
+    assert "None" not in message
 
 
 def test_node_selector_and_hostname_affinity_become_the_selector() -> None:

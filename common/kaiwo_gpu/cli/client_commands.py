@@ -45,7 +45,7 @@ from kaiwo_gpu.client.support import (
     ClientSettings,
     coordinator_target,
 )
-from kaiwo_gpu.common.annotations import AmdGpuUnit
+from kaiwo_gpu.common.annotations import AUTO_UNIT_RULE, AmdGpuUnit
 from kaiwo_gpu.common.errors import InvalidArgumentError, KaiwoGpuError, described
 from kaiwo_gpu.v1 import types_pb2
 
@@ -148,8 +148,9 @@ def add_client_parsers(commands: Subcommands) -> None:
         "--amd-gpu-unit",
         metavar="UNIT",
         type=flags.one_of("amd.com/gpu unit", [u.value for u in AmdGpuUnit]),
-        default=os.environ.get(AMD_GPU_UNIT_VARIABLE, AmdGpuUnit.MILLI.value),
-        help=f"what one amd.com/gpu means: milli | device (${AMD_GPU_UNIT_VARIABLE})",
+        default=os.environ.get(AMD_GPU_UNIT_VARIABLE, AmdGpuUnit.AUTO.value),
+        help="what one amd.com/gpu means: auto (the default), milli or device; "
+        f"{AUTO_UNIT_RULE} (${AMD_GPU_UNIT_VARIABLE})",
     )
     _answer_flags(allocate, OutputFormat.ENV)
 

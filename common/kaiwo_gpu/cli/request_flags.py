@@ -19,7 +19,13 @@ from kaiwo_gpu.cli import flags
 from kaiwo_gpu.client.support import new_request_id
 from kaiwo_gpu.common.annotations import AmdGpuUnit
 from kaiwo_gpu.common.errors import InvalidArgumentError
-from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest, Selector
+from kaiwo_gpu.common.models import (
+    ISOLATION_ALIASES,
+    MAX_TTL_SECONDS,
+    AllocationRequest,
+    Isolation,
+    Selector,
+)
 from kaiwo_gpu.common.request_builder import build_request
 from kaiwo_gpu.common.units import parse_fraction_millis, parse_memory_mib
 
@@ -81,8 +87,13 @@ def add_allocation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--isolation",
         metavar="KIND",
-        type=flags.one_of("isolation", ("none", "cu-mask", "partition", "exclusive", "mps")),
-        help="none | cu-mask | partition | exclusive (mps is mapped to cu-mask)",
+        type=flags.one_of("isolation", (*(kind.value for kind in Isolation), *ISOLATION_ALIASES)),
+        help=" | ".join(kind.value for kind in Isolation)
+        + " ("
+        + ", ".join(
+            f"{alias} is mapped to {to.value}" for alias, (to, _) in ISOLATION_ALIASES.items()
+        )
+        + ")",
     )
     group.add_argument(
         "--no-sharing", action="store_true", help="nobody else may share the GPUs granted"

@@ -1,9 +1,11 @@
 """Kaiwo pod annotations and the `amd.com/gpu` resource, read into the shape of a request.
 
 `kaiwo.ai/gpu-fraction`, `kaiwo.ai/gpu-memory` (MiB), `kaiwo.ai/gpu-sharing` and
-`kaiwo.ai/gpu-isolation` map 1:1 onto request fields. `amd.com/gpu` counts millis by default
-(500 = half a GPU); clusters that also run the ROCm device plugin, which counts whole
-devices under the same name, set the unit to `device`.
+`kaiwo.ai/gpu-isolation` map 1:1 onto request fields. `amd.com/gpu` is read in the `auto`
+unit by default: below 100 it counts devices (each at the annotation's fraction, or whole),
+from 100 on millis (500 = half a GPU). Neither reading can take the other's amounts (no
+share is under 100 millis, no node has 100 GPUs), so `auto` never guesses; `milli` and
+`device` pin one reading.
 """
 
 from __future__ import annotations
@@ -33,10 +35,25 @@ _FALSE = frozenset({"false", "no", "0", "off"})
 
 
 class AmdGpuUnit(StrEnum):
-    """What one unit of `amd.com/gpu` means on this cluster."""
+    """What one unit of `amd.com/gpu` means on this cluster; `auto` tells by the amount."""
 
+    AUTO = "auto"
     MILLI = "milli"
     DEVICE = "device"
+
+
+AUTO_UNIT_RULE = (
+    f"the auto unit reads amounts below {MIN_FRACTION_MILLIS} as devices and the rest as millis"
+)
+_MILLI_AMOUNTS = (
+    f"{MIN_FRACTION_MILLIS}-{MILLIS_PER_GPU} millis (one GPU) or a multiple of {MILLIS_PER_GPU} "
+    f"up to {MAX_GPUS_PER_REQUEST * MILLIS_PER_GPU} (whole GPUs)"
+)
+_AMOUNTS: Mapping[AmdGpuUnit, str] = {
+    AmdGpuUnit.MILLI: _MILLI_AMOUNTS,
+    AmdGpuUnit.DEVICE: f"1-{MAX_GPUS_PER_REQUEST} devices",
+    AmdGpuUnit.AUTO: f"1-{MAX_GPUS_PER_REQUEST} devices, or {_MILLI_AMOUNTS} ({AUTO_UNIT_RULE})",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,37 +77,52 @@ def parse_bool(value: str, field: str) -> bool:
     raise InvalidArgumentError(field, value, "true or false")
 
 
-def parse_amd_gpu(value: str | int, unit: AmdGpuUnit) -> tuple[int, int]:
-    """Returns (count, millis per GPU) for an `amd.com/gpu` quantity in the given unit."""
+def resolve_amd_gpu_unit(amount: int, unit: AmdGpuUnit) -> AmdGpuUnit:
+    """The unit an `amd.com/gpu` amount is in: `auto` reads below 100 as devices (a share
+    is never under 100 millis) and 100 or more as millis (a node never has 100 GPUs)."""
+    if unit is not AmdGpuUnit.AUTO:
+        return unit
+    return AmdGpuUnit.DEVICE if amount < MIN_FRACTION_MILLIS else AmdGpuUnit.MILLI
+
+
+def read_amd_gpu(value: str | int, unit: AmdGpuUnit) -> tuple[int, AmdGpuUnit]:
+    """A valid `amd.com/gpu` quantity as a whole number and the unit it is in (never auto)."""
     field = f"resource {AMD_GPU_RESOURCE}"
     text = str(value).strip() if isinstance(value, str | int) and value is not True else ""
     if not (text.isascii() and text.isdigit()) or int(text) == 0:
         raise InvalidArgumentError(field, value, "a positive whole number (extended resources)")
     amount = int(text)
+    resolved = resolve_amd_gpu_unit(amount, unit)
+    if resolved is AmdGpuUnit.DEVICE:
+        valid = amount <= MAX_GPUS_PER_REQUEST
+    else:
+        whole, rest = divmod(amount, MILLIS_PER_GPU)
+        valid = MIN_FRACTION_MILLIS <= amount <= MILLIS_PER_GPU or (
+            rest == 0 and whole <= MAX_GPUS_PER_REQUEST
+        )
+    if not valid:
+        raise InvalidArgumentError(field, value, _AMOUNTS[unit])
+    return amount, resolved
+
+
+def _count_and_millis(amount: int, unit: AmdGpuUnit) -> tuple[int, int]:
+    """(count, millis per GPU) of an amount that read_amd_gpu found valid in `unit`."""
     if unit is AmdGpuUnit.DEVICE:
-        if amount > MAX_GPUS_PER_REQUEST:
-            raise InvalidArgumentError(field, value, f"1-{MAX_GPUS_PER_REQUEST} devices")
         return amount, MILLIS_PER_GPU
     if amount <= MILLIS_PER_GPU:
-        if amount < MIN_FRACTION_MILLIS:
-            raise InvalidArgumentError(
-                field, value, f"{MIN_FRACTION_MILLIS}-{MILLIS_PER_GPU} millis, or whole GPUs x 1000"
-            )
         return 1, amount
-    if amount % MILLIS_PER_GPU or amount // MILLIS_PER_GPU > MAX_GPUS_PER_REQUEST:
-        raise InvalidArgumentError(
-            field,
-            value,
-            f"{MIN_FRACTION_MILLIS}-{MILLIS_PER_GPU} millis (one GPU) or a multiple of 1000 "
-            f"up to {MAX_GPUS_PER_REQUEST * MILLIS_PER_GPU} (whole GPUs)",
-        )
     return amount // MILLIS_PER_GPU, MILLIS_PER_GPU
+
+
+def parse_amd_gpu(value: str | int, unit: AmdGpuUnit) -> tuple[int, int]:
+    """Returns (count, millis per GPU) for an `amd.com/gpu` quantity in the given unit."""
+    return _count_and_millis(*read_amd_gpu(value, unit))
 
 
 def parse_gpu_annotations(
     annotations: Mapping[str, str],
     amd_gpu: str | int | None = None,
-    amd_gpu_unit: AmdGpuUnit = AmdGpuUnit.MILLI,
+    amd_gpu_unit: AmdGpuUnit = AmdGpuUnit.AUTO,
 ) -> RequestShape:
     """Reads the Kaiwo annotations and an optional `amd.com/gpu` amount into a RequestShape.
 
@@ -125,8 +157,9 @@ def parse_gpu_annotations(
 
     count = 1
     if amd_gpu is not None:
-        count, resource_millis = parse_amd_gpu(amd_gpu, amd_gpu_unit)
-        whole_devices = amd_gpu_unit is AmdGpuUnit.DEVICE or count > 1
+        amount, unit = read_amd_gpu(amd_gpu, amd_gpu_unit)
+        count, resource_millis = _count_and_millis(amount, unit)
+        whole_devices = unit is AmdGpuUnit.DEVICE or count > 1
         if fraction is None:
             fraction = resource_millis
         elif not whole_devices and fraction != resource_millis:
@@ -135,7 +168,7 @@ def parse_gpu_annotations(
                 annotations[GPU_FRACTION],
                 f"the same share as {AMD_GPU_RESOURCE}: {amd_gpu} ({resource_millis} millis)",
             )
-        elif count > 1 and amd_gpu_unit is AmdGpuUnit.MILLI:
+        elif count > 1 and unit is AmdGpuUnit.MILLI:
             raise InvalidArgumentError(
                 f"annotation {GPU_FRACTION}",
                 annotations[GPU_FRACTION],

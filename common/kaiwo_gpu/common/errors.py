@@ -45,12 +45,16 @@ class KaiwoGpuError(Exception):
 
 
 class InvalidArgumentError(KaiwoGpuError):
-    """A field of a request is out of range or malformed; the message names field and range."""
+    """A field of a request is out of range or malformed; the message names field and range.
+
+    A `value` of None is a field that was not given, and the message says "missing".
+    """
 
     status_code = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, value: object, allowed: str) -> None:
-        super().__init__(f"{field}: {quoted(value)} is not allowed; expected {allowed}")
+        found = "missing" if value is None else f"{quoted(value)} is not allowed"
+        super().__init__(f"{field}: {found}; expected {allowed}")
         self.field = field
         self.value = value
         self.allowed = allowed

@@ -53,6 +53,11 @@ ISOLATION_ALIASES: Mapping[str, tuple[Isolation, str]] = {
         "isolation 'mps' is not available on AMD GPUs; mapped to 'cu-mask' "
         "(disjoint compute units through HSA_CU_MASK)",
     ),
+    "time-slicing": (
+        Isolation.NONE,
+        "isolation 'time-slicing' is how AMD GPUs share without isolation; mapped to 'none' "
+        "(time-shared, accounting only)",
+    ),
 }
 
 

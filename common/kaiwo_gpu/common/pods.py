@@ -1,39 +1,71 @@
 """Kubernetes manifests read into an AllocationRequest, so a pod spec can be the request itself.
 
-A Pod, or the pod template of a workload, gives the GPU amount (`amd.com/gpu` and the Kaiwo
-annotations), the labels and where the pod may land (nodeSelector, nodeName, required node
-affinity). Whatever a Selector cannot express is an error naming the manifest path, never a
-silent approximation. Pure: callers read the file and pass its text.
+A Pod, or the pod template of a workload (Kubernetes' or Kaiwo's KaiwoJob and KaiwoService),
+gives the GPU amount (`amd.com/gpu` and the Kaiwo annotations), the labels and where the pod
+may land (nodeSelector, nodeName, required node affinity). Whatever a Selector cannot express
+is an error naming the manifest path, never a silent approximation. Pure: callers read the
+file and pass its text.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import yaml
 
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.annotations import (
     AMD_GPU_RESOURCE,
+    AUTO_UNIT_RULE,
     AmdGpuUnit,
-    parse_amd_gpu,
     parse_gpu_annotations,
+    read_amd_gpu,
 )
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Selector, freeze_labels
 
-# Where each kind keeps the pod template, as keys from the manifest's root.
-POD_TEMPLATE_KEYS: Mapping[str, tuple[str, ...]] = {
-    "Pod": (),
-    "Deployment": ("spec", "template"),
-    "StatefulSet": ("spec", "template"),
-    "ReplicaSet": ("spec", "template"),
-    "DaemonSet": ("spec", "template"),
-    "Job": ("spec", "template"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+# Where each kind keeps the pod template, as keys from the manifest's root; where a kind has
+# two spellings, a manifest gives one of them.
+POD_TEMPLATE_KEYS: Mapping[str, tuple[tuple[str, ...], ...]] = {
+    "Pod": ((),),
+    "Deployment": (("spec", "template"),),
+    "StatefulSet": (("spec", "template"),),
+    "ReplicaSet": (("spec", "template"),),
+    "DaemonSet": (("spec", "template"),),
+    "Job": (("spec", "template"),),
+    "CronJob": (("spec", "jobTemplate", "spec", "template"),),
+    # kaiwo.silogen.ai/v1alpha1. Upstream (github.com/silogen/kaiwo, apis/kaiwo/v1alpha1/
+    # kaiwojob_types.go and kaiwoservice_types.go) nests a batchv1.Job at spec.job and a
+    # Deployment (later a DeploymentSpec, at .spec either way) at spec.deployment; the
+    # proof-of-concept's CRDs (github.com/Yu-amd/kaiwo-PoC, config/crd/bases/
+    # kaiwo.silogen.ai_kaiwojobs-simple.yaml and _kaiwoservices-simple.yaml) use spec.template.
+    "KaiwoJob": (("spec", "job", "spec", "template"), ("spec", "template")),
+    "KaiwoService": (("spec", "deployment", "spec", "template"), ("spec", "template")),
 }
+# Kaiwo users annotate the Kaiwo object itself, so its kaiwo.ai annotations count as its pods'.
+KAIWO_KINDS = frozenset({"KaiwoJob", "KaiwoService"})
+_KAIWO_RAY = (
+    "a Job or Deployment pod template instead: Kaiwo runs a Ray workload as head and worker "
+    "pods from several templates; pass each group's pod template as a Pod"
+)
+_KAIWO_GPUS = (
+    f"0 or unset: Kaiwo sets every container's {AMD_GPU_RESOURCE} from it, which kaiwo-gpu "
+    f"does not model; give each pod's amount as {AMD_GPU_RESOURCE} in the pod template's "
+    "container limits or with the kaiwo.ai/gpu-* annotations"
+)
+# Kaiwo fields (upstream common_types.go, kaiwojob_types.go, kaiwoservice_types.go and the AIM
+# docs) by which Kaiwo builds or sizes the pods itself, so no pod template says how much.
+_KAIWO_POD_BUILDERS: Mapping[str, str] = {
+    "ray": _KAIWO_RAY,
+    "rayJob": _KAIWO_RAY,
+    "rayService": _KAIWO_RAY,
+    "aim": "a Deployment pod template instead: an AIM service's pods come from its template",
+    "gpus": _KAIWO_GPUS,
+    "gpusPerReplica": _KAIWO_GPUS,
+}
+_KAIWO_BUILT_TYPES = frozenset({"ray", "aim"})
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 NODE_NAME_FIELD = "metadata.name"
 _KAIWO_GPU_PREFIX = "kaiwo.ai/gpu-"
@@ -65,9 +97,9 @@ def load_manifest(text: str, source: str = "manifest") -> Mapping[str, object]:
         raise InvalidArgumentError(f"{source} line {line}", shown, allowed) from None
     except yaml.YAMLError as error:  # e.g. bytes that are not text: one line all the same
         problem = " ".join(str(error).split())
-        raise InvalidArgumentError(source, None, f"valid YAML ({problem})") from None
+        raise InvalidArgumentError(source, text, f"valid YAML ({problem})") from None
     except RecursionError:
-        raise InvalidArgumentError(source, None, "YAML nested less deeply") from None
+        raise InvalidArgumentError(source, text, "YAML nested less deeply") from None
     if len(documents) != 1:
         allowed = "exactly one document (split a multi-document file and pass each part)"
         raise InvalidArgumentError(source, f"{len(documents)} YAML documents", allowed)
@@ -77,7 +109,7 @@ def load_manifest(text: str, source: str = "manifest") -> Mapping[str, object]:
 def request_from_pod(
     manifest: Mapping[str, object],
     *,
-    amd_gpu_unit: AmdGpuUnit = AmdGpuUnit.MILLI,
+    amd_gpu_unit: AmdGpuUnit = AmdGpuUnit.AUTO,
     request_id: str | None = None,
 ) -> AllocationRequest:
     """The request one pod of `manifest` (a Pod or a workload with a pod template) makes."""
@@ -88,10 +120,7 @@ def request_from_pod(
     metadata = _mapping(root.get("metadata"), "metadata")
     namespace, name, uid = _identity(metadata)
 
-    template, prefix = root, ""
-    for key in POD_TEMPLATE_KEYS[kind]:
-        prefix = f"{prefix}.{key}" if prefix else key
-        template = _mapping(template.get(key), prefix)
+    template, prefix = _pod_template(root, kind)
     pod_meta_path = f"{prefix}.metadata" if prefix else "metadata"
     pod_metadata = _mapping(template.get("metadata"), pod_meta_path) if prefix else metadata
     spec_path = f"{prefix}.spec" if prefix else "spec"
@@ -100,11 +129,18 @@ def request_from_pod(
     annotations = _gpu_annotations(pod_metadata, pod_meta_path)
     if prefix:
         for key, value in _gpu_annotations(metadata, "metadata").items():
-            if annotations.get(key) != value:
-                allowed = f"it on {pod_meta_path}.annotations: pods get only the template's"
+            on_pods = annotations.get(key)
+            if kind in KAIWO_KINDS and on_pods is None:
+                annotations[key] = value
+            elif on_pods != value:
+                allowed = (
+                    f"{on_pods!r}, as {pod_meta_path}.annotations says (or only one of them)"
+                    if kind in KAIWO_KINDS
+                    else f"it on {pod_meta_path}.annotations: pods get only the template's"
+                )
                 raise InvalidArgumentError(f"metadata.annotations[{key}]", value, allowed)
-    amd_gpu = _pod_amd_gpu(spec, spec_path, amd_gpu_unit)
-    shape = parse_gpu_annotations(annotations, amd_gpu, amd_gpu_unit)
+    amd_gpu, unit = _pod_amd_gpu(spec, spec_path, amd_gpu_unit)
+    shape = parse_gpu_annotations(annotations, amd_gpu, unit)
     labels_path = f"{pod_meta_path}.labels"
     labels = freeze_labels(_mapping(pod_metadata.get("labels"), labels_path), labels_path)
     selector = _selector(spec, spec_path)
@@ -123,6 +159,59 @@ def request_from_pod(
             field = f"{spec_path}.containers[*].resources.limits[{AMD_GPU_RESOURCE}]"
             raise InvalidArgumentError(field, None, _NEEDS_GPU) from None
         raise
+
+
+def _pod_template(root: Mapping[str, object], kind: str) -> tuple[Mapping[str, object], str]:
+    """The pod template of `root` and its manifest path ('' for a Pod, which is its own)."""
+    shapes = POD_TEMPLATE_KEYS[kind]
+    if kind in KAIWO_KINDS:
+        _refuse_kaiwo_built_pods(_mapping(root.get("spec"), "spec"))
+    given = [keys for keys in shapes if _reaches(root, keys)]
+    if len(given) > 1:
+        for keys in given:
+            _walk(root, keys)  # a malformed one is the error to name
+        first, second = (".".join(keys) for keys in given[:2])
+        allowed = f"one pod template: {first} or {second}, not both"
+        raise InvalidArgumentError(second, "a second pod template", allowed)
+    if not given and kind in KAIWO_KINDS:
+        spellings = " or ".join(".".join(keys) for keys in shapes)
+        allowed = (
+            f"a pod template at {spellings}: without one, Kaiwo builds the pod from "
+            "spec.image and spec.entrypoint, and kaiwo-gpu cannot see its GPU amount"
+        )
+        raise InvalidArgumentError(".".join(shapes[0]), None, allowed)
+    keys = given[0] if given else shapes[0]
+    return _walk(root, keys), ".".join(keys)
+
+
+def _reaches(root: Mapping[str, object], keys: tuple[str, ...]) -> bool:
+    """Whether the manifest gives something at `keys` (a non-mapping on the way counts)."""
+    node: object = root
+    for key in keys:
+        if not isinstance(node, Mapping):
+            return node is not None
+        node = node.get(key)
+    return node is not None
+
+
+def _walk(root: Mapping[str, object], keys: tuple[str, ...]) -> Mapping[str, object]:
+    node, path = root, ""
+    for key in keys:
+        path = f"{path}.{key}" if path else key
+        node = _mapping(node.get(key), path)
+    return node
+
+
+def _refuse_kaiwo_built_pods(spec: Mapping[str, object]) -> None:
+    """Kaiwo fields that have Kaiwo build or size the pods, which no pod template then says."""
+    for key, allowed in _KAIWO_POD_BUILDERS.items():
+        value = spec.get(key)
+        if value not in (None, False, 0):
+            raise InvalidArgumentError(f"spec.{key}", value, allowed)
+    workload_type = spec.get("type")
+    if isinstance(workload_type, str) and workload_type.lower() in _KAIWO_BUILT_TYPES:
+        allowed = _KAIWO_POD_BUILDERS[workload_type.lower()]
+        raise InvalidArgumentError("spec.type", workload_type, allowed)
 
 
 def _mapping(value: object, path: str, *, required: bool = False) -> Mapping[str, object]:
@@ -181,70 +270,95 @@ def _gpu_annotations(metadata: Mapping[str, object], path: str) -> dict[str, str
     return kaiwo
 
 
-def _gpu_amount(value: object, path: str, unit: AmdGpuUnit) -> int | None:
-    """A container's `amd.com/gpu` in the unit's own amounts (millis or devices); 0 is none."""
-    if value is None:
-        return None
-    if (type(value) is int and value == 0) or value == "0":
-        return 0
+def _gpu_amount(value: object, path: str, unit: AmdGpuUnit) -> tuple[int, AmdGpuUnit]:
+    """A container's `amd.com/gpu` in its unit's own amounts and that unit; 0 is none."""
+    if value is None or (type(value) is int and value == 0) or value == "0":
+        return 0, unit
     try:
-        count, millis = parse_amd_gpu(value, unit)  # type: ignore[arg-type]  # it judges any
+        return read_amd_gpu(value, unit)  # type: ignore[arg-type]  # it judges any value
     except InvalidArgumentError as error:
         raise InvalidArgumentError(path, value, error.allowed) from None
-    return count if unit is AmdGpuUnit.DEVICE else count * millis
 
 
-def _container_gpu(item: object, path: str, unit: AmdGpuUnit) -> tuple[int, Mapping[str, object]]:
+@dataclass(frozen=True, slots=True)
+class _ContainerGpu:
+    path: str
+    amount: int  # in `unit`, the configured one with `auto` resolved
+    unit: AmdGpuUnit
+    restart_policy: object
+
+
+def _container_gpu(item: object, path: str, unit: AmdGpuUnit) -> _ContainerGpu:
     container = _mapping(item, path, required=True)
     resources = _mapping(container.get("resources"), f"{path}.resources")
     limits = _mapping(resources.get("limits"), f"{path}.resources.limits")
     requests = _mapping(resources.get("requests"), f"{path}.resources.requests")
     limit_path = f"{path}.resources.limits[{AMD_GPU_RESOURCE}]"
     request_path = f"{path}.resources.requests[{AMD_GPU_RESOURCE}]"
-    limit = _gpu_amount(limits.get(AMD_GPU_RESOURCE), limit_path, unit)
-    request = _gpu_amount(requests.get(AMD_GPU_RESOURCE), request_path, unit)
-    if request is not None and request != limit:
-        allowed = (
-            f"the same amount as requests[{AMD_GPU_RESOURCE}] ({requests[AMD_GPU_RESOURCE]!r}): "
-            "Kubernetes requires a limit equal to the request for extended resources"
-        )
-        raise InvalidArgumentError(limit_path, limits.get(AMD_GPU_RESOURCE), allowed)
-    return limit or 0, container
+    limit, resolved = _gpu_amount(limits.get(AMD_GPU_RESOURCE), limit_path, unit)
+    if requests.get(AMD_GPU_RESOURCE) is not None:
+        request, _ = _gpu_amount(requests[AMD_GPU_RESOURCE], request_path, unit)
+        if request != limit or limits.get(AMD_GPU_RESOURCE) is None:
+            allowed = (
+                f"the same amount as requests[{AMD_GPU_RESOURCE}] "
+                f"({requests[AMD_GPU_RESOURCE]!r}): Kubernetes requires a limit equal to the "
+                "request for extended resources"
+            )
+            raise InvalidArgumentError(limit_path, limits.get(AMD_GPU_RESOURCE), allowed)
+    return _ContainerGpu(path, limit, resolved, container.get("restartPolicy"))
 
 
-def _pod_amd_gpu(spec: Mapping[str, object], spec_path: str, unit: AmdGpuUnit) -> int | None:
-    """The pod's effective `amd.com/gpu`, by Kubernetes' rule, including native sidecars."""
+def _pod_unit(gpus: list[_ContainerGpu], unit: AmdGpuUnit) -> AmdGpuUnit:
+    """The one unit the containers' amounts are in; `auto` may not read them in two."""
+    asking = [gpu for gpu in gpus if gpu.amount]
+    for gpu in asking[1:]:
+        if gpu.unit is not asking[0].unit:
+            allowed = (
+                f"an amount in {asking[0].unit.value}s, as {asking[0].path} gives "
+                f"({AUTO_UNIT_RULE}; set the unit to say which)"
+            )
+            field = f"{gpu.path}.resources.limits[{AMD_GPU_RESOURCE}]"
+            raise InvalidArgumentError(field, gpu.amount, allowed)
+    return asking[0].unit if asking else unit
+
+
+def _pod_amd_gpu(
+    spec: Mapping[str, object], spec_path: str, unit: AmdGpuUnit
+) -> tuple[int | None, AmdGpuUnit]:
+    """The pod's effective `amd.com/gpu` and its unit, by Kubernetes' rule, with sidecars."""
     containers_path = f"{spec_path}.containers"
     containers = _sequence(spec.get("containers"), containers_path)
     if not containers:
         raise InvalidArgumentError(containers_path, None, "a list of at least one container")
-    running = sum(
-        _container_gpu(item, f"{containers_path}[{i}]", unit)[0]
-        for i, item in enumerate(containers)
-    )
-    sidecars = peak = 0
     init_path = f"{spec_path}.initContainers"
-    for i, item in enumerate(_sequence(spec.get("initContainers"), init_path)):
-        amount, container = _container_gpu(item, f"{init_path}[{i}]", unit)
-        restart = container.get("restartPolicy")
-        if restart == "Always":
-            sidecars += amount
+    main = [
+        _container_gpu(item, f"{containers_path}[{i}]", unit) for i, item in enumerate(containers)
+    ]
+    init = [
+        _container_gpu(item, f"{init_path}[{i}]", unit)
+        for i, item in enumerate(_sequence(spec.get("initContainers"), init_path))
+    ]
+    pod_unit = _pod_unit(main + init, unit)
+    sidecars = peak = 0
+    for gpu in init:
+        if gpu.restart_policy == "Always":
+            sidecars += gpu.amount
             peak = max(peak, sidecars)
-        elif restart is None:
-            peak = max(peak, sidecars + amount)
+        elif gpu.restart_policy is None:
+            peak = max(peak, sidecars + gpu.amount)
         else:
-            field = f"{init_path}[{i}].restartPolicy"
-            raise InvalidArgumentError(field, restart, "Always (a sidecar) or unset")
-    total = max(running + sidecars, peak)
+            field = f"{gpu.path}.restartPolicy"
+            raise InvalidArgumentError(field, gpu.restart_policy, "Always (a sidecar) or unset")
+    total = max(sum(gpu.amount for gpu in main) + sidecars, peak)
     if total == 0:
-        return None
+        return None, pod_unit
     try:
-        parse_amd_gpu(total, unit)
+        read_amd_gpu(total, pod_unit)
     except InvalidArgumentError as error:
         field = f"{containers_path}[*].resources.limits[{AMD_GPU_RESOURCE}]"
         allowed = f"{error.allowed}, for the pod: containers + sidecars, or an init container"
         raise InvalidArgumentError(field, total, allowed) from None
-    return total
+    return total, pod_unit
 
 
 def _check_node_names(names: frozenset[str], path: str) -> None:
