@@ -487,6 +487,22 @@ async def test_run_withdraws_what_it_placed_when_signalled_during_allocate() -> 
     assert fake.release_calls == 1, err
 
 
+async def test_run_on_a_host_that_is_no_node_says_so_and_what_to_pass(running: Running) -> None:
+    """Issue 16: a laptop against `kaiwo-gpu up` heard only "do not match the selector"."""
+    laptop = {"KAIWO_GPU_NODE": "laptop"}
+    code, _, err = await cli(running, "run", "--fraction=0.5", "--", "true", env=laptop)
+    assert code != 0
+    assert "this host (laptop, from $KAIWO_GPU_NODE or the host name) is not a node" in err
+    assert "node-a, node-b" in err  # the known nodes, by name
+    assert "--node NAME" in err
+    assert "--any-node" in err
+    # On a node of the cluster a refusal is only the coordinator's reason.
+    full = {"KAIWO_GPU_NODE": "node-a"}
+    code, _, err = await cli(running, "run", "--fraction=1", "--count=8", "--", "true", env=full)
+    assert code != 0
+    assert "is not a node" not in err
+
+
 async def test_run_reports_a_missing_command(running: Running) -> None:
     code, _, err = await cli(
         running, "run", "--any-node", "--fraction", "0.25", "--", "no-such-cmd"

@@ -24,7 +24,8 @@ from kaiwo_gpu.client.support import (
     with_lease,
     workload_environment,
 )
-from kaiwo_gpu.common.errors import KaiwoGpuError, described
+from kaiwo_gpu.common import names
+from kaiwo_gpu.common.errors import KaiwoGpuError, NoCapacityError, described
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.units import format_fraction
 
@@ -36,6 +37,7 @@ EXIT_NOT_FOUND = 127
 RELEASE_TIMEOUT_S = 10.0
 # Withdrawing an allocation placed while a signal stopped `run` gets this long.
 WITHDRAW_TIMEOUT_S = 5.0
+MAX_NODES_NAMED = 8
 
 
 def add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,7 +98,13 @@ def run_command(args: argparse.Namespace) -> int:
             pinned = () if args.any_node or args.node else (local_node(),)
             request = with_lease(request_from_flags(args, default_nodes=pinned), DEFAULT_HELD_TTL_S)
             with Client(settings=settings) as client:
-                return _hold_and_run(client, request, argv, supervisor, args, placed=placed)
+                try:
+                    return _hold_and_run(client, request, argv, supervisor, args, placed=placed)
+                except NoCapacityError as error:
+                    say(described(error))
+                    if pinned and (hint := _not_a_node(client, pinned[0])):
+                        say(hint)
+                    return exit_code(error)
         except Interrupted as stop:
             say(f"stopped by {signal.Signals(stop.signum).name}")
             if request is not None and not placed:  # stopped inside the allocate call
@@ -108,6 +116,25 @@ def run_command(args: argparse.Namespace) -> int:
         except KaiwoGpuError as error:
             say(described(error))
             return exit_code(error)
+
+
+def _not_a_node(client: Client, node: str) -> str | None:
+    """Why a share pinned to this host was refused when the host is no node of the
+    cluster (a laptop against `kaiwo-gpu up`, a login node): None when it is one."""
+    try:
+        known = sorted(one.name for one in client.nodes())
+    except KaiwoGpuError:
+        return None
+    if node in known:
+        return None
+    shown = ", ".join(names.escaped(name) for name in known[:MAX_NODES_NAMED]) or "none"
+    if len(known) > MAX_NODES_NAMED:
+        shown += f" and {len(known) - MAX_NODES_NAMED} more"
+    return (
+        f"this host ({node}, from ${NODE_VARIABLE} or the host name) is not a node of this "
+        f"cluster, whose nodes are {shown}: pass --node NAME to pick one, or --any-node to "
+        "let the coordinator choose"
+    )
 
 
 def _hold_and_run(
