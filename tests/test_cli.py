@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kaiwo_gpu.cli.main import main
+from kaiwo_gpu.cli.main import build_parser, main
+from kaiwo_gpu.cli.request_flags import request_from_flags
 
 
 def test_demo_places_and_summarises(capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,9 +63,6 @@ def test_console_script_is_installed() -> None:
 @pytest.mark.parametrize(("spelling", "kind"), [("time-slicing", "none"), ("mps", "cu-mask")])
 def test_isolation_aliases_are_accepted_as_flags_and_mapped(spelling: str, kind: str) -> None:
     """Every alias the annotations accept is a flag value too (one table: ISOLATION_ALIASES)."""
-    from kaiwo_gpu.cli.main import build_parser
-    from kaiwo_gpu.cli.request_flags import request_from_flags
-
     args = build_parser().parse_args(["allocate", "--fraction=0.5", f"--isolation={spelling}"])
     placed = request_from_flags(args)
     assert placed.isolation.value == kind
