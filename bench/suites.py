@@ -66,6 +66,9 @@ SUITES: Mapping[str, Suite] = {
             "a /metrics scrape of a full cluster, and Allocate while it is scraped",
         ),
         Suite(
+            "startup", "bench.startup", "start-up time of kaiwo-gpu commands against bare python"
+        ),
+        Suite(
             "etcd-space",
             "bench.etcd_space",
             "etcd bytes an allocate+release pair leaves, against bare puts of its keys",

@@ -19,9 +19,6 @@ from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import MAX_TTL_SECONDS, AllocationRequest, Isolation, freeze_labels
 from kaiwo_gpu.common.units import parse_duration_s
-from kaiwo_gpu.coordinator.settings import ENVIRONMENT
-from kaiwo_gpu.coordinator.state.keys import KeyLayout
-from kaiwo_gpu.coordinator.state.store import parse_endpoints
 
 T = TypeVar("T")
 
@@ -91,14 +88,28 @@ def one_of(what: str, choices: Iterable[str]) -> Callable[[str], str]:
     return convert
 
 
+# The coordinator's modules (and aetcd under them) are imported where a coordinator's flag
+# is parsed, not when this module is: a client command's start-up does not pay for them.
+
+
 def split_endpoints(text: str) -> tuple[str, ...]:
+    from kaiwo_gpu.coordinator.state.store import parse_endpoints
+
     endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
     parse_endpoints(endpoints)
     return endpoints
 
 
 endpoints = checked(split_endpoints)
-prefix = checked(lambda text: KeyLayout(text).prefix)
+
+
+def key_prefix(text: str) -> str:
+    from kaiwo_gpu.coordinator.state.keys import KeyLayout
+
+    return KeyLayout(text).prefix
+
+
+prefix = checked(key_prefix)
 
 
 def strategy_name(text: str) -> str:
@@ -130,9 +141,14 @@ def env_flag(
     *,
     default: str | None = None,
     parse: Callable[[str], object] = str,
-    environment: Mapping[str, str] = ENVIRONMENT,
+    environment: Mapping[str, str] | None = None,
 ) -> None:
-    """A flag whose default comes from its KAIWO_GPU_* variable; both go through `parse`."""
+    """A flag whose default comes from its KAIWO_GPU_* variable; both go through `parse`.
+    The variable is looked up in `environment`, by default the coordinator's table."""
+    if environment is None:
+        from kaiwo_gpu.coordinator.settings import ENVIRONMENT
+
+        environment = ENVIRONMENT
     variable = environment[flag.removeprefix("--").replace("-", "_")]
     shown = "; default %(default)s" if default is not None else ""
     parser.add_argument(

@@ -8,13 +8,16 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
-from importlib import metadata
-from typing import NoReturn, cast
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from kaiwo_gpu.common.errors import KaiwoGpuError, described
 from kaiwo_gpu.common.gpu_models import GPU_MODELS
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -43,27 +46,33 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _version() -> str:
+    from importlib import metadata  # ~25 ms: only `--version` pays for it
+
     try:
         return metadata.version("kaiwo-gpu")
     except metadata.PackageNotFoundError:
         return "unknown (not installed)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
+class _VersionAction(argparse.Action):
+    """argparse's version action, but the version is read when asked for, not on every run."""
 
-    parser = OneLineParser(
-        prog="kaiwo-gpu",
-        description="Fractional GPU allocation for AMD GPU clusters.",
-        epilog="exit status of the client commands: 0 ok, 1 other error, 2 bad flag or "
-        "request, 3 not found, 4 no capacity, 5 coordinator unavailable or timed out, "
-        "6 request id reused or conflict, 130 interrupted; `run` exits with its command's.",
-    )
-    parser.add_argument("--version", action="version", version=f"kaiwo-gpu {_version()}")
-    commands = cast(
-        "argparse._SubParsersAction[argparse.ArgumentParser]",
-        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
-    )
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"kaiwo-gpu {_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
+def _add_offline_parsers(commands: Subcommands) -> None:
+    from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, DEFAULT_STRATEGY
 
     demo = commands.add_parser(
         "demo",
@@ -78,22 +87,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--strategy", choices=sorted(BUILTIN_STRATEGIES), default=DEFAULT_STRATEGY)
     demo.add_argument("--requests", type=_positive, default=40)
     demo.add_argument("--seed", type=int, default=1)
-
     commands.add_parser("strategies", help="list the placement strategies")
-    from kaiwo_gpu.cli.serve import add_agent_parser, add_coordinator_parser
-    from kaiwo_gpu.cli.up import add_up_parser
 
-    add_coordinator_parser(commands)
-    add_agent_parser(commands)
-    add_up_parser(commands)
-    from kaiwo_gpu.cli.certs import add_certs_parser
 
-    add_certs_parser(commands)
-    from kaiwo_gpu.cli.client_commands import add_client_parsers
-    from kaiwo_gpu.cli.run import add_run_parser
+# The module and function that add each command's parser, in the order --help lists them.
+# Only the module a command line names is imported: a client command, `run` in a Slurm task
+# or `--version` does not pay for the imports of the coordinator, the agent and `up`.
+PARSER_ADDERS: Mapping[str, tuple[str, str]] = {
+    "demo": (__name__, "_add_offline_parsers"),
+    "strategies": (__name__, "_add_offline_parsers"),
+    "coordinator": ("kaiwo_gpu.cli.serve", "add_coordinator_parser"),
+    "agent": ("kaiwo_gpu.cli.serve", "add_agent_parser"),
+    "up": ("kaiwo_gpu.cli.up", "add_up_parser"),
+    "certs": ("kaiwo_gpu.cli.certs", "add_certs_parser"),
+    **dict.fromkeys(
+        sorted(CLIENT_COMMANDS), ("kaiwo_gpu.cli.client_commands", "add_client_parsers")
+    ),
+    "run": ("kaiwo_gpu.cli.run", "add_run_parser"),
+}
 
-    add_client_parsers(commands)
-    add_run_parser(commands)
+
+def _adders_for(argv: Sequence[str] | None) -> list[tuple[str, str]]:
+    """The parser adders a command line needs: its command's alone, none for `--version`,
+    and all of them for `--help`, no command or one that does not exist (whose error lists
+    the commands)."""
+    every = list(dict.fromkeys(PARSER_ADDERS.values()))
+    if argv is None:
+        return every
+    for word in argv:
+        if word == "--version":
+            return []
+        if not word.startswith("-"):
+            return [PARSER_ADDERS[word]] if word in PARSER_ADDERS else every
+        if word in ("-h", "--help"):
+            return every
+    return every
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `kaiwo-gpu` parser: every command, or only what `argv` needs (see _adders_for)."""
+    parser = OneLineParser(
+        prog="kaiwo-gpu",
+        description="Fractional GPU allocation for AMD GPU clusters.",
+        epilog="exit status of the client commands: 0 ok, 1 other error, 2 bad flag or "
+        "request, 3 not found, 4 no capacity, 5 coordinator unavailable or timed out, "
+        "6 request id reused or conflict, 130 interrupted; `run` exits with its command's.",
+    )
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
+    commands = cast(
+        "Subcommands", parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    )
+    for module, function in _adders_for(argv):
+        getattr(importlib.import_module(module), function)(commands)
     return parser
 
 
@@ -114,7 +159,7 @@ def _client_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     except KeyboardInterrupt:  # Ctrl-C while the parser's imports load
         return EXIT_INTERRUPTED
     if args.command in CLIENT_COMMANDS or args.command == "run":
@@ -124,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Only the client library's warnings (a failed renewal), and on stderr: stdout is
         # the command's (run) or the answer's (-o json).
-        configure_logging("console", logging.WARNING)
+        configure_logging("console", logging.WARNING, deferred=True)
         from kaiwo_gpu.common import tracing
 
         tracing.quiet_exporter_logs()

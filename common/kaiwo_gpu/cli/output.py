@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-import yaml
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from kaiwo_gpu.common.errors import InvalidArgumentError
@@ -31,7 +29,13 @@ class OutputFormat(StrEnum):
     ENV = "env"  # KEY=value lines of an allocation's environment
 
 
+# json_format and yaml are imported by the outputs that use them: a table or `-o env` (a
+# Slurm task's) does not pay their ~15 ms of start-up.
+
+
 def message_data(message: Message) -> dict[str, Any]:
+    from google.protobuf import json_format
+
     return json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
@@ -43,6 +47,8 @@ def structured(data: object, output: OutputFormat, *, stream: bool = False) -> s
     """JSON (one compact line per item when streaming) or YAML (a document per item)."""
     if output is OutputFormat.JSON:
         return json.dumps(data, separators=(",", ":")) if stream else json.dumps(data, indent=2)
+    import yaml
+
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     return f"---\n{text.rstrip()}" if stream else text.rstrip()
 

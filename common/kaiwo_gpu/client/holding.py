@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-import structlog
-
 from kaiwo_gpu.client.lease import Lease, Lose, Renew, RenewalStep
 from kaiwo_gpu.client.support import quietly
+from kaiwo_gpu.common import logs
 from kaiwo_gpu.common.errors import FailedPreconditionError, KaiwoGpuError
 from kaiwo_gpu.v1 import types_pb2
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 
 class Holding:

@@ -1,19 +1,45 @@
 """Logging set-up for entry points: structlog, JSON for machines or console for people.
 
-Only entry points call `configure_logging`; library modules just `structlog.get_logger()`.
+Only entry points call `configure_logging`. Server modules just `structlog.get_logger()`;
+the modules a client command imports use `get_logger` here, which imports structlog when a
+line is first logged: with rich installed, `import structlog` costs a client command about
+a fifth of its start-up, and most client commands never log a line.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING, Any, cast
 
-import structlog
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
-from kaiwo_gpu.common import tracing
+_pending: list[tuple[str, int]] = []
+"""The set-up `configure_logging(..., deferred=True)` asked for, until a line is logged."""
 
 
-def configure_logging(log_format: str = "console", level: int = logging.INFO) -> None:
+def configure_logging(
+    log_format: str = "console", level: int = logging.INFO, *, deferred: bool = False
+) -> None:
+    """structlog's processors and renderer, and the standard library's logging, at `level`.
+
+    `deferred`: structlog is set up (and imported) only when a `get_logger` logger first
+    logs, so a command that logs nothing does not import it.
+    """
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    if deferred:
+        _pending[:] = [(log_format, level)]
+        return
+    _pending.clear()
+    _configure_structlog(log_format, level)
+
+
+def _configure_structlog(log_format: str, level: int) -> None:
+    import structlog
+
+    from kaiwo_gpu.common import tracing
+
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
@@ -32,4 +58,27 @@ def configure_logging(log_format: str = "console", level: int = logging.INFO) ->
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+
+
+class _DeferredLogger:
+    """structlog's logger for `name`, looked up (and structlog imported) on first use."""
+
+    __slots__ = ("_logger", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logger: Any = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._logger is None:
+            import structlog
+
+            if _pending:
+                _configure_structlog(*_pending.pop())
+            self._logger = structlog.get_logger(self._name)
+        return getattr(self._logger, attribute)
+
+
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A structlog logger that costs no import until it logs (see the module's docstring)."""
+    return cast("FilteringBoundLogger", _DeferredLogger(name))

@@ -22,9 +22,9 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
-import structlog
+from kaiwo_gpu.common import logs
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 COORDINATOR_SERVICE = "kaiwo-gpu-coordinator"
 AGENT_SERVICE = "kaiwo-gpu-agent"
