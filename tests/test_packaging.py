@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 import kaiwo_gpu
 from kaiwo_gpu.cli.main import build_parser
@@ -72,18 +71,16 @@ def test_the_wheel_has_kaiwo_gpu_as_its_only_top_level_package(tmp_path: Path) -
 
 
 def test_the_shipped_deployments_run_commands_the_cli_accepts() -> None:
-    """docker-compose, the DaemonSet and the systemd units must not drift from the flags."""
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    commands = [
-        service["command"] for service in compose["services"].values() if "build" in service
+    """Every systemd unit must not drift from the flags (docker-compose.yml, the Dockerfiles
+    and the Kubernetes manifests: tests/test_compose.py, tests/test_dockerfiles.py and
+    tests/test_kubernetes_manifests.py)."""
+    units = sorted((REPO / "deploy/systemd").glob("kaiwo-gpu-*.service"))
+    assert [unit.name for unit in units] == [
+        "kaiwo-gpu-agent.service",
+        "kaiwo-gpu-coordinator.service",
     ]
-    daemonset = yaml.safe_load((REPO / "deploy/kubernetes/agent-daemonset.yaml").read_text())
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-    commands.append(container["args"])
-    for unit in ("kaiwo-gpu-agent.service", "kaiwo-gpu-coordinator.service"):
-        text = (REPO / "deploy/systemd" / unit).read_text()
-        (start,) = [line for line in text.splitlines() if line.startswith("ExecStart=")]
-        commands.append(start.split()[1:])
-    assert len(commands) == 6
-    for command in commands:
-        build_parser().parse_args(command)  # exits 2 on an unknown or bad flag
+    for unit in units:
+        (start,) = [line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
+        # exits 2 on an unknown or bad flag
+        args = build_parser().parse_args(start.split()[1:])
+        assert unit.name == f"kaiwo-gpu-{args.command}.service"
