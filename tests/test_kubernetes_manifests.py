@@ -28,9 +28,10 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
@@ -77,6 +78,18 @@ FIELD_VALUES = {"spec.nodeName": "gpu-node-07", "metadata.name": "kaiwo-gpu-etcd
 """What the downward API would give, for the parser to check."""
 PROBE_HOST = "127.0.0.1"
 CLIENT_LABEL = {"kaiwo-gpu/client": "true"}
+CLIENT_NAMESPACE_LABEL = {"kaiwo-gpu/clients": "true"}
+"""What an admin puts on a namespace whose labelled pods may call the coordinator: a pod's
+own label is anyone's to set who can create one."""
+HOST_PATH_TYPES = {"/dev/kfd": "CharDevice", "/dev/dri": "Directory"}
+"""Without a type a missing device is bind-mounted as a new empty directory, and amdsmi
+fails inside the pod instead of the pod failing to start."""
+ETCD_LISTENERS = {
+    "listen-client-urls": "client",
+    "listen-peer-urls": "peer",
+    "listen-metrics-urls": "metrics",
+}
+"""Each etcd listen flag and the container port (probes and Services name it) it serves."""
 PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
 
 KUSTOMIZATION_KEYS = frozenset(
@@ -382,6 +395,51 @@ def test_every_volume_names_an_object_of_its_namespace(name: str) -> None:
             assert wanted in present, f"{name_of(workload)} mounts {wanted}, not in {namespace}"
 
 
+@pytest.mark.parametrize("name", [*WITH_SERVICES, "etcd"])
+def test_a_group_readable_secret_is_readable_by_its_pod(name: str) -> None:
+    """A Secret whose files others may not read (0440) is read through the group, which
+    the kubelet makes fsGroup: it must be the group the pod runs as."""
+    checked = 0
+    objects = render(name)
+    for workload, container in containers(objects):
+        pod = pod_spec(workload).get("securityContext", {})
+        runs_as = pod | container.get("securityContext", {})
+        if runs_as.get("runAsUser") == 0:
+            continue  # root reads it whatever its mode
+        volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            # (a StatefulSet's claims are not among its volumes)
+            secret = volumes.get(mount["name"], {}).get("secret")
+            if secret is None:
+                continue
+            modes = {secret.get("defaultMode", 0o644)}
+            modes |= {i["mode"] for i in secret.get("items", []) if "mode" in i}
+            for mode in (m for m in modes if not m & 0o004):
+                where = f"{name_of(workload)}/{container['name']}: {oct(mode)}"
+                assert mode & 0o040, f"{where}: only root can read it"
+                assert pod.get("fsGroup") is not None, f"{where}: owned by root's group"
+                assert pod["fsGroup"] == runs_as.get("runAsGroup"), where
+                checked += 1
+    assert checked or name == "etcd", "the coordinator's TLS Secret is mode 0440"
+
+
+@pytest.mark.parametrize("name", [*WITH_SERVICES, "etcd"])
+def test_the_scrape_annotations_name_the_metrics_port(name: str) -> None:
+    """(Each metrics listener is tied to the `metrics` port elsewhere: the CLI's
+    --metrics-listen in test_the_services_run_what_the_cli_accepts, etcd's
+    --listen-metrics-urls in test_the_etcd_example_is_three_members_the_coordinators_reach.)"""
+    annotated = 0
+    for workload in (w for w in render(name) if w["kind"] in WORKLOADS):
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        if "prometheus.io/port" not in annotations:
+            assert annotations.get("prometheus.io/scrape") != "true", name_of(workload)
+            continue
+        declared = [container_port(c, "metrics") for c in pod_spec(workload)["containers"]]
+        assert int(annotations["prometheus.io/port"]) in declared, name_of(workload)
+        annotated += 1
+    assert annotated or name == "etcd"
+
+
 @pytest.mark.integration  # it runs kubectl
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl (its built-in kustomize) is not on PATH")
 @pytest.mark.parametrize("name", RENDERS)
@@ -489,6 +547,35 @@ def test_the_agents_dial_the_coordinator_service(
 
 
 @pytest.mark.parametrize("name", WITH_SERVICES)
+def test_a_root_agent_sees_the_hosts_processes(name: str) -> None:
+    """Root is there for amdsmi's per-process VRAM, which it reads from /proc: in the pod's
+    own PID namespace it finds only the agent. The Dockerfile's `docker run` advice agrees."""
+    daemonset, agent = workload_with(render(name), "agent")
+    if agent["securityContext"].get("runAsUser") == 0:
+        assert pod_spec(daemonset).get("hostPID") is True, "root without the host's /proc"
+    comment = " ".join(
+        line.lstrip("# ")
+        for line in (REPO / "deploy" / "Dockerfile.agent").read_text().splitlines()
+        if line.startswith("#")
+    )
+    if "--user 0" in comment:
+        assert "--pid=host" in comment, "docker run --user 0 alone sees no other process"
+
+
+@pytest.mark.parametrize("name", WITH_SERVICES)
+def test_every_host_path_is_checked_for_its_type(name: str) -> None:
+    daemonset, agent = workload_with(render(name), "agent")
+    volumes = {v["name"]: v for v in pod_spec(daemonset)["volumes"]}
+    types = {
+        mount["mountPath"]: volumes[mount["name"]]["hostPath"].get("type", "")
+        for mount in agent["volumeMounts"]
+        if "hostPath" in volumes[mount["name"]]
+    }
+    assert all(types.values()), f"a host path without a type: {types}"
+    assert {path: types.get(path) for path in HOST_PATH_TYPES} == HOST_PATH_TYPES
+
+
+@pytest.mark.parametrize("name", WITH_SERVICES)
 def test_the_files_the_services_read_are_mounted(name: str, tmp_path: Path) -> None:
     """Every path a setting or the probe names lies in a volume that holds it: a key of a
     ConfigMap of the render, a key a TLS Secret has, or a directory of the host."""
@@ -569,18 +656,27 @@ def test_disruption_budgets_cover_their_workloads(name: str) -> None:
         assert budget["spec"]["selector"] == workload["spec"]["selector"]
         replicas, floor = workload["spec"]["replicas"], budget["spec"]["minAvailable"]
         assert 1 <= floor < replicas, "a drain could never proceed, or nothing would stay"
+        policy = budget["spec"].get("unhealthyPodEvictionPolicy", "IfHealthyBudget")
         if workload["kind"] == "StatefulSet":
             assert floor > replicas // 2, "etcd must keep its quorum"
+            # A not-ready member still votes: evicting it could take the quorum away.
+            assert policy == "IfHealthyBudget", name_of(budget)
+        else:
+            # Stateless, and NotReady together whenever etcd is away: drains must go on.
+            assert policy == "AlwaysAllow", name_of(budget)
 
 
 @dataclass(frozen=True)
 class Pod:
     namespace: str
     labels: Mapping[str, str]
+    labelled_namespace: Mapping[str, str] = field(default_factory=dict)
+    """The labels an admin put on the pod's namespace."""
 
     @property
     def namespace_labels(self) -> dict[str, str]:
-        return {"kubernetes.io/metadata.name": self.namespace}  # set by Kubernetes itself
+        # kubernetes.io/metadata.name is set by Kubernetes itself
+        return {**self.labelled_namespace, "kubernetes.io/metadata.name": self.namespace}
 
 
 def admitted(objects: list[Object], source: Pod, workload: Object, port: str) -> bool:
@@ -632,13 +728,17 @@ def test_network_policies_admit_only_what_must_reach_each_port() -> None:
     def pod_of(workload: Object) -> Pod:
         return Pod(workload["metadata"]["namespace"], pod_labels(workload))
 
-    client = Pod("ml-jobs", CLIENT_LABEL)
-    stranger = Pod("ml-jobs", {"app": "notebook"})
+    client = Pod("ml-jobs", CLIENT_LABEL, CLIENT_NAMESPACE_LABEL)
+    self_labelled = Pod("scratch", CLIENT_LABEL)  # its own label, in a namespace no admin chose
+    stranger = Pod("ml-jobs", {"app": "notebook"}, CLIENT_NAMESPACE_LABEL)
+    labelled_neighbour = Pod("kaiwo-gpu", CLIENT_LABEL)
     neighbour = Pod("kaiwo-gpu", {"app": "debug-shell"})
     prometheus = Pod(*PROMETHEUS)
     cases = [
         (pod_of(agent), coordinator, "grpc", True),
         (client, coordinator, "grpc", True),
+        (self_labelled, coordinator, "grpc", False),
+        (labelled_neighbour, coordinator, "grpc", False),
         (stranger, coordinator, "grpc", False),
         (neighbour, coordinator, "grpc", False),
         (Pod("ml-jobs", pod_labels(agent)), coordinator, "grpc", False),
@@ -688,6 +788,10 @@ def test_the_etcd_example_is_three_members_the_coordinators_reach(
     assert flags["initial-advertise-peer-urls"] == f"http://$(POD_NAME).{domain}:{peer}"
     assert flags["advertise-client-urls"] == f"http://$(POD_NAME).{domain}:{client}"
     assert environment(container)["POD_NAME"] == FIELD_VALUES["metadata.name"]
+    for flag, port_name in ETCD_LISTENERS.items():
+        (url,) = [urlsplit(u) for u in flags[flag].split(",")]
+        assert url.hostname == "0.0.0.0", f"--{flag}: other pods and the kubelet reach it"
+        assert url.port == container_port(container, port_name), f"--{flag}"
     if name == "etcd":
         quota = build_parser().parse_args(["coordinator"]).etcd_quota
     else:

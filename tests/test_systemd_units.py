@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = sorted((REPO / "deploy" / "systemd").glob("*.service"))
 INSTALLED = "/usr/local/bin/kaiwo-gpu"
 HERE = str(Path(sys.executable).parent / "kaiwo-gpu")
+COORDINATOR_UNIT = REPO / "deploy/systemd/kaiwo-gpu-coordinator.service"
+COORDINATOR_ENV_EXAMPLE = REPO / "deploy/systemd/coordinator.env.example"
+CREDENTIAL = re.compile(r"/run/credentials/([^/\s]+)/([^/\s]+)")
 COORDINATOR_EXPOSURE_AT_MOST = 2.0
 """`systemd-analyze security` scores 0 (locked down) to 10; the coordinator needs only the
 network, so it must stay near the bottom."""
@@ -70,7 +73,7 @@ def test_systemd_analyze_verify_passes_without_a_warning(unit: Path, tmp_path: P
 @pytest.mark.integration
 @needs_systemd_analyze
 def test_the_coordinator_unit_is_locked_down(tmp_path: Path) -> None:
-    unit = _copy_for_here(REPO / "deploy/systemd/kaiwo-gpu-coordinator.service", tmp_path)
+    unit = _copy_for_here(COORDINATOR_UNIT, tmp_path)
     _, printed = _systemd_analyze(
         "security", "--offline=yes", "--no-pager", str(unit), directory=tmp_path
     )
@@ -87,8 +90,43 @@ def test_the_coordinator_environment_file_names_only_real_variables() -> None:
         if isinstance(action, argparse._SubParsersAction)
     ]
     help_text = commands.choices["coordinator"].format_help()
-    example = (REPO / "deploy/systemd/coordinator.env.example").read_text()
+    example = COORDINATOR_ENV_EXAMPLE.read_text()
     names = re.findall(r"^#?(KAIWO_GPU_[A-Z_]+)=", example, flags=re.MULTILINE)
     assert names
     for name in names:
         assert f"${name}" in help_text, name
+
+
+def _settings(lines: list[str], key: str) -> dict[str, bool]:
+    """Each `KEY=value` line's value and whether it is active (not commented out)."""
+    found: dict[str, bool] = {}
+    for line in lines:
+        active = not line.startswith("#")
+        name, equals, value = line.removeprefix("#").partition("=")
+        if equals and re.fullmatch(key, name):
+            found[value] = active
+    return found
+
+
+def test_every_credential_the_environment_file_names_is_loaded() -> None:
+    """A path under /run/credentials exists only if the unit's LoadCredential makes it: an
+    active variable naming one the unit does not load stops the coordinator at start
+    ("cannot read --etcd-key"). A commented one goes with a commented LoadCredential, so
+    that enabling a feature means uncommenting both."""
+    variables = _settings(COORDINATOR_ENV_EXAMPLE.read_text().splitlines(), "KAIWO_GPU_[A-Z_]+")
+    loaded = {
+        value.partition(":")[0]: active
+        for value, active in _settings(
+            COORDINATOR_UNIT.read_text().splitlines(), "LoadCredential"
+        ).items()
+    }
+    named = 0
+    for value, active in variables.items():
+        for unit, credential in CREDENTIAL.findall(value):
+            assert unit == COORDINATOR_UNIT.name, value
+            state = {True: "active", False: "commented out", None: "missing"}
+            assert loaded.get(credential) is active, (
+                f"{value} is {state[active]}, its LoadCredential {state[loaded.get(credential)]}"
+            )
+            named += 1
+    assert named, "the example names the TLS key's credential"
