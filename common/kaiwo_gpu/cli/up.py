@@ -227,6 +227,7 @@ def run_up(args: argparse.Namespace) -> None:
                 None,
                 state_dir / f"coordinator-{n}.log",
                 address=address,
+                pid_path=state_dir / f"coordinator-{n}.pid",
                 extra_args=[
                     f"--strategy={args.strategy}",
                     f"--default-ttl={args.default_ttl}s",
@@ -257,10 +258,8 @@ def run_up(args: argparse.Namespace) -> None:
             for member in cluster:
                 shutil.rmtree(member.data_dir, ignore_errors=True)
             start_cluster(cluster)
-            for n, coordinator in enumerate(coordinators):
+            for coordinator in coordinators:
                 coordinator.start()
-                assert coordinator.pid is not None
-                (state_dir / f"coordinator-{n}.pid").write_text(str(coordinator.pid))
             asyncio.run(
                 _serve_local_cluster(
                     LocalCluster(args, cluster, coordinators, metrics_ports, faults_dir, local_pki),

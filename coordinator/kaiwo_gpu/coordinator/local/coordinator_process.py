@@ -22,6 +22,7 @@ from kaiwo_gpu.common import channels
 from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import UnavailableError
 from kaiwo_gpu.coordinator.local.etcd import free_port
+from kaiwo_gpu.coordinator.local.interrupts import interrupts_held
 
 
 class CoordinatorProcess:
@@ -35,6 +36,7 @@ class CoordinatorProcess:
         python_args: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         address: str | None = None,
+        pid_path: Path | None = None,
     ) -> None:
         self.address = address or f"127.0.0.1:{free_port()}"
         self.args = [
@@ -51,6 +53,8 @@ class CoordinatorProcess:
             *extra_args,
         ]
         self.log_path = log_path
+        self.pid_path = pid_path
+        """Where the pid is written as soon as the process starts (`kaiwo-gpu up`'s)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,7 +65,7 @@ class CoordinatorProcess:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log:
+        with interrupts_held(), self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.args,
                 stdout=log,
@@ -69,6 +73,8 @@ class CoordinatorProcess:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+            if self.pid_path is not None:
+                self.pid_path.write_text(str(self.process.pid))
 
     async def wait_serving(self, timeout_s: float = 30.0, held: Credentials | None = None) -> None:
         """Returns once health says SERVING (asked over TLS with `held`, else plaintext);

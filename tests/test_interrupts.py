@@ -1,0 +1,48 @@
+"""Ctrl-C while `kaiwo-gpu up` starts a child: the child is recorded before the interrupt
+is raised, so it is stopped and its pid file written (a review found etcd members left
+running with no pid file after a Ctrl-C inside Popen)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from kaiwo_gpu.coordinator.local.interrupts import interrupts_held
+
+
+def test_ctrl_c_inside_the_block_is_raised_once_the_block_has_finished() -> None:
+    recorded: list[str] = []
+    before = signal.getsignal(signal.SIGINT)
+
+    def start_and_record() -> None:
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)  # as if it landed inside Popen, after the fork
+            recorded.append("pid file written")
+
+    with pytest.raises(KeyboardInterrupt):
+        start_and_record()
+    assert recorded == ["pid file written"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_block_without_ctrl_c_raises_nothing_and_restores_the_handler() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts_held():
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_outside_the_main_thread_the_block_runs_as_it_is() -> None:
+    outcome: list[object] = []
+
+    def starter() -> None:
+        with interrupts_held():
+            outcome.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    thread.join(10)
+    assert outcome == [signal.getsignal(signal.SIGINT)]
