@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,46 @@ def test_isolation_aliases_are_accepted_as_flags_and_mapped(spelling: str, kind:
     placed = request_from_flags(args)
     assert placed.isolation.value == kind
     assert f"{spelling!r}" in placed.isolation_note
+
+
+ODD_COMMAND_LINES = [
+    ["--help"],
+    ["--he", "run"],
+    ["--hel", "allocate"],
+    ["-h", "run"],
+    ["--", "run"],
+    ["--", "--version"],
+    ["--versio"],
+    ["--version"],
+    ["alloc"],
+    ["foo", "--help"],
+    ["-x", "run"],
+    [],
+    ["run", "--help"],
+    ["allocate", "--fraction", "2"],
+    ["coordinator", "--listen", "nonsense"],
+]
+
+
+@pytest.mark.parametrize("argv", ODD_COMMAND_LINES, ids=" ".join)
+def test_a_parser_built_for_a_command_line_answers_it_as_the_whole_parser_would(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the named command's parser is built (start-up time), which must never change
+    what a command line gets: the same help, version, error and exit status."""
+
+    def answer(parser: argparse.ArgumentParser) -> tuple[object, str, str]:
+        try:
+            parsed: object = vars(parser.parse_args(argv))
+        except SystemExit as exit_:
+            parsed = exit_.code
+        captured = capsys.readouterr()
+        return parsed, captured.out, captured.err
+
+    assert answer(build_parser(argv)) == answer(build_parser())
+
+
+@pytest.mark.parametrize(("spelling", "kind"), [("TIME-SLICING", "none"), (" mps", "cu-mask")])
+def test_the_isolation_flag_reads_a_kind_as_the_annotation_does(spelling: str, kind: str) -> None:
+    args = build_parser().parse_args(["allocate", "--fraction=0.5", f"--isolation={spelling}"])
+    assert request_from_flags(args).isolation.value == kind

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -64,3 +65,35 @@ def test_an_eager_set_up_cancels_a_deferred_one(capsys: pytest.CaptureFixture[st
     (line,) = capsys.readouterr().err.splitlines()
     assert "started" in line
     assert not line.startswith("{")  # the console renderer's, not the deferred JSON one
+
+
+def _log_first(log: structlog.typing.FilteringBoundLogger, start: threading.Barrier) -> None:
+    start.wait(10)
+    log.info("below the level")
+
+
+@pytest.mark.usefixtures("fresh_structlog")
+def test_threads_logging_their_first_lines_at_once_all_wait_for_the_deferred_set_up(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The main thread and a lease-renewal thread may log first together: none of their
+    lines may go out through structlog's defaults (stdout, nothing filtered)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows
+    try:
+        for _ in range(100):
+            structlog.reset_defaults()
+            logs.configure_logging("json", logging.WARNING, deferred=True)
+            loggers = [logs.get_logger(f"kaiwo_gpu.test.{n}") for n in range(4)]
+            start = threading.Barrier(len(loggers))
+
+            threads = [threading.Thread(target=_log_first, args=(log, start)) for log in loggers]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+    finally:
+        sys.setswitchinterval(switch)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ""

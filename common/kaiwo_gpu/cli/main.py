@@ -108,20 +108,15 @@ PARSER_ADDERS: Mapping[str, tuple[str, str]] = {
 
 
 def _adders_for(argv: Sequence[str] | None) -> list[tuple[str, str]]:
-    """The parser adders a command line needs: its command's alone, none for `--version`,
-    and all of them for `--help`, no command or one that does not exist (whose error lists
-    the commands)."""
+    """The parser adders a command line needs: its command's alone when it starts with
+    one, none for `--version`, and all of them otherwise: `--help` (or `--he`, which
+    argparse takes for it), `--`, no command, or one that does not exist (whose error
+    lists the commands)."""
     every = list(dict.fromkeys(PARSER_ADDERS.values()))
-    if argv is None:
-        return every
-    for word in argv:
-        if word == "--version":
-            return []
-        if not word.startswith("-"):
-            return [PARSER_ADDERS[word]] if word in PARSER_ADDERS else every
-        if word in ("-h", "--help"):
-            return every
-    return every
+    if not argv or argv[0] == "--version":
+        return [] if argv else every
+    first = argv[0]
+    return [PARSER_ADDERS[first]] if first in PARSER_ADDERS else every
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

@@ -25,11 +25,18 @@ from kaiwo_gpu.common.models import (
     AllocationRequest,
     Isolation,
     Selector,
+    parse_isolation,
 )
 from kaiwo_gpu.common.request_builder import build_request
 from kaiwo_gpu.common.units import parse_fraction_millis, parse_memory_mib
 
 ttl = flags.duration_within(1, MAX_TTL_SECONDS, "a duration like 90s, 10m or 2h, up to 30d")
+
+
+def _isolation_name(text: str) -> str:
+    """An isolation as the annotation takes it (parse_isolation: aliases, case, spaces)."""
+    parse_isolation(text, "isolation kind")
+    return text
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -87,7 +94,7 @@ def add_allocation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--isolation",
         metavar="KIND",
-        type=flags.one_of("isolation", (*(kind.value for kind in Isolation), *ISOLATION_ALIASES)),
+        type=flags.checked(_isolation_name),
         help=" | ".join(kind.value for kind in Isolation)
         + " ("
         + ", ".join(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 
 _pending: list[tuple[str, int]] = []
 """The set-up `configure_logging(..., deferred=True)` asked for, until a line is logged."""
+_first_use = threading.Lock()
+"""Held while a deferred set-up is applied: a second thread's first line waits for it
+rather than going out through structlog's defaults (stdout, unfiltered)."""
 
 
 def configure_logging(
@@ -28,11 +32,12 @@ def configure_logging(
     logs, so a command that logs nothing does not import it.
     """
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    if deferred:
-        _pending[:] = [(log_format, level)]
-        return
-    _pending.clear()
-    _configure_structlog(log_format, level)
+    with _first_use:
+        if deferred:
+            _pending[:] = [(log_format, level)]
+            return
+        _pending.clear()
+        _configure_structlog(log_format, level)
 
 
 def _configure_structlog(log_format: str, level: int) -> None:
@@ -73,9 +78,10 @@ class _DeferredLogger:
         if self._logger is None:
             import structlog
 
-            if _pending:
-                _configure_structlog(*_pending.pop())
-            self._logger = structlog.get_logger(self._name)
+            with _first_use:
+                if _pending:
+                    _configure_structlog(*_pending.pop())
+                self._logger = structlog.get_logger(self._name)
         return getattr(self._logger, attribute)
 
 
