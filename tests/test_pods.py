@@ -162,6 +162,8 @@ def test_kaiwo_shapes_without_one_readable_pod_template_name_the_field(
 def test_kaiwo_shapes_kaiwo_does_not_size_are_fine() -> None:
     req = request_from_pod(kaiwo("KaiwoJob", gpus=0, ray=False, replicas=3, template=_TEMPLATE))
     assert (req.count, req.fraction_millis) == (1, 500)
+    quoted = request_from_pod(kaiwo("KaiwoJob", gpus="0", template=_TEMPLATE))
+    assert quoted.fraction_millis == 500  # "0" is no GPU, as amd.com/gpu reads it
     service = kaiwo("KaiwoService", type="deployment", deployment={"spec": {"template": _TEMPLATE}})
     assert request_from_pod(service).fraction_millis == 500
 
@@ -408,6 +410,22 @@ def test_broken_manifests_name_the_field_and_what_is_allowed(
     assert field in str(error)
 
 
+def _pod_asking(amount: str) -> dict[str, object]:
+    limits = {"amd.com/gpu": amount}
+    resources = {"limits": limits, "requests": limits}
+    spec = {"containers": [{"resources": resources}]}
+    return {"kind": "Pod", "metadata": {"name": "p"}, "spec": spec}
+
+
+@pytest.mark.parametrize("amount", ["1" * 5000, "1" + "0" * 12])
+def test_an_amd_gpu_amount_of_any_length_is_refused_not_a_traceback(amount: str) -> None:
+    assert "up to 64000" in refused(_pod_asking(amount)).allowed
+
+
+def test_leading_zeros_do_not_make_an_amd_gpu_amount_too_long() -> None:
+    assert request_from_pod(_pod_asking("0" * 30 + "500")).fraction_millis == 500
+
+
 def test_multi_document_yaml_names_the_source() -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         load("broken-multi-document.yaml")
@@ -430,6 +448,7 @@ def test_yaml_syntax_error_names_the_line() -> None:
         ("- a\n- b\n", "a mapping"),
         ("[" * 5000, "nested less deeply"),
         ("a: *b", "undefined alias"),
+        ("a: " + "1" * 5000, "integer string conversion"),  # int() refuses 4,300+ digits
     ],
 )
 def test_load_manifest_refuses_what_is_not_one_object(text: str, allowed: str) -> None:

@@ -49,6 +49,8 @@ _MILLI_AMOUNTS = (
     f"{MIN_FRACTION_MILLIS}-{MILLIS_PER_GPU} millis (one GPU) or a multiple of {MILLIS_PER_GPU} "
     f"up to {MAX_GPUS_PER_REQUEST * MILLIS_PER_GPU} (whole GPUs)"
 )
+_MAX_AMOUNT_DIGITS = 9
+"""Far more digits than any amount allowed has (64,000 millis): longer is refused unread."""
 _AMOUNTS: Mapping[AmdGpuUnit, str] = {
     AmdGpuUnit.MILLI: _MILLI_AMOUNTS,
     AmdGpuUnit.DEVICE: f"1-{MAX_GPUS_PER_REQUEST} devices",
@@ -89,8 +91,10 @@ def read_amd_gpu(value: str | int, unit: AmdGpuUnit) -> tuple[int, AmdGpuUnit]:
     """A valid `amd.com/gpu` quantity as a whole number and the unit it is in (never auto)."""
     field = f"resource {AMD_GPU_RESOURCE}"
     text = str(value).strip() if isinstance(value, str | int) and value is not True else ""
-    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+    if not (text.isascii() and text.isdigit()) or not text.strip("0"):  # none, or zero
         raise InvalidArgumentError(field, value, "a positive whole number (extended resources)")
+    if len(text.lstrip("0")) > _MAX_AMOUNT_DIGITS:  # int() of 5,000 digits is an error
+        raise InvalidArgumentError(field, value, _AMOUNTS[unit])
     amount = int(text)
     resolved = resolve_amd_gpu_unit(amount, unit)
     if resolved is AmdGpuUnit.DEVICE:

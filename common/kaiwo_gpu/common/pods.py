@@ -100,6 +100,9 @@ def load_manifest(text: str, source: str = "manifest") -> Mapping[str, object]:
         raise InvalidArgumentError(source, text, f"valid YAML ({problem})") from None
     except RecursionError:
         raise InvalidArgumentError(source, text, "YAML nested less deeply") from None
+    except ValueError as error:  # a value YAML's constructors cannot build: 5,000 digits
+        problem = str(error).split(";", 1)[0]  # not Python's hint of sys.set_int_max_str_digits
+        raise InvalidArgumentError(source, text, f"valid YAML ({problem})") from None
     if len(documents) != 1:
         allowed = "exactly one document (split a multi-document file and pass each part)"
         raise InvalidArgumentError(source, f"{len(documents)} YAML documents", allowed)
@@ -206,7 +209,7 @@ def _refuse_kaiwo_built_pods(spec: Mapping[str, object]) -> None:
     """Kaiwo fields that have Kaiwo build or size the pods, which no pod template then says."""
     for key, allowed in _KAIWO_POD_BUILDERS.items():
         value = spec.get(key)
-        if value not in (None, False, 0):
+        if value not in (None, False, 0, "0"):  # "0" as amd.com/gpu's zero: none asked for
             raise InvalidArgumentError(f"spec.{key}", value, allowed)
     workload_type = spec.get("type")
     if isinstance(workload_type, str) and workload_type.lower() in _KAIWO_BUILT_TYPES:
