@@ -1,8 +1,10 @@
 """A single-node Slurm cluster for the tests that run real jobs: Debian's munged, slurmctld
 and slurmd started as root, every path they write under one temporary directory, and
-stopped again (their jobs first). Nothing of the cluster outlives it: the daemons die with
-the test process (`setpriv --pdeathsig`), and stop() kills whatever still carries the
-cluster's SLURM_CONF (a slurmstepd or a job that slurmd left behind) and says so.
+stopped again (their jobs first). stop() kills whatever still carries the cluster's
+SLURM_CONF (a slurmstepd or a job that slurmd left behind) and says so. When the test
+process dies without stop() (SIGKILL), the daemons die with it (`setpriv --pdeathsig`), but
+a slurmstepd, a job, a coordinator started beside the cluster (new_root) and the directory
+stay until the next start(), which kills what names a dead run's directory and removes it.
 
 The node runs deploy/slurm's TaskProlog and Epilog through two-line wrappers that point them
 at the cluster's own slurm.env, the file a site keeps at /etc/kaiwo-gpu/slurm.env; slurmd
@@ -45,6 +47,11 @@ FINISHED_STATES = frozenset(
 """Job states after the Epilog has run: a job whose Epilog still runs is COMPLETING."""
 COMMAND_TIMEOUT_S = 30.0
 POLL_S = 0.2
+ROOT_PREFIX = "kaiwo-slurm-"
+OWNER_FILE = "owner"
+"""In a cluster's directory: the pid and start time of the process it belongs to."""
+UNOWNED_STALE_S = 600.0
+"""A directory without an owner file (from before it had one) is stale after this long."""
 
 
 class SlurmUnavailable(Exception):
@@ -134,6 +141,72 @@ def processes_with(variable: bytes) -> list[int]:
     return found
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), or None when there is none;
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def new_root(parent: Path | None = None) -> Path:
+    """A fresh directory for one cluster (and what runs beside it), marked as this process's."""
+    root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir=parent))
+    # munged wants every directory above its socket searchable by all, which pytest's
+    # tmp_path (under a 0700 directory) is not.
+    root.chmod(0o711)
+    (root / OWNER_FILE).write_text(f"{os.getpid()} {process_start(os.getpid())}\n")
+    return root
+
+
+def stale(root: Path) -> bool:
+    """Whether the process root belongs to is gone: killed before it could stop its cluster."""
+    try:
+        pid, _, started = (root / OWNER_FILE).read_text().strip().partition(" ")
+    except FileNotFoundError:
+        try:
+            return time.time() - root.stat().st_mtime > UNOWNED_STALE_S
+        except OSError:
+            return False
+    except OSError:
+        return False
+    return not pid.isdigit() or process_start(int(pid)) != started
+
+
+def processes_naming(root: Path) -> list[int]:
+    """The processes whose environment has root's SLURM_CONF or whose command line names a
+    path under root."""
+    mark = f"SLURM_CONF={root / 'slurm.conf'}".encode()
+    inside = f"{root}/".encode()
+    found = set(processes_with(mark))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if inside in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def remove_stale_roots(parent: Path | None = None) -> list[int]:
+    """Kills what names a stale cluster directory under parent (the system's temporary
+    directory) and removes the directory; the ids of the processes it killed."""
+    killed = []
+    for root in Path(parent or tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
+        if not root.is_dir() or not stale(root):
+            continue
+        for pid in processes_naming(root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        shutil.rmtree(root, ignore_errors=True)
+    return killed
+
+
 class Daemon:
     """A daemon in the foreground as our child, its output in a log file."""
 
@@ -168,10 +241,7 @@ class SlurmCluster:
 
     def __init__(self, node: NodeSettings, root: Path | None = None) -> None:
         self.node = node
-        # munged wants every directory above its socket searchable by all, which pytest's
-        # tmp_path (under a 0700 directory) is not.
-        self.root = root or Path(tempfile.mkdtemp(prefix="kaiwo-slurm-"))
-        self.root.chmod(0o711)
+        self.root = root or new_root()
         self.conf = self.root / "slurm.conf"
         self.jobs_dir = self.root / "jobs"
         self.munge_socket = self.root / "munge" / "munge.socket"
@@ -276,6 +346,7 @@ class SlurmCluster:
         """Writes the files, starts the daemons and returns once the node is idle; raises
         SlurmUnavailable with the daemons' logs when it is not within timeout_s."""
         deadline = time.monotonic() + timeout_s
+        remove_stale_roots(self.root.parent)
         self._write_files()
         munge = self.root / "munge"
         self._start(

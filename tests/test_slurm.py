@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from kaiwo_gpu.common.grant_variables import CU_MASK, GRANT_VARIABLES
+from kaiwo_gpu.common.names import is_request_id
+from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running
+from tests.fake_coordinator import FlakyCoordinator, serving
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
 TASK_PROLOG = SLURM_DIR / "task-prolog.sh"
@@ -101,9 +105,16 @@ async def epilog(environment: Mapping[str, str]) -> Ran:
 
 
 def task_environment(
-    coordinator: str, job_id: str, node: str = "node-a", **variables: str
+    site: Path | str, job_id: str, node: str = "node-a", **variables: str
 ) -> dict[str, str]:
-    """What a task of job_id on node has: the job's environment plus slurmstepd's additions."""
+    """What a task of job_id on node has: the job's environment plus slurmstepd's additions.
+    `site` is the site's file, which says how to reach the coordinator; a str is instead a
+    coordinator the job's own environment names (which the TaskProlog ignores), for callers
+    that give the site's file as KAIWO_GPU_SLURM_ENV in `variables`."""
+    if isinstance(site, Path):
+        named = {"KAIWO_GPU_SLURM_ENV": str(site)}
+    else:
+        named = {"KAIWO_GPU_COORDINATOR": site, "KAIWO_GPU_SLURM_ENV": "/nonexistent/slurm.env"}
     return {
         "PATH": f"{VENV_BIN}:/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/tmp"),
@@ -112,9 +123,7 @@ def task_environment(
         "SLURM_JOB_PARTITION": "gpu",
         "SLURM_CLUSTER_NAME": "lab",
         "SLURMD_NODENAME": node,
-        "KAIWO_GPU_COORDINATOR": coordinator,
-        "KAIWO_GPU_SLURM_ENV": "/nonexistent/slurm.env",
-        "KAIWO_GPU_TIMEOUT": "10s",
+        **named,
         **variables,
     }
 
@@ -131,11 +140,17 @@ def epilog_environment(env_file: Path, job_id: str, node: str = "node-a") -> dic
     }
 
 
-def site_file(tmp_path: Path, coordinator: str, **extra: str) -> Path:
-    path = tmp_path / "slurm.env"
-    lines = [f"KAIWO_GPU_COORDINATOR={coordinator}", f"KAIWO_GPU_BIN={KAIWO_GPU}"]
-    lines.extend(f"{name}={value}" for name, value in extra.items())
-    path.write_text("\n".join(lines) + "\n")
+def site_file(tmp_path: Path, coordinator: str, name: str = "slurm.env", **settings: str) -> Path:
+    """The site's slurm.env: the coordinator, this checkout's CLI and a 10 s allocate, or
+    what `settings` (NAME=value) say instead."""
+    values = {
+        "KAIWO_GPU_COORDINATOR": coordinator,
+        "KAIWO_GPU_BIN": str(KAIWO_GPU),
+        "KAIWO_GPU_TIMEOUT": "10s",
+        **settings,
+    }
+    path = tmp_path / name
+    path.write_text("".join(f"{variable}={value}\n" for variable, value in values.items()))
     return path
 
 
@@ -181,10 +196,12 @@ def test_scripts_are_executable_posix_sh() -> None:
 
 
 @pytest.mark.integration
-async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Running) -> None:
+async def test_tasks_of_a_job_share_one_allocation_on_their_node(
+    running: Running, tmp_path: Path
+) -> None:
     coordinator = target(running)
     environment = task_environment(
-        coordinator,
+        site_file(tmp_path, coordinator),
         "4242",
         node="node-b",
         SLURM_JOB_USER="alice@example.org",
@@ -203,7 +220,7 @@ async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Runnin
     [allocation] = await listed(coordinator, "slurm/4242")
     assert allocation["id"] == first.exports["KAIWO_GPU_ALLOCATION_ID"]
     assert allocation["node"] == "node-b"
-    assert allocation["request_id"] == "slurm-lab-4242-node-b"
+    assert allocation["request_id"] == "slurm:lab:4242:node-b"
     assert allocation["environment"] == {
         name: value for name, value in first.exports.items() if name in allocation["environment"]
     }
@@ -219,14 +236,14 @@ async def test_tasks_of_a_job_share_one_allocation_on_their_node(running: Runnin
 @pytest.mark.integration
 @pytest.mark.parametrize("isolation", [None, "cu-mask", "mps"])
 async def test_a_step_started_from_a_granted_task_gets_the_same_allocation(
-    running: Running, isolation: str | None
+    running: Running, tmp_path: Path, isolation: str | None
 ) -> None:
     """srun in a batch script inherits the batch task's environment, the grant's included."""
     coordinator = target(running)
     request = {"KAIWO_GPU_FRACTION": "0.25"}
     if isolation is not None:
         request["KAIWO_GPU_ISOLATION"] = isolation
-    batch_environment = task_environment(coordinator, "77", **request)
+    batch_environment = task_environment(site_file(tmp_path, coordinator), "77", **request)
 
     batch = await task_prolog(batch_environment)
     step = await task_prolog(batch.environment(batch_environment))
@@ -239,7 +256,7 @@ async def test_a_step_started_from_a_granted_task_gets_the_same_allocation(
 
 @pytest.mark.integration
 async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
-    running: Running,
+    running: Running, tmp_path: Path
 ) -> None:
     """sbatch from a shell under `kaiwo-gpu run --isolation cu-mask` that asks for a share."""
     coordinator = target(running)
@@ -249,7 +266,9 @@ async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
         "HSA_CU_MASK": "0:0-75",
         "KAIWO_GPU_FRACTION": "0.5",
     }
-    start = await task_prolog(task_environment(coordinator, "5014", **inherited))
+    start = await task_prolog(
+        task_environment(site_file(tmp_path, coordinator), "5014", **inherited)
+    )
     assert start.status == 0, start.printed
     assert start.exports["KAIWO_GPU_ISOLATION"] == "none"
     assert "HSA_CU_MASK" not in start.environment(inherited)
@@ -265,11 +284,11 @@ async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
     ],
 )
 async def test_a_job_that_asks_for_no_share_gets_nothing(
-    running: Running, inherited: dict[str, str]
+    running: Running, tmp_path: Path, inherited: dict[str, str]
 ) -> None:
     coordinator = target(running)
 
-    start = await task_prolog(task_environment(coordinator, "5", **inherited))
+    start = await task_prolog(task_environment(site_file(tmp_path, coordinator), "5", **inherited))
 
     assert start == TaskStart(0)
     assert await listed(coordinator, "slurm/5") == []
@@ -280,9 +299,9 @@ async def test_the_site_file_names_the_coordinator_over_the_job_environment(
     running: Running, tmp_path: Path
 ) -> None:
     environment = task_environment(
-        f"127.0.0.1:{closed_port()}",
+        site_file(tmp_path, target(running)),
         "31",
-        KAIWO_GPU_SLURM_ENV=str(site_file(tmp_path, target(running))),
+        KAIWO_GPU_COORDINATOR=f"127.0.0.1:{closed_port()}",
         KAIWO_GPU_FRACTION="0.5",
     )
 
@@ -296,7 +315,7 @@ async def test_the_site_file_names_the_coordinator_over_the_job_environment(
 async def test_the_epilog_releases_and_can_run_again(running: Running, tmp_path: Path) -> None:
     coordinator = target(running)
     env_file = site_file(tmp_path, coordinator)
-    environment = task_environment(coordinator, "900", KAIWO_GPU_FRACTION="0.5")
+    environment = task_environment(env_file, "900", KAIWO_GPU_FRACTION="0.5")
     assert (await task_prolog(environment)).status == 0
 
     first = await epilog(epilog_environment(env_file, "900"))
@@ -312,45 +331,47 @@ async def test_the_epilog_of_a_heterogeneous_component_releases_the_leaders_shar
     running: Running, tmp_path: Path
 ) -> None:
     """Tasks of every component see the leader's id; the Epilog sees it as SLURM_HET_JOB_ID."""
-    coordinator = target(running)
+    env_file = site_file(tmp_path, target(running))
     assert (
-        await task_prolog(task_environment(coordinator, "700", KAIWO_GPU_FRACTION="1"))
+        await task_prolog(task_environment(env_file, "700", KAIWO_GPU_FRACTION="1"))
     ).status == 0
 
-    ended = await epilog(
-        {**epilog_environment(site_file(tmp_path, coordinator), "701"), "SLURM_HET_JOB_ID": "700"}
-    )
+    ended = await epilog({**epilog_environment(env_file, "701"), "SLURM_HET_JOB_ID": "700"})
 
     assert ended.status == 0, ended.output
-    assert await listed(coordinator, "slurm/700") == []
+    assert await listed(target(running), "slurm/700") == []
 
 
 @pytest.mark.integration
 async def test_a_requeued_job_gets_a_new_allocation(running: Running, tmp_path: Path) -> None:
     """A released request id stays taken for a while; the restart count makes a new one."""
     coordinator = target(running)
-    environment = task_environment(coordinator, "901", KAIWO_GPU_FRACTION="0.5")
+    env_file = site_file(tmp_path, coordinator)
+    environment = task_environment(env_file, "901", KAIWO_GPU_FRACTION="0.5")
     first_run = await task_prolog(environment)
-    released = await epilog(epilog_environment(site_file(tmp_path, coordinator), "901"))
+    released = await epilog(epilog_environment(env_file, "901"))
     assert (first_run.status, released.status) == (0, 0)
 
     second_run = await task_prolog({**environment, "SLURM_RESTART_COUNT": "1"})
 
     assert second_run.status == 0, second_run.printed
     [allocation] = await listed(coordinator, "slurm/901")
-    assert allocation["request_id"] == "slurm-lab-901-r1-node-a"
+    assert allocation["request_id"] == "slurm:lab:901:r1:node-a"
     assert allocation["id"] != first_run.exports["KAIWO_GPU_ALLOCATION_ID"]
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("strict", ["no", "yes"])
 async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
-    running: Running, tmp_path: Path
+    running: Running, tmp_path: Path, strict: str
 ) -> None:
+    """Both Epilogs release at once, racing for the same allocations: neither complains,
+    and neither would drain its node."""
     coordinator = target(running)
-    env_file = site_file(tmp_path, coordinator)
+    env_file = site_file(tmp_path, coordinator, KAIWO_GPU_EPILOG_STRICT=strict)
     starts = await asyncio.gather(
         *(
-            task_prolog(task_environment(coordinator, "12", node=node, KAIWO_GPU_FRACTION="0.5"))
+            task_prolog(task_environment(env_file, "12", node=node, KAIWO_GPU_FRACTION="0.5"))
             for node in ("node-a", "node-b")
         )
     )
@@ -362,7 +383,7 @@ async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
         *(epilog(epilog_environment(env_file, "12", node)) for node in ("node-a", "node-b"))
     )
 
-    assert [end.status for end in ends] == [0, 0], [end.output for end in ends]
+    assert [(end.status, end.output) for end in ends] == [(0, ""), (0, "")]
     assert await listed(coordinator, "slurm/12") == []
 
 
@@ -377,10 +398,12 @@ async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
     ids=["bad-fraction", "no-capacity", "not-under-slurm"],
 )
 async def test_a_request_that_cannot_be_granted_fails_the_task_with_a_printed_reason(
-    running: Running, request_variables: dict[str, str], status: int, reason: str
+    running: Running, tmp_path: Path, request_variables: dict[str, str], status: int, reason: str
 ) -> None:
     coordinator = target(running)
-    environment = task_environment(coordinator, "66", node="node-b", **request_variables)
+    environment = task_environment(
+        site_file(tmp_path, coordinator), "66", node="node-b", **request_variables
+    )
 
     start = await task_prolog(environment)
 
@@ -403,13 +426,11 @@ async def test_an_unreachable_coordinator_fails_the_task_but_not_the_node(
     logger = fake_bin / "logger"
     logger.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{logged}"\n')
     logger.chmod(0o755)
-    environment = task_environment(
-        unreachable, "13", KAIWO_GPU_FRACTION="0.5", KAIWO_GPU_TIMEOUT="2s"
+    env_file = site_file(
+        tmp_path, unreachable, KAIWO_GPU_TIMEOUT="2s", KAIWO_GPU_EPILOG_TIMEOUT="2s"
     )
-    end_environment = {
-        **epilog_environment(site_file(tmp_path, unreachable, KAIWO_GPU_EPILOG_TIMEOUT="2s"), "13"),
-        "PATH": f"{fake_bin}:/usr/bin:/bin",
-    }
+    environment = task_environment(env_file, "13", KAIWO_GPU_FRACTION="0.5")
+    end_environment = {**epilog_environment(env_file, "13"), "PATH": f"{fake_bin}:/usr/bin:/bin"}
 
     start = await task_prolog(environment)
     forgiving = await epilog(end_environment)
@@ -422,3 +443,234 @@ async def test_an_unreachable_coordinator_fails_the_task_but_not_the_node(
     assert "releasing owner slurm/13 failed (exit 5" in forgiving.output
     assert strict.status == 5
     assert logged.read_text().count("releasing owner slurm/13 failed") == 2
+
+
+RECORDING_CLI = """\
+#!{python}
+import json, os, pathlib, sys
+directory = pathlib.Path({directory!r})
+call = len(list(directory.glob("call-*.json")))
+record = {{"argv": sys.argv[1:], "environment": dict(os.environ)}}
+(directory / f"call-{{call:03d}}.json").write_text(json.dumps(record))
+answers = json.loads((directory / "answers.json").read_text())
+status, output = answers[min(call, len(answers) - 1)]
+sys.stdout.write(output)
+sys.exit(status)
+"""
+
+
+@dataclass(frozen=True)
+class Call:
+    argv: list[str]
+    environment: dict[str, str]
+
+    def option(self, name: str) -> str | None:
+        """The value after `name`, or None when the call has no such option."""
+        return self.argv[self.argv.index(name) + 1] if name in self.argv else None
+
+
+class RecordingCli:
+    """A KAIWO_GPU_BIN that records each call (arguments, environment) and answers with the
+    (status, output) pairs it was given, in turn, the last one repeating."""
+
+    def __init__(self, directory: Path, *answers: tuple[int, str]) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self.path = directory / "kaiwo-gpu"
+        (directory / "answers.json").write_text(json.dumps(list(answers) or [(0, "")]))
+        self.path.write_text(RECORDING_CLI.format(python=sys.executable, directory=str(directory)))
+        self.path.chmod(0o755)
+
+    def calls(self) -> list[Call]:
+        return [
+            Call(**json.loads(path.read_text()))
+            for path in sorted(self.directory.glob("call-*.json"))
+        ]
+
+
+SITE_CREDENTIALS = {
+    "KAIWO_GPU_TLS_CA": "/etc/kaiwo-gpu/tls/ca.crt",
+    "KAIWO_GPU_TLS_CERT": "/etc/kaiwo-gpu/tls/slurm.crt",
+    "KAIWO_GPU_TLS_KEY": "/etc/kaiwo-gpu/tls/slurm.key",
+}
+JOB_SETTINGS = {
+    "KAIWO_GPU_COORDINATOR": "job.example:50051",
+    "KAIWO_GPU_TLS_CA": "/home/alice/ca.crt",
+    "KAIWO_GPU_TLS_CERT": "/home/alice/alice.crt",
+    "KAIWO_GPU_TLS_KEY": "/home/alice/alice.key",
+    "KAIWO_GPU_TOKEN_FILE": "/home/alice/token",
+    "KAIWO_GPU_BIN": "/home/alice/bin/kaiwo-gpu",
+    "KAIWO_GPU_TIMEOUT": "1h",
+}
+"""What a job may carry, e.g. submitted from a shell under `kaiwo-gpu run`."""
+CONNECTION_VARIABLES = frozenset(JOB_SETTINGS) - {"KAIWO_GPU_BIN", "KAIWO_GPU_TIMEOUT"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("site", "timeout"),
+    [({**SITE_CREDENTIALS, "KAIWO_GPU_TIMEOUT": "7s"}, "7s"), ({}, "30s")],
+    ids=["site-sets-credentials", "site-sets-none"],
+)
+async def test_the_task_prolog_calls_with_the_sites_settings_never_the_jobs(
+    tmp_path: Path, site: dict[str, str], timeout: str
+) -> None:
+    """A job's own token would beat the site's certificate and run the call as its user."""
+    cli = RecordingCli(tmp_path / "cli", (0, "KAIWO_GPU_ALLOCATION_ID=a1\n"))
+    env_file = tmp_path / "slurm.env"
+    settings = {"KAIWO_GPU_COORDINATOR": "site.example:50051", "KAIWO_GPU_BIN": str(cli.path)}
+    settings.update(site)
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in settings.items()))
+    environment = task_environment(env_file, "3", **JOB_SETTINGS, KAIWO_GPU_FRACTION="0.5")
+
+    start = await task_prolog(environment)
+
+    assert start.status == 0, start.printed
+    [call] = cli.calls()
+    assert call.option("--timeout") == timeout
+    sent = {name: value for name, value in call.environment.items() if name in CONNECTION_VARIABLES}
+    assert sent == {name: value for name, value in settings.items() if name in CONNECTION_VARIABLES}
+
+
+@pytest.mark.integration
+async def test_the_site_file_cannot_change_or_add_to_the_request(tmp_path: Path) -> None:
+    """The TaskProlog reads the request before it sources the site's file."""
+    cli = RecordingCli(tmp_path / "cli", (0, "KAIWO_GPU_ALLOCATION_ID=a1\n"))
+    env_file = site_file(
+        tmp_path,
+        "site.example:50051",
+        KAIWO_GPU_BIN=str(cli.path),
+        KAIWO_GPU_FRACTION="1",
+        KAIWO_GPU_MEMORY="8Gi",
+        KAIWO_GPU_ISOLATION="cu-mask",
+    )
+
+    start = await task_prolog(task_environment(env_file, "8", KAIWO_GPU_FRACTION="0.5"))
+
+    assert start.status == 0, start.printed
+    [call] = cli.calls()
+    assert call.option("--fraction") == "0.5"
+    assert [name for name in ("--memory", "--isolation") if name in call.argv] == []
+
+
+@pytest.mark.integration
+async def test_a_failing_call_shows_its_message_but_not_its_usage(tmp_path: Path) -> None:
+    """argparse's usage (and its indented continuation lines) says nothing to a job's user."""
+    refusal = "kaiwo-gpu allocate: error: argument --fraction: 'half' is not a fraction"
+    cli = RecordingCli(
+        tmp_path / "cli",
+        (
+            2,
+            "usage: kaiwo-gpu allocate [-h] [--fraction F]\n"
+            "                          [--memory MEMORY]\n"
+            "\n"
+            f"{refusal}\n",
+        ),
+    )
+    env_file = site_file(tmp_path, "site.example:50051", KAIWO_GPU_BIN=str(cli.path))
+
+    start = await task_prolog(task_environment(env_file, "9", KAIWO_GPU_FRACTION="half"))
+
+    assert start == TaskStart(
+        2,
+        unsets=[],
+        printed=["kaiwo-gpu: no GPU share for job 9 on node-a (exit 2)", f"kaiwo-gpu: {refusal}"],
+    )
+
+
+@pytest.mark.integration
+async def test_request_ids_of_different_jobs_cannot_run_into_each_other(tmp_path: Path) -> None:
+    """Job 12 on node r1-c01 and job 12 restarted once on node c01 are two requests."""
+    cli = RecordingCli(tmp_path / "cli", (0, "KAIWO_GPU_ALLOCATION_ID=a1\n"))
+    env_file = site_file(tmp_path, "site.example:50051", KAIWO_GPU_BIN=str(cli.path))
+
+    for node, restarts in (("r1-c01", "0"), ("c01", "1")):
+        environment = task_environment(
+            env_file, "12", node=node, SLURM_RESTART_COUNT=restarts, KAIWO_GPU_FRACTION="0.5"
+        )
+        assert (await task_prolog(environment)).status == 0
+
+    ids = [call.option("--request-id") for call in cli.calls()]
+    assert len(set(ids)) == 2, ids
+    assert ids == ["slurm:lab:12:r1-c01", "slurm:lab:12:r1:c01"]
+    assert all(is_request_id(request_id) for request_id in ids)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("budget", ["9s", "2m"])
+async def test_the_epilog_passes_what_is_left_of_its_budget_as_the_timeout(
+    tmp_path: Path, budget: str
+) -> None:
+    cli = RecordingCli(tmp_path / "cli")
+    env_file = site_file(
+        tmp_path, "site.example:50051", KAIWO_GPU_BIN=str(cli.path), KAIWO_GPU_EPILOG_TIMEOUT=budget
+    )
+
+    ended = await epilog(epilog_environment(env_file, "5"))
+
+    assert (ended.status, ended.output) == (0, "")
+    [call] = cli.calls()
+    assert call.argv[:3] == ["release", "--owner", "slurm/5"]
+    timeout = call.option("--timeout")
+    assert timeout is not None, call.argv
+    assert re.fullmatch(r"[0-9]+s", timeout), call.argv
+    budget_s = int(budget[:-1]) * {"s": 1, "m": 60}[budget[-1]]
+    assert 1 <= int(timeout[:-1]) <= budget_s
+
+
+@pytest.mark.integration
+async def test_the_epilog_retries_what_another_node_released_first(tmp_path: Path) -> None:
+    """The other node released one of the listed allocations in between: NOT_FOUND (3)."""
+    cli = RecordingCli(
+        tmp_path / "cli", (3, "kaiwo-gpu release: allocation a1 not found\n"), (0, "")
+    )
+    env_file = site_file(
+        tmp_path, "site.example:50051", KAIWO_GPU_BIN=str(cli.path), KAIWO_GPU_EPILOG_STRICT="yes"
+    )
+
+    ended = await epilog(epilog_environment(env_file, "6"))
+
+    assert (ended.status, ended.output) == (0, "")
+    assert [call.argv[:3] for call in cli.calls()] == [["release", "--owner", "slurm/6"]] * 2
+
+
+class StalledReleases(FlakyCoordinator):
+    """Lists `count` allocations for any owner, then answers no Release: a coordinator that
+    stalls behind its list."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(0, grpc.StatusCode.OK, [])
+        self.count = count
+
+    async def ListAllocations(
+        self, request: Any, context: Any
+    ) -> allocation_pb2.ListAllocationsResponse:
+        allocations = [types_pb2.Allocation(id=f"a{i}", node=f"n{i}") for i in range(self.count)]
+        return allocation_pb2.ListAllocationsResponse(allocations=allocations)
+
+    async def Release(self, request: Any, context: Any) -> allocation_pb2.ReleaseResponse:
+        self.release_calls += 1
+        await asyncio.sleep(SCRIPT_TIMEOUT_S)  # cancelled when the server stops
+        return allocation_pb2.ReleaseResponse()
+
+
+@pytest.mark.integration
+async def test_a_stalled_coordinator_holds_the_epilog_no_longer_than_its_budget(
+    tmp_path: Path,
+) -> None:
+    """A 3 s timeout per call would let 8 stalled releases take 24 s and more (up to 3 rounds
+    of them), and Slurm drains a node whose Epilog outlasts PrologEpilogTimeout. The bound is
+    the budget, 2 s for coreutils' timeout to kill, and slack for a loaded machine."""
+    stalled = StalledReleases(8)  # type: ignore[abstract]
+    async with serving(stalled) as coordinator:
+        env_file = site_file(
+            tmp_path, coordinator, KAIWO_GPU_EPILOG_TIMEOUT="3s", KAIWO_GPU_EPILOG_STRICT="yes"
+        )
+        started = asyncio.get_running_loop().time()
+        ended = await epilog(epilog_environment(env_file, "42"))
+        took_s = asyncio.get_running_loop().time() - started
+
+    assert ended.status == 5, ended.output
+    assert "releasing owner slurm/42 failed (exit 5 after 1 round(s))" in ended.output
+    assert stalled.release_calls >= 1
+    assert took_s < 3 + 2 + 7, ended.output

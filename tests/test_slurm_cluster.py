@@ -38,6 +38,7 @@ from tests.slurm_cluster import (
     SlurmCluster,
     SlurmUnavailable,
     missing_slurm,
+    new_root,
 )
 
 pytestmark = pytest.mark.integration
@@ -119,15 +120,19 @@ def slurm(request: pytest.FixtureRequest) -> Iterator[RealSlurm]:
             pytest.fail(f"{REQUIRE}=1, but {reason}")
         pytest.skip(reason)
     etcd: LocalEtcd = request.getfixturevalue("etcd")
-    tmp_path_factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
-    state = tmp_path_factory.mktemp("slurm-coordinator")
+    # The coordinator's files sit in the cluster's directory, so that a coordinator a
+    # SIGKILL left behind names that directory and the next start() can find it.
+    root = new_root()
+    state = root / "coordinator"
+    state.mkdir()
     inventory = state / "nodes.yaml"
     inventory.write_text(INVENTORY)
     coordinator = CoordinatorProcess(
         etcd.endpoint, f"/kaiwo-slurm-{uuid.uuid4().hex[:8]}/v1/", inventory, state / "log"
     )
     cluster = SlurmCluster(
-        NodeSettings(
+        root=root,
+        node=NodeSettings(
             name=NODE,
             cpus=ARRAY_TASKS + 4,  # the whole array at once, beside the over-time job
             share_millis=1000 * GPUS,
@@ -139,7 +144,7 @@ def slurm(request: pytest.FixtureRequest) -> Iterator[RealSlurm]:
                 # 20 TaskProlog CLIs at once on two cores: more than the default 30s to spare.
                 "KAIWO_GPU_TIMEOUT=60s\n"
             ),
-        )
+        ),
     )
     coordinator.start()
     try:
@@ -421,7 +426,7 @@ go
     assert {grant.node for grant in seen} == {NODE}
     assert {grant.gpus for grant in seen} == {str(held.gpus[0].index)}
     assert [gpu.granted_millis for gpu in held.gpus] == [500]
-    assert held.request_id == f"slurm-kaiwo-{job_id}-{NODE}"
+    assert held.request_id == f"slurm:kaiwo:{job_id}:{NODE}"
     masks = {grant.mask for grant in seen}
     assert len(masks) == 1
     assert (masks != {""}) == (isolation == "cu-mask"), masks
@@ -507,7 +512,7 @@ def test_a_requeued_job_gets_a_new_allocation(slurm: RealSlurm, jobs: Jobs) -> N
     assert (again, first.where, second.where) == (first, "run0", "run1")
     assert released == []
     assert held.id == second.allocation_id != first.allocation_id
-    assert held.request_id == f"slurm-kaiwo-{job_id}-r1-{NODE}"
+    assert held.request_id == f"slurm:kaiwo:{job_id}:r1:{NODE}"
     assert job.state == "COMPLETED"
     assert slurm.held(f"slurm/{job_id}") == []
 

@@ -37,22 +37,65 @@ complain() {
     fi
 }
 
+finish() {
+    complain "job $job_id on ${SLURMD_NODENAME:-this node}: releasing owner slurm/$job_id failed\
+ (exit $1 after $2 round(s)): $3"
+    case ${KAIWO_GPU_EPILOG_STRICT:-no} in
+        yes | true | 1) exit "$1" ;;
+    esac
+    exit 0
+}
+
+# KAIWO_GPU_EPILOG_TIMEOUT bounds the Epilog's whole release, not each call: one
+# `release --owner` makes a call per allocation, each under --timeout, and rounds repeat
+# that, so only a deadline keeps a slow coordinator from reaching PrologEpilogTimeout
+# (which drains the node). The same durations as the CLI's: 90, 90s, 10m, 2h, 1d.
+budget=${KAIWO_GPU_EPILOG_TIMEOUT:-20s}
+case $budget in
+    *s) amount=${budget%s} unit=1 ;;
+    *m) amount=${budget%m} unit=60 ;;
+    *h) amount=${budget%h} unit=3600 ;;
+    *d) amount=${budget%d} unit=86400 ;;
+    *) amount=$budget unit=1 ;;
+esac
+amount=$(printf '%s' "$amount" | sed 's/^0*\([0-9]\)/\1/')
+case $amount in
+    '' | *[!0-9]* | ??????????*) finish 2 0 "KAIWO_GPU_EPILOG_TIMEOUT=$budget is not a duration like 20s" ;;
+esac
+budget_s=$((amount * unit))
+[ "$budget_s" -ge 1 ] || finish 2 0 "KAIWO_GPU_EPILOG_TIMEOUT=$budget is under 1s"
+deadline=$(($(date +%s) + budget_s))
+# coreutils' timeout ends a call that outlasts what is left (-k: SIGKILL 2 s after SIGTERM).
+if command -v timeout >/dev/null 2>&1; then
+    bounded() { timeout -k 2 "$left" "$@"; }
+else
+    bounded() { "$@"; }
+fi
+
 # Every node of the job runs this at about the same time, and `release --owner` lists then
 # releases one by one, so another node may release an allocation first: that answers 3
 # (not found), and another round releases whatever is left.
-for round in 1 2 3; do
-    if output=$("$kaiwo_gpu" release --owner "slurm/$job_id" \
-        --timeout "${KAIWO_GPU_EPILOG_TIMEOUT:-20s}" 2>&1); then
+round=0 status=0 output=
+while [ "$round" -lt 3 ]; do
+    left=$((deadline - $(date +%s)))
+    if [ "$left" -lt 1 ]; then
+        finish 5 "$round" "KAIWO_GPU_EPILOG_TIMEOUT=$budget spent; last answer: $output"
+    fi
+    round=$((round + 1))
+    call_s=$left # the CLI takes a timeout of 1s-1h
+    [ "$call_s" -le 3600 ] || call_s=3600
+    if output=$(bounded "$kaiwo_gpu" release --owner "slurm/$job_id" --timeout "${call_s}s" 2>&1); then
         exit 0
     else
         status=$?
     fi
-    [ "$status" -eq 3 ] || break
+    output=$(printf '%s' "$output" | tr '\n' ' ')
+    case $status in
+        3) ;;
+        # timeout's own statuses: the call outlasted the budget. 5 is what the CLI answers
+        # for a coordinator that does not answer in time.
+        124 | 137) finish 5 "$round" "no answer within KAIWO_GPU_EPILOG_TIMEOUT=$budget" ;;
+        *) break ;;
+    esac
 done
-
-complain "job $job_id on ${SLURMD_NODENAME:-this node}: releasing owner slurm/$job_id failed\
- (exit $status after $round round(s)): $(printf '%s' "$output" | tr '\n' ' ')"
-case ${KAIWO_GPU_EPILOG_STRICT:-no} in
-    yes | true | 1) exit "$status" ;;
-esac
-exit 0
+finish "$status" "$round" "$output"

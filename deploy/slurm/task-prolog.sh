@@ -35,6 +35,15 @@ fi
 PATH=${PATH:+$PATH:}/usr/local/bin:/usr/bin:/bin
 export PATH
 
+# How the call is made is the site's, what it asks for the job's. The job's environment
+# may carry a coordinator, credentials or a binary of its own (a shell under `kaiwo-gpu
+# run` hands its user's on, and a user's token beats the site's certificate, so the call
+# would run as that user and be refused), so those are dropped here: only the site's file
+# or the defaults set them. KAIWO_GPU_TIMEOUT too, so one value holds for every job; the
+# request variables above and KAIWO_GPU_SLURM_ENV stay (a job that names its own file
+# only changes its own task's call, with files its user can read anyway).
+unset KAIWO_GPU_COORDINATOR KAIWO_GPU_TLS_CA KAIWO_GPU_TLS_CERT KAIWO_GPU_TLS_KEY \
+    KAIWO_GPU_TOKEN_FILE KAIWO_GPU_BIN KAIWO_GPU_TIMEOUT
 # Read after the request, so the site's file can name the coordinator and the binary but
 # cannot change what the job asked for.
 env_file=${KAIWO_GPU_SLURM_ENV:-/etc/kaiwo-gpu/slurm.env}
@@ -58,7 +67,7 @@ label_value() {
         sed -e 's/^[^A-Za-z0-9]*//' -e 's/[^A-Za-z0-9]*$//'
 }
 
-# Request ids allow [A-Za-z0-9._:/-].
+# Request ids allow [A-Za-z0-9._:/-]; a part never holds `:`, which separates them.
 id_part() {
     printf '%s' "$1" | tr -c 'A-Za-z0-9._-' '-'
 }
@@ -72,12 +81,15 @@ fi
 
 # One id per job and node: every task of the job on this node, in every step, gets the
 # same allocation, and a job on several nodes gets one on each. A requeued job keeps its
-# id but must not reuse a released request id, so its restart count is part of it.
-request_id="slurm-$(id_part "${SLURM_CLUSTER_NAME:-cluster}")-$job_id"
+# id but must not reuse a released request id, so its restart count is part of it. The
+# parts are joined by `:`, which none of them can hold (a node name is DNS-1123), so two
+# jobs never share an id: job 12 on r1-c01 is slurm:lab:12:r1-c01, and job 12 restarted
+# once on c01 is slurm:lab:12:r1:c01.
+request_id="slurm:$(id_part "${SLURM_CLUSTER_NAME:-cluster}"):$(id_part "$job_id")"
 if [ -n "${SLURM_RESTART_COUNT:-}" ] && [ "$SLURM_RESTART_COUNT" != 0 ]; then
-    request_id="$request_id-r$(id_part "$SLURM_RESTART_COUNT")"
+    request_id="$request_id:r$(id_part "$SLURM_RESTART_COUNT")"
 fi
-request_id="$request_id-$(id_part "$node")"
+request_id="$request_id:$(id_part "$node")"
 
 set -- allocate --request-id "$request_id" --owner "slurm/$job_id" --node "$node" \
     --timeout "${KAIWO_GPU_TIMEOUT:-30s}" -o env
