@@ -378,6 +378,7 @@ async def test_up_with_three_etcd_members_and_two_coordinators_survives_losing_o
         assert up.wait(30) == 0
     for pid in etcd_pids + coordinator_pids:
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived kaiwo-gpu up"
+    assert not sorted(tmp_path.glob("*.pid")), "a stopped process left its pid file"
 
 
 async def test_up_tls_with_several_members_and_coordinators_fails_over_over_tls(

@@ -270,10 +270,9 @@ def run_up(args: argparse.Namespace) -> None:
             for coordinator in coordinators:  # all at once, then a wait for each
                 if coordinator.alive():
                     coordinator.send(signal.SIGTERM)
-            for n, coordinator in enumerate(coordinators):
+            for coordinator in coordinators:
                 if coordinator.process is not None:
                     coordinator.stop()
-                (state_dir / f"coordinator-{n}.pid").unlink(missing_ok=True)
             stop_cluster(cluster)
             tracing.shutdown()
 

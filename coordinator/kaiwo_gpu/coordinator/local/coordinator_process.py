@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kaiwo_gpu.common import channels
 from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.errors import UnavailableError
+from kaiwo_gpu.coordinator.local.children import interrupts_held, spawn_logged
 from kaiwo_gpu.coordinator.local.etcd import free_port
-from kaiwo_gpu.coordinator.local.interrupts import interrupts_held
 
 
 class CoordinatorProcess:
@@ -65,16 +65,9 @@ class CoordinatorProcess:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        with interrupts_held(), self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            if self.pid_path is not None:
-                self.pid_path.write_text(str(self.process.pid))
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with interrupts_held():
+            self.process = spawn_logged(self.args, self.log_path, self.pid_path, environment)
 
     async def wait_serving(self, timeout_s: float = 30.0, held: Credentials | None = None) -> None:
         """Returns once health says SERVING (asked over TLS with `held`, else plaintext);
@@ -114,7 +107,10 @@ class CoordinatorProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            return self.process.wait(timeout_s)
+            status = self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            status = self.process.wait()
+        if self.pid_path is not None:
+            self.pid_path.unlink(missing_ok=True)
+        return status

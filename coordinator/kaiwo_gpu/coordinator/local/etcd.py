@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaiwo_gpu.common.errors import FailedPreconditionError, UnavailableError
-from kaiwo_gpu.coordinator.local.interrupts import interrupts_held
+from kaiwo_gpu.coordinator.local.children import interrupts_held, spawn_logged
 
 
 def find_etcd() -> str:
@@ -157,15 +157,8 @@ class LocalEtcd:
         """Starts the process without waiting: a member of a cluster is ready only once a
         quorum of its peers runs too."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with interrupts_held(), self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            if self.pid_path is not None:  # at once, so a killed parent's etcd can be found
-                self.pid_path.write_text(str(self.process.pid))
+        with interrupts_held():
+            self.process = spawn_logged(self.command(), self.log_path, self.pid_path)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
