@@ -66,7 +66,9 @@ SUITES: Mapping[str, Suite] = {
             "a /metrics scrape of a full cluster, and Allocate while it is scraped",
         ),
         Suite(
-            "startup", "bench.startup", "start-up time of kaiwo-gpu commands against bare python"
+            "startup",
+            "bench.startup",
+            "start-up time of kaiwo-gpu commands against bare python and a bare gRPC call",
         ),
         Suite(
             "etcd-space",

@@ -112,11 +112,12 @@ def _adders_for(argv: Sequence[str] | None) -> list[tuple[str, str]]:
     one, none for `--version`, and all of them otherwise: `--help` (or `--he`, which
     argparse takes for it), `--`, no command, or one that does not exist (whose error
     lists the commands)."""
-    every = list(dict.fromkeys(PARSER_ADDERS.values()))
-    if not argv or argv[0] == "--version":
-        return [] if argv else every
-    first = argv[0]
-    return [PARSER_ADDERS[first]] if first in PARSER_ADDERS else every
+    first = argv[0] if argv else ""
+    if first == "--version":
+        return []
+    if first in PARSER_ADDERS:
+        return [PARSER_ADDERS[first]]
+    return list(dict.fromkeys(PARSER_ADDERS.values()))
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

@@ -209,7 +209,7 @@ def _refuse_kaiwo_built_pods(spec: Mapping[str, object]) -> None:
     """Kaiwo fields that have Kaiwo build or size the pods, which no pod template then says."""
     for key, allowed in _KAIWO_POD_BUILDERS.items():
         value = spec.get(key)
-        if value not in (None, False, 0, "0"):  # "0" as amd.com/gpu's zero: none asked for
+        if value is not False and not _asks_for_none(value):
             raise InvalidArgumentError(f"spec.{key}", value, allowed)
     workload_type = spec.get("type")
     if isinstance(workload_type, str) and workload_type.lower() in _KAIWO_BUILT_TYPES:
@@ -273,9 +273,14 @@ def _gpu_annotations(metadata: Mapping[str, object], path: str) -> dict[str, str
     return kaiwo
 
 
+def _asks_for_none(value: object) -> bool:
+    """An amount of GPUs that is none: unset, 0 or "0" (not False, which is no number)."""
+    return value is None or (type(value) is int and value == 0) or value == "0"
+
+
 def _gpu_amount(value: object, path: str, unit: AmdGpuUnit) -> tuple[int, AmdGpuUnit]:
     """A container's `amd.com/gpu` in its unit's own amounts and that unit; 0 is none."""
-    if value is None or (type(value) is int and value == 0) or value == "0":
+    if _asks_for_none(value):
         return 0, unit
     try:
         return read_amd_gpu(value, unit)  # type: ignore[arg-type]  # it judges any value
