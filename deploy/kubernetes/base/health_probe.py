@@ -18,12 +18,10 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kaiwo_gpu.common import channels, credentials
+from kaiwo_gpu.common.errors import KaiwoGpuError
+
 TIMEOUT_S = 3.0
-
-
-def _read(variable: str) -> bytes:
-    with open(os.environ[variable], "rb") as handle:
-        return handle.read()
 
 
 def main(argv: list[str]) -> int:
@@ -32,20 +30,23 @@ def main(argv: list[str]) -> int:
         return 2
     address, server_name = argv[:2]
     service = argv[2] if len(argv) == 3 else ""
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read("KAIWO_GPU_TLS_CA"),
-        private_key=_read("KAIWO_GPU_TLS_KEY"),
-        certificate_chain=_read("KAIWO_GPU_TLS_CERT"),
-    )
+    held = credentials.from_environment(os.environ)  # the variables every process reads
+    if not (held.tls_ca and held.tls_cert and held.tls_key):
+        names = ", ".join(credentials.VARIABLES[n] for n in ("tls_ca", "tls_cert", "tls_key"))
+        print(f"the probe needs mutual TLS: set {names}", file=sys.stderr)
+        return 2
     options = [("grpc.ssl_target_name_override", server_name)]
-    with grpc.secure_channel(address, credentials, options=options) as channel:
-        try:
+    try:
+        with channels.open_channel(address, held, options) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S
             )
-        except grpc.RpcError as error:
-            print(f"{address}: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+    except KaiwoGpuError as error:  # a credential file that cannot be read
+        print(error.message, file=sys.stderr)
+        return 1
+    except grpc.RpcError as error:
+        print(f"{address}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{service or 'server'} at {address}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
