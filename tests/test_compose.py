@@ -14,13 +14,11 @@ import functools
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
@@ -36,39 +34,49 @@ from kaiwo_gpu.client import Client
 from kaiwo_gpu.coordinator.local.etcd import find_etcd, free_port
 from kaiwo_gpu.coordinator.state.inventory import load_inventory
 from kaiwo_gpu.coordinator.transport import check_plaintext
+from tests.deployments import (
+    OWN_PREFIXES,
+    PROJECT,
+    REPO,
+    check_command,
+    clean_environment,
+    pinned,
+    port_of,
+)
 from tests.test_dockerfiles import (
     CLI,
-    OWN_PREFIXES,
-    ROLE_VARIABLES,
     installed_requirements,
     parse_dockerfile,
-    parse_with_environment,
-    pinned,
     probe,
     requirement_name,
 )
+from tests.test_metrics import scrape, value
 
-REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 SPEC = REPO / "tests/data/compose-spec"
 LOOPBACK = "127.0.0.1"
 OBSERVABILITY = "observability"
-PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}|\$")
+"""What docker-compose.yml uses of Compose's interpolation: $$, ${VAR} and ${VAR:-default};
+the bare `$` alternative catches any other form, which the test then refuses."""
 
 Service = dict[str, Any]
 
 
 def interpolated(value: object, environment: Mapping[str, str]) -> Any:
-    """The file as Compose reads it with `environment` as the shell's: ${VAR:-default},
-    ${VAR-default}, ${VAR}, $VAR and $$."""
+    """The file as Compose reads it with `environment` as the shell's: ${VAR:-default}
+    (the default when VAR is unset or empty), ${VAR} and $$; any other form fails here
+    rather than being read with a meaning Compose does not give it."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
             if match[0] == "$$":
                 return "$"
-            name = match[1] or match[3]
-            return environment.get(name) or (match[2] or "")
+            if match[1] is None:
+                raise AssertionError(f"an interpolation the test does not read in {value!r}")
+            if match[2] is None:
+                return environment.get(match[1], "")
+            return environment.get(match[1]) or match[2]
 
         return INTERPOLATION.sub(substitute, value)
     if isinstance(value, dict):
@@ -76,6 +84,15 @@ def interpolated(value: object, environment: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [interpolated(item, environment) for item in value]
     return value
+
+
+def test_interpolation_reads_what_the_file_uses_and_refuses_the_rest() -> None:
+    shell = {"SET": "x", "EMPTY": ""}
+    assert interpolated("${SET:-d} ${EMPTY:-d} ${UNSET:-d}", shell) == "x d d"
+    assert interpolated(["${SET}", "${UNSET}", "$$SET"], shell) == ["x", "", "$SET"]
+    for other in ("${SET-d}", "$SET", "${SET:?gone}", "${SET:+on}", "cost: $"):
+        with pytest.raises(AssertionError, match="does not read"):
+            interpolated({"key": other}, shell)
 
 
 @functools.cache
@@ -132,9 +149,7 @@ def parsed(name: str) -> argparse.Namespace:
     environment, then the service's."""
     service = kaiwo_services()[name]
     environment = {**image_stage(service).environment(), **environment_of(service)}
-    args = parse_with_environment(command_of(service), environment)
-    assert isinstance(args, argparse.Namespace)
-    return args
+    return check_command(command_of(service), environment)
 
 
 def role(role_name: str) -> dict[str, argparse.Namespace]:
@@ -143,10 +158,6 @@ def role(role_name: str) -> dict[str, argparse.Namespace]:
         for name, service in kaiwo_services().items()
         if command_of(service)[0] == role_name
     }
-
-
-def port_of(address: str) -> int:
-    return int(address.rpartition(":")[2])
 
 
 def test_the_vendored_schema_is_the_one_its_source_note_names() -> None:
@@ -187,19 +198,32 @@ def test_every_kaiwo_gpu_command_parses_with_the_cli_parser() -> None:
 
 
 def test_every_kaiwo_gpu_variable_is_one_its_command_reads() -> None:
-    """A misspelt KAIWO_GPU_* variable is otherwise ignored without a word."""
-    for name, service in kaiwo_services().items():
-        command = command_of(service)[0]
-        ours = {k for k in environment_of(service) if k.startswith("KAIWO_GPU_")}
-        unread = ours - ROLE_VARIABLES[command]
-        assert not unread, f"{name}: `kaiwo-gpu {command}` never reads {sorted(unread)}"
+    """A misspelt KAIWO_GPU_* variable is otherwise ignored without a word (check_command,
+    through parsed(), holds the rule; a misspelt one shows that it can fail)."""
+    names = kaiwo_services()
+    assert names
+    for name, service in names.items():
+        assert parsed(name).command == command_of(service)[0], name
+        environment = {**image_stage(service).environment(), **environment_of(service)}
+        misspelt = {**environment, "KAIWO_GPU_LISTN": "0.0.0.0:1"}
+        with pytest.raises(AssertionError, match="never reads"):
+            check_command(command_of(service), misspelt)
+
+
+def image_name(service: Service) -> str:
+    """The name of a service's image, without registry, path or tag ("" when it builds)."""
+    return str(service.get("image", "")).rpartition("/")[2].partition(":")[0]
+
+
+def is_etcd(service: Service) -> bool:
+    return image_name(service) == "etcd"
 
 
 def etcd_members() -> dict[str, dict[str, str]]:
     """Each etcd member's settings by flag name: its ETCD_* environment, then its flags."""
     members: dict[str, dict[str, str]] = {}
     for name, service in services().items():
-        if "etcd" not in service.get("image", "").rpartition("/")[2].partition(":")[0]:
+        if not is_etcd(service):
             continue
         settings = {
             k.removeprefix("ETCD_").lower().replace("_", "-"): v
@@ -267,7 +291,6 @@ def test_every_coordinator_names_every_etcd_member() -> None:
     for name, args in role("coordinator").items():
         assert set(args.etcd) == clients, f"{name} names {args.etcd}, not {clients}"
         check_plaintext(args.listen, args.insecure)  # a coordinator that would refuse to start
-        assert set(services()[name]["depends_on"]) >= set(members), name
 
 
 def depends_on(service: Service) -> dict[str, str]:
@@ -371,14 +394,19 @@ def host_file(service: Service, target: str) -> Path:
     raise AssertionError(f"nothing is mounted at {target}")
 
 
-def test_the_agents_do_not_claim_the_inventorys_nodes() -> None:
-    """An agent may not register a node of the static inventory, nor a GPU it holds."""
+def inventory_file() -> Path:
+    """The file of the host that every coordinator reads its static inventory from."""
     inventories = {
         host_file(kaiwo_services()[name], args.inventory)
         for name, args in role("coordinator").items()
     }
     assert len(inventories) == 1, f"the coordinators read different inventories: {inventories}"
-    static = load_inventory(inventories.pop())
+    return inventories.pop()
+
+
+def test_the_agents_do_not_claim_the_inventorys_nodes() -> None:
+    """An agent may not register a node of the static inventory, nor a GPU it holds."""
+    static = load_inventory(inventory_file())
     static_nodes = {node.name for node in static}
     static_gpus = {gpu.inventory.uuid for node in static for gpu in node.gpus}
     agents = role("agent")
@@ -435,16 +463,22 @@ def prometheus_config() -> Path:
     return host_file(service, flag.partition("=")[2])
 
 
-def test_prometheus_scrapes_every_metrics_port() -> None:
+def scrape_targets() -> list[tuple[str, str]]:
+    """(job name, `host:port`) of every target Prometheus' config lists."""
     config = yaml.safe_load(prometheus_config().read_text())
-    targets = {
-        target
+    return [
+        (str(job["job_name"]), str(target))
         for job in config["scrape_configs"]
         for static in job["static_configs"]
         for target in static["targets"]
-    }
+    ]
+
+
+def test_prometheus_scrapes_every_metrics_port() -> None:
+    targets = [target for _, target in scrape_targets()]
     assert metrics_targets(), "no service serves /metrics"
-    assert targets == metrics_targets()
+    assert len(set(targets)) == len(targets), "a target is scraped twice"
+    assert set(targets) == metrics_targets()
 
 
 @pytest.mark.integration
@@ -484,12 +518,12 @@ def test_traces_go_to_the_collector_only_when_asked_for() -> None:
 
 def test_the_observability_profile_is_optional() -> None:
     optional = {n for n, s in services().items() if OBSERVABILITY in s.get("profiles", [])}
-    tools = {n for n, s in services().items() if "build" not in s and "etcd" not in s["image"]}
+    tools = {n for n, s in services().items() if "build" not in s and not is_etcd(s)}
     assert len(tools) == 2, f"Prometheus and a collector, not {tools}"
     assert tools == optional, f"{tools - optional} run without --profile {OBSERVABILITY}"
     for name, service in services().items():
         if name not in optional:
-            assert not set(service.get("depends_on", [])) & optional, f"{name} needs {optional}"
+            assert not set(depends_on(service)) & optional, f"{name} needs {optional}"
 
 
 def test_every_name_and_file_the_compose_file_refers_to_exists() -> None:
@@ -506,7 +540,7 @@ def test_every_name_and_file_the_compose_file_refers_to_exists() -> None:
             assert (context / build["dockerfile"]).is_file(), name
             dockerfile = parse_dockerfile(str(PurePosixPath(build["context"], build["dockerfile"])))
             assert build.get("target", dockerfile.final.name) in dockerfile.stages, name
-        for dependency in service.get("depends_on", []):
+        for dependency in depends_on(service):
             assert dependency in services(), f"{name} depends on {dependency}"
         for network in service.get("networks", []):
             assert network in declared_networks, f"{name} joins {network}"
@@ -559,15 +593,14 @@ class Harness:
         else:
             environment = environment_of(service)
             argv = [find_etcd(), *service["command"][1:]]
-        own = {k: self.local(name, v) for k, v in environment.items() if k.startswith(OWN)}
+        own = {k: self.local(name, v) for k, v in environment.items() if k.startswith(OWN_PREFIXES)}
         if "ETCD_DATA_DIR" in own:
             own["ETCD_DATA_DIR"] = str(self.directory / name)
         if "KAIWO_GPU_INVENTORY" in own:
             own["KAIWO_GPU_INVENTORY"] = str(host_file(service, own["KAIWO_GPU_INVENTORY"]))
-        kept = {k: v for k, v in os.environ.items() if not k.startswith(OWN)}
         with (self.directory / f"{name}.log").open("wb") as log:
             self.processes[name] = subprocess.Popen(
-                argv, env={**kept, **own}, stdout=log, stderr=log, cwd=REPO
+                argv, env={**clean_environment(), **own}, stdout=log, stderr=log, cwd=REPO
             )
 
     def logs(self) -> str:
@@ -586,10 +619,6 @@ class Harness:
                 process.wait()
 
 
-OWN = (*OWN_PREFIXES, "ETCD_")
-"""The variables a harness process gets from the file alone, not from this shell."""
-
-
 def wait_for(what: str, ready: Callable[[], bool], harness: Harness, timeout_s: float = 60) -> None:
     """Poll until `ready`; fail at once when a service has exited (a flag or a setting
     it refused), else after `timeout_s`, with every service's log."""
@@ -603,18 +632,13 @@ def wait_for(what: str, ready: Callable[[], bool], harness: Harness, timeout_s: 
         time.sleep(0.3)
 
 
-def fetch(port: int, path: str = "/metrics") -> str:
+def fetch(port: int, path: str) -> str:
     """What an HTTP GET on loopback answers ("" when nothing does)."""
     try:
         with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=5) as answer:
             return str(answer.read().decode())
     except OSError:
         return ""
-
-
-def gauge(text: str, name: str) -> float | None:
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(found[1]) if found else None
 
 
 def etcd_is_healthy(port: int) -> bool:
@@ -626,7 +650,12 @@ def probe_passes(stage: Any, port: int) -> bool:
 
 
 def holds_agents(metrics_port: int, count: int) -> bool:
-    return gauge(fetch(metrics_port), "kaiwo_gpu_agents_connected") == count
+    try:
+        samples = scrape(metrics_port)
+    except OSError:  # not serving yet
+        return False
+    connected = "kaiwo_gpu_agents_connected"
+    return connected in samples and value(samples, connected) == count
 
 
 @pytest.mark.integration
@@ -659,18 +688,18 @@ def test_the_harness_runs_without_docker(tmp_path: Path) -> None:
             metrics_port = harness.port(name, port_of(args.metrics_listen))
             held = functools.partial(holds_agents, metrics_port, first.count(name))
             wait_for(f"{name} does not hold {first.count(name)} agents", held, harness)
-        static = {n.name for n in load_inventory(REPO / compose()["configs"]["inventory"]["file"])}
+        static = {n.name for n in load_inventory(inventory_file())}
         agent_nodes = {agent.node for agent in agents.values()}
         for name, args in coordinators.items():
             with Client(f"{LOOPBACK}:{harness.port(name, port_of(args.listen))}") as client:
                 nodes = {node.name: node for node in client.nodes()}
             assert agent_nodes | static <= set(nodes), f"{name} lists {sorted(nodes)}"
             assert all(nodes[node].schedulable for node in agent_nodes), name
-        config = yaml.safe_load(prometheus_config().read_text())
-        for job in config["scrape_configs"]:
-            for target in job["static_configs"][0]["targets"]:
-                service, _, target_port = target.rpartition(":")
-                body = fetch(harness.port(service, int(target_port)))
-                assert "kaiwo_gpu_" in body, f"{target} ({job['job_name']}) serves no metrics"
+        targets = scrape_targets()
+        assert targets
+        for job, target in targets:
+            service, _, target_port = target.rpartition(":")
+            names = scrape(harness.port(service, int(target_port)))
+            assert any(n.startswith("kaiwo_gpu_") for n in names), f"{target} ({job}): no metrics"
     finally:
         harness.stop()

@@ -9,17 +9,14 @@ import ast
 import contextlib
 import importlib.metadata
 import json
-import os
 import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from unittest import mock
+from pathlib import PurePosixPath
 
 import grpc
 import pytest
@@ -27,22 +24,23 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
-from kaiwo_gpu.cli.main import build_parser
 from kaiwo_gpu.common.metrics_http import MetricsServer
 from kaiwo_gpu.coordinator.local.etcd import free_port
 from kaiwo_gpu.coordinator.server import SERVICE_NAME
 from kaiwo_gpu.coordinator.settings import ENVIRONMENT as COORDINATOR_ENVIRONMENT
+from tests.deployments import (
+    OWN_PREFIXES,
+    PROJECT,
+    PYPROJECT,
+    REPO,
+    check_command,
+    clean_environment,
+    pinned,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = ("deploy/Dockerfile", "deploy/Dockerfile.agent")
 VENV = "/opt/kaiwo-gpu"
 CLI = f"{VENV}/bin/kaiwo-gpu"
-ROLE_VARIABLES = {
-    "coordinator": frozenset(COORDINATOR_ENVIRONMENT.values()),
-    "agent": frozenset(AGENT_ENVIRONMENT.values()),
-}
-"""The KAIWO_GPU_* variables each service command reads (its flags' fallbacks)."""
-OWN_PREFIXES = ("KAIWO_GPU_", "OTEL_")
 
 
 @dataclass(frozen=True)
@@ -177,30 +175,6 @@ def run_targets() -> list[tuple[Dockerfile, Stage]]:
     return list(targets.values())
 
 
-def parse_with_environment(command: list[str], environment: Mapping[str, str]) -> object:
-    """The command through the CLI's own parser, with exactly `environment` for the
-    KAIWO_GPU_*/OTEL_* variables (the flags' fallbacks are read when the parser is built)."""
-    kept = {k: v for k, v in os.environ.items() if not k.startswith(OWN_PREFIXES)}
-    ours = {k: v for k, v in environment.items() if k.startswith(OWN_PREFIXES)}
-    with mock.patch.dict(os.environ, {**kept, **ours}, clear=True):
-        try:
-            return build_parser().parse_args(command)
-        except SystemExit as stop:
-            pytest.fail(f"{command} with {dict(environment)} is refused (exit {stop.code})")
-
-
-PINNED = re.compile(r"(?<![\d.])\d+\.\d+\.\d+(?![\d.])")
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def pinned(reference: str) -> bool:
-    """An image named by a release (a tag carrying major.minor.patch) and, if a digest is
-    given, a well-formed one."""
-    name, _, digest = reference.partition("@")
-    tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else ""
-    return bool(PINNED.search(tag)) and (not digest or DIGEST.fullmatch(digest) is not None)
-
-
 def test_the_pin_rule_tells_a_release_from_a_moving_tag() -> None:
     assert pinned("python:3.11.13-slim-bookworm")
     assert pinned("quay.io/coreos/etcd:v3.5.17")
@@ -214,9 +188,10 @@ def test_the_pin_rule_tells_a_release_from_a_moving_tag() -> None:
 @pytest.mark.parametrize("path", DOCKERFILES)
 def test_every_base_image_is_a_pinned_release(path: str) -> None:
     dockerfile = parse_dockerfile(path)
-    for stage in dockerfile.stages.values():
-        if stage.parent is None:
-            assert pinned(stage.base), f"{path}: stage {stage.name} is FROM {stage.base}"
+    bases = [stage for stage in dockerfile.stages.values() if stage.parent is None]
+    assert bases, f"{path}: no stage is FROM an image"
+    for stage in bases:
+        assert pinned(stage.base), f"{path}: stage {stage.name} is FROM {stage.base}"
     if "syntax" in dockerfile.directives:
         assert pinned(dockerfile.directives["syntax"]), f"{path}: # syntax= is not pinned"
 
@@ -225,7 +200,9 @@ def test_every_base_image_is_a_pinned_release(path: str) -> None:
 def test_the_image_that_runs_holds_only_what_a_build_stage_made(path: str) -> None:
     dockerfile = parse_dockerfile(path)
     assert len(dockerfile.stages) >= 2, f"{path} is not a multi-stage build"
-    for runs in (stage for file, stage in run_targets() if file.path == path):
+    running = [stage for file, stage in run_targets() if file.path == path]
+    assert running, f"{path}: no stage of it runs"
+    for runs in running:
         copies = runs.all("COPY") + runs.all("ADD")
         assert copies, f"{path}:{runs.name} copies nothing from a build stage"
         for copy in copies:
@@ -260,8 +237,7 @@ def test_the_gpu_agent_image_joins_the_groups_that_own_the_devices() -> None:
 
 
 def test_the_entry_point_is_the_cli_installed_in_the_build_stage() -> None:
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert PurePosixPath(CLI).name in scripts
+    assert PurePosixPath(CLI).name in PROJECT["scripts"]
     for dockerfile, stage in run_targets():
         where = f"{dockerfile.path}:{stage.name}"
         entrypoint = stage.last("ENTRYPOINT")
@@ -274,17 +250,20 @@ def test_the_entry_point_is_the_cli_installed_in_the_build_stage() -> None:
         assert re.search(rf"{VENV}/bin/pip install \"?\.", runs), f"{where}: nothing installed"
         command = stage.last("CMD")
         assert command is not None, where
-        parse_with_environment(command.exec_form(), stage.environment())
+        check_command(command.exec_form(), stage.environment())
 
 
 def test_the_images_set_only_variables_their_command_reads() -> None:
+    """(check_command holds the rule; a misspelt variable shows it can fail.)"""
     for dockerfile, stage in run_targets():
         command = stage.last("CMD")
-        assert command is not None
+        assert command is not None, f"{dockerfile.path}:{stage.name}"
         role = command.exec_form()[0]
-        ours = {k for k in stage.environment() if k.startswith("KAIWO_GPU_")}
-        unread = ours - ROLE_VARIABLES[role]
-        assert not unread, f"{dockerfile.path}:{stage.name}: {role} never reads {unread}"
+        args = check_command(command.exec_form(), stage.environment())
+        assert args.command == role, f"{dockerfile.path}:{stage.name}"
+        misspelt = {**stage.environment(), "KAIWO_GPU_LISTN": "0.0.0.0:1"}
+        with pytest.raises(AssertionError, match="never reads"):
+            check_command(command.exec_form(), misspelt)
 
 
 def dockerignore() -> list[tuple[bool, re.Pattern[str]]]:
@@ -346,9 +325,8 @@ def test_every_copy_source_is_in_the_build_context(path: str) -> None:
                     relative = file.relative_to(REPO).as_posix()
                     assert not ignored(relative, rules), f"{where}: .dockerignore drops {relative}"
                 copied.add(source.rstrip("/"))
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"]
-    needed = {"pyproject.toml", project["project"]["readme"]} | {p.split("/")[0] for p in wheel}
+    wheel = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"]
+    needed = {"pyproject.toml", PROJECT["readme"]} | {p.split("/")[0] for p in wheel}
     assert needed <= copied, f"{path} does not copy {needed - copied}"
 
 
@@ -385,14 +363,13 @@ def requirement_name(requirement: str) -> str:
 def installed_requirements(dockerfile: Dockerfile) -> set[str]:
     """The projects the image's `pip install ".[extras]"` brings: the dependencies and
     those of the extras it names."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     runs = " ".join(i.arguments for s in dockerfile.stages.values() for i in s.all("RUN"))
     match = re.search(rf"{VENV}/bin/pip install \"?\.(?:\[([\w,-]+)\])?", runs)
     assert match is not None, f"{dockerfile.path} does not install the project"
     extras = match[1].split(",") if match[1] else []
-    wanted = list(project["dependencies"])
+    wanted = list(PROJECT["dependencies"])
     for extra in extras:
-        wanted += project["optional-dependencies"][extra]
+        wanted += PROJECT["optional-dependencies"][extra]
     return {requirement_name(requirement) for requirement in wanted}
 
 
@@ -443,7 +420,7 @@ def probe(stage: Stage, port: int | None) -> subprocess.CompletedProcess[str]:
     """The stage's health check, run here: its environment with the port of the address
     it probes replaced by `port` (or that variable left out)."""
     argv = health_check(stage).exec_form()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(OWN_PREFIXES)}
+    environment = clean_environment()
     for name, value in stage.environment().items():
         if name.startswith(OWN_PREFIXES) and port is not None:
             environment[name] = re.sub(r":\d+$", f":{port}", value)

@@ -16,17 +16,17 @@ test says so). No cluster is involved: deploy/kubernetes/README.md says what was
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import functools
 import hashlib
 import json
-import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +39,18 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kaiwo_gpu.agent.service import ENVIRONMENT as AGENT_ENVIRONMENT
-from kaiwo_gpu.cli.main import build_parser
 from kaiwo_gpu.common import credentials, pki
+from kaiwo_gpu.common.channels import channel_credentials
 from kaiwo_gpu.common.credentials import Credentials
 from kaiwo_gpu.common.identity import Role, from_uri
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.server import SERVICE_NAME
-from kaiwo_gpu.coordinator.settings import ENVIRONMENT as COORDINATOR_ENVIRONMENT
 from kaiwo_gpu.coordinator.state.inventory import parse_inventory
 from tests.conftest import coordinator_running
+from tests.deployments import PROJECT, REPO, check_command, clean_environment, pinned, port_of
 
 Object = dict[str, Any]
 
-REPO = Path(__file__).resolve().parent.parent
 KUBERNETES = REPO / "deploy" / "kubernetes"
 RENDERS = {
     "base": KUBERNETES / "base",
@@ -68,6 +66,8 @@ KUBERNETES_VERSIONS = ("1.30", "1.37")
 """An older release still common on managed clusters, and the newest schemas shipped."""
 CERT_MANAGER = "cert-manager.io/v1"
 """No schema ships for cert-manager's kinds: their fields are checked by hand below."""
+CERT_MANAGER_KINDS = frozenset({"Issuer", "Certificate"})
+"""The cert-manager kinds test_the_coordinator_certificate_names_what_clients_dial reads."""
 CERTIFICATE_FIELDS = frozenset(
     {"secretName", "issuerRef", "commonName", "dnsNames", "uris", "usages", "privateKey"}
     | {"duration", "renewBefore"}
@@ -77,6 +77,8 @@ TLS_SECRET_KEYS = frozenset({"tls.crt", "tls.key", "ca.crt"})
 FIELD_VALUES = {"spec.nodeName": "gpu-node-07", "metadata.name": "kaiwo-gpu-etcd-0"}
 """What the downward API would give, for the parser to check."""
 PROBE_HOST = "127.0.0.1"
+PROBE_TIMEOUT_S = float(runpy.run_path(str(KUBERNETES / "base" / "health_probe.py"))["TIMEOUT_S"])
+"""How long the probe script itself waits for an answer (its __main__ block is not run)."""
 CLIENT_LABEL = {"kaiwo-gpu/client": "true"}
 CLIENT_NAMESPACE_LABEL = {"kaiwo-gpu/clients": "true"}
 """What an admin puts on a namespace whose labelled pods may call the coordinator: a pod's
@@ -288,10 +290,6 @@ def container_port(container: Object, port: int | str) -> int | None:
     return None
 
 
-def port_of(address: str) -> int:
-    return int(address.rpartition(":")[2])
-
-
 def environment(container: Object) -> dict[str, str]:
     values: dict[str, str] = {}
     for variable in container.get("env", []):
@@ -306,17 +304,9 @@ def flag_values(arguments: list[str]) -> dict[str, str]:
     return dict(a.removeprefix("--").split("=", 1) for a in arguments if a.startswith("--"))
 
 
-def parse(container: Object, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The container's args under its environment, as the CLI parses them (flag defaults
-    come from the environment when the parser is built)."""
-    for variable in [v for v in os.environ if v.startswith("KAIWO_GPU_")]:
-        monkeypatch.delenv(variable)
-    for variable, value in environment(container).items():
-        monkeypatch.setenv(variable, value)
-    try:
-        return build_parser().parse_args(container["args"])
-    except SystemExit:
-        pytest.fail(f"the CLI refuses {container['name']}'s args and environment (stderr)")
+def parse(container: Object) -> argparse.Namespace:
+    """The container's args under its environment, as the CLI parses them."""
+    return check_command(container["args"], environment(container))
 
 
 def coordinator_service(objects: list[Object]) -> tuple[Object, Object]:
@@ -344,9 +334,9 @@ def service_dns_name(service: Object) -> str:
 def test_every_object_validates_against_the_kubernetes_schemas(name: str, version: str) -> None:
     objects = render(name)
     assert objects
-    for item in objects:
-        if item["apiVersion"] == CERT_MANAGER:
-            continue
+    unschemed = {item["kind"] for item in objects if item["apiVersion"] == CERT_MANAGER}
+    assert unschemed <= CERT_MANAGER_KINDS, f"{name}: no check reads {unschemed}"
+    for item in (item for item in objects if item["apiVersion"] != CERT_MANAGER):
         try:
             kubernetes_validate.validate(item, version, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -359,6 +349,7 @@ def test_everything_lives_in_one_namespace(name: str) -> None:
     """A namespaced object without one lands in kubectl's current namespace, away from the
     pods that mount it."""
     objects = render(name)
+    assert objects, name
     for item in objects:
         expected = None if item["kind"] in CLUSTER_SCOPED else NAMESPACE
         assert item["metadata"].get("namespace") == expected, f"{item['kind']}/{name_of(item)}"
@@ -374,6 +365,7 @@ def test_every_volume_names_an_object_of_its_namespace(name: str) -> None:
     the operator, as README.md says."""
     objects = render(name)
     certificates = [c for c in objects if c["apiVersion"] == CERT_MANAGER]
+    checked = 0
     for workload in (w for w in objects if w["kind"] in WORKLOADS):
         namespace = workload["metadata"]["namespace"]
         present = {
@@ -393,9 +385,11 @@ def test_every_volume_names_an_object_of_its_namespace(name: str) -> None:
             else:
                 continue
             assert wanted in present, f"{name_of(workload)} mounts {wanted}, not in {namespace}"
+            checked += 1
+    assert checked, f"{name}: no pod mounts a ConfigMap or Secret"
 
 
-@pytest.mark.parametrize("name", [*WITH_SERVICES, "etcd"])
+@pytest.mark.parametrize("name", WITH_SERVICES)
 def test_a_group_readable_secret_is_readable_by_its_pod(name: str) -> None:
     """A Secret whose files others may not read (0440) is read through the group, which
     the kubelet makes fsGroup: it must be the group the pod runs as."""
@@ -420,10 +414,10 @@ def test_a_group_readable_secret_is_readable_by_its_pod(name: str) -> None:
                 assert pod.get("fsGroup") is not None, f"{where}: owned by root's group"
                 assert pod["fsGroup"] == runs_as.get("runAsGroup"), where
                 checked += 1
-    assert checked or name == "etcd", "the coordinator's TLS Secret is mode 0440"
+    assert checked, "the coordinator's TLS Secret is mode 0440"
 
 
-@pytest.mark.parametrize("name", [*WITH_SERVICES, "etcd"])
+@pytest.mark.parametrize("name", WITH_SERVICES)
 def test_the_scrape_annotations_name_the_metrics_port(name: str) -> None:
     """(Each metrics listener is tied to the `metrics` port elsewhere: the CLI's
     --metrics-listen in test_the_services_run_what_the_cli_accepts, etcd's
@@ -437,7 +431,7 @@ def test_the_scrape_annotations_name_the_metrics_port(name: str) -> None:
         declared = [container_port(c, "metrics") for c in pod_spec(workload)["containers"]]
         assert int(annotations["prometheus.io/port"]) in declared, name_of(workload)
         annotated += 1
-    assert annotated or name == "etcd"
+    assert annotated, f"{name}: no workload is annotated for Prometheus"
 
 
 @pytest.mark.integration  # it runs kubectl
@@ -478,9 +472,9 @@ def _comparable(objects: list[Object]) -> list[str]:
 @pytest.mark.parametrize("name", [*WITH_SERVICES, "etcd"])
 def test_images_are_pinned_and_of_one_release(name: str) -> None:
     images = {container["name"]: container["image"] for _, container in containers(render(name))}
+    assert images, name
     for container_name, image in images.items():
-        _, suffix = split_image(image)
-        assert suffix not in ("", ":latest"), f"{container_name}: {image} is not pinned"
+        assert pinned(image), f"{container_name}: {image} is not pinned"
     if "etcd" in images:
         compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
         repository = split_image(images["etcd"])[0]
@@ -491,56 +485,44 @@ def test_images_are_pinned_and_of_one_release(name: str) -> None:
         }
         assert etcd_images == {images["etcd"]}, "one etcd release for compose and Kubernetes"
     if name in WITH_SERVICES:
-        version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+        version = PROJECT["version"]
         assert split_image(images["coordinator"])[1] == f":{version}"
         assert split_image(images["agent"])[1].startswith(f":{version}-rocm")
 
 
 @pytest.mark.parametrize("name", WITH_SERVICES)
-def test_the_services_run_what_the_cli_accepts(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Args and KAIWO_GPU_* variables through build_parser(): a variable no flag reads
-    (a typo) would be ignored by the CLI, so it fails here."""
-    for dockerfile in ("Dockerfile", "Dockerfile.agent"):
-        (entry,) = [
-            line
-            for line in (REPO / "deploy" / dockerfile).read_text().splitlines()
-            if line.startswith("ENTRYPOINT")
-        ]
-        assert json.loads(entry.removeprefix("ENTRYPOINT"))[-1].endswith("kaiwo-gpu")
+def test_the_services_run_what_the_cli_accepts(name: str) -> None:
+    """Args and KAIWO_GPU_* variables through check_command: a variable no flag reads
+    (a typo) would be ignored by the CLI, so it fails here. (The images' entry point is
+    the CLI: test_dockerfiles.py checks it.)"""
     objects = render(name)
-    for command, known in (("coordinator", COORDINATOR_ENVIRONMENT), ("agent", AGENT_ENVIRONMENT)):
+    parsed: dict[str, tuple[Object, argparse.Namespace]] = {}
+    for command in ("coordinator", "agent"):
         _, container = workload_with(objects, command)
         assert "command" not in container, "the image's entry point is kaiwo-gpu"
-        unknown = {v for v in environment(container) if v.startswith("KAIWO_GPU_")}
-        assert not unknown - set(known.values()), (
-            f"{command} ignores {unknown - set(known.values())}"
-        )
-        args = parse(container, monkeypatch)
+        args = parse(container)
         assert args.command == command
         held = (args.tls_ca, args.tls_cert, args.tls_key)
         assert None not in held, f"{command} without mutual TLS"
         assert port_of(args.metrics_listen) == container_port(container, "metrics")
-    _, coordinator = workload_with(objects, "coordinator")
-    args = parse(coordinator, monkeypatch)
+        parsed[command] = container, args
+    coordinator, args = parsed["coordinator"]
     assert not args.insecure
     assert not credentials.is_loopback(args.listen), "other pods could not reach it"
     assert port_of(args.listen) == container_port(coordinator, "grpc")
 
 
 @pytest.mark.parametrize("name", WITH_SERVICES)
-def test_the_agents_dial_the_coordinator_service(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_agents_dial_the_coordinator_service(name: str) -> None:
     objects = render(name)
     service, port = coordinator_service(objects)
-    _, agent = workload_with(objects, "agent")
-    args = parse(agent, monkeypatch)
+    daemonset, agent = workload_with(objects, "agent")
+    args = parse(agent)
     assert args.coordinator == (f"{service_dns_name(service)}:{port['port']}",)
     assert args.node == FIELD_VALUES["spec.nodeName"]
     mounted = {mount["mountPath"] for mount in agent["volumeMounts"]}
     assert {"/dev/kfd", "/dev/dri"} <= mounted
     assert agent["securityContext"]["privileged"], "amdsmi needs the host's device nodes"
-    daemonset, _ = workload_with(objects, "agent")
     assert agent["securityContext"].get("runAsUser") == 0 or pod_spec(daemonset).get(
         "securityContext", {}
     ).get("supplementalGroups"), "the image's user is in no host group that owns /dev/kfd"
@@ -576,11 +558,12 @@ def test_every_host_path_is_checked_for_its_type(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", WITH_SERVICES)
-def test_the_files_the_services_read_are_mounted(name: str, tmp_path: Path) -> None:
+def test_the_files_the_services_read_are_mounted(name: str) -> None:
     """Every path a setting or the probe names lies in a volume that holds it: a key of a
     ConfigMap of the render, a key a TLS Secret has, or a directory of the host."""
     objects = render(name)
     config_maps = {name_of(c): c["data"] for c in of_kind(objects, "ConfigMap")}
+    checked: set[str] = set()
     for workload, container in containers(objects):
         if container["name"] not in ("coordinator", "agent"):
             continue
@@ -603,15 +586,15 @@ def test_the_files_the_services_read_are_mounted(name: str, tmp_path: Path) -> N
                 assert key in TLS_SECRET_KEYS, path
             else:
                 assert volume["hostPath"]["type"] == "Directory", path
+            checked.add(container["name"])
+    assert checked == {"coordinator", "agent"}, f"{name}: only {checked} read a file"
     if name == "overlay":
         (inventory,) = [data for n, data in config_maps.items() if "inventory" in n]
         assert parse_inventory(inventory["nodes.yaml"], "the inventory ConfigMap")
 
 
 @pytest.mark.parametrize("name", WITH_SERVICES)
-def test_the_coordinator_probes_check_grpc_health_on_its_port(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_coordinator_probes_check_grpc_health_on_its_port(name: str) -> None:
     objects = render(name)
     service, _ = coordinator_service(objects)
     _, container = workload_with(objects, "coordinator")
@@ -622,21 +605,25 @@ def test_the_coordinator_probes_check_grpc_health_on_its_port(
         assert address == f"{PROBE_HOST}:{container_port(container, 'grpc')}", probe
         assert server_name == service_dns_name(service), "the name agents check, too"
         assert asked == service_name, probe
-        assert container[probe]["timeoutSeconds"] > 3, "the probe's own timeout is 3 s"
+        assert container[probe]["timeoutSeconds"] > PROBE_TIMEOUT_S, "the probe's own timeout"
     startup = container["startupProbe"]
-    etcd_wait_s = parse(container, monkeypatch).etcd_wait
+    etcd_wait_s = parse(container).etcd_wait
     assert startup["periodSeconds"] * startup["failureThreshold"] > etcd_wait_s
 
 
 @pytest.mark.parametrize("name", [*WITH_SERVICES, "etcd"])
 def test_every_probe_and_service_names_a_declared_port(name: str) -> None:
     objects = render(name)
+    probes = 0
     for _, container in containers(objects):
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             handler = container.get(probe, {})
             for kind in ("httpGet", "tcpSocket", "grpc"):
                 if kind in handler:
                     assert container_port(container, handler[kind]["port"]), (probe, kind)
+            probes += probe in container
+    assert probes, f"{name}: no container is probed"
+    assert of_kind(objects, "Service"), f"{name} has no Service"
     for service in of_kind(objects, "Service"):
         (workload,) = selected_workloads(objects, {"matchLabels": service["spec"]["selector"]})
         for port in service["spec"]["ports"]:
@@ -766,9 +753,7 @@ def test_network_policies_admit_only_what_must_reach_each_port() -> None:
 
 
 @pytest.mark.parametrize("name", ["etcd", "overlay"])
-def test_the_etcd_example_is_three_members_the_coordinators_reach(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_etcd_example_is_three_members_the_coordinators_reach(name: str) -> None:
     objects = render(name)
     members, container = workload_with(objects, "etcd")
     spec, namespace = members["spec"], members["metadata"]["namespace"]
@@ -793,10 +778,10 @@ def test_the_etcd_example_is_three_members_the_coordinators_reach(
         assert url.hostname == "0.0.0.0", f"--{flag}: other pods and the kubelet reach it"
         assert url.port == container_port(container, port_name), f"--{flag}"
     if name == "etcd":
-        quota = build_parser().parse_args(["coordinator"]).etcd_quota
+        quota = check_command(["coordinator"], {}).etcd_quota
     else:
         _, coordinator = workload_with(objects, "coordinator")
-        args = parse(coordinator, monkeypatch)
+        args = parse(coordinator)
         quota = args.etcd_quota
         ((host, port),) = [endpoint.rsplit(":", 1) for endpoint in args.etcd]
         (service,) = [s for s in of_kind(objects, "Service") if service_dns_name(s) == host]
@@ -894,12 +879,10 @@ async def test_the_probes_pass_on_a_serving_coordinator_over_mutual_tls(
         variable: str(root / value.lstrip("/")) if value.startswith("/") else value
         for variable, value in environment(container).items()
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KAIWO_GPU_")} | pod_env
-    tls = Credentials(
-        tls_ca=Path(pod_env["KAIWO_GPU_TLS_CA"]),
-        tls_cert=Path(pod_env["KAIWO_GPU_TLS_CERT"]),
-        tls_key=Path(pod_env["KAIWO_GPU_TLS_KEY"]),
-    )
+    env = clean_environment() | pod_env
+    tls = credentials.from_environment(pod_env)
+    assert tls.tls_ca is not None, "the pod holds no CA"
+    assert tls.tls_cert is not None, "the pod holds no certificate"
     async with coordinator_running(etcd.endpoint, prefix, None, tls=tls) as running:
         port = port_of(running.target)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -924,7 +907,8 @@ async def test_the_probes_pass_on_a_serving_coordinator_over_mutual_tls(
 
         # Why not the kubelet's `grpc:` probe: plaintext, no client certificate; and TLS
         # without one is refused as well, so the probe must hold the pod's.
-        anonymous = grpc.ssl_channel_credentials(Path(pod_env["KAIWO_GPU_TLS_CA"]).read_bytes())
+        anonymous = channel_credentials(Credentials(tls_ca=tls.tls_ca))
+        assert anonymous is not None
         name = [("grpc.ssl_target_name_override", certificate["spec"]["dnsNames"][0])]
         for channel in (
             grpc.aio.insecure_channel(running.target),
