@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,10 @@ from kaiwo_gpu.coordinator.local.etcd import free_port
 DAEMONS = ("munged", "slurmctld", "slurmd")
 COMMANDS = ("sbatch", "scontrol", "scancel", "sinfo", "squeue", "srun")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SLURM_DIR = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
+"""deploy/slurm: the TaskProlog and Epilog a site installs."""
+KAIWO_GPU = Path(sys.executable).parent / "kaiwo-gpu"
+"""This checkout's CLI."""
 SHARE_GRES = "kaiwo_share"
 """A count-only GRES the node offers in thousandths of a GPU (see docs/slurm.md)."""
 FINISHED_STATES = frozenset(
@@ -50,8 +55,6 @@ POLL_S = 0.2
 ROOT_PREFIX = "kaiwo-slurm-"
 OWNER_FILE = "owner"
 """In a cluster's directory: the pid and start time of the process it belongs to."""
-UNOWNED_STALE_S = 600.0
-"""A directory without an owner file (from before it had one) is stale after this long."""
 
 
 class SlurmUnavailable(Exception):
@@ -103,10 +106,6 @@ class Job:
     def status(self) -> int:
         """The exit status Slurm recorded (ExitCode=status:signal)."""
         return int(self.exit_code.partition(":")[0])
-
-    @property
-    def signal(self) -> int:
-        return int(self.exit_code.partition(":")[2] or 0)
 
 
 def parse_jobs(text: str) -> list[Job]:
@@ -165,11 +164,6 @@ def stale(root: Path) -> bool:
     """Whether the process root belongs to is gone: killed before it could stop its cluster."""
     try:
         pid, _, started = (root / OWNER_FILE).read_text().strip().partition(" ")
-    except FileNotFoundError:
-        try:
-            return time.time() - root.stat().st_mtime > UNOWNED_STALE_S
-        except OSError:
-            return False
     except OSError:
         return False
     return not pid.isdigit() or process_start(int(pid)) != started
@@ -212,7 +206,6 @@ class Daemon:
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, environment: dict[str, str]):
         self.name = name
-        self.log = log
         with log.open("ab") as output:
             self.process = subprocess.Popen(
                 list(argv),

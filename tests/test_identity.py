@@ -412,8 +412,9 @@ async def test_the_slurm_scripts_speak_tls_as_the_slurm_scheduler(
     async with secured(etcd, prefix, inventory, test_pki) as running:
         site = site_file(tmp_path, running.target, **slurm.environment())
         node = next(iter((await audit_etcd(running.endpoint, running.prefix)).nodes))
+        # The job names a coordinator of its own, which the TaskProlog ignores.
         job = task_environment(
-            "127.0.0.1:1", "77", node, KAIWO_GPU_SLURM_ENV=str(site), KAIWO_GPU_FRACTION="0.5"
+            site, "77", node, KAIWO_GPU_COORDINATOR="127.0.0.1:1", KAIWO_GPU_FRACTION="0.5"
         )
         start = await task_prolog(job)
         assert start.status == 0, start.printed

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -23,17 +22,21 @@ from typing import Any
 import grpc
 import pytest
 
+from kaiwo_gpu.client.support import COORDINATOR_VARIABLE
+from kaiwo_gpu.common import credentials
+from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.grant_variables import CU_MASK, GRANT_VARIABLES
 from kaiwo_gpu.common.names import is_request_id
+from kaiwo_gpu.common.units import parse_duration_s
+from kaiwo_gpu.coordinator.local.etcd import free_port
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
 from tests.conftest import Running
 from tests.fake_coordinator import FlakyCoordinator, serving
+from tests.slurm_cluster import KAIWO_GPU, SLURM_DIR
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
 TASK_PROLOG = SLURM_DIR / "task-prolog.sh"
 EPILOG = SLURM_DIR / "epilog.sh"
-VENV_BIN = Path(sys.executable).parent
-KAIWO_GPU = VENV_BIN / "kaiwo-gpu"
+VENV_BIN = KAIWO_GPU.parent
 SCRIPT_TIMEOUT_S = 60.0
 UNMASKED_GRANT_VARIABLES = frozenset(GRANT_VARIABLES) - {CU_MASK}
 """What a grant without cu-mask isolation sets."""
@@ -105,16 +108,10 @@ async def epilog(environment: Mapping[str, str]) -> Ran:
 
 
 def task_environment(
-    site: Path | str, job_id: str, node: str = "node-a", **variables: str
+    site: Path, job_id: str, node: str = "node-a", **variables: str
 ) -> dict[str, str]:
     """What a task of job_id on node has: the job's environment plus slurmstepd's additions.
-    `site` is the site's file, which says how to reach the coordinator; a str is instead a
-    coordinator the job's own environment names (which the TaskProlog ignores), for callers
-    that give the site's file as KAIWO_GPU_SLURM_ENV in `variables`."""
-    if isinstance(site, Path):
-        named = {"KAIWO_GPU_SLURM_ENV": str(site)}
-    else:
-        named = {"KAIWO_GPU_COORDINATOR": site, "KAIWO_GPU_SLURM_ENV": "/nonexistent/slurm.env"}
+    `site` is the site's file, which says how to reach the coordinator."""
     return {
         "PATH": f"{VENV_BIN}:/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/tmp"),
@@ -123,7 +120,7 @@ def task_environment(
         "SLURM_JOB_PARTITION": "gpu",
         "SLURM_CLUSTER_NAME": "lab",
         "SLURMD_NODENAME": node,
-        **named,
+        "KAIWO_GPU_SLURM_ENV": str(site),
         **variables,
     }
 
@@ -140,7 +137,7 @@ def epilog_environment(env_file: Path, job_id: str, node: str = "node-a") -> dic
     }
 
 
-def site_file(tmp_path: Path, coordinator: str, name: str = "slurm.env", **settings: str) -> Path:
+def site_file(tmp_path: Path, coordinator: str, **settings: str) -> Path:
     """The site's slurm.env: the coordinator, this checkout's CLI and a 10 s allocate, or
     what `settings` (NAME=value) say instead."""
     values = {
@@ -149,20 +146,9 @@ def site_file(tmp_path: Path, coordinator: str, name: str = "slurm.env", **setti
         "KAIWO_GPU_TIMEOUT": "10s",
         **settings,
     }
-    path = tmp_path / name
+    path = tmp_path / "slurm.env"
     path.write_text("".join(f"{variable}={value}\n" for variable, value in values.items()))
     return path
-
-
-def target(running: Running) -> str:
-    return f"127.0.0.1:{running.coordinator.port}"
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def listed(coordinator: str, owner: str) -> list[dict[str, Any]]:
@@ -199,7 +185,7 @@ def test_scripts_are_executable_posix_sh() -> None:
 async def test_tasks_of_a_job_share_one_allocation_on_their_node(
     running: Running, tmp_path: Path
 ) -> None:
-    coordinator = target(running)
+    coordinator = running.target
     environment = task_environment(
         site_file(tmp_path, coordinator),
         "4242",
@@ -239,7 +225,7 @@ async def test_a_step_started_from_a_granted_task_gets_the_same_allocation(
     running: Running, tmp_path: Path, isolation: str | None
 ) -> None:
     """srun in a batch script inherits the batch task's environment, the grant's included."""
-    coordinator = target(running)
+    coordinator = running.target
     request = {"KAIWO_GPU_FRACTION": "0.25"}
     if isolation is not None:
         request["KAIWO_GPU_ISOLATION"] = isolation
@@ -259,7 +245,7 @@ async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
     running: Running, tmp_path: Path
 ) -> None:
     """sbatch from a shell under `kaiwo-gpu run --isolation cu-mask` that asks for a share."""
-    coordinator = target(running)
+    coordinator = running.target
     inherited = {
         "KAIWO_GPU_ALLOCATION_ID": "f00d",
         "KAIWO_GPU_ISOLATION": "cu-mask",
@@ -286,7 +272,7 @@ async def test_a_grant_from_elsewhere_neither_shapes_the_request_nor_leaks(
 async def test_a_job_that_asks_for_no_share_gets_nothing(
     running: Running, tmp_path: Path, inherited: dict[str, str]
 ) -> None:
-    coordinator = target(running)
+    coordinator = running.target
 
     start = await task_prolog(task_environment(site_file(tmp_path, coordinator), "5", **inherited))
 
@@ -299,21 +285,21 @@ async def test_the_site_file_names_the_coordinator_over_the_job_environment(
     running: Running, tmp_path: Path
 ) -> None:
     environment = task_environment(
-        site_file(tmp_path, target(running)),
+        site_file(tmp_path, running.target),
         "31",
-        KAIWO_GPU_COORDINATOR=f"127.0.0.1:{closed_port()}",
+        KAIWO_GPU_COORDINATOR=f"127.0.0.1:{free_port()}",
         KAIWO_GPU_FRACTION="0.5",
     )
 
     start = await task_prolog(environment)
 
     assert start.status == 0, start.printed
-    assert len(await listed(target(running), "slurm/31")) == 1
+    assert len(await listed(running.target, "slurm/31")) == 1
 
 
 @pytest.mark.integration
 async def test_the_epilog_releases_and_can_run_again(running: Running, tmp_path: Path) -> None:
-    coordinator = target(running)
+    coordinator = running.target
     env_file = site_file(tmp_path, coordinator)
     environment = task_environment(env_file, "900", KAIWO_GPU_FRACTION="0.5")
     assert (await task_prolog(environment)).status == 0
@@ -331,7 +317,7 @@ async def test_the_epilog_of_a_heterogeneous_component_releases_the_leaders_shar
     running: Running, tmp_path: Path
 ) -> None:
     """Tasks of every component see the leader's id; the Epilog sees it as SLURM_HET_JOB_ID."""
-    env_file = site_file(tmp_path, target(running))
+    env_file = site_file(tmp_path, running.target)
     assert (
         await task_prolog(task_environment(env_file, "700", KAIWO_GPU_FRACTION="1"))
     ).status == 0
@@ -339,13 +325,13 @@ async def test_the_epilog_of_a_heterogeneous_component_releases_the_leaders_shar
     ended = await epilog({**epilog_environment(env_file, "701"), "SLURM_HET_JOB_ID": "700"})
 
     assert ended.status == 0, ended.output
-    assert await listed(target(running), "slurm/700") == []
+    assert await listed(running.target, "slurm/700") == []
 
 
 @pytest.mark.integration
 async def test_a_requeued_job_gets_a_new_allocation(running: Running, tmp_path: Path) -> None:
     """A released request id stays taken for a while; the restart count makes a new one."""
-    coordinator = target(running)
+    coordinator = running.target
     env_file = site_file(tmp_path, coordinator)
     environment = task_environment(env_file, "901", KAIWO_GPU_FRACTION="0.5")
     first_run = await task_prolog(environment)
@@ -367,7 +353,7 @@ async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
 ) -> None:
     """Both Epilogs release at once, racing for the same allocations: neither complains,
     and neither would drain its node."""
-    coordinator = target(running)
+    coordinator = running.target
     env_file = site_file(tmp_path, coordinator, KAIWO_GPU_EPILOG_STRICT=strict)
     starts = await asyncio.gather(
         *(
@@ -400,7 +386,7 @@ async def test_a_job_on_two_nodes_holds_one_share_on_each_until_its_epilogs(
 async def test_a_request_that_cannot_be_granted_fails_the_task_with_a_printed_reason(
     running: Running, tmp_path: Path, request_variables: dict[str, str], status: int, reason: str
 ) -> None:
-    coordinator = target(running)
+    coordinator = running.target
     environment = task_environment(
         site_file(tmp_path, coordinator), "66", node="node-b", **request_variables
     )
@@ -419,18 +405,13 @@ async def test_a_request_that_cannot_be_granted_fails_the_task_with_a_printed_re
 async def test_an_unreachable_coordinator_fails_the_task_but_not_the_node(
     tmp_path: Path,
 ) -> None:
-    unreachable = f"127.0.0.1:{closed_port()}"
-    logged = tmp_path / "syslog"
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    logger = fake_bin / "logger"
-    logger.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{logged}"\n')
-    logger.chmod(0o755)
+    unreachable = f"127.0.0.1:{free_port()}"
+    logger = RecordingCli(tmp_path / "bin", name="logger")
     env_file = site_file(
         tmp_path, unreachable, KAIWO_GPU_TIMEOUT="2s", KAIWO_GPU_EPILOG_TIMEOUT="2s"
     )
     environment = task_environment(env_file, "13", KAIWO_GPU_FRACTION="0.5")
-    end_environment = {**epilog_environment(env_file, "13"), "PATH": f"{fake_bin}:/usr/bin:/bin"}
+    end_environment = {**epilog_environment(env_file, "13"), "PATH": logger.search_path}
 
     start = await task_prolog(environment)
     forgiving = await epilog(end_environment)
@@ -442,7 +423,7 @@ async def test_an_unreachable_coordinator_fails_the_task_but_not_the_node(
     assert forgiving.status == 0
     assert "releasing owner slurm/13 failed (exit 5" in forgiving.output
     assert strict.status == 5
-    assert logged.read_text().count("releasing owner slurm/13 failed") == 2
+    assert len(logger.calls_naming("releasing owner slurm/13 failed")) == 2
 
 
 RECORDING_CLI = """\
@@ -470,16 +451,22 @@ class Call:
 
 
 class RecordingCli:
-    """A KAIWO_GPU_BIN that records each call (arguments, environment) and answers with the
-    (status, output) pairs it was given, in turn, the last one repeating."""
+    """A KAIWO_GPU_BIN (or, by `name`, another command the scripts run, such as `logger`)
+    that records each call (arguments, environment) and answers with the (status, output)
+    pairs it was given, in turn, the last one repeating."""
 
-    def __init__(self, directory: Path, *answers: tuple[int, str]) -> None:
+    def __init__(self, directory: Path, *answers: tuple[int, str], name: str = "kaiwo-gpu") -> None:
         directory.mkdir()
         self.directory = directory
-        self.path = directory / "kaiwo-gpu"
+        self.path = directory / name
         (directory / "answers.json").write_text(json.dumps(list(answers) or [(0, "")]))
         self.path.write_text(RECORDING_CLI.format(python=sys.executable, directory=str(directory)))
         self.path.chmod(0o755)
+
+    @property
+    def search_path(self) -> str:
+        """A PATH that finds this command first."""
+        return f"{self.directory}:/usr/bin:/bin"
 
     def calls(self) -> list[Call]:
         return [
@@ -487,35 +474,45 @@ class RecordingCli:
             for path in sorted(self.directory.glob("call-*.json"))
         ]
 
+    def calls_naming(self, text: str) -> list[Call]:
+        """The calls with `text` in one of their arguments."""
+        return [call for call in self.calls() if any(text in arg for arg in call.argv)]
 
+
+CONNECTION_VARIABLES = frozenset({COORDINATOR_VARIABLE, *credentials.VARIABLES.values()})
+"""How the CLI reaches the coordinator and proves who it is: the site's, never the job's."""
 SITE_CREDENTIALS = {
-    "KAIWO_GPU_TLS_CA": "/etc/kaiwo-gpu/tls/ca.crt",
-    "KAIWO_GPU_TLS_CERT": "/etc/kaiwo-gpu/tls/slurm.crt",
-    "KAIWO_GPU_TLS_KEY": "/etc/kaiwo-gpu/tls/slurm.key",
+    credentials.VARIABLES[field]: f"/etc/kaiwo-gpu/tls/{file}"
+    for field, file in (("tls_ca", "ca.crt"), ("tls_cert", "slurm.crt"), ("tls_key", "slurm.key"))
 }
 JOB_SETTINGS = {
-    "KAIWO_GPU_COORDINATOR": "job.example:50051",
-    "KAIWO_GPU_TLS_CA": "/home/alice/ca.crt",
-    "KAIWO_GPU_TLS_CERT": "/home/alice/alice.crt",
-    "KAIWO_GPU_TLS_KEY": "/home/alice/alice.key",
-    "KAIWO_GPU_TOKEN_FILE": "/home/alice/token",
+    COORDINATOR_VARIABLE: "job.example:50051",
+    **{variable: f"/home/alice/{field}" for field, variable in credentials.VARIABLES.items()},
     "KAIWO_GPU_BIN": "/home/alice/bin/kaiwo-gpu",
     "KAIWO_GPU_TIMEOUT": "1h",
 }
 """What a job may carry, e.g. submitted from a shell under `kaiwo-gpu run`."""
-CONNECTION_VARIABLES = frozenset(JOB_SETTINGS) - {"KAIWO_GPU_BIN", "KAIWO_GPU_TIMEOUT"}
+
+
+@pytest.mark.parametrize("script", [TASK_PROLOG, EPILOG], ids=lambda script: script.name)
+def test_the_scripts_pass_on_exactly_the_connection_variables(script: Path) -> None:
+    """The scripts keep their own list (they cannot import one); this keeps it from drifting."""
+    loop = re.search(r"^for variable in (.+?); do$", script.read_text(), re.MULTILINE | re.DOTALL)
+    assert loop is not None, f"{script.name}'s `for variable in ...; do` loop is gone"
+    assert sorted(loop.group(1).replace("\\\n", " ").split()) == sorted(CONNECTION_VARIABLES)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("site", "timeout"),
-    [({**SITE_CREDENTIALS, "KAIWO_GPU_TIMEOUT": "7s"}, "7s"), ({}, "30s")],
+    [({**SITE_CREDENTIALS, "KAIWO_GPU_TIMEOUT": "7s"}, "7s"), ({}, None)],
     ids=["site-sets-credentials", "site-sets-none"],
 )
 async def test_the_task_prolog_calls_with_the_sites_settings_never_the_jobs(
-    tmp_path: Path, site: dict[str, str], timeout: str
+    tmp_path: Path, site: dict[str, str], timeout: str | None
 ) -> None:
-    """A job's own token would beat the site's certificate and run the call as its user."""
+    """A job's own token would beat the site's certificate and run the call as its user; a
+    site that sets no timeout leaves the CLI's default (no --timeout), not the job's 1h."""
     cli = RecordingCli(tmp_path / "cli", (0, "KAIWO_GPU_ALLOCATION_ID=a1\n"))
     env_file = tmp_path / "slurm.env"
     settings = {"KAIWO_GPU_COORDINATOR": "site.example:50051", "KAIWO_GPU_BIN": str(cli.path)}
@@ -528,6 +525,7 @@ async def test_the_task_prolog_calls_with_the_sites_settings_never_the_jobs(
     assert start.status == 0, start.printed
     [call] = cli.calls()
     assert call.option("--timeout") == timeout
+    assert call.argv.count("--timeout") == (timeout is not None)
     sent = {name: value for name, value in call.environment.items() if name in CONNECTION_VARIABLES}
     assert sent == {name: value for name, value in settings.items() if name in CONNECTION_VARIABLES}
 
@@ -597,10 +595,11 @@ async def test_request_ids_of_different_jobs_cannot_run_into_each_other(tmp_path
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("budget", ["9s", "2m"])
+@pytest.mark.parametrize(("budget", "budget_s"), [("9s", 9), ("2m", 120), ("2h", 3600)])
 async def test_the_epilog_passes_what_is_left_of_its_budget_as_the_timeout(
-    tmp_path: Path, budget: str
+    tmp_path: Path, budget: str, budget_s: int
 ) -> None:
+    """budget_s is what the first call may take: the budget, or the CLI's most, 1h."""
     cli = RecordingCli(tmp_path / "cli")
     env_file = site_file(
         tmp_path, "site.example:50051", KAIWO_GPU_BIN=str(cli.path), KAIWO_GPU_EPILOG_TIMEOUT=budget
@@ -614,8 +613,71 @@ async def test_the_epilog_passes_what_is_left_of_its_budget_as_the_timeout(
     timeout = call.option("--timeout")
     assert timeout is not None, call.argv
     assert re.fullmatch(r"[0-9]+s", timeout), call.argv
-    budget_s = int(budget[:-1]) * {"s": 1, "m": 60}[budget[-1]]
-    assert 1 <= int(timeout[:-1]) <= budget_s
+    assert budget_s - 5 <= int(timeout[:-1]) <= budget_s, call.argv
+    if budget == "2h":
+        assert timeout == "3600s"
+
+
+DURATIONS = ["90", "90s", "10m", "2h", "1d", "010s", "000000020s", "999999999s", "0s", "000"]
+"""Durations the CLI takes, leading zeros and 0 among them."""
+NOT_DURATIONS = ["20x", "0000000000020s", "1234567890", "s", "", "20sm", " 5s", "5 s", "\u0663s"]
+"""What the CLI refuses: no digits, a unit it lacks, more than 9 digits (leading zeros
+count), a space, a non-ASCII digit."""
+
+
+def cli_duration_s(value: str) -> int | None:
+    try:
+        return parse_duration_s(value)
+    except InvalidArgumentError:
+        return None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("value", DURATIONS + NOT_DURATIONS)
+def test_the_epilog_reads_a_duration_by_the_clis_rule(value: str) -> None:
+    """The Epilog keeps its own copy of parse_duration_s (it cannot import one); this keeps
+    the copy from drifting."""
+    function = re.search(r"^duration_s\(\) \{$.*?^\}$", EPILOG.read_text(), re.M | re.S)
+    assert function is not None, "the Epilog's duration_s function is gone"
+    ran = subprocess.run(
+        ["sh", "-c", f'{function.group(0)}\nduration_s "$1" || echo invalid', "sh", value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    expected = cli_duration_s(value)
+    assert ran.stdout.strip() == ("invalid" if expected is None else str(expected))
+    assert (expected is not None) == (value in DURATIONS)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("budget", ["20x", "0s", "0000000000020s"])
+async def test_a_budget_that_is_no_duration_still_releases_within_the_default(
+    tmp_path: Path, budget: str
+) -> None:
+    """A typo in slurm.env must not leak every job's share: the Epilog says so (in its output
+    and to syslog) and releases within the default 20s, as if the budget were unset."""
+    assert not cli_duration_s(budget), "a budget of 1s or more by the CLI's rule"
+    cli = RecordingCli(tmp_path / "cli")
+    logger = RecordingCli(tmp_path / "bin", name="logger")
+    env_file = site_file(
+        tmp_path, "site.example:50051", KAIWO_GPU_BIN=str(cli.path), KAIWO_GPU_EPILOG_TIMEOUT=budget
+    )
+
+    ended = await epilog({**epilog_environment(env_file, "5"), "PATH": logger.search_path})
+
+    complaint = f"KAIWO_GPU_EPILOG_TIMEOUT={budget} is not a duration"
+    assert ended.status == 0, ended.output
+    assert complaint in ended.output
+    assert len(logger.calls_naming(complaint)) == 1
+    [call] = cli.calls()
+    assert call.argv[:3] == ["release", "--owner", "slurm/5"]
+    timeout = call.option("--timeout")
+    assert timeout is not None, call.argv
+    assert re.fullmatch(r"[0-9]+s", timeout), call.argv
+    assert 20 - 5 <= int(timeout[:-1]) <= 20, call.argv
 
 
 @pytest.mark.integration
@@ -673,4 +735,5 @@ async def test_a_stalled_coordinator_holds_the_epilog_no_longer_than_its_budget(
     assert ended.status == 5, ended.output
     assert "releasing owner slurm/42 failed (exit 5 after 1 round(s))" in ended.output
     assert stalled.release_calls >= 1
+    assert stalled.release_calls == 1  # the first stalls past the budget: no second starts
     assert took_s < 3 + 2 + 7, ended.output

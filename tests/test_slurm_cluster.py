@@ -16,7 +16,6 @@ import asyncio
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -32,7 +31,10 @@ from kaiwo_gpu.coordinator.local.coordinator_process import CoordinatorProcess
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.v1 import types_pb2
 from tests.slurm_cluster import (
+    KAIWO_GPU,
+    POLL_S,
     SHARE_GRES,
+    SLURM_DIR,
     Job,
     NodeSettings,
     SlurmCluster,
@@ -49,30 +51,27 @@ GPUS = 8
 HALF_SHARES = 2 * GPUS
 ARRAY_TASKS = 20
 INVENTORY = f"nodes:\n  - name: {NODE}\n    gpus: [{{model: MI300X, count: {GPUS}}}]\n"
-SLURM_DIR = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
-KAIWO_GPU = Path(sys.executable).parent / "kaiwo-gpu"
 REQUIRE = "KAIWO_GPU_TEST_REQUIRE_SLURM"
 WAIT_S = 60.0
-POLL_S = 0.2
 OUTPUT = "--output=%j.out"
 ARRAY_OUTPUT = "--output=%A_%a.out"
 """Where jobs write, in the cluster's jobs/: <job id>.out, an array's <array id>_<task>.out."""
-SCRIPT_START = """\
+STEP_GRANT = (
+    'echo "grant $0 id=${KAIWO_GPU_ALLOCATION_ID:-} gpus=${ROCR_VISIBLE_DEVICES:-}'
+    ' mask=${HSA_CU_MASK:-} node=${KAIWO_GPU_NODE:-}"'
+)
+"""What a task saw, for one that srun starts (`sh -c STEP_GRANT WHERE`), where the batch
+script's `grant` function is not there."""
+SCRIPT_START = (
+    """\
 #!/bin/sh
 go() {  # until the test creates @GO@, at most about 120 s
     i=0
     while [ ! -e @GO@ ] && [ "$i" -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
 }
-grant() {
-    echo "grant $1 id=${KAIWO_GPU_ALLOCATION_ID:-} gpus=${ROCR_VISIBLE_DEVICES:-}" \\
-        "mask=${HSA_CU_MASK:-} node=${KAIWO_GPU_NODE:-}"
-}
 """
-STEP_GRANT = (
-    'echo "grant $0 id=${KAIWO_GPU_ALLOCATION_ID:-} gpus=${ROCR_VISIBLE_DEVICES:-}'
-    ' mask=${HSA_CU_MASK:-} node=${KAIWO_GPU_NODE:-}"'
+    f"grant() {{ sh -c '{STEP_GRANT}' \"$1\"; }}\n"
 )
-"""`grant` for a task that srun starts (`sh -c STEP_GRANT WHERE`): the function is not there."""
 GRANT_LINE = re.compile(r"^grant (\S+) id=(\S*) gpus=(\S*) mask=(\S*) node=(\S*)$", re.MULTILINE)
 
 
@@ -268,11 +267,14 @@ class ArrayRun:
     """An array of half-GPU tasks that wait for the go file, and the most allocations the
     coordinator held on the node in any sample taken while it ran."""
 
-    slurm: RealSlurm
     jobs: Jobs
     job_id: str = ""
     peak_held: int = 0
     samples: int = 0
+
+    @property
+    def slurm(self) -> RealSlurm:
+        return self.jobs.slurm
 
     def submit(self, *options: str) -> None:
         body = 'grant "$SLURM_ARRAY_TASK_ID"\necho waiting\ngo\n'
@@ -331,7 +333,7 @@ def test_an_array_of_half_gpu_tasks_never_holds_more_than_the_node_has(
 ) -> None:
     """Slurm starts all 20 tasks at once; the coordinator grants the 16 halves the node has
     (less the over-time job's, which runs beside) and the other tasks fail with its reason."""
-    array = ArrayRun(slurm, jobs)
+    array = ArrayRun(jobs)
     array.submit()
 
     def settled(tasks: list[Job]) -> bool:
@@ -371,7 +373,7 @@ def test_a_gres_of_shares_makes_slurm_queue_what_the_node_cannot_hold(
 ) -> None:
     """With --gres=kaiwo_share:500 Slurm counts the shares itself: as many tasks run as the
     node has halves (less the over-time job's, which asks for the GRES too), the rest wait."""
-    array = ArrayRun(slurm, jobs)
+    array = ArrayRun(jobs)
     array.submit(f"--gres={SHARE_GRES}:500")
 
     def settled(tasks: list[Job]) -> bool:

@@ -49,21 +49,33 @@ finish() {
 # KAIWO_GPU_EPILOG_TIMEOUT bounds the Epilog's whole release, not each call: one
 # `release --owner` makes a call per allocation, each under --timeout, and rounds repeat
 # that, so only a deadline keeps a slow coordinator from reaching PrologEpilogTimeout
-# (which drains the node). The same durations as the CLI's: 90, 90s, 10m, 2h, 1d.
-budget=${KAIWO_GPU_EPILOG_TIMEOUT:-20s}
-case $budget in
-    *s) amount=${budget%s} unit=1 ;;
-    *m) amount=${budget%m} unit=60 ;;
-    *h) amount=${budget%h} unit=3600 ;;
-    *d) amount=${budget%d} unit=86400 ;;
-    *) amount=$budget unit=1 ;;
-esac
-amount=$(printf '%s' "$amount" | sed 's/^0*\([0-9]\)/\1/')
-case $amount in
-    '' | *[!0-9]* | ??????????*) finish 2 0 "KAIWO_GPU_EPILOG_TIMEOUT=$budget is not a duration like 20s" ;;
-esac
-budget_s=$((amount * unit))
-[ "$budget_s" -ge 1 ] || finish 2 0 "KAIWO_GPU_EPILOG_TIMEOUT=$budget is under 1s"
+# (which drains the node). The same durations as the CLI's (parse_duration_s in
+# kaiwo_gpu.common.units): 1-9 ASCII digits and one of s, m, h, d or none (90, 90s, 10m,
+# 2h, 1d). A budget that is not one, or under 1s, is a site's typo: it must not keep the
+# release from running (every job's share would outlive it), so the default holds instead.
+duration_s() {
+    case $1 in
+        *s) amount=${1%s} unit=1 ;;
+        *m) amount=${1%m} unit=60 ;;
+        *h) amount=${1%h} unit=3600 ;;
+        *d) amount=${1%d} unit=86400 ;;
+        *) amount=$1 unit=1 ;;
+    esac
+    case $amount in
+        '' | *[!0123456789]* | ??????????*) return 1 ;;
+    esac
+    # Leading zeros go only because $((...)) reads 010 as octal.
+    amount=${amount#"${amount%%[!0]*}"}
+    echo $((${amount:-0} * unit))
+}
+default_budget=20s
+budget=${KAIWO_GPU_EPILOG_TIMEOUT:-$default_budget}
+if ! budget_s=$(duration_s "$budget") || [ "$budget_s" -lt 1 ]; then
+    complain "KAIWO_GPU_EPILOG_TIMEOUT=$budget is not a duration of 1s or more like 20s;\
+ releasing within $default_budget"
+    budget=$default_budget
+    budget_s=$(duration_s "$budget")
+fi
 deadline=$(($(date +%s) + budget_s))
 # coreutils' timeout ends a call that outlasts what is left (-k: SIGKILL 2 s after SIGTERM).
 if command -v timeout >/dev/null 2>&1; then

@@ -91,8 +91,9 @@ if [ -n "${SLURM_RESTART_COUNT:-}" ] && [ "$SLURM_RESTART_COUNT" != 0 ]; then
 fi
 request_id="$request_id:$(id_part "$node")"
 
-set -- allocate --request-id "$request_id" --owner "slurm/$job_id" --node "$node" \
-    --timeout "${KAIWO_GPU_TIMEOUT:-30s}" -o env
+set -- allocate --request-id "$request_id" --owner "slurm/$job_id" --node "$node" -o env
+# Without KAIWO_GPU_TIMEOUT the CLI's own default holds.
+[ -n "${KAIWO_GPU_TIMEOUT:-}" ] && set -- "$@" --timeout "$KAIWO_GPU_TIMEOUT"
 [ -n "$fraction" ] && set -- "$@" --fraction "$fraction"
 [ -n "$memory" ] && set -- "$@" --memory "$memory"
 [ -n "$count" ] && set -- "$@" --count "$count"
