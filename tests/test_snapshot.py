@@ -22,6 +22,9 @@ def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
         and a.usage == b.usage
         and a.shared_index == b.shared_index
         and a.cu_mask_index == b.cu_mask_index
+        and a.classes == b.classes
+        and dict(a.class_counts) == dict(b.class_counts)
+        and dict(a.idle_by_node) == dict(b.idle_by_node)
         and {pos: set(h) for pos, h in enumerate(a.holders)}
         == {pos: set(h) for pos, h in enumerate(b.holders)}
     )
@@ -98,7 +101,7 @@ def test_allocations_on_vanished_gpus_are_kept_but_count_nowhere() -> None:
     snapshot = ClusterSnapshot.build([Node("n", (_gpu("n", 0),))], [gone])
     assert "a" in snapshot.allocations
     assert snapshot.usage[0].allocated_millis == 0
-    assert snapshot.without_allocation("a").allocations == {}
+    assert dict(snapshot.without_allocation("a").allocations) == {}
 
 
 def test_duplicate_gpu_uuids_are_refused() -> None:

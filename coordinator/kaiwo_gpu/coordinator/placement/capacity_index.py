@@ -4,23 +4,28 @@ Three views of the same open GPUs (healthy or degraded, on a schedulable node, n
 a non-sharing allocation), each keyed by the GPU's position in canonical order:
 - `by_free`, sorted by (free millis, free MiB): best-fit walks up from the demand, worst-fit
   down from the top;
-- a max segment tree of free millis in canonical order: first-fit and round-robin find the
-  next GPU at or after a position with enough share in O(log n);
+- the entries in canonical order with the most free millis of each chunk of them: first-fit
+  and round-robin find the next GPU at or after a position with enough share by skipping
+  whole chunks;
 - `by_load`, sorted by load score: load-balanced walks up from the idlest.
-An index is never changed after it is built; `updated` returns a new one (copy on write).
+An index is never changed after it is built; `updated` returns a new one that shares every
+chunk and run it did not touch (see persistent.py), so a commit costs O(k log n + n / 64).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from kaiwo_gpu.coordinator.placement.persistent import CHUNK_BITS, ChunkedVector, SortedRuns
+
 CLOSED = -1
 BULK_CHANGES = 64
-"""Above this many moved positions, and an eighth of the positions, a sorted list is
-sorted afresh rather than edited: one C sort of n entries beats n/8 edits that each shift
-up to n of them."""
+"""Above this many moved positions, and an eighth of the positions, a sorted order is
+sorted afresh rather than edited: one C sort of n entries beats n/8 edits."""
+SPARSE_SHARE = 16
+"""Load-balanced sorts the GPUs with enough free share by load when fewer than one in this
+many have it, instead of walking the whole load order past the GPUs without it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,116 +37,130 @@ class IndexEntry:
     load: int
 
 
+def _most_free(chunk: Iterable[IndexEntry | None]) -> int:
+    return max((entry.free_millis for entry in chunk if entry is not None), default=CLOSED)
+
+
 @dataclass(frozen=True, slots=True)
 class CapacityIndex:
-    entries: tuple[IndexEntry | None, ...]
-    by_free: list[tuple[int, int, int]]
-    by_load: list[tuple[int, int]]
-    tree: list[int]
-    leaves: int
+    entries: ChunkedVector[IndexEntry | None]
+    by_free: SortedRuns[tuple[int, int, int]]
+    by_load: SortedRuns[tuple[int, int]]
+    chunk_free: tuple[int, ...]
+    """The most free millis of an open GPU in each chunk of `entries` (CLOSED: none open)."""
 
     @staticmethod
     def build(entries: Iterable[IndexEntry | None]) -> CapacityIndex:
-        frozen = tuple(entries)
-        leaves = 1
-        while leaves < max(1, len(frozen)):
-            leaves *= 2
-        tree = [CLOSED] * (2 * leaves)
-        by_free: list[tuple[int, int, int]] = []
-        by_load: list[tuple[int, int]] = []
-        for position, entry in enumerate(frozen):
-            if entry is None:
-                continue
-            tree[leaves + position] = entry.free_millis
-            by_free.append((entry.free_millis, entry.free_memory_mib, position))
-            by_load.append((entry.load, position))
-        for node in range(leaves - 1, 0, -1):
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
-        by_free.sort()
-        by_load.sort()
-        return CapacityIndex(frozen, by_free, by_load, tree, leaves)
+        vector = ChunkedVector(entries)
+        opened = [(position, entry) for position, entry in enumerate(vector) if entry is not None]
+        return CapacityIndex(
+            vector,
+            SortedRuns((e.free_millis, e.free_memory_mib, p) for p, e in opened),
+            SortedRuns((e.load, p) for p, e in opened),
+            tuple(_most_free(chunk) for chunk in vector.chunks),
+        )
 
     def updated(self, changes: dict[int, IndexEntry | None]) -> CapacityIndex:
-        """A new index with the given positions replaced; cost O(n) copy + O(k log n)."""
-        entries = list(self.entries)
-        by_free = list(self.by_free)
-        by_load = list(self.by_load)
-        tree = list(self.tree)
+        """A new index with the given positions replaced: O(k log n) plus the chunk tables."""
+        free_out: list[tuple[int, int, int]] = []
+        free_in: list[tuple[int, int, int]] = []
+        load_out: list[tuple[int, int]] = []
+        load_in: list[tuple[int, int]] = []
         for position, entry in changes.items():
-            old = entries[position]
+            old = self.entries[position]
             if old is not None:
-                del by_free[bisect_left(by_free, (old.free_millis, old.free_memory_mib, position))]
-                del by_load[bisect_left(by_load, (old.load, position))]
+                free_out.append((old.free_millis, old.free_memory_mib, position))
+                load_out.append((old.load, position))
             if entry is not None:
-                insort(by_free, (entry.free_millis, entry.free_memory_mib, position))
-                insort(by_load, (entry.load, position))
-            entries[position] = entry
-            node = self.leaves + position
-            tree[node] = CLOSED if entry is None else entry.free_millis
-            node //= 2
-            while node:
-                tree[node] = max(tree[2 * node], tree[2 * node + 1])
-                node //= 2
-        return CapacityIndex(tuple(entries), by_free, by_load, tree, self.leaves)
+                free_in.append((entry.free_millis, entry.free_memory_mib, position))
+                load_in.append((entry.load, position))
+        entries = self.entries.replaced(changes)
+        chunk_free = list(self.chunk_free)
+        for number in {position >> CHUNK_BITS for position in changes}:
+            chunk_free[number] = _most_free(entries.chunks[number])
+        return CapacityIndex(
+            entries,
+            self.by_free.changed(free_out, free_in),
+            self.by_load.changed(load_out, load_in),
+            tuple(chunk_free),
+        )
 
     def with_loads(self, loads: dict[int, int]) -> CapacityIndex:
         """A new index with the load scores of open positions replaced (a telemetry fold).
 
-        Free capacity does not move, so only `by_load` changes: edited in place for a few
-        positions, sorted afresh when many moved (one C sort beats thousands of insorts)."""
-        entries = list(self.entries)
-        moved: list[tuple[int, int, int]] = []  # (position, old load, new load)
+        Free capacity does not move, so only `by_load` changes: edited for a few positions,
+        sorted afresh when many moved (one C sort beats thousands of edits)."""
+        changed: dict[int, IndexEntry | None] = {}
+        moved_out: list[tuple[int, int]] = []
+        moved_in: list[tuple[int, int]] = []
         for position, load in loads.items():
-            entry = entries[position]
+            entry = self.entries[position]
             if entry is not None and entry.load != load:
-                entries[position] = IndexEntry(entry.free_millis, entry.free_memory_mib, load)
-                moved.append((position, entry.load, load))
-        if not moved:
+                changed[position] = IndexEntry(entry.free_millis, entry.free_memory_mib, load)
+                moved_out.append((entry.load, position))
+                moved_in.append((load, position))
+        if not changed:
             return self
-        if len(moved) > max(BULK_CHANGES, len(entries) // 8):
-            by_load = sorted(
+        entries = self.entries.replaced(changed)
+        if len(changed) > max(BULK_CHANGES, len(entries) // 8):
+            by_load = SortedRuns(
                 (entry.load, position)
                 for position, entry in enumerate(entries)
                 if entry is not None
             )
         else:
-            by_load = list(self.by_load)
-            for position, old, new in moved:
-                del by_load[bisect_left(by_load, (old, position))]
-                insort(by_load, (new, position))
-        return CapacityIndex(tuple(entries), self.by_free, by_load, self.tree, self.leaves)
+            by_load = self.by_load.changed(moved_out, moved_in)
+        return CapacityIndex(entries, self.by_free, by_load, self.chunk_free)
 
     def first_at_least(self, start: int, min_free_millis: int) -> int:
         """The lowest position >= start whose GPU has min_free_millis free, or -1."""
-        if start >= self.leaves:
+        if start >= len(self.entries):
             return -1
-        tree = self.tree
-        node = self.leaves + start
-        while tree[node] < min_free_millis:
-            while node & 1:
-                node >>= 1
-            if node == 0:
-                return -1
-            node += 1
-        while node < self.leaves:
-            node *= 2
-            if tree[node] < min_free_millis:
-                node += 1
-        return node - self.leaves
+        chunks = self.entries.chunks
+        chunk_free = self.chunk_free
+        first = start >> CHUNK_BITS
+        for number in range(first, len(chunks)):
+            if chunk_free[number] < min_free_millis:
+                continue
+            chunk = chunks[number]
+            offset = start - (first << CHUNK_BITS) if number == first else 0
+            for at in range(offset, len(chunk)):
+                entry = chunk[at]
+                if entry is not None and entry.free_millis >= min_free_millis:
+                    return (number << CHUNK_BITS) + at
+        return -1
+
+    def count_at_least(self, min_free_millis: int) -> int:
+        """How many open GPUs have min_free_millis free, without walking them."""
+        return self.by_free.count_from((min_free_millis,))
 
     def ascending_free(self, min_free_millis: int) -> Iterator[int]:
         """Positions with at least min_free_millis, tightest first (best-fit order)."""
-        by_free = self.by_free
-        for i in range(bisect_left(by_free, (min_free_millis,)), len(by_free)):
-            yield by_free[i][2]
+        for _, _, position in self.by_free.ascending_from((min_free_millis,)):
+            yield position
 
     def descending_free(self, min_free_millis: int) -> Iterator[int]:
         """Positions with at least min_free_millis, emptiest first (worst-fit order)."""
-        by_free = self.by_free
-        stop = bisect_left(by_free, (min_free_millis,))
-        for i in range(len(by_free) - 1, stop - 1, -1):
-            yield by_free[i][2]
-
-    def ascending_load(self) -> Iterator[int]:
-        for _, position in self.by_load:
+        for _, _, position in self.by_free.descending_to((min_free_millis,)):
             yield position
+
+    def ascending_load(self, min_free_millis: int = 0) -> Iterator[int]:
+        """Positions with at least min_free_millis, idlest first (load-balanced order).
+
+        Where few GPUs have that much free, they are sorted by load rather than found by
+        walking every open GPU in load order: a full cluster refuses in O(k log k), not O(n).
+        """
+        if self.count_at_least(min_free_millis) * SPARSE_SHARE < len(self.by_load):
+            entries = self.entries
+            fitting = sorted(
+                (entries[p].load, p)  # type: ignore[union-attr]  # by_free holds open ones
+                for p in self.ascending_free(min_free_millis)
+            )
+            for _, position in fitting:
+                yield position
+            return
+        entries = self.entries
+        for _, position in self.by_load:
+            entry = entries[position]
+            if entry is not None and entry.free_millis >= min_free_millis:
+                yield position

@@ -56,8 +56,12 @@ class Node:
     unschedulable_reason: str = ""
 
     def has_labels(self, wanted: Labels) -> bool:
-        """Every wanted (key, value) pair is one of ours; labels are unique per key."""
-        return all(pair in self.labels for pair in wanted)
+        return labels_include(self.labels, wanted)
+
+
+def labels_include(labels: Labels, wanted: Labels) -> bool:
+    """Every wanted (key, value) pair is one of `labels`; labels are unique per key."""
+    return all(pair in labels for pair in wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,4 +145,47 @@ class GpuUsage:
             holders=self.holders + 1,
             blocked=self.blocked or blocks_sharing,
             cu_mask_holders=self.cu_mask_holders + (1 if share.compute_units else 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GpuClass:
+    """Everything placement's rules read of a GPU except its free capacity.
+
+    GPUs of one class pass or fail those rules together for any request, so the snapshot
+    counts GPUs per class and a refusal is explained from the counts (a few dozen classes)
+    rather than from every GPU.
+    """
+
+    model: str
+    vram_mib: int
+    compute_units: int
+    partition: bool
+    labels: Labels
+    schedulable: bool
+    unhealthy: bool
+    blocked: bool
+    held: bool
+    cu_mask_held: bool
+    time_shared_held: bool
+
+    @property
+    def open_and_idle(self) -> bool:
+        """Could take a whole GPU: on a schedulable node, not unhealthy, nothing on it."""
+        return self.schedulable and not self.unhealthy and not self.held
+
+    @staticmethod
+    def of(gpu: Gpu, node: Node, usage: GpuUsage) -> GpuClass:
+        return GpuClass(
+            model=gpu.model,
+            vram_mib=gpu.vram_mib,
+            compute_units=gpu.compute_units,
+            partition=gpu.is_partition,
+            labels=node.labels,
+            schedulable=node.schedulable,
+            unhealthy=gpu.health is Health.UNHEALTHY,
+            blocked=usage.blocked,
+            held=usage.holders > 0,
+            cu_mask_held=usage.cu_mask_holders > 0,
+            time_shared_held=usage.shared_holders > 0,
         )

@@ -1,20 +1,26 @@
 """An immutable snapshot of the cluster: inventory, placements, telemetry, and what follows.
 
-Decisions read only a snapshot. Usage per GPU and the capacity indexes are derived once
-when a snapshot is built; `with_allocation` and `without_allocation` derive the next snapshot
-by touching only the GPUs that changed, so the view can follow a stream of commits cheaply.
+Decisions read only a snapshot. Usage per GPU, each GPU's class (what the rules read of
+it), the count of GPUs per class and the capacity indexes are derived once when a snapshot
+is built; `with_allocation` and `without_allocation` derive the next snapshot by touching
+only the GPUs that changed, and every per-GPU column is a persistent vector that shares what
+did not change, so a commit costs about the same at 100 GPUs as at 10,000.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+
+import immutables
 
 from kaiwo_gpu.common.models import Health, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex, IndexEntry
 from kaiwo_gpu.coordinator.placement.cluster import (
     Gpu,
+    GpuClass,
     GpuKey,
     GpuUsage,
     Node,
@@ -22,6 +28,7 @@ from kaiwo_gpu.coordinator.placement.cluster import (
     Telemetry,
 )
 from kaiwo_gpu.coordinator.placement.load import load_score
+from kaiwo_gpu.coordinator.placement.persistent import ChunkedVector
 
 _NO_TELEMETRY: Mapping[str, Telemetry] = MappingProxyType({})
 
@@ -31,9 +38,12 @@ class ClusterSnapshot:
 
     __slots__ = (
         "allocations",
+        "class_counts",
+        "classes",
         "cu_mask_index",
         "gpus",
         "holders",
+        "idle_by_node",
         "keys",
         "max_vram_mib",
         "node_of",
@@ -45,14 +55,20 @@ class ClusterSnapshot:
     )
 
     nodes: Mapping[str, Node]
-    allocations: MappingProxyType[str, PlacedAllocation]
+    allocations: immutables.Map[str, PlacedAllocation]
     telemetry: MappingProxyType[str, Telemetry]
     gpus: tuple[Gpu, ...]
     keys: tuple[GpuKey, ...]
     node_of: tuple[Node, ...]
     position: Mapping[str, int]
-    usage: tuple[GpuUsage, ...]
-    holders: tuple[tuple[str, ...], ...]
+    usage: ChunkedVector[GpuUsage]
+    holders: ChunkedVector[tuple[str, ...]]
+    classes: ChunkedVector[GpuClass]
+    class_counts: Mapping[GpuClass, int]
+    """How many GPUs are of each class (never zero): the refusal path reads these."""
+    idle_by_node: immutables.Map[str, int]
+    """How many GPUs of each node could take a whole-GPU request (open, nothing on them), so
+    a request for several whole GPUs skips nodes that cannot hold it without checking them."""
     shared_index: CapacityIndex
     cu_mask_index: CapacityIndex
     max_vram_mib: int
@@ -86,15 +102,21 @@ class ClusterSnapshot:
                     continue  # the GPU left the inventory; its allocation still counts nowhere
                 usage[pos] = usage[pos].plus(share, allocation.blocks_sharing)
                 holders[pos] = (*holders[pos], allocation.allocation_id)
+        classes = [GpuClass.of(g, n, u) for g, n, u in zip(gpus, node_of, usage, strict=True)]
         snapshot.nodes = MappingProxyType(node_map)
-        snapshot.allocations = MappingProxyType(allocation_map)
+        snapshot.allocations = immutables.Map(allocation_map)
         snapshot.telemetry = MappingProxyType(dict(telemetry))
         snapshot.gpus = tuple(gpus)
         snapshot.keys = tuple(gpu.key for gpu in gpus)
         snapshot.node_of = tuple(node_of)
         snapshot.position = MappingProxyType(position)
-        snapshot.usage = tuple(usage)
-        snapshot.holders = tuple(holders)
+        snapshot.usage = ChunkedVector(usage)
+        snapshot.holders = ChunkedVector(holders)
+        snapshot.classes = ChunkedVector(classes)
+        snapshot.class_counts = MappingProxyType(Counter(classes))
+        snapshot.idle_by_node = immutables.Map(
+            Counter(gpu.node for gpu, c in zip(gpus, classes, strict=True) if c.open_and_idle)
+        )
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
         positions = range(len(gpus))
         snapshot.shared_index = CapacityIndex.build(
@@ -127,22 +149,46 @@ class ClusterSnapshot:
 
     def _derive(
         self,
-        allocations: dict[str, PlacedAllocation],
+        allocations: immutables.Map[str, PlacedAllocation],
         changed_usage: dict[int, GpuUsage],
         changed_holders: dict[int, tuple[str, ...]],
     ) -> ClusterSnapshot:
         snapshot = self._copy()
-        snapshot.allocations = MappingProxyType(allocations)
-        usage = list(self.usage)
-        holders = list(self.holders)
-        for pos, value in changed_usage.items():
-            usage[pos] = value
-        for pos, ids in changed_holders.items():
-            holders[pos] = ids
-        snapshot.usage = tuple(usage)
-        snapshot.holders = tuple(holders)
+        snapshot.allocations = allocations
+        snapshot.usage = self.usage.replaced(changed_usage)
+        snapshot.holders = self.holders.replaced(changed_holders)
+        snapshot._reclassify(changed_usage)
         snapshot._reindex(changed_usage)
         return snapshot
+
+    def _reclassify(self, positions: Iterable[int]) -> None:
+        """Refreshes the class of `positions` and the counts (only on a fresh derivation)."""
+        changes: dict[int, GpuClass] = {}
+        counts: Counter[GpuClass] | None = None
+        idle_moves: Counter[str] = Counter()
+        for pos in positions:
+            old = self.classes[pos]
+            new = GpuClass.of(self.gpus[pos], self.node_of[pos], self.usage[pos])
+            if new == old:
+                continue
+            if counts is None:
+                counts = Counter(self.class_counts)
+            counts[old] -= 1
+            counts[new] += 1
+            changes[pos] = new
+            idle_moves[self.gpus[pos].node] += new.open_and_idle - old.open_and_idle
+        if counts is None:
+            return
+        self.classes = self.classes.replaced(changes)
+        self.class_counts = MappingProxyType(+counts)  # + drops the classes counted out
+        with self.idle_by_node.mutate() as idle:
+            for node, moved in idle_moves.items():
+                left = idle.get(node, 0) + moved
+                if left:
+                    idle[node] = left
+                else:
+                    idle.pop(node, None)
+            self.idle_by_node = idle.finish()
 
     def _copy(self) -> ClusterSnapshot:
         """A shallow copy for a derivation to replace some fields of."""
@@ -184,16 +230,17 @@ class ClusterSnapshot:
         copying is paid once per decision, not once per allocation.
         """
         upserts = tuple(upserts)
-        allocations = self.allocations.copy()
         replaced: set[str] = set()
         emptied: set[int] = set()  # GPUs something left: their usage is summed again
-        for allocation_id in (*removals, *(a.allocation_id for a in upserts)):
-            old = allocations.pop(allocation_id, None)
-            if old is not None:
-                replaced.add(allocation_id)
-                emptied.update(self._positions(old))
-        fresh = {a.allocation_id: a for a in upserts}
-        allocations.update(fresh)
+        with self.allocations.mutate() as edit:
+            for allocation_id in (*removals, *(a.allocation_id for a in upserts)):
+                old = edit.pop(allocation_id, None)
+                if old is not None:
+                    replaced.add(allocation_id)
+                    emptied.update(self._positions(old))
+            fresh = {a.allocation_id: a for a in upserts}
+            edit.update(fresh)
+            allocations = edit.finish()
         added: dict[int, list[str]] = {}
         for allocation in fresh.values():
             for pos in self._positions(allocation):
@@ -237,6 +284,7 @@ class ClusterSnapshot:
         snapshot.gpus = tuple(gpus)
         snapshot.node_of = tuple(node_of)
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
+        snapshot._reclassify(moved)
         snapshot._reindex(moved)
         return snapshot
 

@@ -140,8 +140,7 @@ class LoadBalanced(_Stateless):
         min_free_millis: int,
         state: SchedulerState,
     ) -> Iterator[int]:
-        free = snapshot.free_millis
-        return (pos for pos in index.ascending_load() if free(pos) >= min_free_millis)
+        return index.ascending_load(min_free_millis)
 
 
 class StrategyRegistry(Mapping[str, Strategy]):
