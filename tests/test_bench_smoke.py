@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from bench.suites import SUITES
+from kaiwo_gpu.coordinator import BUILTIN_STRATEGIES
 
 pytestmark = pytest.mark.integration  # they start etcd, a coordinator and load generators
 
@@ -92,16 +93,44 @@ def test_engine_quick(tmp_path: Path) -> None:
     assert figures["baseline"]["count"] > 0
     fills = rows(figures, "fills")
     decisions = rows(figures, "decisions")
-    updates = rows(figures, "updates")
     assert all(fill["allocations"] > 0 for fill in fills)
-    assert len(updates) == len(fills)
+    assert {fill["level"] for fill in fills} == {0.5, 0.99}
+    assert all(fill["filled"] <= fill["level"] for fill in fills)
     assert len(decisions) % len(fills) == 0
     for row in decisions:
-        assert {"gpus", "strategy", "p50_us", "p99_us", "nofit_share", "p50_over_base"} <= set(row)
-        assert row["count"] > 0
-    for row in updates:
+        assert {"gpus", "fill", "stream", "strategy", "nofit_share"} <= set(row)
+        timed = [row[part]["count"] for part in ("placements", "refusals") if row[part]]
+        assert sum(timed) > 0
+    heavy = [row for row in decisions if row["stream"] == "refusal-heavy" and row["fill"] > 0.9]
+    assert heavy, "the refusal-heavy stream runs on the fullest cluster"
+    assert all(row["refusals"]["count"] > 0 for row in heavy), "a full cluster must refuse"
+    for row in rows(figures, "updates"):
         for part in ("with", "without", "pair"):
             assert row[part]["count"] > 0
+
+
+def test_packing_quick(tmp_path: Path) -> None:
+    figures = quick_figures("packing", tmp_path)
+    assert figures["baseline"]["count"] > 0
+    workloads = {row["name"]: row for row in rows(figures, "workloads")}
+    assert set(workloads) == {"synthetic", "synthetic-fractional"}
+    assert workloads["synthetic-fractional"]["fractional_share"] == 1.0
+    strategies = set(BUILTIN_STRATEGIES)
+    for protocol in ("arrivals", "departures"):
+        found = rows(figures, protocol)
+        assert {(row["workload"], row["strategy"]) for row in found} == {
+            (workload, strategy) for workload in workloads for strategy in strategies
+        }
+    for row in figures["arrivals"]:
+        bound = workloads[row["workload"]]["bound"]
+        assert row["allocated_at_100"] <= row["allocated_at_130"] <= bound["upper"]
+        assert row["place_all"]["count"] == row["requests"]
+        assert row["update"]["count"] == row["requests"] - row["refused"]
+        assert row["curve"]
+        assert "p50_over_base" in row
+    for row in figures["departures"]:
+        assert 0 < row["time_averaged_allocated"] <= row["peak_allocated"] <= 1
+        assert row["refused"] >= 0
 
 
 def test_allocate_quick(tmp_path: Path) -> None:
