@@ -48,6 +48,7 @@ SUITES: Mapping[str, Suite] = {
     suite.name: suite
     for suite in (
         Suite("engine", "bench.engine", "decision time of the pure strategy engine"),
+        Suite("packing", "bench.packing", "GPU capacity each strategy packs, against bounds"),
         Suite(
             "allocate",
             "bench.allocate",
