@@ -99,6 +99,8 @@ def place(
     # cluster most nodes are such nodes, so they are skipped before any check.
     whole_gpus = request.count if request.count > 1 and least_millis == MILLIS_PER_GPU else 0
     idle_by_node = snapshot.idle_by_node
+    if whole_gpus and max(idle_by_node.values(), default=0) < whole_gpus:
+        return explain(request, snapshot)
     gpus = snapshot.gpus
     for pos in strategy.candidates(snapshot, index, least_millis, state):
         if pos in seen or not 0 <= pos < gpu_count:

@@ -112,9 +112,18 @@ def _count_classes(
             counts[reason] += number
     # A GPU whose class passes is in the index unless nothing of it is free, so the ones
     # the index does not give here have less free share than the request takes anywhere.
+    least_millis = min_free_millis(request, snapshot)
+    if least_millis == MILLIS_PER_GPU and not excluded:
+        idle_classes = [c for c, n in class_counts.items() if n and c.open_and_idle]
+        if all(verdicts[c] is None for c in idle_classes):
+            # Whole GPUs: an idle GPU whose class passes has all it could want free, so
+            # every idle GPU fits and the count per node is the snapshot's.
+            fitting_per_node.update(snapshot.idle_by_node)
+            counts[Reason.LACKS_MILLIS] += passing - sum(fitting_per_node.values())
+            return counts, fitting_per_node
     checked = 0
     index = snapshot.index_for(request.isolation)
-    for pos in index.ascending_free(min_free_millis(request, snapshot)):
+    for pos in index.ascending_free(least_millis):
         if pos in excluded or verdicts[snapshot.classes[pos]] is not None:
             continue
         checked += 1
