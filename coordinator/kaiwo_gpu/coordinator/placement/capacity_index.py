@@ -37,8 +37,8 @@ class IndexEntry:
     load: int
 
 
-def _most_free(chunk: Iterable[IndexEntry | None]) -> int:
-    return max((entry.free_millis for entry in chunk if entry is not None), default=CLOSED)
+def _free(entry: IndexEntry | None) -> int:
+    return CLOSED if entry is None else entry.free_millis
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,18 +46,22 @@ class CapacityIndex:
     entries: ChunkedVector[IndexEntry | None]
     by_free: SortedRuns[tuple[int, int, int]]
     by_load: SortedRuns[tuple[int, int]]
+    free: ChunkedVector[int]
+    """Free millis per position, CLOSED where the GPU is not open: scanned by first-fit."""
     chunk_free: tuple[int, ...]
-    """The most free millis of an open GPU in each chunk of `entries` (CLOSED: none open)."""
+    """The most free millis in each chunk of `free`: whole chunks are skipped by it."""
 
     @staticmethod
     def build(entries: Iterable[IndexEntry | None]) -> CapacityIndex:
         vector = ChunkedVector(entries)
         opened = [(position, entry) for position, entry in enumerate(vector) if entry is not None]
+        free = ChunkedVector(_free(entry) for entry in vector)
         return CapacityIndex(
             vector,
             SortedRuns((e.free_millis, e.free_memory_mib, p) for p, e in opened),
             SortedRuns((e.load, p) for p, e in opened),
-            tuple(_most_free(chunk) for chunk in vector.chunks),
+            free,
+            tuple(max(chunk) for chunk in free.chunks),
         )
 
     def updated(self, changes: dict[int, IndexEntry | None]) -> CapacityIndex:
@@ -74,14 +78,15 @@ class CapacityIndex:
             if entry is not None:
                 free_in.append((entry.free_millis, entry.free_memory_mib, position))
                 load_in.append((entry.load, position))
-        entries = self.entries.replaced(changes)
+        free = self.free.replaced({p: _free(entry) for p, entry in changes.items()})
         chunk_free = list(self.chunk_free)
         for number in {position >> CHUNK_BITS for position in changes}:
-            chunk_free[number] = _most_free(entries.chunks[number])
+            chunk_free[number] = max(free.chunks[number])
         return CapacityIndex(
-            entries,
+            self.entries.replaced(changes),
             self.by_free.changed(free_out, free_in),
             self.by_load.changed(load_out, load_in),
+            free,
             tuple(chunk_free),
         )
 
@@ -110,13 +115,13 @@ class CapacityIndex:
             )
         else:
             by_load = self.by_load.changed(moved_out, moved_in)
-        return CapacityIndex(entries, self.by_free, by_load, self.chunk_free)
+        return CapacityIndex(entries, self.by_free, by_load, self.free, self.chunk_free)
 
     def first_at_least(self, start: int, min_free_millis: int) -> int:
         """The lowest position >= start whose GPU has min_free_millis free, or -1."""
-        if start >= len(self.entries):
+        if start >= len(self.free):
             return -1
-        chunks = self.entries.chunks
+        chunks = self.free.chunks
         chunk_free = self.chunk_free
         first = start >> CHUNK_BITS
         for number in range(first, len(chunks)):
@@ -125,8 +130,7 @@ class CapacityIndex:
             chunk = chunks[number]
             offset = start - (first << CHUNK_BITS) if number == first else 0
             for at in range(offset, len(chunk)):
-                entry = chunk[at]
-                if entry is not None and entry.free_millis >= min_free_millis:
+                if chunk[at] >= min_free_millis:
                     return (number << CHUNK_BITS) + at
         return -1
 

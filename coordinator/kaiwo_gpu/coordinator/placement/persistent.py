@@ -159,16 +159,22 @@ class SortedRuns(Generic[K]):
                 firsts[number] = item
         if not copied:
             return self
+        result = type(self).__new__(type(self))
+        result._length = length
+        if all(0 < len(copied[number]) <= 2 * RUN for number in copied):
+            for number, run in copied.items():  # the common case: no run emptied or split
+                runs[number] = tuple(run)
+            result._runs = tuple(runs)  # type: ignore[arg-type]  # every run is a tuple now
+            result._firsts = tuple(firsts)
+            return result
         packed: list[tuple[K, ...]] = []
         for items in runs:
             if len(items) > 2 * RUN:
                 packed.extend(tuple(items[s : s + RUN]) for s in range(0, len(items), RUN))
             elif items:
                 packed.append(tuple(items))
-        result = type(self).__new__(type(self))
         result._runs = tuple(packed)
         result._firsts = tuple(run[0] for run in packed)
-        result._length = length
         return result
 
     def ascending_from(self, low: Any) -> Iterator[K]:
