@@ -90,6 +90,22 @@ class CapacityIndex:
             tuple(chunk_free),
         )
 
+    def restricted_to(self, positions: Iterable[int], closed: CapacityIndex) -> CapacityIndex:
+        """The index of only `positions` (the others closed), built from `closed`, an index of
+        as many positions with none open: O(k log k + n / 64), not O(n)."""
+        kept = {p: entry for p in positions if (entry := self.entries[p]) is not None}
+        free = closed.free.replaced({p: entry.free_millis for p, entry in kept.items()})
+        chunk_free = list(closed.chunk_free)
+        for number in {position >> CHUNK_BITS for position in kept}:
+            chunk_free[number] = max(free.chunks[number])
+        return CapacityIndex(
+            closed.entries.replaced(kept),
+            SortedRuns((e.free_millis, e.free_memory_mib, p) for p, e in kept.items()),
+            SortedRuns((e.load, p) for p, e in kept.items()),
+            free,
+            tuple(chunk_free),
+        )
+
     def with_loads(self, loads: dict[int, int]) -> CapacityIndex:
         """A new index with the load scores of open positions replaced (a telemetry fold).
 

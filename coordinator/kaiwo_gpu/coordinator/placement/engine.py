@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
+from kaiwo_gpu.coordinator.placement.capacity_index import SPARSE_SHARE, CapacityIndex
 from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuKey, GpuShare, PlacedAllocation
 from kaiwo_gpu.coordinator.placement.cumask import choose_compute_units
 from kaiwo_gpu.coordinator.placement.refusals import NoFit, describe_demand, explain
@@ -99,8 +100,11 @@ def place(
     # cluster most nodes are such nodes, so they are skipped before any check.
     whole_gpus = request.count if request.count > 1 and least_millis == MILLIS_PER_GPU else 0
     idle_by_node = snapshot.idle_by_node
-    if whole_gpus and max(idle_by_node.values(), default=0) < whole_gpus:
-        return explain(request, snapshot)
+    if whole_gpus:
+        hosts = [node for node, idle in idle_by_node.items() if idle >= whole_gpus]
+        if not hosts:
+            return explain(request, snapshot)
+        index = _sparse_hosts_index(snapshot, index, hosts)
     gpus = snapshot.gpus
     for pos in strategy.candidates(snapshot, index, least_millis, state):
         if pos in seen or not 0 <= pos < gpu_count:
@@ -116,6 +120,17 @@ def place(
         if len(on_node) == request.count:
             return _placement(request, snapshot, state, strategy, on_node)
     return explain(request, snapshot)
+
+
+def _sparse_hosts_index(
+    snapshot: ClusterSnapshot, index: CapacityIndex, hosts: list[str]
+) -> CapacityIndex:
+    """`index` restricted to the GPUs of `hosts` when they hold few of its idle GPUs, so the
+    strategy ranks only those instead of walking past every idle GPU of the other nodes."""
+    on_hosts = sum(snapshot.idle_by_node[node] for node in hosts)
+    if on_hosts * SPARSE_SHARE >= index.count_at_least(MILLIS_PER_GPU):
+        return index
+    return index.restricted_to(snapshot.positions_on(hosts), snapshot.closed_index)
 
 
 def _placement(

@@ -59,22 +59,12 @@ def describe_demand(request: AllocationRequest) -> str:
 def explain(request: AllocationRequest, snapshot: ClusterSnapshot) -> NoFit:
     """Counts, over the whole cluster, the first rule each GPU fails (the error path)."""
     if request.selector.nodes:
-        listed = _positions_on(snapshot, request.selector.nodes)
+        listed = snapshot.positions_on(request.selector.nodes)
         counts, fitting_per_node = _count_positions(request, snapshot, listed)
         counts[Reason.SELECTOR] += len(snapshot.gpus) - len(listed)
     else:
         counts, fitting_per_node = _count_classes(request, snapshot)
     return _no_fit(request, snapshot, counts, fitting_per_node)
-
-
-def _positions_on(snapshot: ClusterSnapshot, names: Iterable[str]) -> list[int]:
-    position = snapshot.position
-    return [
-        position[gpu.uuid]
-        for name in names
-        if (node := snapshot.nodes.get(name)) is not None
-        for gpu in node.gpus
-    ]
 
 
 def _count_positions(
@@ -141,7 +131,7 @@ def _excluded_positions(request: AllocationRequest, snapshot: ClusterSnapshot) -
     selector = request.selector
     if not selector.exclude_nodes and not selector.exclude_gpus:
         return set()
-    candidates = set(_positions_on(snapshot, selector.exclude_nodes))
+    candidates = set(snapshot.positions_on(selector.exclude_nodes))
     candidates.update(
         pos for uuid in selector.exclude_gpus if (pos := snapshot.position.get(uuid)) is not None
     )

@@ -40,6 +40,7 @@ class ClusterSnapshot:
         "allocations",
         "class_counts",
         "classes",
+        "closed_index",
         "cu_mask_index",
         "gpus",
         "holders",
@@ -71,6 +72,8 @@ class ClusterSnapshot:
     a request for several whole GPUs skips nodes that cannot hold it without checking them."""
     shared_index: CapacityIndex
     cu_mask_index: CapacityIndex
+    closed_index: CapacityIndex
+    """As many positions as GPUs, none open: what a restricted index is built from."""
     max_vram_mib: int
 
     @classmethod
@@ -125,6 +128,7 @@ class ClusterSnapshot:
         snapshot.cu_mask_index = CapacityIndex.build(
             snapshot._index_entry(pos, cu_mask=True) for pos in positions
         )
+        snapshot.closed_index = CapacityIndex.build(None for _ in positions)
         return snapshot
 
     def index_for(self, isolation: Isolation) -> CapacityIndex:
@@ -317,6 +321,16 @@ class ClusterSnapshot:
             for share in allocation.shares
             if (pos := self.position.get(share.gpu_uuid)) is not None
         }
+
+    def positions_on(self, node_names: Iterable[str]) -> list[int]:
+        """The positions of the GPUs of these nodes (names that are no node's give none)."""
+        position = self.position
+        return [
+            position[gpu.uuid]
+            for name in node_names
+            if (node := self.nodes.get(name)) is not None
+            for gpu in node.gpus
+        ]
 
     def free_millis(self, pos: int) -> int:
         return MILLIS_PER_GPU - self.usage[pos].allocated_millis
