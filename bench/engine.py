@@ -151,6 +151,8 @@ def refusal_heavy_requests(rng: random.Random, prefix: str) -> Iterator[Allocati
             )
 
 
+SLIVER_ISOLATION = (Isolation.NONE, Isolation.CU_MASK)
+"""Slivers of both kinds: a GPU holding cu-mask shares takes no time-shared work."""
 SATURATED_AFTER = 200
 """Refusals in a row after which the filled cluster counts as full."""
 
@@ -158,13 +160,16 @@ SATURATED_AFTER = 200
 def saturate(size: int, seed: int) -> Fill:
     """A cluster of `size` GPUs filled with best-fit until it refuses SATURATED_AFTER in a row,
     first the everyday mix, then 2 GiB memory-only requests (about a hundredth of a GPU's
-    share) into the slivers the mix could not use."""
+    share, time-shared and cu-mask in turn) into the slivers the mix could not use."""
     started = time.perf_counter()
     snapshot = ClusterSnapshot.build(synthetic_nodes(size // GPUS_PER_NODE, GPUS_PER_NODE))
     placed = refused = 0
     state = SchedulerState()
     max_tries = 100 * size + 1000  # bounded: each placement adds at least 10 millis
-    slivers = (AllocationRequest(f"fill-s-{n:07d}", memory_mib=2048) for n in range(max_tries))
+    slivers = (
+        AllocationRequest(f"fill-s-{n:07d}", memory_mib=2048, isolation=SLIVER_ISOLATION[n % 2])
+        for n in range(max_tries)
+    )
     mix = random_requests(random.Random(seed), prefix="fill")
     for stream in (mix, slivers):
         in_a_row = 0
