@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kaiwo_gpu.common.models import AllocationRequest, Health, Selector
 from kaiwo_gpu.coordinator.local.synthetic import synthetic_nodes
-from kaiwo_gpu.coordinator.placement.cluster import Node
+from kaiwo_gpu.coordinator.placement.cluster import GpuShare, Node, PlacedAllocation
 from kaiwo_gpu.coordinator.placement.engine import NoFit, place
 from kaiwo_gpu.coordinator.placement.refusals import explain
 from kaiwo_gpu.coordinator.placement.rules import Reason, check_gpu
@@ -97,3 +97,19 @@ def test_a_full_cluster_refuses_with_every_reason_counted() -> None:
         Reason.UNHEALTHY: 1,
         Reason.LACKS_MILLIS: 7,
     }
+
+
+def test_a_record_granting_no_millis_still_holds_its_gpu() -> None:
+    """A record may state 0 millis (the wire allows it); it must count as a holder for the
+    whole-GPU shortcuts exactly as the full check sees it (found by review)."""
+    nodes = synthetic_nodes(1, 2)
+    gpu = nodes[0].gpus[0]
+    for memory in (0, 1024):
+        odd = PlacedAllocation("odd", gpu.node, (GpuShare(gpu.uuid, 0, memory),))
+        snapshot = ClusterSnapshot.build(nodes, [odd])
+        assert snapshot.free_millis(0) < 1000, "a holder takes at least one milli"
+        request = AllocationRequest("r", count=2, memory_mib=gpu.vram_mib)
+        assert dict(explain(request, snapshot).reasons) == scanned(request, snapshot)
+        decision = place(request, snapshot)
+        assert isinstance(decision, NoFit)
+        assert dict(decision.reasons) == scanned(request, snapshot)

@@ -24,6 +24,7 @@ def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
         and a.cu_mask_index == b.cu_mask_index
         and a.classes == b.classes
         and dict(a.class_counts) == dict(b.class_counts)
+        and dict(a.kind_counts) == dict(b.kind_counts)
         and dict(a.idle_by_node) == dict(b.idle_by_node)
         and {pos: set(h) for pos, h in enumerate(a.holders)}
         == {pos: set(h) for pos, h in enumerate(b.holders)}

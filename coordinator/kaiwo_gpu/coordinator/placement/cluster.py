@@ -135,11 +135,14 @@ class GpuUsage:
         return "; ".join(excess)
 
     def plus(self, share: GpuShare, blocks_sharing: bool) -> GpuUsage:
+        """The usage with one more holder, which counts for at least one milli: placement never
+        grants less, and with this a GPU with every milli free holds nothing (a record
+        stating 0 millis is odd, and odd records count for more, never for less)."""
         mask = 0
         for cu in share.compute_units:
             mask |= 1 << cu
         return GpuUsage(
-            allocated_millis=self.allocated_millis + share.millis,
+            allocated_millis=self.allocated_millis + max(1, share.millis),
             allocated_memory_mib=self.allocated_memory_mib + share.memory_mib,
             used_compute_units_mask=self.used_compute_units_mask | mask,
             holders=self.holders + 1,
@@ -153,8 +156,10 @@ class GpuClass:
     """Everything placement's rules read of a GPU except its free capacity.
 
     GPUs of one class pass or fail those rules together for any request, so the snapshot
-    counts GPUs per class and a refusal is explained from the counts (a few dozen classes)
-    rather than from every GPU.
+    counts GPUs per class and a refusal is explained from the counts rather than from every
+    GPU. Labels make a class per label set, one per node where nodes carry their own names
+    as labels; so the snapshot also counts classes without labels, which is all a request
+    without a label selector needs (a few dozen whatever the labels).
     """
 
     model: str
@@ -168,6 +173,21 @@ class GpuClass:
     held: bool
     cu_mask_held: bool
     time_shared_held: bool
+
+    def without_labels(self) -> GpuClass:
+        return GpuClass(
+            self.model,
+            self.vram_mib,
+            self.compute_units,
+            self.partition,
+            (),
+            self.schedulable,
+            self.unhealthy,
+            self.blocked,
+            self.held,
+            self.cu_mask_held,
+            self.time_shared_held,
+        )
 
     @property
     def open_and_idle(self) -> bool:

@@ -87,10 +87,13 @@ def _count_classes(
 ) -> tuple[Counter[Reason], Counter[str]]:
     counts: Counter[Reason] = Counter()
     fitting_per_node: Counter[str] = Counter()
-    class_counts = Counter(snapshot.class_counts)
+    # Labels matter only to a label selector; without one, the few label-less classes do.
+    by_labels = bool(request.selector.node_labels)
+    class_counts = Counter(snapshot.class_counts if by_labels else snapshot.kind_counts)
     excluded = _excluded_positions(request, snapshot)
     for pos in excluded:  # the selector's exclusions fail first, whatever their class
-        class_counts[snapshot.classes[pos]] -= 1
+        gpu_class = snapshot.classes[pos]
+        class_counts[gpu_class if by_labels else gpu_class.without_labels()] -= 1
     counts[Reason.SELECTOR] += len(excluded)
     passing = 0
     verdicts = {gpu_class: class_reason(request, gpu_class) for gpu_class in class_counts}
@@ -114,7 +117,7 @@ def _count_classes(
     checked = 0
     index = snapshot.index_for(request.isolation)
     for pos in index.ascending_free(least_millis):
-        if pos in excluded or verdicts[snapshot.classes[pos]] is not None:
+        if pos in excluded or class_reason(request, snapshot.classes[pos]) is not None:
             continue
         checked += 1
         verdict = capacity_verdict(request, snapshot, pos)

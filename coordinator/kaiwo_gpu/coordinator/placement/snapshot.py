@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
 import immutables
 
@@ -31,6 +32,7 @@ from kaiwo_gpu.coordinator.placement.load import load_score
 from kaiwo_gpu.coordinator.placement.persistent import ChunkedVector
 
 _NO_TELEMETRY: Mapping[str, Telemetry] = MappingProxyType({})
+K = TypeVar("K")
 
 
 class ClusterSnapshot:
@@ -46,6 +48,7 @@ class ClusterSnapshot:
         "holders",
         "idle_by_node",
         "keys",
+        "kind_counts",
         "max_vram_mib",
         "node_of",
         "nodes",
@@ -65,8 +68,11 @@ class ClusterSnapshot:
     usage: ChunkedVector[GpuUsage]
     holders: ChunkedVector[tuple[str, ...]]
     classes: ChunkedVector[GpuClass]
-    class_counts: Mapping[GpuClass, int]
+    class_counts: immutables.Map[GpuClass, int]
     """How many GPUs are of each class (never zero): the refusal path reads these."""
+    kind_counts: immutables.Map[GpuClass, int]
+    """The same for classes without their labels: all a request without a label selector
+    needs, and a few dozen however many label sets the nodes have."""
     idle_by_node: immutables.Map[str, int]
     """How many GPUs of each node could take a whole-GPU request (open, nothing on them), so
     a request for several whole GPUs skips nodes that cannot hold it without checking them."""
@@ -116,7 +122,8 @@ class ClusterSnapshot:
         snapshot.usage = ChunkedVector(usage)
         snapshot.holders = ChunkedVector(holders)
         snapshot.classes = ChunkedVector(classes)
-        snapshot.class_counts = MappingProxyType(Counter(classes))
+        snapshot.class_counts = immutables.Map(Counter(classes))
+        snapshot.kind_counts = immutables.Map(Counter(c.without_labels() for c in classes))
         snapshot.idle_by_node = immutables.Map(
             Counter(gpu.node for gpu, c in zip(gpus, classes, strict=True) if c.open_and_idle)
         )
@@ -168,31 +175,26 @@ class ClusterSnapshot:
     def _reclassify(self, positions: Iterable[int]) -> None:
         """Refreshes the class of `positions` and the counts (only on a fresh derivation)."""
         changes: dict[int, GpuClass] = {}
-        counts: Counter[GpuClass] | None = None
+        moves: Counter[GpuClass] = Counter()
         idle_moves: Counter[str] = Counter()
         for pos in positions:
             old = self.classes[pos]
             new = GpuClass.of(self.gpus[pos], self.node_of[pos], self.usage[pos])
             if new == old:
                 continue
-            if counts is None:
-                counts = Counter(self.class_counts)
-            counts[old] -= 1
-            counts[new] += 1
             changes[pos] = new
+            moves[old] -= 1
+            moves[new] += 1
             idle_moves[self.gpus[pos].node] += new.open_and_idle - old.open_and_idle
-        if counts is None:
+        if not changes:
             return
         self.classes = self.classes.replaced(changes)
-        self.class_counts = MappingProxyType(+counts)  # + drops the classes counted out
-        with self.idle_by_node.mutate() as idle:
-            for node, moved in idle_moves.items():
-                left = idle.get(node, 0) + moved
-                if left:
-                    idle[node] = left
-                else:
-                    idle.pop(node, None)
-            self.idle_by_node = idle.finish()
+        self.class_counts = _moved(self.class_counts, moves)
+        kinds: Counter[GpuClass] = Counter()
+        for gpu_class, moved in moves.items():
+            kinds[gpu_class.without_labels()] += moved
+        self.kind_counts = _moved(self.kind_counts, kinds)
+        self.idle_by_node = _moved(self.idle_by_node, idle_moves)
 
     def _copy(self) -> ClusterSnapshot:
         """A shallow copy for a derivation to replace some fields of."""
@@ -341,3 +343,17 @@ class ClusterSnapshot:
         units = self.gpus[pos].compute_units
         held = self.usage[pos].used_compute_units_mask & ((1 << units) - 1)
         return units - held.bit_count()
+
+
+def _moved(counts: immutables.Map[K, int], moves: Mapping[K, int]) -> immutables.Map[K, int]:
+    """`counts` with `moves` added, keys whose count reaches 0 dropped."""
+    with counts.mutate() as edit:
+        for key, moved in moves.items():
+            if moved:
+                left = edit.get(key, 0) + moved
+                if left:
+                    edit[key] = left
+                else:
+                    edit.pop(key, None)
+        moved_counts = edit.finish()
+    return moved_counts
