@@ -49,7 +49,14 @@ def test_bad_flags_exit_2_with_one_line(
 def test_strategies_lists_every_builtin(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["strategies"]) == 0
     out = capsys.readouterr().out
-    for name in ("first-fit", "best-fit", "worst-fit", "round-robin", "load-balanced"):
+    for name in (
+        "first-fit",
+        "best-fit",
+        "worst-fit",
+        "round-robin",
+        "load-balanced",
+        "frag-aware",
+    ):
         assert name in out
 
 

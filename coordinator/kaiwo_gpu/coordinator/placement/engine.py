@@ -17,6 +17,7 @@ from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.coordinator.placement.capacity_index import SPARSE_SHARE, CapacityIndex
 from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuKey, GpuShare, PlacedAllocation
 from kaiwo_gpu.coordinator.placement.cumask import choose_compute_units
+from kaiwo_gpu.coordinator.placement.fragmentation import observe_request
 from kaiwo_gpu.coordinator.placement.refusals import NoFit, describe_demand, explain
 from kaiwo_gpu.coordinator.placement.rules import Demand, Reason, check_gpu, min_free_millis
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
@@ -118,7 +119,8 @@ def place(
         on_node = picked.setdefault(snapshot.gpus[pos].node, [])
         on_node.append((pos, verdict))
         if len(on_node) == request.count:
-            return _placement(request, snapshot, state, strategy, on_node)
+            observed = observe_request(state, least_millis, request.count)
+            return _placement(request, snapshot, observed, strategy, on_node)
     return explain(request, snapshot)
 
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex
 from kaiwo_gpu.coordinator.placement.cluster import GpuKey
+from kaiwo_gpu.coordinator.placement.fragmentation import EMPTY_MIX, DemandMix, FragmentationAware
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 
 
@@ -23,6 +24,8 @@ class SchedulerState:
     """State that outlives one decision, passed in and returned explicitly (no globals)."""
 
     round_robin_after: GpuKey | None = None
+    demand_mix: DemandMix = EMPTY_MIX
+    """Recent request shapes, recorded by the engine for every placement (frag-aware)."""
 
 
 class Strategy(Protocol):
@@ -167,6 +170,6 @@ class StrategyRegistry(Mapping[str, Strategy]):
 
 
 BUILTIN_STRATEGIES = StrategyRegistry(
-    [FirstFit(), BestFit(), WorstFit(), RoundRobin(), LoadBalanced()]
+    [FirstFit(), BestFit(), WorstFit(), RoundRobin(), LoadBalanced(), FragmentationAware()]
 )
 DEFAULT_STRATEGY = "best-fit"
