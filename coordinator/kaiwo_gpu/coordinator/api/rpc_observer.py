@@ -36,9 +36,14 @@ def _code_of(context: Context, error: BaseException | None) -> str:
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once, on its first call, and reuses the wrapper: gRPC asks
+    the interceptor for every call, and building the wrapper each time cost every RPC."""
+
     def __init__(self, instruments: Instruments) -> None:
         self._handled = instruments.grpc_handled
         self._seconds = instruments.grpc_seconds
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Any]] = {}
+        """method -> (the handler gRPC gave, its observed wrapper)."""
 
     async def intercept_service(
         self,
@@ -51,6 +56,16 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         full = (handler_call_details.method or "").strip("/")
+        known = self._wrapped.get(full)
+        if known is not None and known[0] is handler:
+            return known[1]  # type: ignore[no-any-return]
+        wrapped = self._observed(full, handler)
+        self._wrapped[full] = (handler, wrapped)
+        return wrapped
+
+    def _observed(
+        self, full: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         service, _, method = full.rpartition("/")
         kind = next(
             (k for k in ("unary_unary", "unary_stream", "stream_stream")
@@ -60,18 +75,21 @@ class RpcObserver(grpc.aio.ServerInterceptor):
         if kind is None:  # stream_unary: none of ours
             return handler
         behaviour: Any = getattr(handler, kind)
-        handled, seconds = self._handled, self._seconds
         unary = kind == "unary_unary"
         traced = service not in UNTRACED_SERVICES
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        # The label children are looked up once: `labels()` per call was a lock and a dict.
+        seconds = self._seconds.labels(service, method) if unary else None
+        handled = self._handled
 
         async def observed(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             error: BaseException | None = None
-            parent = tracing.extracted(context.invocation_metadata()) if traced else None
+            tracing_on = traced and tracing.enabled()
+            parent = tracing.extracted(context.invocation_metadata()) if tracing_on else None
             observing = (
                 tracing.span(full, kind="server", parent=parent, attributes=attributes)
-                if traced
+                if tracing_on
                 else contextlib.nullcontext()
             )
             with observing as span:
@@ -90,8 +108,8 @@ class RpcObserver(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     code = _code_of(context, error)
-                    if unary:
-                        seconds.labels(service, method).observe(time.perf_counter() - started)
+                    if seconds is not None:
+                        seconds.observe(time.perf_counter() - started)
                     handled.labels(service, method, code).inc()
                     if code != "OK":
                         tracing.record_error(span, code, context.details() or "")
