@@ -417,10 +417,13 @@ class Allocator:
         records; a request decided again after a conflict keeps the lease it has."""
         granted_at = self._clock()
         wanted = [(pending[index], ttl_s) for index, ttl_s in decision.leases_wanted]
-        with _traced([item for item, _ in wanted], "etcd lease grant", kind="client") as span:
-            if span is not None:
-                tracing.set_attributes(span, {"db.system": "etcd", "kaiwo_gpu.leases": len(wanted)})
-            grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
+        grants: list[tuple[int, int] | BaseException] = []
+        if wanted:  # none wanted (no TTL): no span, no gather
+            with _traced([item for item, _ in wanted], "etcd lease grant", kind="client") as span:
+                if span is not None:
+                    attributes = {"db.system": "etcd", "kaiwo_gpu.leases": len(wanted)}
+                    tracing.set_attributes(span, attributes)
+                grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
         failure: BaseException | None = None
         for (item, _), grant in zip(wanted, grants, strict=True):
             if isinstance(grant, BaseException):

@@ -204,6 +204,8 @@ class Leases:
         shown = [self.known_expiry(record) for record in records]
         now = self._clock()
         stale = [n for n, expiry in enumerate(shown) if expiry is not None and expiry <= now]
+        if not stale:  # the usual case, an Allocate's own record: no semaphore, no gather
+            return shown
         gate = asyncio.Semaphore(EXPIRY_QUERIES_IN_FLIGHT)
 
         async def asked(record: types_pb2.Allocation) -> datetime | None:
