@@ -39,6 +39,11 @@ TTL_S = 60
 KEEPALIVE_TTL_S = 300  # outlives both KeepAlive parts (2 x --time-limit 120): none expires
 
 
+def concurrent_phase(clients: int) -> str:
+    """The name of the concurrent no-TTL Allocate phase, whose CPU the report reads."""
+    return f"Allocate x{clients} clients"
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     samples: int
@@ -138,7 +143,7 @@ async def measure(
     concurrent = await allocate_throughput(
         apis, store, "par", options.allocations, deadline(), made=made
     )
-    meter.record(mark, f"Allocate x{len(apis)} clients", concurrent.done)
+    meter.record(mark, concurrent_phase(len(apis)), concurrent.done)
     print(f"Allocate x{len(apis)}: {concurrent.per_s:.0f}/s", flush=True)
     await release_all(apis, made, deadline())
 

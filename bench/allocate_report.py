@@ -1,8 +1,10 @@
 """The tables of the allocate suite, and the same figures for `--json`.
 
-Latency rows are read as ratios to the bare etcd txn measured in the same run; the targets
-are Allocate p50 <= 1.5 x bare txn p50, Allocate p99 <= 2.0 x bare txn p99 and >= 1000
-allocations/s per coordinator process.
+Latency rows are read as ratios to the bare etcd txn measured in the same run. The targets:
+Allocate p50 <= 1.25 x the floor (gRPC health p50 + bare txn p50: one RPC and one
+transaction, which no design with a network hop can beat), Allocate p99 <= 2.0 x bare txn
+p99 and >= 2500 allocations/s from one coordinator process with 32 clients. Beside them,
+the coordinator's CPU per allocation under load, which carries over between machines.
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.allocate_calls import Throughput
-from bench.allocate_measure import KEEPALIVE_TTL_S, TTL_S, Options, Renewals, Results
+from bench.allocate_measure import (
+    KEEPALIVE_TTL_S,
+    TTL_S,
+    Options,
+    Renewals,
+    Results,
+    concurrent_phase,
+)
 from bench.lib import CpuMeter, CpuUse, Figures, Stats, print_header
 
-TARGET_P50_RATIO = 1.5
+TARGET_FLOOR_RATIO = 1.25
 TARGET_P99_RATIO = 2.0
-TARGET_THROUGHPUT = 1000.0
+TARGET_THROUGHPUT = 2500.0
 CPU_ROLES = ("client", "coordinator", "etcd")  # this process first
 
 
@@ -74,17 +83,29 @@ def revision_rows(clients: int, renewals: Renewals) -> list[tuple[str, int, int,
     ]
 
 
+def floor_ms(results: Results) -> float:
+    """One RPC plus one transaction: the least an Allocate can take, in this run."""
+    return results.health.p50_ms + results.bare.p50_ms
+
+
+def coordinator_ms_per_allocation(clients: int, meter: CpuMeter) -> float | None:
+    """The coordinator's CPU per allocation in the concurrent no-TTL phase (None: unread)."""
+    phase = concurrent_phase(clients)
+    use = next((use for use in meter.uses if use.phase == phase), None)
+    return use.per_op_ms("coordinator") if use is not None else None
+
+
 def targets(results: Results) -> list[Target]:
-    p50 = results.plain.p50_ms / results.bare.p50_ms
+    floor = results.plain.p50_ms / floor_ms(results)
     p99 = results.plain.p99_ms / results.bare.p99_ms
     per_s = results.concurrent.per_s
     return [
         Target(
-            "Allocate p50 / bare txn p50",
-            p50,
+            "Allocate p50 / (health + txn p50)",
+            floor,
             2,
-            f"<= {TARGET_P50_RATIO}",
-            _verdict(p50, TARGET_P50_RATIO, at_most=True),
+            f"<= {TARGET_FLOOR_RATIO}",
+            _verdict(floor, TARGET_FLOOR_RATIO, at_most=True),
         ),
         Target(
             "Allocate p99 / bare txn p99",
@@ -159,12 +180,17 @@ def print_cpu(uses: Sequence[CpuUse]) -> None:
         print(f"{use.phase:<34}{use.ops:>6}{use.wall_s:>8.2f}{used}{per_ops}{use.busy:>6.0%}")
 
 
-def print_targets(rows: Sequence[Target]) -> None:
+def print_targets(
+    rows: Sequence[Target], floor: float, clients: int, coordinator_ms: float | None
+) -> None:
     header = f"{'target':<34}{'value':>9}{'wanted':>10}  verdict"
     print_header(header)
     for row in rows:
         value = f"{row.value:.{row.decimals}f}"
         print(f"{row.name:<34}{value:>9}{row.wanted:>10}  {row.verdict}")
+    shown = f"{coordinator_ms:.3f} ms" if coordinator_ms is not None else "?"
+    print(f"floor = health p50 + bare txn p50 = {floor:.3f} ms")
+    print(f"coordinator CPU per allocation, Allocate x{clients} clients: {shown}")
 
 
 def report(options: Options, results: Results, meter: CpuMeter) -> None:
@@ -195,7 +221,12 @@ def report(options: Options, results: Results, meter: CpuMeter) -> None:
     )
     print_cpu(meter.uses)
     print()
-    print_targets(targets(results))
+    print_targets(
+        targets(results),
+        floor_ms(results),
+        clients,
+        coordinator_ms_per_allocation(clients, meter),
+    )
 
 
 # --- figures ----------------------------------------------------------------------------
@@ -247,6 +278,8 @@ def figures(options: Options, results: Results, meter: CpuMeter) -> Figures:
             ],
         },
         "cpu": [use.figures() for use in meter.uses],
+        "floor_ms": floor_ms(results),
+        "coordinator_cpu_ms_per_allocation": coordinator_ms_per_allocation(options.clients, meter),
         "targets": [
             {"target": t.name, "value": t.value, "wanted": t.wanted, "verdict": t.verdict}
             for t in targets(results)
