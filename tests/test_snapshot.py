@@ -26,6 +26,8 @@ def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
         and dict(a.class_counts) == dict(b.class_counts)
         and dict(a.kind_counts) == dict(b.kind_counts)
         and dict(a.idle_by_node) == dict(b.idle_by_node)
+        and {c: set(nodes) for c, nodes in a.nodes_by_idle.items()}
+        == {c: set(nodes) for c, nodes in b.nodes_by_idle.items()}
         and {pos: set(h) for pos, h in enumerate(a.holders)}
         == {pos: set(h) for pos, h in enumerate(b.holders)}
     )

@@ -102,10 +102,10 @@ def place(
     whole_gpus = request.count if request.count > 1 and least_millis == MILLIS_PER_GPU else 0
     idle_by_node = snapshot.idle_by_node
     if whole_gpus:
-        hosts = [node for node, idle in idle_by_node.items() if idle >= whole_gpus]
-        if not hosts:
+        host_counts = [c for c in snapshot.nodes_by_idle if c >= whole_gpus]
+        if not host_counts:
             return explain(request, snapshot)
-        index = _sparse_hosts_index(snapshot, index, hosts)
+        index = _sparse_hosts_index(snapshot, index, host_counts)
     gpus = snapshot.gpus
     for pos in strategy.candidates(snapshot, index, least_millis, state):
         if pos in seen or not 0 <= pos < gpu_count:
@@ -125,13 +125,16 @@ def place(
 
 
 def _sparse_hosts_index(
-    snapshot: ClusterSnapshot, index: CapacityIndex, hosts: list[str]
+    snapshot: ClusterSnapshot, index: CapacityIndex, host_counts: list[int]
 ) -> CapacityIndex:
-    """`index` restricted to the GPUs of `hosts` when they hold few of its idle GPUs, so the
-    strategy ranks only those instead of walking past every idle GPU of the other nodes."""
-    on_hosts = sum(snapshot.idle_by_node[node] for node in hosts)
+    """`index` restricted to the GPUs of the nodes with these idle counts when they hold few
+    of its idle GPUs, so the strategy ranks only those instead of walking past every idle
+    GPU of the other nodes."""
+    by_count = snapshot.nodes_by_idle
+    on_hosts = sum(count * len(by_count[count]) for count in host_counts)
     if on_hosts * SPARSE_SHARE >= index.count_at_least(MILLIS_PER_GPU):
         return index
+    hosts = [node for count in host_counts for node in by_count[count]]
     return index.restricted_to(snapshot.positions_on(hosts), snapshot.closed_index)
 
 

@@ -60,16 +60,28 @@ def explain(request: AllocationRequest, snapshot: ClusterSnapshot) -> NoFit:
     """Counts, over the whole cluster, the first rule each GPU fails (the error path)."""
     if request.selector.nodes:
         listed = snapshot.positions_on(request.selector.nodes)
-        counts, fitting_per_node = _count_positions(request, snapshot, listed)
+        counts, fitting = _count_positions(request, snapshot, listed)
         counts[Reason.SELECTOR] += len(snapshot.gpus) - len(listed)
     else:
-        counts, fitting_per_node = _count_classes(request, snapshot)
-    return _no_fit(request, snapshot, counts, fitting_per_node)
+        counts, fitting = _count_classes(request, snapshot)
+    return _no_fit(request, snapshot, counts, fitting)
+
+
+@dataclass(frozen=True, slots=True)
+class Fitting:
+    """GPUs that fit the request one by one, though no node has `count` of them."""
+
+    total: int = 0
+    most_on_a_node: int = 0
+
+    @staticmethod
+    def of(per_node: Counter[str]) -> Fitting:
+        return Fitting(sum(per_node.values()), max(per_node.values(), default=0))
 
 
 def _count_positions(
     request: AllocationRequest, snapshot: ClusterSnapshot, positions: Iterable[int]
-) -> tuple[Counter[Reason], Counter[str]]:
+) -> tuple[Counter[Reason], Fitting]:
     """Checks each of `positions` in full: the path of a selector that lists its nodes."""
     counts: Counter[Reason] = Counter()
     fitting_per_node: Counter[str] = Counter()
@@ -79,12 +91,12 @@ def _count_positions(
             counts[verdict] += 1
         else:
             fitting_per_node[snapshot.gpus[pos].node] += 1
-    return counts, fitting_per_node
+    return counts, Fitting.of(fitting_per_node)
 
 
 def _count_classes(
     request: AllocationRequest, snapshot: ClusterSnapshot
-) -> tuple[Counter[Reason], Counter[str]]:
+) -> tuple[Counter[Reason], Fitting]:
     counts: Counter[Reason] = Counter()
     fitting_per_node: Counter[str] = Counter()
     # Labels matter only to a label selector; without one, the few label-less classes do.
@@ -110,10 +122,11 @@ def _count_classes(
         idle_classes = [c for c, n in class_counts.items() if n and c.open_and_idle]
         if all(verdicts[c] is None for c in idle_classes):
             # Whole GPUs: an idle GPU whose class passes has all it could want free, so
-            # every idle GPU fits and the count per node is the snapshot's.
-            fitting_per_node.update(snapshot.idle_by_node)
-            counts[Reason.LACKS_MILLIS] += passing - sum(fitting_per_node.values())
-            return counts, fitting_per_node
+            # every idle GPU fits and the counts per node are the snapshot's.
+            by_count = snapshot.nodes_by_idle
+            idle = sum(count * len(nodes) for count, nodes in by_count.items())
+            counts[Reason.LACKS_MILLIS] += passing - idle
+            return counts, Fitting(idle, max(by_count, default=0))
     checked = 0
     index = snapshot.index_for(request.isolation)
     for pos in index.ascending_free(least_millis):
@@ -126,7 +139,7 @@ def _count_classes(
         else:
             fitting_per_node[snapshot.gpus[pos].node] += 1
     counts[Reason.LACKS_MILLIS] += passing - checked
-    return counts, fitting_per_node
+    return counts, Fitting.of(fitting_per_node)
 
 
 def _excluded_positions(request: AllocationRequest, snapshot: ClusterSnapshot) -> set[int]:
@@ -142,19 +155,15 @@ def _excluded_positions(request: AllocationRequest, snapshot: ClusterSnapshot) -
 
 
 def _no_fit(
-    request: AllocationRequest,
-    snapshot: ClusterSnapshot,
-    counts: Counter[Reason],
-    fitting_per_node: Counter[str],
+    request: AllocationRequest, snapshot: ClusterSnapshot, counts: Counter[Reason], fitting: Fitting
 ) -> NoFit:
-    if fitting_per_node:
-        counts[Reason.TOO_FEW_ON_NODE] = sum(fitting_per_node.values())
+    if fitting.total:
+        counts[Reason.TOO_FEW_ON_NODE] = fitting.total
     reasons = tuple((reason, counts[reason]) for reason in Reason if counts[reason])
     wanted = describe_demand(request)
     if not snapshot.gpus:
         return NoFit((), f"no GPU can take {wanted}: the cluster has no GPUs")
     detail = ", ".join(f"{n} {reason.value}" for reason, n in reasons)
-    if fitting_per_node:
-        most = max(fitting_per_node.values())
-        detail += f" (at most {most} on one node, {request.count} needed)"
+    if fitting.total:
+        detail += f" (at most {fitting.most_on_a_node} on one node, {request.count} needed)"
     return NoFit(reasons, f"no GPU can take {wanted}: {detail}")

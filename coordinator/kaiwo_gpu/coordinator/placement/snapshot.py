@@ -52,6 +52,7 @@ class ClusterSnapshot:
         "max_vram_mib",
         "node_of",
         "nodes",
+        "nodes_by_idle",
         "position",
         "shared_index",
         "telemetry",
@@ -76,6 +77,9 @@ class ClusterSnapshot:
     idle_by_node: immutables.Map[str, int]
     """How many GPUs of each node could take a whole-GPU request (open, nothing on them), so
     a request for several whole GPUs skips nodes that cannot hold it without checking them."""
+    nodes_by_idle: immutables.Map[int, immutables.Map[str, bool]]
+    """The nodes with each count of such GPUs: the nodes that can hold k whole GPUs, and how
+    many idle GPUs they have, without a walk over the nodes."""
     shared_index: CapacityIndex
     cu_mask_index: CapacityIndex
     closed_index: CapacityIndex
@@ -124,8 +128,13 @@ class ClusterSnapshot:
         snapshot.classes = ChunkedVector(classes)
         snapshot.class_counts = immutables.Map(Counter(classes))
         snapshot.kind_counts = immutables.Map(Counter(c.without_labels() for c in classes))
-        snapshot.idle_by_node = immutables.Map(
-            Counter(gpu.node for gpu, c in zip(gpus, classes, strict=True) if c.open_and_idle)
+        idle = Counter(gpu.node for gpu, c in zip(gpus, classes, strict=True) if c.open_and_idle)
+        snapshot.idle_by_node = immutables.Map(idle)
+        by_count: dict[int, dict[str, bool]] = {}
+        for name, count in idle.items():
+            by_count.setdefault(count, {})[name] = True
+        snapshot.nodes_by_idle = immutables.Map(
+            {count: immutables.Map(nodes) for count, nodes in by_count.items()}
         )
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
         positions = range(len(gpus))
@@ -194,7 +203,29 @@ class ClusterSnapshot:
         for gpu_class, moved in moves.items():
             kinds[gpu_class.without_labels()] += moved
         self.kind_counts = _moved(self.kind_counts, kinds)
-        self.idle_by_node = _moved(self.idle_by_node, idle_moves)
+        self._move_idle(idle_moves)
+
+    def _move_idle(self, moves: Mapping[str, int]) -> None:
+        """Moves nodes' idle counts, in both idle_by_node and nodes_by_idle."""
+        with self.idle_by_node.mutate() as idle, self.nodes_by_idle.mutate() as by_count:
+            for node, moved in moves.items():
+                if not moved:
+                    continue
+                before = idle.get(node, 0)
+                after = before + moved
+                if before:
+                    left = by_count[before].delete(node)
+                    if left:
+                        by_count[before] = left
+                    else:
+                        del by_count[before]
+                if after:
+                    idle[node] = after
+                    by_count[after] = by_count.get(after, immutables.Map()).set(node, True)
+                else:
+                    idle.pop(node, None)
+            self.idle_by_node = idle.finish()
+            self.nodes_by_idle = by_count.finish()
 
     def _copy(self) -> ClusterSnapshot:
         """A shallow copy for a derivation to replace some fields of."""
