@@ -44,9 +44,9 @@ def test_restricting_to_the_nodes_that_can_hold_it_changes_no_decision(
         "whole", count=count, fraction_millis=1000, isolation=isolation, strategy=strategy
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "SPARSE_SHARE", 10**9)  # always restrict to the hosts
+        patch.setattr(engine, "RESTRICTED_COST", 0)  # always restrict to the hosts
         restricted = place(request, snapshot)
-        patch.setattr(engine, "SPARSE_SHARE", 0)  # never: walk the whole index
+        patch.setattr(engine, "RESTRICTED_COST", 10**9)  # never: walk the whole index
         walked = place(request, snapshot)
     assert restricted == walked
     assert place(request, snapshot) == walked

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import AllocationRequest, Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
-from kaiwo_gpu.coordinator.placement.capacity_index import SPARSE_SHARE, CapacityIndex
+from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex
 from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuKey, GpuShare, PlacedAllocation
 from kaiwo_gpu.coordinator.placement.cumask import choose_compute_units
 from kaiwo_gpu.coordinator.placement.fragmentation import observe_request
@@ -124,18 +124,24 @@ def place(
     return explain(request, snapshot)
 
 
+RESTRICTED_COST = 3
+"""A position put into a restricted index costs about what this many candidates skipped on
+the walk do (measured at 10,000 GPUs half full: ~1 us against ~0.3 us)."""
+
+
 def _sparse_hosts_index(
     snapshot: ClusterSnapshot, index: CapacityIndex, host_counts: list[int]
 ) -> CapacityIndex:
-    """`index` restricted to the GPUs of the nodes with these idle counts when they hold few
-    of its idle GPUs, so the strategy ranks only those instead of walking past every idle
-    GPU of the other nodes."""
+    """`index` restricted to the GPUs of the nodes with these idle counts when building that
+    costs less than the walk would: the walk skips about (idle GPUs / hosts) candidates on
+    other nodes before it meets a host, the restriction costs one entry per host GPU."""
     by_count = snapshot.nodes_by_idle
+    hosts = sum(len(by_count[count]) for count in host_counts)
     on_hosts = sum(count * len(by_count[count]) for count in host_counts)
-    if on_hosts * SPARSE_SHARE >= index.count_at_least(MILLIS_PER_GPU):
+    if RESTRICTED_COST * on_hosts * hosts >= index.count_at_least(MILLIS_PER_GPU):
         return index
-    hosts = [node for count in host_counts for node in by_count[count]]
-    return index.restricted_to(snapshot.positions_on(hosts), snapshot.closed_index)
+    listed = [node for count in host_counts for node in by_count[count]]
+    return index.restricted_to(snapshot.positions_on(listed), snapshot.closed_index)
 
 
 def _placement(
