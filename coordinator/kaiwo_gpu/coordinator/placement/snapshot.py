@@ -137,34 +137,34 @@ class ClusterSnapshot:
             {count: immutables.Map(nodes) for count, nodes in by_count.items()}
         )
         snapshot.max_vram_mib = max((gpu.vram_mib for gpu in gpus), default=0)
-        positions = range(len(gpus))
-        snapshot.shared_index = CapacityIndex.build(
-            snapshot._index_entry(pos, cu_mask=False) for pos in positions
-        )
-        snapshot.cu_mask_index = CapacityIndex.build(
-            snapshot._index_entry(pos, cu_mask=True) for pos in positions
-        )
-        snapshot.closed_index = CapacityIndex.build(None for _ in positions)
+        entries = [snapshot._index_entries(pos) for pos in range(len(gpus))]
+        snapshot.shared_index = CapacityIndex.build(shared for shared, _ in entries)
+        snapshot.cu_mask_index = CapacityIndex.build(cu_mask for _, cu_mask in entries)
+        snapshot.closed_index = CapacityIndex.build(None for _ in entries)
         return snapshot
 
     def index_for(self, isolation: Isolation) -> CapacityIndex:
         """cu-mask and time-shared work never mix on a GPU, so each has its own index."""
         return self.cu_mask_index if isolation is Isolation.CU_MASK else self.shared_index
 
-    def _index_entry(self, pos: int, *, cu_mask: bool) -> IndexEntry | None:
+    def _index_entries(self, pos: int) -> tuple[IndexEntry | None, IndexEntry | None]:
+        """The GPU's entries in the (time-shared, cu-mask) indexes: None where it is closed to
+        that kind of work. One entry serves both where both are open (an idle GPU)."""
         gpu = self.gpus[pos]
         usage = self.usage[pos]
         if gpu.health is Health.UNHEALTHY or not self.node_of[pos].schedulable or usage.blocked:
-            return None
-        if usage.shared_holders if cu_mask else usage.cu_mask_holders:
-            return None
+            return None, None
         free_millis = MILLIS_PER_GPU - usage.allocated_millis
         if free_millis <= 0:
-            return None
-        return IndexEntry(
+            return None, None
+        entry = IndexEntry(
             free_millis=free_millis,
             free_memory_mib=gpu.vram_mib - usage.allocated_memory_mib,
             load=load_score(gpu, usage, self.telemetry.get(gpu.uuid)),
+        )
+        return (
+            None if usage.cu_mask_holders else entry,
+            None if usage.shared_holders else entry,
         )
 
     def _derive(
@@ -235,16 +235,22 @@ class ClusterSnapshot:
         return snapshot
 
     def _reindex(self, positions: Iterable[int]) -> None:
-        """Refreshes both indexes' entries for `positions` (only on a fresh derivation)."""
-        positions = tuple(positions)
-        if not positions:
-            return
-        self.shared_index = self.shared_index.updated(
-            {pos: self._index_entry(pos, cu_mask=False) for pos in positions}
-        )
-        self.cu_mask_index = self.cu_mask_index.updated(
-            {pos: self._index_entry(pos, cu_mask=True) for pos in positions}
-        )
+        """Refreshes both indexes' entries for `positions` (only on a fresh derivation). An
+        index whose entries did not move is kept: a GPU holding time-shared work stays out
+        of the cu-mask index whatever is added to it, so most commits touch one index."""
+        shared, cu_mask = self.shared_index, self.cu_mask_index
+        shared_moved: dict[int, IndexEntry | None] = {}
+        cu_mask_moved: dict[int, IndexEntry | None] = {}
+        for pos in positions:
+            shared_entry, cu_mask_entry = self._index_entries(pos)
+            if shared_entry != shared.entries[pos]:
+                shared_moved[pos] = shared_entry
+            if cu_mask_entry != cu_mask.entries[pos]:
+                cu_mask_moved[pos] = cu_mask_entry
+        if shared_moved:
+            self.shared_index = shared.updated(shared_moved)
+        if cu_mask_moved:
+            self.cu_mask_index = cu_mask.updated(cu_mask_moved)
 
     def with_allocation(self, allocation: PlacedAllocation) -> ClusterSnapshot:
         """The snapshot after `allocation` was committed (replacing one with the same id)."""
