@@ -3,6 +3,8 @@
 Run from the repository root. `python -m bench --help` lists the suites, `python -m bench NAME
 --help` shows a suite's method and options. `--json FILE` writes the figures the suite
 printed, with the options and the machine, so runs can be compared by a script.
+`python -m bench all [--quick] [--json FILE]` runs every suite in turn (`python -m bench
+--quick` is short for `all --quick`); its JSON holds one such document per suite.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 JSON_SCHEMA = 1
 COMMON_DESTS = ("quick", "json")
+ALL = "all"
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -36,7 +39,21 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog=f"suites:\n{listing}\n\n`python -m bench NAME --help` shows a suite's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", metavar="NAME", choices=list(SUITES), help="the suite to run")
+    parser.add_argument(
+        "suite", metavar="NAME", choices=[*SUITES, ALL], help=f"the suite to run, or {ALL}"
+    )
+    return parser
+
+
+def _all_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench {ALL}",
+        description="Runs every suite in turn with its default options, or its quickest form.",
+    )
+    parser.add_argument("--quick", action="store_true", help="every suite's quickest form")
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="one document per suite"
+    )
     return parser
 
 
@@ -108,23 +125,59 @@ def document(suite: Suite, args: argparse.Namespace, outcome: Outcome) -> Figure
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] == ALL:
+        return run_all(arguments[1:])
+    if arguments and arguments[0] == "--quick":
+        return run_all(arguments)
     if not arguments or arguments[0] not in SUITES:
         _top_parser().parse_args(arguments)  # prints the help, or an error naming the suites
         return 2
     suite = SUITES[arguments[0]]
     spec = suite.load()
     parser = _suite_parser(suite, spec)
-    args = parser.parse_args(arguments[1:])
-    if args.quick:
-        parser.set_defaults(**spec.quick)
-        args = parser.parse_args(arguments[1:])
+    args = _parsed(parser, spec, arguments[1:])
     if args.json is not None:
         _check_writable(parser, args.json)  # before the run, not after minutes of it
     outcome = spec.run(args)
     if args.json is not None:
-        text = json.dumps(json_ready(document(suite, args, outcome)), indent=2, allow_nan=False)
-        args.json.write_text(text + "\n", encoding="utf-8")
+        _write(args.json, document(suite, args, outcome))
     return outcome.status
+
+
+def run_all(arguments: Sequence[str]) -> int:
+    """Every suite in turn; the worst status, and one JSON document per suite."""
+    parser = _all_parser()
+    chosen = parser.parse_args(arguments)
+    if chosen.json is not None:
+        _check_writable(parser, chosen.json)
+    documents: list[Figures] = []
+    status = 0
+    for suite in SUITES.values():
+        print(f"== {suite.name}", flush=True)
+        spec = suite.load()
+        args = _parsed(_suite_parser(suite, spec), spec, ["--quick"] if chosen.quick else [])
+        outcome = spec.run(args)
+        status = max(status, outcome.status)
+        documents.append(document(suite, args, outcome))
+        print(flush=True)
+    if chosen.json is not None:
+        _write(chosen.json, {"schema": JSON_SCHEMA, "suite": ALL, "suites": documents})
+    return status
+
+
+def _parsed(
+    parser: argparse.ArgumentParser, spec: SuiteSpec, arguments: Sequence[str]
+) -> argparse.Namespace:
+    args = parser.parse_args(arguments)
+    if args.quick:
+        parser.set_defaults(**spec.quick)
+        args = parser.parse_args(arguments)
+    return args
+
+
+def _write(path: Path, figures: Figures) -> None:
+    text = json.dumps(json_ready(figures), indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def _check_writable(parser: argparse.ArgumentParser, path: Path) -> None:

@@ -18,30 +18,44 @@ import pytest
 from bench.suites import SUITES
 from kaiwo_gpu.coordinator import BUILTIN_STRATEGIES
 
-pytestmark = pytest.mark.integration  # they start etcd, a coordinator and load generators
-
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 90
+ALL_TIMEOUT_S = 420  # every suite's quick form: about 35 s on 2 idle cores
+# They start etcd, a coordinator and load generators; the first quick test waits for the run
+# of every suite, so the module's tests may take longer than the default limit.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(ALL_TIMEOUT_S + 60)]
 
 
-def bench(*args: str) -> subprocess.CompletedProcess[str]:
+def bench(*args: str, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT_S,
+        timeout=timeout_s,
         check=False,
     )
 
 
-def quick_figures(name: str, tmp_path: Path) -> Any:
-    """The figures of a quick run, as JSON (Any: the assertions say what they hold)."""
-    out = tmp_path / f"{name}.json"
-    done = bench(name, "--quick", "--json", str(out))
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`python -m bench --quick --json FILE` once, as the issue asks CI to run it: every
+    suite in its quickest form, one document per suite, by name."""
+    out = tmp_path_factory.mktemp("bench") / "all.json"
+    done = bench("--quick", "--json", str(out), timeout_s=ALL_TIMEOUT_S)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     document = json.loads(out.read_text(encoding="utf-8"))
-    assert document["suite"] == name
+    assert document["suite"] == "all"
+    by_name = {suite["suite"]: suite for suite in document["suites"]}
+    assert list(by_name) == list(SUITES), "every suite ran, in order"
+    for name in SUITES:
+        assert f"== {name}" in done.stdout
+    return by_name
+
+
+def quick_figures(name: str, quick_run: dict[str, Any]) -> Any:
+    """The figures of a suite's quick run (Any: the assertions say what they hold)."""
+    document = quick_run[name]
     assert document["status"] == 0
     assert document["quick"] is True
     assert document["options"]
@@ -88,8 +102,8 @@ def test_a_json_file_that_cannot_be_written_is_refused_before_the_run(tmp_path: 
     assert "place() per decision" not in done.stdout  # nothing was run
 
 
-def test_engine_quick(tmp_path: Path) -> None:
-    figures = quick_figures("engine", tmp_path)
+def test_engine_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("engine", quick_run)
     assert figures["baseline"]["count"] > 0
     fills = rows(figures, "fills")
     decisions = rows(figures, "decisions")
@@ -109,8 +123,8 @@ def test_engine_quick(tmp_path: Path) -> None:
             assert row[part]["count"] > 0
 
 
-def test_packing_quick(tmp_path: Path) -> None:
-    figures = quick_figures("packing", tmp_path)
+def test_packing_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("packing", quick_run)
     assert figures["baseline"]["count"] > 0
     workloads = {row["name"]: row for row in rows(figures, "workloads")}
     assert set(workloads) == {"synthetic", "synthetic-fractional"}
@@ -133,8 +147,8 @@ def test_packing_quick(tmp_path: Path) -> None:
         assert row["refused"] >= 0
 
 
-def test_allocate_quick(tmp_path: Path) -> None:
-    figures = quick_figures("allocate", tmp_path)
+def test_allocate_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("allocate", quick_run)
     latency = {row["operation"]: row for row in rows(figures, "latency")}
     assert any(name.startswith("KeepAlive") for name in latency)
     for row in latency.values():
@@ -156,8 +170,8 @@ def test_allocate_quick(tmp_path: Path) -> None:
     assert {row["verdict"] for row in rows(figures, "targets")} <= {"PASS", "MISS"}
 
 
-def test_telemetry_quick(tmp_path: Path) -> None:
-    figures = quick_figures("telemetry", tmp_path)
+def test_telemetry_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("telemetry", quick_run)
     registration = figures["registration"]
     steady = figures["steady"]
     baseline = figures["baseline"]
@@ -176,8 +190,8 @@ def test_telemetry_quick(tmp_path: Path) -> None:
     assert isinstance(figures["keeps_up"], bool)
 
 
-def test_etcd_space_quick(tmp_path: Path) -> None:
-    figures = quick_figures("etcd-space", tmp_path)
+def test_etcd_space_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("etcd-space", quick_run)
     for phase in ("floor", "pairs"):
         assert figures[phase]["count"] > 0
         assert figures[phase]["kept_bytes_per_item"] >= 0
@@ -191,8 +205,8 @@ def test_etcd_space_quick(tmp_path: Path) -> None:
     assert figures["sizes"]["tombstone"]["value"] > 0
 
 
-def test_tracing_quick(tmp_path: Path) -> None:
-    figures = quick_figures("tracing", tmp_path)
+def test_tracing_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("tracing", quick_run)
     for mode in ("off", "on"):
         assert figures[mode]["p50_ms"] > 0
         assert figures[mode]["rounds"]
@@ -200,8 +214,8 @@ def test_tracing_quick(tmp_path: Path) -> None:
     assert "overhead_p50_ms" in figures
 
 
-def test_tls_quick(tmp_path: Path) -> None:
-    figures = quick_figures("tls", tmp_path)
+def test_tls_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("tls", quick_run)
     assert set(figures["transports"]) == {"plaintext", "mTLS"}
     for transport in figures["transports"].values():
         for key in ("allocate_p50_ms", "allocate_p99_ms", "first_reply_p50_ms", "connect_p50_ms"):
@@ -217,10 +231,31 @@ def test_tls_quick(tmp_path: Path) -> None:
     assert "new_connection_extra_ms" in figures
 
 
-def test_scrape_quick(tmp_path: Path) -> None:
-    figures = quick_figures("scrape", tmp_path)
+def test_scrape_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("scrape", quick_run)
     assert figures["gpus"] == 160  # 20 nodes x 8
     assert figures["series"] > 5 * figures["gpus"]  # five share series per GPU at least
     assert figures["scraped"]["scrapes"] > 0  # the scraped round really scraped
     for mode in ("quiet", "scraped"):
         assert figures[mode]["p50_ms"] > 0
+
+
+def test_startup_quick(quick_run: dict[str, Any]) -> None:
+    figures = quick_figures("startup", quick_run)
+    floor = figures["python: grpc + one health call"]
+    assert floor["ratio_to_grpc_floor"] == 1.0
+    bare = figures["python -c pass"]
+    for row in (version := figures["kaiwo-gpu --version"], floor):
+        assert row["median_ms"] > 0
+        expected = row["median_ms"] / bare["median_ms"]
+        assert row["ratio_to_bare_python"] == pytest.approx(expected, rel=0.05)
+    assert version["ratio_to_grpc_floor"] == pytest.approx(
+        version["median_ms"] / floor["median_ms"], rel=0.05
+    )
+
+
+def test_all_with_an_unwritable_json_file_is_refused_before_any_suite(tmp_path: Path) -> None:
+    done = bench("all", "--quick", "--json", str(tmp_path / "missing" / "all.json"))
+    assert done.returncode == 2
+    assert "cannot write" in done.stderr
+    assert "== engine" not in done.stdout
