@@ -16,7 +16,11 @@ from collections.abc import Callable
 
 import grpc
 import structlog
-import uvloop
+
+try:  # not built for Windows; the coordinator runs on asyncio's own loop there
+    import uvloop
+except ImportError:  # pragma: no cover - Linux and macOS have it
+    uvloop = None  # type: ignore[assignment]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -53,13 +57,13 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The loop the coordinator serves on: uvloop's (a dependency; Linux is the platform).
+    """The loop the coordinator serves on: uvloop's (a dependency but on Windows).
 
     grpc.aio runs on any asyncio loop (its poller hands completions to whichever loop made
     the server); on uvloop the coordinator spent less CPU per allocation under 32 clients
     (`python -m bench allocate`, docs/performance.md).
     """
-    return uvloop.new_event_loop()
+    return asyncio.new_event_loop() if uvloop is None else uvloop.new_event_loop()
 
 
 def serve(settings: CoordinatorSettings, strategies: StrategyRegistry = BUILTIN_STRATEGIES) -> None:
