@@ -198,3 +198,17 @@ def test_keeps_a_pair_of_idle_gpus_together_where_best_fit_breaks_it() -> None:
     assert keys(frag[0])[0][0] == "n1"  # n1 keeps a pair; n0 keeps its pair
     assert isinstance(best[2], NoFit)
     assert all(isinstance(decision, Placement) for decision in frag)
+
+
+def test_opens_an_idle_gpu_rather_than_leave_a_sliver_no_request_can_use() -> None:
+    # n0/0 has 550 free, n0/1 is idle; the mix asks for 500 and 550. A 500 beside the 450
+    # leaves 50, which no request can use: frag-aware takes the idle GPU instead.
+    snapshot = ClusterSnapshot.build([node("n0", 2)], [holding("a", "n0", 0, 450)])
+    state = SchedulerState(demand_mix=mix_of((550, 1, 3), (500, 1, 7)))
+    wanted = (500, 500, 550)
+    best = replay("best-fit", snapshot, state, [ask("best-fit", m) for m in wanted])
+    frag = replay("frag-aware", snapshot, state, [ask("frag-aware", m) for m in wanted])
+    assert keys(best[0]) == [("n0", 0)]  # the tightest: a 50 sliver left
+    assert keys(frag[0]) == [("n0", 1)]
+    assert isinstance(best[2], NoFit)  # the 550 finds 50 and 500 free
+    assert [keys(decision) for decision in frag[1:]] == [[("n0", 1)], [("n0", 0)]]
