@@ -212,3 +212,13 @@ def test_opens_an_idle_gpu_rather_than_leave_a_sliver_no_request_can_use() -> No
     assert keys(frag[0]) == [("n0", 1)]
     assert isinstance(best[2], NoFit)  # the 550 finds 50 and 500 free
     assert [keys(decision) for decision in frag[1:]] == [[("n0", 1)], [("n0", 0)]]
+
+
+def test_a_node_cut_by_the_idle_scan_is_scored_by_all_its_idle_gpus() -> None:
+    """11 nodes of 6 idle GPUs: the scan sees n00..n09 whole and 4 of n10's 6. Scored by the
+    4 it saw, n10 looked like a node that no 5- or 6-GPU request could use (found by review)."""
+    assert IDLE_SCAN_LIMIT == 64
+    snapshot = ClusterSnapshot.build([node(f"n{i:02d}", 6) for i in range(11)])
+    state = SchedulerState(demand_mix=mix_of((1000, 6, 50), (1000, 5, 50), (250, 1, 50)))
+    chosen = place(ask("frag-aware", 250), snapshot, state)
+    assert keys(chosen) == keys(place(ask("best-fit", 250), snapshot, state)) == [("n00", 0)]

@@ -66,6 +66,7 @@ def test_changed_equals_a_sorted_list(items: list[int], data: st.DataObject) -> 
     assert list(after.ascending_from(low)) == [x for x in expected if x >= low]
     assert list(after.descending_to(low)) == [x for x in reversed(expected) if x >= low]
     assert after.count_from(low) == sum(1 for x in expected if x >= low)
+    assert after.first_from(low) == next((x for x in expected if x >= low), None)
 
 
 def test_removing_what_is_not_there_is_an_error() -> None:

@@ -150,6 +150,12 @@ class CapacityIndex:
                     return (number << CHUNK_BITS) + at
         return -1
 
+    def least_free_at_least(self, min_free_millis: int) -> int:
+        """The smallest free millis >= min_free_millis an open GPU has, or CLOSED: lets a
+        walk over the distinct free levels jump from one to the next."""
+        found = self.by_free.first_from((min_free_millis,))
+        return CLOSED if found is None else found[0]
+
     def count_at_least(self, min_free_millis: int) -> int:
         """How many open GPUs have min_free_millis free, without walking them."""
         return self.by_free.count_from((min_free_millis,))

@@ -201,11 +201,8 @@ def _ranked(
     groups: list[tuple[float, int, int, tuple[int, ...]]] = []
     level = millis
     while level < MILLIS_PER_GPU:  # at most MILLIS_PER_GPU rounds: the level only rises
-        first = next(index.ascending_free(level), None)
-        if first is None:
-            break
-        level = max(level, free_of(first))
-        if level >= MILLIS_PER_GPU:
+        level = index.least_free_at_least(level)
+        if level < 0 or level >= MILLIS_PER_GPU:
             break
         groups.append((round(model.partial_delta(level, millis), SCORE_DIGITS), level, 0, ()))
         level += 1
@@ -216,8 +213,10 @@ def _ranked(
         if scanned >= IDLE_SCAN_LIMIT:
             break
     idle_scores: dict[int, float] = {}  # by idle GPUs on the node: a few distinct counts
-    for rank, positions in enumerate(by_node.values()):
-        idle_count = len(positions)
+    idle_on = snapshot.idle_by_node
+    for rank, (node, positions) in enumerate(by_node.items()):
+        # The node's own count, not the scanned one: the scan may stop inside a node.
+        idle_count = idle_on.get(node, len(positions))
         score = idle_scores.get(idle_count)
         if score is None:
             score = round(model.idle_delta(idle_count, millis), SCORE_DIGITS)

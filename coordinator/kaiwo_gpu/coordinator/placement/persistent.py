@@ -195,6 +195,18 @@ class SortedRuns(Generic[K]):
             for j in range(len(run) - 1, start - 1, -1):
                 yield run[j]
 
+    def first_from(self, low: Any) -> K | None:
+        """The smallest item >= low, or None: a bisect, no iterator."""
+        runs = self._runs
+        number = max(0, bisect_right(self._firsts, low) - 1)
+        while number < len(runs):
+            run = runs[number]
+            at = bisect_left(run, low)
+            if at < len(run):
+                return run[at]
+            number += 1
+        return None
+
     def count_from(self, low: Any) -> int:
         """How many items are >= low, without walking them."""
         runs = self._runs
