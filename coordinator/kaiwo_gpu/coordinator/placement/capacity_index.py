@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from kaiwo_gpu.common.units import MILLIS_PER_GPU
 from kaiwo_gpu.coordinator.placement.persistent import CHUNK_BITS, ChunkedVector, SortedRuns
 
 CLOSED = -1
@@ -145,6 +146,11 @@ class CapacityIndex:
                 continue
             chunk = chunks[number]
             offset = start - (first << CHUNK_BITS) if number == first else 0
+            if min_free_millis == MILLIS_PER_GPU:  # none has more free: an idle GPU, found in C
+                try:
+                    return (number << CHUNK_BITS) + chunk.index(MILLIS_PER_GPU, offset)
+                except ValueError:
+                    continue
             for at in range(offset, len(chunk)):
                 if chunk[at] >= min_free_millis:
                     return (number << CHUNK_BITS) + at
