@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kaiwo_gpu.coordinator.placement.capacity_index import CapacityIndex, IndexEntry
+from kaiwo_gpu.coordinator.placement.persistent import CHUNK
 
 entries = st.lists(
     st.none()
@@ -65,3 +66,27 @@ def test_updated_equals_rebuilt(items: list[IndexEntry | None], data: st.DataObj
     rebuilt = CapacityIndex.build(after)
     assert updated == rebuilt
     assert index == CapacityIndex.build(items), "updated() must not change the original"
+
+
+many_entries = st.lists(
+    st.none() | st.builds(IndexEntry, st.sampled_from([1, 250, 999, 1000]), st.just(0), st.just(0)),
+    max_size=3 * CHUNK + 5,
+)
+
+
+@given(
+    many_entries,
+    st.integers(0, 3 * CHUNK + 9),
+    st.integers(0, 3 * CHUNK + 9),
+    st.sampled_from([0, 1, 250, 999, 1000]),
+)
+def test_canonical_order_matches_a_scan(
+    items: list[IndexEntry | None], start: int, stop: int, wanted: int
+) -> None:
+    index = CapacityIndex.build(items)
+    expected = [
+        pos
+        for pos in range(start, min(stop, len(items)))
+        if (item := items[pos]) is not None and item.free_millis >= wanted
+    ]
+    assert list(index.canonical_at_least(start, stop, wanted)) == expected

@@ -156,6 +156,35 @@ class CapacityIndex:
                     return (number << CHUNK_BITS) + at
         return -1
 
+    def canonical_at_least(self, start: int, stop: int, min_free_millis: int) -> Iterator[int]:
+        """Positions in start..stop-1 with min_free_millis free, in canonical order (first-fit
+        and round-robin): whole chunks skipped by their maximum, the rest read in place."""
+        chunks = self.free.chunks
+        chunk_free = self.chunk_free
+        stop = min(stop, len(self.free))
+        if start >= stop:
+            return
+        for number in range(start >> CHUNK_BITS, ((stop - 1) >> CHUNK_BITS) + 1):
+            if chunk_free[number] < min_free_millis:
+                continue
+            base = number << CHUNK_BITS
+            chunk = chunks[number]
+            low = max(start - base, 0)
+            high = min(stop - base, len(chunk))
+            if min_free_millis == MILLIS_PER_GPU:  # none has more free: idle GPUs, found in C
+                at = low
+                while True:
+                    try:
+                        at = chunk.index(MILLIS_PER_GPU, at, high)
+                    except ValueError:
+                        break
+                    yield base + at
+                    at += 1
+            else:
+                for at in range(low, high):
+                    if chunk[at] >= min_free_millis:
+                        yield base + at
+
     def least_free_at_least(self, min_free_millis: int) -> int:
         """The smallest free millis >= min_free_millis an open GPU has, or CLOSED: lets a
         walk over the distinct free levels jump from one to the next."""

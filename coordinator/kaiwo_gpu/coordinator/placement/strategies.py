@@ -57,13 +57,6 @@ class _Stateless:
         return state
 
 
-def _canonical_from(index: CapacityIndex, start: int, stop: int, min_free: int) -> Iterator[int]:
-    pos = index.first_at_least(start, min_free)
-    while 0 <= pos < stop:
-        yield pos
-        pos = index.first_at_least(pos + 1, min_free)
-
-
 class FirstFit(_Stateless):
     """The first GPU in (node, index) order that fits: packs the front of the cluster."""
 
@@ -76,7 +69,7 @@ class FirstFit(_Stateless):
         min_free_millis: int,
         state: SchedulerState,
     ) -> Iterator[int]:
-        return _canonical_from(index, 0, len(snapshot.gpus), min_free_millis)
+        return index.canonical_at_least(0, len(snapshot.gpus), min_free_millis)
 
 
 class BestFit(_Stateless):
@@ -124,8 +117,8 @@ class RoundRobin:
         total = len(snapshot.gpus)
         cursor = state.round_robin_after
         start = 0 if cursor is None else bisect_right(snapshot.keys, cursor)
-        yield from _canonical_from(index, start, total, min_free_millis)
-        yield from _canonical_from(index, 0, min(start, total), min_free_millis)
+        yield from index.canonical_at_least(start, total, min_free_millis)
+        yield from index.canonical_at_least(0, min(start, total), min_free_millis)
 
     def advance(self, state: SchedulerState, chosen: tuple[GpuKey, ...]) -> SchedulerState:
         return replace(state, round_robin_after=max(chosen)) if chosen else state
