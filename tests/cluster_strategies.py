@@ -122,3 +122,11 @@ def requests(draw: st.DrawFn, serial: int = 0) -> AllocationRequest:
 
 # An operation is a request to place, or the index (mod live count) of an allocation to release.
 operations = st.lists(st.one_of(requests(), st.integers(0, 1000)), min_size=1, max_size=40)
+
+
+def released(snapshot: ClusterSnapshot, op: int) -> ClusterSnapshot:
+    """The snapshot after a release operation: allocation `op` (mod the live count), if any."""
+    if not snapshot.allocations:
+        return snapshot
+    ids = sorted(snapshot.allocations)
+    return snapshot.without_allocation(ids[op % len(ids)])

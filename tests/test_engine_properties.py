@@ -15,7 +15,7 @@ from kaiwo_gpu.coordinator.placement.engine import NoFit, Placement, Reason, che
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 from kaiwo_gpu.coordinator.placement.strategies import SchedulerState
 
-from .cluster_strategies import STRATEGIES, clusters, operations, requests, telemetry_for
+from .cluster_strategies import STRATEGIES, clusters, operations, released, requests, telemetry_for
 
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -97,9 +97,7 @@ def run_stream(
     trace: list[str] = []
     for step, op in enumerate(ops):
         if isinstance(op, int):
-            if snapshot.allocations:
-                ids = sorted(snapshot.allocations)
-                snapshot = snapshot.without_allocation(ids[op % len(ids)])
+            snapshot = released(snapshot, op)
             continue
         decision = place(op, snapshot, state, STRATEGIES)
         again = place(op, snapshot, state, STRATEGIES)

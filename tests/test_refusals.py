@@ -16,7 +16,7 @@ from kaiwo_gpu.coordinator.placement.refusals import explain
 from kaiwo_gpu.coordinator.placement.rules import Reason, check_gpu
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 
-from .cluster_strategies import STRATEGIES, clusters, operations, requests
+from .cluster_strategies import STRATEGIES, clusters, operations, released, requests
 
 
 def scanned(request: AllocationRequest, snapshot: ClusterSnapshot) -> dict[Reason, int]:
@@ -56,9 +56,7 @@ def test_counted_refusals_equal_a_scan_of_every_gpu(
     snapshot = ClusterSnapshot.build(nodes)
     for step, op in enumerate(ops):
         if isinstance(op, int):
-            if snapshot.allocations:
-                ids = sorted(snapshot.allocations)
-                snapshot = snapshot.without_allocation(ids[op % len(ids)])
+            snapshot = released(snapshot, op)
             continue
         probe = replace(data.draw(requests(step)), selector=data.draw(selectors(nodes)))
         assert dict(explain(probe, snapshot).reasons) == scanned(probe, snapshot)

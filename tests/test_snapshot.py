@@ -13,7 +13,14 @@ from kaiwo_gpu.coordinator.placement.cluster import Gpu, GpuShare, Node, PlacedA
 from kaiwo_gpu.coordinator.placement.engine import NoFit, place
 from kaiwo_gpu.coordinator.placement.snapshot import ClusterSnapshot
 
-from .cluster_strategies import STRATEGIES, clusters, operations, requests, telemetry_readings
+from .cluster_strategies import (
+    STRATEGIES,
+    clusters,
+    operations,
+    released,
+    requests,
+    telemetry_readings,
+)
 
 
 def same(a: ClusterSnapshot, b: ClusterSnapshot) -> bool:
@@ -41,10 +48,7 @@ def test_incremental_snapshots_equal_rebuilt_ones(
     snapshot = ClusterSnapshot.build(nodes)
     for step, op in enumerate(ops):
         if isinstance(op, int):
-            if not snapshot.allocations:
-                continue
-            ids = sorted(snapshot.allocations)
-            snapshot = snapshot.without_allocation(ids[op % len(ids)])
+            snapshot = released(snapshot, op)
         else:
             decision = place(op, snapshot, strategies=STRATEGIES)
             if isinstance(decision, NoFit):

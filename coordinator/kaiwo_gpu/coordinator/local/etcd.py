@@ -19,6 +19,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,24 @@ def find_etcd() -> str:
     )
 
 
+_HANDED_OUT: deque[int] = deque(maxlen=1024)
+"""Ports this process was given lately: a probe is closed before the next one binds, so the
+kernel may offer the same port twice, and two members of one `up` then race for it (seen:
+an etcd member of `up --etcd-members 3` exited with 'address already in use')."""
+_PROBES = 64
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A port free on `host` now, and not one this process was given lately."""
+    port = 0
+    for _ in range(_PROBES):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.append(port)
+    return port
 
 
 @dataclass(frozen=True, slots=True)
