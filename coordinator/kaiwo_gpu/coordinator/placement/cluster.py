@@ -7,6 +7,7 @@ These are plain frozen values; the snapshot module derives usage and indexes fro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kaiwo_gpu.common.models import Health, Isolation, Labels
 from kaiwo_gpu.common.units import MILLIS_PER_GPU
@@ -151,15 +152,15 @@ class GpuUsage:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class GpuClass:
+class GpuClass(NamedTuple):
     """Everything placement's rules read of a GPU except its free capacity.
 
     GPUs of one class pass or fail those rules together for any request, so the snapshot
     counts GPUs per class and a refusal is explained from the counts rather than from every
     GPU. Labels make a class per label set, one per node where nodes carry their own names
     as labels; so the snapshot also counts classes without labels, which is all a request
-    without a label selector needs (a few dozen whatever the labels).
+    without a label selector needs (a few dozen whatever the labels). A named tuple, not a
+    dataclass: every commit hashes and compares a few, and a tuple does both in C.
     """
 
     model: str
@@ -175,19 +176,7 @@ class GpuClass:
     time_shared_held: bool
 
     def without_labels(self) -> GpuClass:
-        return GpuClass(
-            self.model,
-            self.vram_mib,
-            self.compute_units,
-            self.partition,
-            (),
-            self.schedulable,
-            self.unhealthy,
-            self.blocked,
-            self.held,
-            self.cu_mask_held,
-            self.time_shared_held,
-        )
+        return self._replace(labels=())
 
     @property
     def open_and_idle(self) -> bool:
