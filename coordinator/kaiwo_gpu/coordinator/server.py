@@ -252,6 +252,7 @@ class Coordinator:
             tls=self.certificates is not None,
             client_certificates=self.callers.client_certificates,
             tokens=str(self.settings.tokens) if self.settings.tokens else None,
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         if not self.callers.enabled:
             log.warning(
