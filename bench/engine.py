@@ -194,7 +194,7 @@ def thinned(full: Fill, level: float, seed: int) -> Fill:
     where work comes and goes, rather than the slivers best-fit leaves when filling."""
     snapshot = full.snapshot
     capacity = len(snapshot.gpus) * MILLIS_PER_GPU
-    allocated = sum(u.allocated_millis for u in snapshot.usage)
+    allocated = snapshot.allocated_millis()
     victims = sorted(snapshot.allocations)
     random.Random(seed).shuffle(victims)
     gone: list[str] = []
@@ -209,7 +209,7 @@ def thinned(full: Fill, level: float, seed: int) -> Fill:
 
 def _filled(snapshot: ClusterSnapshot) -> float:
     capacity = len(snapshot.gpus) * MILLIS_PER_GPU
-    return sum(u.allocated_millis for u in snapshot.usage) / capacity
+    return snapshot.allocated_millis() / capacity
 
 
 def measure_strategy(

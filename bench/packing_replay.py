@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from bench.lib import Stats
 from bench.packing_trace import Task, Workload, demand_until
-from kaiwo_gpu.common.models import Isolation
 from kaiwo_gpu.common.units import MILLIS_PER_GPU, MIN_FRACTION_MILLIS
 from kaiwo_gpu.coordinator import (
     ClusterSnapshot,
@@ -35,12 +34,8 @@ CURVE_STEP = 0.01
 """The curve of allocated against requested share keeps a point every this much requested."""
 
 
-def allocated_millis(snapshot: ClusterSnapshot) -> int:
-    return sum(snapshot.usage[pos].allocated_millis for pos in range(len(snapshot.gpus)))
-
-
 def idle_gpus(snapshot: ClusterSnapshot) -> int:
-    return sum(1 for pos in range(len(snapshot.gpus)) if snapshot.usage[pos].holders == 0)
+    return sum(1 for usage in snapshot.usage if usage.holders == 0)
 
 
 def _stats(samples_ns: Sequence[int]) -> Stats | None:
@@ -293,18 +288,11 @@ def first_fit_decreasing(
     workload: Workload,
     tasks: Sequence[Task],
     ignore_gpu_spec: bool,
-    snapshot: ClusterSnapshot | None = None,
 ) -> ClusterSnapshot:
-    """The tasks, largest first (GPUs, then share), placed first-fit by the engine itself.
-
-    A refusal is known without the engine when no open GPU has the share free (the engine
-    would say the same, only slower); it is an offline bound, so its time is not measured.
-    """
-    snapshot = ClusterSnapshot.build(workload.nodes) if snapshot is None else snapshot
+    """The tasks, largest first (GPUs, then share), placed first-fit by the engine itself."""
+    snapshot = ClusterSnapshot.build(workload.nodes)
     state = SchedulerState()
     for serial, task in enumerate(_decreasing(tasks)):
-        if snapshot.index_for(Isolation.NONE).first_at_least(0, task.millis) < 0:
-            continue
         request = task.request(f"ffd-{serial:07d}", ignore_gpu_spec=ignore_gpu_spec)
         decision = place(request, snapshot, state, default_strategy="first-fit")
         if isinstance(decision, NoFit):
@@ -457,8 +445,8 @@ def offline_bound(workload: Workload, limit: float, *, ignore_gpu_spec: bool = F
     fill = fill_decreasing(workload, tasks, ignore_gpu_spec)
     return Bound(
         requested=sum(task.millis_total for task in tasks) / capacity,
-        first_fit_decreasing=allocated_millis(ffd) / capacity,
-        fill_decreasing=allocated_millis(fill) / capacity,
+        first_fit_decreasing=ffd.allocated_millis() / capacity,
+        fill_decreasing=fill.allocated_millis() / capacity,
         upper=upper_bound_millis(workload, tasks) / capacity,
         snapshots=(ffd, fill),
     )

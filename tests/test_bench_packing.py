@@ -14,7 +14,6 @@ import pytest
 from bench.__main__ import main as bench_main
 from bench.packing_plot import Panel, write_plot
 from bench.packing_replay import (
-    allocated_millis,
     first_fit_decreasing,
     offline_bound,
     replay_arrivals,
@@ -219,7 +218,7 @@ def test_arrivals_never_overfill_and_allocate_what_they_say(small: Workload, str
     result = replay_arrivals(small, strategy)
     snapshot = result.snapshot
     assert all(snapshot.usage[pos].allocated_millis <= 1000 for pos in range(len(snapshot.gpus)))
-    assert allocated_millis(snapshot) == round(result.allocated_at_end * small.capacity_millis)
+    assert snapshot.allocated_millis() == round(result.allocated_at_end * small.capacity_millis)
     requested = result.requested_millis / small.capacity_millis
     assert 1.3 <= requested < 1.31
     assert result.allocated_at_end <= min(requested, 1.0)
@@ -254,7 +253,7 @@ def test_one_big_share_per_gpu_bounds_the_upper_bound() -> None:
     )
     assert upper_bound_millis(workload, workload.tasks) == 1200  # not min(1800, 2000)
     ffd = first_fit_decreasing(workload, workload.tasks, ignore_gpu_spec=False)
-    assert allocated_millis(ffd) == 1200
+    assert ffd.allocated_millis() == 1200
 
 
 def test_departures_give_capacity_back() -> None:
@@ -282,7 +281,7 @@ def test_a_replay_with_departures_ends_empty(small: Workload, strategy: str) -> 
     assert result.refused > 0  # the offered load saturates the cluster
     assert 0 < result.time_averaged_allocated <= result.peak_allocated <= 1.0
     assert result.final_allocated_millis == 0
-    assert allocated_millis(result.snapshot) == 0
+    assert result.snapshot.allocated_millis() == 0
 
 
 # --- the plot --------------------------------------------------------------------------------

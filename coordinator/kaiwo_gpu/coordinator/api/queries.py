@@ -117,7 +117,7 @@ def cluster_stats(
         gpu_count=len(snapshot.gpus),
         healthy_gpu_count=sum(1 for gpu in snapshot.gpus if gpu.health is Health.HEALTHY),
         capacity_millis=len(snapshot.gpus) * MILLIS_PER_GPU,
-        allocated_millis=min(UINT64_MAX, sum(usage.allocated_millis for usage in snapshot.usage)),
+        allocated_millis=min(UINT64_MAX, snapshot.allocated_millis()),
         capacity_memory_mib=min(UINT64_MAX, sum(gpu.vram_mib for gpu in snapshot.gpus)),
         allocated_memory_mib=min(
             UINT64_MAX, sum(usage.allocated_memory_mib for usage in snapshot.usage)

@@ -44,7 +44,7 @@ def run_demo(
         mask = f"  HSA_CU_MASK={env['HSA_CU_MASK']}" if "HSA_CU_MASK" in env else ""
         yield f"{request.request_id}  {wanted:<48} -> {where:<22} granted {granted}{mask}"
     capacity = len(snapshot.gpus) * MILLIS_PER_GPU
-    allocated = sum(u.allocated_millis for u in snapshot.usage)
+    allocated = snapshot.allocated_millis()
     yield ""
     yield (
         f"{placed} placed, {refused} refused with {strategy}; "

@@ -371,6 +371,10 @@ class ClusterSnapshot:
             for gpu in node.gpus
         ]
 
+    def allocated_millis(self) -> int:
+        """Compute share granted over the whole cluster, in millis (an O(n) sum, for reads)."""
+        return sum(usage.allocated_millis for usage in self.usage)
+
     def free_millis(self, pos: int) -> int:
         return MILLIS_PER_GPU - self.usage[pos].allocated_millis
 
