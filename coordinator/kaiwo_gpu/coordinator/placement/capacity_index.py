@@ -136,25 +136,7 @@ class CapacityIndex:
 
     def first_at_least(self, start: int, min_free_millis: int) -> int:
         """The lowest position >= start whose GPU has min_free_millis free, or -1."""
-        if start >= len(self.free):
-            return -1
-        chunks = self.free.chunks
-        chunk_free = self.chunk_free
-        first = start >> CHUNK_BITS
-        for number in range(first, len(chunks)):
-            if chunk_free[number] < min_free_millis:
-                continue
-            chunk = chunks[number]
-            offset = start - (first << CHUNK_BITS) if number == first else 0
-            if min_free_millis == MILLIS_PER_GPU:  # none has more free: an idle GPU, found in C
-                try:
-                    return (number << CHUNK_BITS) + chunk.index(MILLIS_PER_GPU, offset)
-                except ValueError:
-                    continue
-            for at in range(offset, len(chunk)):
-                if chunk[at] >= min_free_millis:
-                    return (number << CHUNK_BITS) + at
-        return -1
+        return next(self.canonical_at_least(start, len(self.free), min_free_millis), -1)
 
     def canonical_at_least(self, start: int, stop: int, min_free_millis: int) -> Iterator[int]:
         """Positions in start..stop-1 with min_free_millis free, in canonical order (first-fit
