@@ -210,17 +210,30 @@ class LocalEtcd:
 
 
 def local_etcd_cluster(
-    state_dir: Path, members: int, *, tls: EtcdServingTls | None = None
+    state_dir: Path,
+    members: int,
+    *,
+    tls: EtcdServingTls | Sequence[EtcdServingTls] | None = None,
+    hosts: Sequence[str] = (),
 ) -> list[LocalEtcd]:
     """`members` etcd processes that form one cluster, member i named `etcd-i` with its
-    data, log and pid file under `state_dir`; none started yet (`start_cluster`)."""
+    data, log and pid file under `state_dir`; none started yet (`start_cluster`).
+
+    Member i serves on `hosts[i]` (default 127.0.0.1) with `tls`, or with `tls[i]` when
+    each member has its own certificate, as operators issue them (only its own address).
+    """
+    member_tls = list(tls) if isinstance(tls, Sequence) else [tls] * members
+    member_hosts = list(hosts) or ["127.0.0.1"] * members
+    if len(member_tls) != members or len(member_hosts) != members:
+        raise ValueError(f"{members} members need as many hosts and certificates")
     cluster = [
         LocalEtcd(
             state_dir / f"etcd-{n}",
+            host=member_hosts[n],
             name=f"etcd-{n}",
             log_path=state_dir / f"etcd-{n}.log",
             pid_path=state_dir / f"etcd-{n}.pid",
-            tls=tls,
+            tls=member_tls[n],
         )
         for n in range(members)
     ]

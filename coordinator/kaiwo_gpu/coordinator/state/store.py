@@ -6,6 +6,11 @@ channel and generated etcd stubs directly: aetcd's own watch helper splits respo
 single events and drops the response revision, which the cluster view needs to know how far
 it has caught up. It dials TLS and authenticates to etcd as `EtcdSecurity` says, and sends
 the auth token with every call.
+
+Over TLS, several endpoints get a channel each, checked against its own address: members
+hold certificates for their own addresses only, and gRPC checks one name per channel. The
+store talks to one member at a time and moves to the next when that one cannot be reached,
+as etcd's clientv3 does. Plaintext endpoints share one channel, which fails over by itself.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aetcd
@@ -54,6 +61,14 @@ _CHANNEL_OPTIONS = {
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 _HAS_LEADER = (("hasleader", "true"),)
+_IDEMPOTENT = frozenset(
+    {"kvstub.Range", "maintenancestub.Status", "leasestub.LeaseTimeToLive", "leasestub.LeaseRevoke"}
+)
+"""Unary calls that may be sent to a second member after the first may have taken them
+(a revoked lease is gone either way); a transaction, a lease grant or a compaction may not."""
+_NOT_SENT = "failed to connect to all addresses"
+"""gRPC's words for a call that failed before it left this process (no connection, or a
+refused handshake): safe to send again elsewhere, even a transaction."""
 _TOKEN_LAPSED = ("invalid auth token", "revision of auth store is old")
 """What etcd says of a token it no longer takes (a simple token lapses after minutes idle,
 any token when users or roles change): authenticate again and retry."""
@@ -72,6 +87,21 @@ class _TokenLapsed(UnauthenticatedError):
     """etcd no longer takes the auth token the call carried."""
 
 
+class _Unreachable(UnavailableError):
+    """The member could not be reached. `sent`: the request may have reached it;
+    `timed_out`: the call spent its deadline (sending it again would double the wait)."""
+
+    def __init__(self, message: str, *, sent: bool, timed_out: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.timed_out = timed_out
+
+    def may_resend(self, *, idempotent: bool) -> bool:
+        """Whether the call may go to the next member: if it never left, or if sending
+        it twice does no harm and the deadline was not spent."""
+        return not self.sent or (idempotent and not self.timed_out)
+
+
 class CompactedError(UnavailableError):
     """The watch asked for history etcd has already compacted; re-list and start over."""
 
@@ -80,23 +110,25 @@ class CompactedError(UnavailableError):
         self.compact_revision = compact_revision
 
 
+def _host_port(endpoint: str) -> tuple[str, int]:
+    text = endpoint.removeprefix(PLAINTEXT).removeprefix(TLS)
+    if "://" in text:
+        raise InvalidArgumentError(
+            "etcd endpoint", endpoint, "host:port, http://host:port or https://host:port"
+        )
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidArgumentError("etcd endpoint", endpoint, "host:port, e.g. 127.0.0.1:2379")
+    return host, int(port_text)
+
+
 def parse_endpoints(endpoints: Sequence[str]) -> tuple[str, int, str]:
     """(host, port, target) for aetcd from `host:port` endpoints.
 
     aetcd dials `host:port`; several endpoints become one gRPC `ipv4:a:p,b:q` target (IP
-    addresses only), so the channel fails over between them.
+    addresses only), so a plaintext channel fails over between them.
     """
-    parsed: list[tuple[str, int]] = []
-    for endpoint in endpoints:
-        text = endpoint.removeprefix(PLAINTEXT).removeprefix(TLS)
-        if "://" in text:
-            raise InvalidArgumentError(
-                "etcd endpoint", endpoint, "host:port, http://host:port or https://host:port"
-            )
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise InvalidArgumentError("etcd endpoint", endpoint, "host:port, e.g. 127.0.0.1:2379")
-        parsed.append((host, int(port_text)))
+    parsed = [_host_port(endpoint) for endpoint in endpoints]
     if not parsed:
         raise InvalidArgumentError("etcd endpoints", "", "at least one host:port")
     if len(parsed) == 1:
@@ -114,7 +146,7 @@ def parse_endpoints(endpoints: Sequence[str]) -> tuple[str, int, str]:
     return f"ipv4:{head},{last_host}", last_port, f"ipv4:{head},{last_host}:{last_port}"
 
 
-def _unavailable(error: Exception, target: str) -> UnavailableError:
+def _unavailable(error: Exception, target: str) -> _Unreachable:
     detail = (error.details() if isinstance(error, AioRpcError) else str(error)) or ""
     hint = (
         " (etcd refused the TLS handshake: check --etcd-ca, and that --etcd-cert comes "
@@ -122,7 +154,11 @@ def _unavailable(error: Exception, target: str) -> UnavailableError:
         if is_tls_refusal(detail)
         else ""
     )
-    return UnavailableError(f"etcd at {target} is unavailable: {detail}{hint}")
+    return _Unreachable(
+        f"etcd at {target} is unavailable: {detail}{hint}",
+        sent=_NOT_SENT not in detail,
+        timed_out=isinstance(error, AioRpcError) and error.code() is StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 class _TlsClient(aetcd.Client):  # type: ignore[misc]
@@ -158,6 +194,17 @@ def _channel_credentials(security: EtcdSecurity) -> grpc.ChannelCredentials:
     )
 
 
+@dataclass(eq=False, slots=True)
+class _Member:
+    """One channel to etcd (a member over TLS) and the auth token it was given (None: not
+    authenticated yet); a token is asked of, and sent to, the member that issued it."""
+
+    target: str
+    client: Any
+    token: Metadata | None
+    authenticating: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class EtcdStore:
     """One etcd client for the process; every call maps etcd outages to UnavailableError."""
 
@@ -171,121 +218,168 @@ class EtcdStore:
         host, port, self.target = parse_endpoints(endpoints)
         self._timeout_s = timeout_s
         self._security = security or EtcdSecurity()
-        options: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "timeout": timeout_s,
-            "options": dict(_CHANNEL_OPTIONS),
-        }
         tls = check_endpoints(endpoints, security)
-        if tls:  # several members: one name checked for all (credentials.tls_name_options)
-            options["options"].update(credentials.tls_name_options(self.target))
         if self._security.user and not tls and not credentials.is_loopback(self.target):
             raise FailedPreconditionError(
                 f"--etcd-user would send its password to etcd at {self.target} in plaintext: "
                 "give --etcd-ca (TLS to etcd), or reach etcd on loopback"
             )
-        self._client: Any = (
+        addresses = [_host_port(endpoint) for endpoint in endpoints] if tls else [(host, port)]
+        self._members = [self._member(h, p, tls=tls) for h, p in addresses]
+        self._current = 0
+        """The member every call goes to until it cannot be reached."""
+
+    def _member(self, host: str, port: int, *, tls: bool) -> _Member:
+        options = {
+            "host": host,
+            "port": port,
+            "timeout": self._timeout_s,
+            "options": dict(_CHANNEL_OPTIONS),
+        }
+        client = (
             _TlsClient(_channel_credentials(self._security), **options)
             if tls
             else aetcd.Client(**options)
         )
-        self._token: Metadata | None = None if self._security.user else ()
-        """What every call carries: etcd's auth token (None: not authenticated yet)."""
-        self._authenticating = asyncio.Lock()
+        target = f"{host}:{port}" if tls else self.target
+        return _Member(target, client, None if self._security.user else ())
+
+    @property
+    def _token(self) -> Metadata | None:
+        """The auth token of the member in use."""
+        return self._members[self._current].token
+
+    @_token.setter
+    def _token(self, token: Metadata | None) -> None:
+        self._members[self._current].token = token
 
     async def connect(self) -> None:
-        await self._client.connect()
-        if self._token is None:
-            await self._authenticate(None)
+        async def nothing(member: _Member, token: Metadata) -> None:
+            return None
+
+        await self._on_a_member(nothing, idempotent=True)
 
     async def close(self) -> None:
-        await self._client.close()
-        if self._security.user:
-            self._token = None  # a new channel authenticates anew
+        for member in self._members:
+            await member.client.close()
+            if self._security.user:
+                member.token = None  # a new channel authenticates anew
 
-    async def _authenticate(self, lapsed: Metadata | None) -> None:
+    def _move_on(self, member: _Member) -> None:
+        """The next member serves from now on, unless another call moved on already."""
+        index = self._members.index(member)
+        if index == self._current:
+            self._current = (index + 1) % len(self._members)
+
+    async def _on_a_member(
+        self, attempt: Callable[[_Member, Metadata], Awaitable[T]], *, idempotent: bool
+    ) -> T:
+        """Runs `attempt` on the member in use; when that member cannot be reached, moves
+        on to the next and, where `_Unreachable.may_resend` allows, sends it there too
+        (each member once). Otherwise the caller learns the outcome is unknown."""
+        for _ in range(len(self._members) - 1):
+            try:
+                return await self._on(self._members[self._current], attempt)
+            except _Unreachable as error:
+                if not error.may_resend(idempotent=idempotent):
+                    raise
+        return await self._on(self._members[self._current], attempt)
+
+    async def _on(self, member: _Member, attempt: Callable[[_Member, Metadata], Awaitable[T]]) -> T:
+        try:
+            await member.client.connect()
+            if member.token is None:
+                await self._authenticate(member, None)
+            return await self._with_token(member, attempt)
+        except _Unreachable:
+            self._move_on(member)
+            raise
+
+    async def _authenticate(self, member: _Member, lapsed: Metadata | None) -> None:
         """Gets a new token unless another call already replaced the `lapsed` one."""
-        async with self._authenticating:
-            if self._token != lapsed:
+        async with member.authenticating:
+            if member.token != lapsed:
                 return
             request = rpc.AuthenticateRequest(
                 name=self._security.user, password=self._security.password
             )
             try:
-                reply = await rpc.AuthStub(self._client.channel).Authenticate(
+                reply = await rpc.AuthStub(member.client.channel).Authenticate(
                     request, timeout=self._timeout_s
                 )
             except AioRpcError as error:
                 detail = error.details() or ""
                 if "authentication is not enabled" in detail:
-                    self._token = ()  # etcd takes every call without a token
+                    member.token = ()  # etcd takes every call without a token
                     return
                 if "authentication failed" in detail:
                     raise UnauthenticatedError(
-                        f"etcd at {self.target} refused --etcd-user {self._security.user!r}: "
+                        f"etcd at {member.target} refused --etcd-user {self._security.user!r}: "
                         f"wrong user name or password (check {PASSWORD_SOURCES})"
                     ) from None
-                raise self._translate(error) from None
-            self._token = (("token", reply.token),)
+                raise self._translate(error, member.target) from None
+            member.token = (("token", reply.token),)
 
-    async def _with_token(self, attempt: Callable[[Metadata], Awaitable[T]]) -> T:
-        """Runs `attempt` with the auth token and, if etcd no longer takes that token,
-        once more with a new one: a lapsed token is never the caller's problem."""
-        token = self._token or ()
+    async def _with_token(
+        self, member: _Member, attempt: Callable[[_Member, Metadata], Awaitable[T]]
+    ) -> T:
+        """Runs `attempt` with the member's auth token and, if etcd no longer takes that
+        token, once more with a new one: a lapsed token is never the caller's problem."""
+        token = member.token or ()
         try:
-            return await attempt(token)
+            return await attempt(member, token)
         except _TokenLapsed:
             if not self._security.user:
                 raise
-        await self._authenticate(token)
-        return await attempt(self._token or ())
+        await self._authenticate(member, token)
+        return await attempt(member, member.token or ())
 
-    async def _call(self, stub_method: Any, request: Any) -> Any:
-        """Runs one unary etcd call; callers connect first (the stubs exist once connected)."""
+    async def _call(self, stub_method: str, request: Any) -> Any:
+        """Runs one unary etcd call: `stub_method` names it on the client, e.g. `kvstub.Range`."""
+        method = operator.attrgetter(stub_method)
 
-        async def attempt(token: Metadata) -> Any:
+        async def attempt(member: _Member, token: Metadata) -> Any:
             try:
-                return await stub_method(request, timeout=self._timeout_s, metadata=token)
+                return await method(member.client)(request, timeout=self._timeout_s, metadata=token)
             except AioRpcError as error:
-                raise self._translate(error) from None
+                raise self._translate(error, member.target) from None
 
-        return await self._with_token(attempt)
+        return await self._on_a_member(attempt, idempotent=stub_method in _IDEMPOTENT)
 
     def _who(self) -> str:
         if self._security.user:
             return f"--etcd-user {self._security.user!r}"
         return "this coordinator's certificate" if self._security.cert else "an anonymous client"
 
-    def _translate(self, error: AioRpcError) -> KaiwoGpuError:
+    def _translate(self, error: AioRpcError, target: str) -> KaiwoGpuError:
         """Every etcd failure becomes one of ours, in words, never a gRPC repr."""
         code, detail = error.code(), error.details() or ""
         if any(words in detail for words in _TOKEN_LAPSED):
-            return _TokenLapsed(f"etcd at {self.target} refused the auth token: {detail}")
+            return _TokenLapsed(f"etcd at {target} refused the auth token: {detail}")
         if code is StatusCode.UNAUTHENTICATED or "user name is empty" in detail:
             return UnauthenticatedError(
-                f"etcd at {self.target} requires authentication ({detail}): give --etcd-user "
+                f"etcd at {target} requires authentication ({detail}): give --etcd-user "
                 f"and its password ({PASSWORD_SOURCES}), or --etcd-cert with a certificate "
                 "whose common name is an etcd user"
             )
         if code is StatusCode.PERMISSION_DENIED:
             return PermissionDeniedError(
-                f"etcd at {self.target} denied {self._who()} ({detail}): grant its role "
+                f"etcd at {target} denied {self._who()} ({detail}): grant its role "
                 "read and write on the coordinator's key prefix"
             )
         if code is StatusCode.NOT_FOUND:  # e.g. a put on a lease that has expired
             return NotFoundError(f"etcd: {detail}")
         if code is StatusCode.RESOURCE_EXHAUSTED and "space" in detail:
             return UnavailableError(
-                f"etcd at {self.target} is out of space ({detail}); compact and defragment it "
+                f"etcd at {target} is out of space ({detail}); compact and defragment it "
                 "and disarm the NOSPACE alarm"
             )
         if code is StatusCode.OUT_OF_RANGE:
-            return _PageCompacted(f"etcd at {self.target}: {detail}")
+            return _PageCompacted(f"etcd at {target}: {detail}")
         if code in _UNREACHABLE:
-            return _unavailable(error, self.target)
+            return _unavailable(error, target)
         # CANCELLED, UNKNOWN, INTERNAL...: the call may or may not have taken effect.
-        return UnavailableError(f"etcd at {self.target} failed ({code.name}): {detail}")
+        return UnavailableError(f"etcd at {target} failed ({code.name}): {detail}")
 
     async def read_prefix(self, prefix: bytes, page_size: int = 5000) -> tuple[int, list[KeyValue]]:
         """Every key under `prefix` at one revision, and that revision.
@@ -293,7 +387,6 @@ class EtcdStore:
         Read in pages, all at the first page's revision, so a large cluster never meets
         the message size limit and the result is still one consistent snapshot.
         """
-        await self.connect()
         for _ in range(3):  # history compacted between pages: start again, at once
             with contextlib.suppress(_PageCompacted):
                 return await self._read_pages(prefix, page_size)
@@ -305,7 +398,7 @@ class EtcdStore:
         kvs: list[KeyValue] = []
         while True:
             response = await self._call(
-                self._client.kvstub.Range,
+                "kvstub.Range",
                 rpc.RangeRequest(key=start, range_end=end, limit=page_size, revision=revision),
             )
             revision = revision or int(response.header.revision)
@@ -319,8 +412,7 @@ class EtcdStore:
 
     async def read(self, key: bytes) -> tuple[int, KeyValue | None]:
         """(etcd's revision at the read, the key's value or None)."""
-        await self.connect()
-        response = await self._call(self._client.kvstub.Range, rpc.RangeRequest(key=key))
+        response = await self._call("kvstub.Range", rpc.RangeRequest(key=key))
         if not response.kvs:
             return int(response.header.revision), None
         kv = response.kvs[0]
@@ -328,14 +420,10 @@ class EtcdStore:
 
     async def revision(self) -> int:
         """etcd's current revision (a linearizable read of nothing)."""
-        await self.connect()
-        response = await self._call(
-            self._client.kvstub.Range, rpc.RangeRequest(key=b"\0", count_only=True)
-        )
+        response = await self._call("kvstub.Range", rpc.RangeRequest(key=b"\0", count_only=True))
         return int(response.header.revision)
 
     async def commit(self, txn: Txn) -> TxnResult:
-        await self.connect()
         compares = [
             rpc.Compare(
                 key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=revision
@@ -358,7 +446,7 @@ class EtcdStore:
             rpc.RequestOp(request_range=rpc.RangeRequest(key=key)) for key in txn.read_on_failure
         ]
         response = await self._call(
-            self._client.kvstub.Txn,
+            "kvstub.Txn",
             rpc.TxnRequest(compare=compares, success=success, failure=failure),
         )
         current: dict[bytes, KeyValue] = {}
@@ -370,20 +458,15 @@ class EtcdStore:
 
     async def compact(self, revision: int) -> None:
         """Drops history before `revision` (what etcd's auto-compaction does on a timer)."""
-        await self.connect()
-        await self._call(self._client.kvstub.Compact, rpc.CompactionRequest(revision=revision))
+        await self._call("kvstub.Compact", rpc.CompactionRequest(revision=revision))
 
     async def grant_lease(self, ttl_s: int) -> tuple[int, int]:
         """(lease id, granted TTL in seconds)."""
-        await self.connect()
-        response = await self._call(
-            self._client.leasestub.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl_s)
-        )
+        response = await self._call("leasestub.LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl_s))
         return int(response.ID), int(response.TTL)
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Renews the lease; returns its TTL in seconds, 0 when it no longer exists."""
-        await self.connect()
         return (await self._refresh_chunk([lease_id]))[lease_id]
 
     async def refresh_leases(self, lease_ids: Sequence[int]) -> dict[int, int]:
@@ -393,7 +476,6 @@ class EtcdStore:
         unique = list(dict.fromkeys(lease_ids))
         if not unique:
             return {}
-        await self.connect()
         chunks = [
             unique[start : start + LEASES_PER_STREAM]
             for start in range(0, len(unique), LEASES_PER_STREAM)
@@ -413,10 +495,10 @@ class EtcdStore:
         return ttls
 
     async def _refresh_chunk(self, lease_ids: list[int]) -> dict[int, int]:
-        async def attempt(token: Metadata) -> dict[int, int]:
+        async def attempt(member: _Member, token: Metadata) -> dict[int, int]:
             replies: dict[int, int] = {}
             try:
-                call = self._client.leasestub.LeaseKeepAlive(
+                call = member.client.leasestub.LeaseKeepAlive(
                     iter([rpc.LeaseKeepAliveRequest(ID=lease_id) for lease_id in lease_ids]),
                     timeout=self._timeout_s,
                     metadata=token,
@@ -426,45 +508,43 @@ class EtcdStore:
                     if len(replies) == len(lease_ids):
                         break
             except AioRpcError as error:
-                raise self._translate(error) from None
+                raise self._translate(error, member.target) from None
             return replies
 
-        replies = await self._with_token(attempt)
+        replies = await self._on_a_member(attempt, idempotent=True)  # renewing twice is fine
         return {lease_id: max(replies.get(lease_id, 0), 0) for lease_id in lease_ids}
 
     async def db_size(self) -> int:
         """The size of etcd's database in bytes, as the member this store talks to has it."""
-        await self.connect()
-        response = await self._call(self._client.maintenancestub.Status, rpc.StatusRequest())
+        response = await self._call("maintenancestub.Status", rpc.StatusRequest())
         return int(response.dbSize)
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Seconds the lease has left, read from etcd; 0 when it no longer exists."""
-        await self.connect()
         response = await self._call(
-            self._client.leasestub.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease_id)
+            "leasestub.LeaseTimeToLive", rpc.LeaseTimeToLiveRequest(ID=lease_id)
         )
         return max(int(response.TTL), 0)
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Drops the lease and every key on it; a lease that is already gone is fine."""
-        await self.connect()
         with contextlib.suppress(NotFoundError):
-            await self._call(
-                self._client.leasestub.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id)
-            )
+            await self._call("leasestub.LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id))
 
-    async def _open_watch(self, request: Any, token: Metadata) -> tuple[Any, Any]:
-        """A watch stream and its first response. etcd checks the token as the watch is
-        created and cancels it if refused; etcd 3.5.1 says "permission denied" for a
-        lapsed token too, so with an etcd user that also means: authenticate again."""
-        call = rpc.WatchStub(self._client.channel).Watch(metadata=_HAS_LEADER + token)
+    async def _open_watch(
+        self, request: Any, member: _Member, token: Metadata
+    ) -> tuple[Any, Any, _Member]:
+        """A watch stream, its first response and the member it is on. etcd checks the
+        token as the watch is created and cancels it if refused; etcd 3.5.1 says
+        "permission denied" for a lapsed token too, so with an etcd user that also means:
+        authenticate again."""
+        call = rpc.WatchStub(member.client.channel).Watch(metadata=_HAS_LEADER + token)
         try:
             await call.write(request)
             response = await call.read()
         except AioRpcError as error:
             call.cancel()
-            raise _unavailable(error, self.target) from None
+            raise _unavailable(error, member.target) from None
         except BaseException:
             call.cancel()
             raise
@@ -472,8 +552,8 @@ class EtcdStore:
         refusals = _TOKEN_LAPSED + (("permission denied",) if self._security.user else ())
         if getattr(response, "canceled", False) and any(w in reason for w in refusals):
             call.cancel()
-            raise _TokenLapsed(f"etcd at {self.target} cancelled the watch: {reason}")
-        return call, response
+            raise _TokenLapsed(f"etcd at {member.target} cancelled the watch: {reason}")
+        return call, response, member
 
     async def watch(
         self, prefix: bytes, start_revision: int
@@ -484,9 +564,10 @@ class EtcdStore:
         response that confirms the watch comes as (0, []).
 
         Ends with UnavailableError when the stream breaks (etcd restarted, no leader), and
-        CompactedError when `start_revision` is no longer in etcd's history.
+        CompactedError when `start_revision` is no longer in etcd's history. A watch that
+        breaks moves the store on to the next member, so the caller's next watch finds one
+        that serves.
         """
-        await self.connect()
         request = rpc.WatchRequest(
             create_request=rpc.WatchCreateRequest(
                 key=prefix,
@@ -496,18 +577,20 @@ class EtcdStore:
             )
         )
         try:
-            call, response = await self._with_token(functools.partial(self._open_watch, request))
+            call, response, member = await self._on_a_member(
+                functools.partial(self._open_watch, request), idempotent=True
+            )
         except _TokenLapsed as refused:  # again with a new token: etcd denies the watch
             raise UnavailableError(refused.message) from None
         try:
             while True:
                 if response is None or not isinstance(response, rpc.WatchResponse):
-                    raise UnavailableError(f"etcd at {self.target} closed the watch stream")
+                    raise UnavailableError(f"etcd at {member.target} closed the watch stream")
                 if response.compact_revision:
                     raise CompactedError(response.compact_revision)
-                if response.canceled:
+                if response.canceled:  # e.g. the member lost its leader (hasleader)
                     raise UnavailableError(
-                        f"etcd at {self.target} cancelled the watch: {response.cancel_reason}"
+                        f"etcd at {member.target} cancelled the watch: {response.cancel_reason}"
                     )
                 changes = [
                     Change(
@@ -529,7 +612,13 @@ class EtcdStore:
                     yield response.header.revision, changes
                 response = await call.read()
         except AioRpcError as error:
-            raise _unavailable(error, self.target) from None
+            self._move_on(member)
+            raise _unavailable(error, member.target) from None
+        except CompactedError:
+            raise
+        except UnavailableError:
+            self._move_on(member)
+            raise
         finally:
             call.cancel()
             await asyncio.sleep(0)
