@@ -384,8 +384,8 @@ async def test_up_with_three_etcd_members_and_two_coordinators_survives_losing_o
 async def test_up_tls_with_several_members_and_coordinators_fails_over_over_tls(
     tmp_path: Path,
 ) -> None:
-    """TLS to a list of addresses (etcd members, coordinators) checks one name for all; the
-    banner's exports reach both coordinators, and the client fails over to the second."""
+    """TLS to a list of addresses (etcd members, each on its own channel; coordinators);
+    the banner's exports reach both coordinators, and the client fails over to the second."""
     port = _two_free_ports()
     first, second = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
     args = ["--tls", "--etcd-members=3", "--coordinators=2", "--nodes=1", "--gpus=1"]
