@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from hypothesis import settings
 
 from kaiwo_gpu.coordinator.local.etcd import LocalEtcd
 from kaiwo_gpu.coordinator.placement.strategies import BUILTIN_STRATEGIES, StrategyRegistry
@@ -30,6 +31,11 @@ from tests.harness import INVENTORY
 
 if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
+
+# The long fuzz run (CI runs the fuzz files' own bounded counts, see tests/fuzz_strategies.py):
+#   pytest tests/test_fuzz_rpcs.py tests/test_fuzz_agent_stream.py \
+#       --hypothesis-profile=fuzz-long --timeout=1800
+settings.register_profile("fuzz-long", max_examples=5000, deadline=None)
 
 _prefixes = itertools.count()
 SERVICE_FIXTURES = frozenset({"etcd", "own_etcd"})
