@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from kaiwo_gpu.common import keepalive, tracing
 from kaiwo_gpu.common.errors import (
@@ -84,6 +85,28 @@ async def _heartbeats(context: Context) -> None:
     while True:
         await asyncio.sleep(keepalive.HEARTBEAT_S)
         await context.write(HEARTBEAT)
+
+
+AGENT_MESSAGE = agent_pb2.AgentMessage.DESCRIPTOR.full_name
+
+
+async def _read(context: Context, timeout_s: float) -> object:
+    """The agent's next message (grpc.aio.EOF once it closed its side); bytes that do not
+    decode are INVALID_ARGUMENT (gRPC decodes stream messages outside any handler, and
+    would end the stream UNKNOWN)."""
+    try:
+        return await asyncio.wait_for(context.read(), timeout_s)
+    except DecodeError:
+        raise InvalidArgumentError(
+            "message", "bytes that do not decode", f"a {AGENT_MESSAGE}"
+        ) from None
+
+
+def _body(message: object) -> str:
+    """What a message carries, for a refusal: its body's name, or what came instead."""
+    if not isinstance(message, agent_pb2.AgentMessage):
+        return "the end of the stream"
+    return message.WhichOneof("body") or "an empty message"
 
 
 class _Session:
@@ -186,9 +209,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         caller: Identity | None = None
         try:
             caller = self.callers.identify(context)
-            first: object = await asyncio.wait_for(context.read(), REGISTER_WAIT_S)
+            first = await _read(context, REGISTER_WAIT_S)
             if not isinstance(first, agent_pb2.AgentMessage) or not first.HasField("register"):
-                raise InvalidArgumentError("first message", "telemetry", "register")
+                raise InvalidArgumentError("first message", _body(first), "register")
             # Before anything is read of the node or written: only its own agent speaks for it.
             permissions.check_speaks_for(caller, first.register.node)
             # Registering takes several etcd round trips, which a slow etcd stretches:
@@ -201,10 +224,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 await asyncio.gather(pinger, return_exceptions=True)
             await self._serve(session, context)
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no register message within {REGISTER_WAIT_S:g}s of connecting",
-            )
+            detail = f"no register message within {REGISTER_WAIT_S:g}s of connecting"
+            log.warning("agent stream dropped", peer=context.peer(), error=detail)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, detail)
         except KaiwoGpuError as error:
             refused("Connect", caller, error, context.peer())
             log.warning(
@@ -332,7 +354,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         last_ingest = -math.inf
         while True:
             try:
-                message: object = await asyncio.wait_for(context.read(), limit_s)
+                message = await _read(context, limit_s)
             except TimeoutError:
                 raise UnavailableError(
                     f"no telemetry from node {session.node!r} for {limit_s:g}s; reconnect"
@@ -340,7 +362,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if not isinstance(message, agent_pb2.AgentMessage):
                 return  # grpc.aio.EOF: the agent closed its side
             if not message.HasField("telemetry"):
-                raise InvalidArgumentError("message", "register", "telemetry after registering")
+                raise InvalidArgumentError("message", _body(message), "telemetry after registering")
             self._check_still_held(session)
             await self._restore_if_lost(session)
             now = loop.time()
