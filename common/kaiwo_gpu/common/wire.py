@@ -11,6 +11,7 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import InvalidArgumentError
 from kaiwo_gpu.common.models import (
     ISOLATION_ALIASES,
@@ -119,6 +120,16 @@ def request_from_proto(message: types_pb2.AllocationRequest) -> AllocationReques
         if error.field.startswith("request."):
             raise
         raise InvalidArgumentError(f"request.{error.field}", error.value, error.allowed) from None
+
+
+def session_from_proto(message: types_pb2.AllocationRequest) -> str:
+    """The request's client session ("" for none), by the request_id rule: it is a key too.
+
+    Apart from the request, because a retry from another session (a new process replaying
+    by request_id) asks for the same allocation."""
+    if not message.session:
+        return ""
+    return names.check_request_id(message.session, "request.session")
 
 
 def request_to_proto(request: AllocationRequest) -> types_pb2.AllocationRequest:

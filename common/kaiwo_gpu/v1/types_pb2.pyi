@@ -207,6 +207,7 @@ class AllocationRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     ISOLATION_NAME_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """client-chosen, 1-128 chars [A-Za-z0-9._:/-]; makes Allocate idempotent"""
     count: _builtins.int
@@ -228,6 +229,12 @@ class AllocationRequest(_message.Message):
     """Isolation by name: none | cu-mask | partition | exclusive, or the alias "mps" (mapped to
     cu-mask, and the allocation's isolation_note says so). Overrides `isolation` when set.
     """
+    session: _builtins.str
+    """The client's session, 1-128 chars [A-Za-z0-9._:/-]; empty = none. Allocations of one
+    caller identity and session with one TTL share one etcd lease, so they expire together
+    (etcd reclaims a lease at a time, at most ~1,000 a second). Not part of what a retry
+    must repeat: a replay by request_id from another session returns the same allocation.
+    """
     @_builtins.property
     def selector(self) -> Global___Selector: ...
     @_builtins.property
@@ -247,10 +254,11 @@ class AllocationRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl_seconds: _builtins.int = ...,
         isolation_name: _builtins.str = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sharing", b"_sharing", "selector", b"selector", "sharing", b"sharing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sharing", b"_sharing", "count", b"count", "fraction_millis", b"fraction_millis", "isolation", b"isolation", "isolation_name", b"isolation_name", "labels", b"labels", "memory_mib", b"memory_mib", "owner", b"owner", "request_id", b"request_id", "selector", b"selector", "sharing", b"sharing", "strategy", b"strategy", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sharing", b"_sharing", "count", b"count", "fraction_millis", b"fraction_millis", "isolation", b"isolation", "isolation_name", b"isolation_name", "labels", b"labels", "memory_mib", b"memory_mib", "owner", b"owner", "request_id", b"request_id", "selector", b"selector", "session", b"session", "sharing", b"sharing", "strategy", b"strategy", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sharing: _TypeAlias = _typing.Literal["sharing"]  # noqa: Y015
     _WhichOneofArgType__sharing: _TypeAlias = _typing.Literal["_sharing", b"_sharing"]  # noqa: Y015
@@ -337,6 +345,7 @@ class Allocation(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    LEASE_SHARED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     request_id: _builtins.str
     node: _builtins.str
@@ -348,6 +357,10 @@ class Allocation(_message.Message):
     state: Global___AllocationState.ValueType
     lease_id: _builtins.int
     """etcd lease id; 0 = none"""
+    lease_shared: _builtins.bool
+    """lease_id is its client session's lease, which other allocations may hold too:
+    releasing this one leaves the lease, and renewing any of them renews all.
+    """
     @_builtins.property
     def request(self) -> Global___AllocationRequest: ...
     @_builtins.property
@@ -378,10 +391,11 @@ class Allocation(_message.Message):
         lease_id: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        lease_shared: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "environment", b"environment", "expires_at", b"expires_at", "gpus", b"gpus", "id", b"id", "isolation", b"isolation", "isolation_note", b"isolation_note", "lease_id", b"lease_id", "node", b"node", "request", b"request", "request_id", b"request_id", "state", b"state", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "environment", b"environment", "expires_at", b"expires_at", "gpus", b"gpus", "id", b"id", "isolation", b"isolation", "isolation_note", b"isolation_note", "lease_id", b"lease_id", "lease_shared", b"lease_shared", "node", b"node", "request", b"request", "request_id", b"request_id", "state", b"state", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -40,6 +40,7 @@ from kaiwo_gpu.coordinator.placement.strategies import (
     SchedulerState,
     Strategy,
 )
+from kaiwo_gpu.coordinator.session_leases import LeaseGrant, SessionKey
 from kaiwo_gpu.coordinator.state.batch import BatchDecision, BatchItem, DecisionPolicy, decide_batch
 from kaiwo_gpu.coordinator.state.changes import KeyValue, Put, Store, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyLayout
@@ -87,13 +88,17 @@ class AllocatorSettings:
 class _Pending:
     request: AllocationRequest
     future: asyncio.Future[tuple[types_pb2.Allocation, bool]]
-    lease_id: int = 0
-    lease_ttl_s: int = 0
-    lease_granted_at: datetime | None = None
+    holder: str = ""
+    """The authenticated caller: a session's lease is shared by one holder's allocations."""
+    session: str = ""
+    lease: LeaseGrant | None = None
     attempts: int = 0
     queued: bool = True
     trace_context: object | None = None
     """The caller's trace context (tracing on): the decision and the commit join its trace."""
+
+    def session_key(self, ttl_s: int) -> SessionKey | None:
+        return SessionKey(self.holder, self.session, ttl_s) if self.session else None
 
     def resolve(self, record: types_pb2.Allocation, replayed: bool) -> None:
         if not self.future.done():  # the caller may have gone away meanwhile
@@ -168,15 +173,21 @@ class Allocator:
 
     # -- allocate ------------------------------------------------------------------------
 
-    async def allocate(self, request: AllocationRequest) -> tuple[types_pb2.Allocation, bool]:
-        """(allocation, replayed): a request_id seen before returns its allocation again."""
+    async def allocate(
+        self, request: AllocationRequest, *, holder: str = "", session: str = ""
+    ) -> tuple[types_pb2.Allocation, bool]:
+        """(allocation, replayed): a request_id seen before returns its allocation again.
+
+        With a `session`, the allocation shares one lease with `holder`'s other allocations
+        of that session and TTL (the session is not part of the request a replay matches)."""
         replay = await self._confirmed_replay(request)
         if replay is not None:
             return replay, True
         future: asyncio.Future[tuple[types_pb2.Allocation, bool]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._enqueue(_Pending(request, future, trace_context=tracing.current_context()))
+        context = tracing.current_context()
+        self._enqueue(_Pending(request, future, holder, session, trace_context=context))
         return await future
 
     async def _confirmed_replay(self, request: AllocationRequest) -> types_pb2.Allocation | None:
@@ -239,9 +250,11 @@ class Allocator:
         )
 
     def _drop_lease(self, item: _Pending) -> None:
-        """A lease granted for a request that did not commit is dropped, not left to expire."""
-        lease_id, item.lease_id = item.lease_id, 0
-        self.leases.revoke_soon(lease_id)
+        """A lease granted for a request that did not commit is dropped, not left to expire;
+        a session's lease stays (other allocations may hold it), and lapses unless renewed."""
+        lease, item.lease = item.lease, None
+        if lease is not None and not lease.shared:
+            self.leases.revoke_soon(lease.lease_id)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         pending = self._still_wanted(batch)
@@ -283,8 +296,11 @@ class Allocator:
                     result = await self.store.commit(txn)
                     tracing.set_attributes(span, {"db.etcd.succeeded": result.succeeded})
             except NotFoundError:  # a lease ran out between grant and commit
-                self._fail(owned, UnavailableError("a lease expired before the commit; retry"))
-                return
+                if not self._session_leases_lost(owned):
+                    self._fail(owned, UnavailableError("a lease expired before the commit; retry"))
+                    return
+                pending = self._still_wanted(owned)  # decided again, with fresh session leases
+                continue
             except UnavailableError as error:
                 # The commit may have landed: keep its leases, and let the retry replay it.
                 self._fail(
@@ -305,6 +321,19 @@ class Allocator:
                 return
             pending = await self._after_conflict(owned, result.current)
 
+    def _session_leases_lost(self, owned: list[_Pending]) -> bool:
+        """After a commit refused for a missing lease: whether a session lease granted before
+        this batch (which may have expired or been revoked since) was among its leases; if
+        so those are given up, for fresh grants, so a cached lease's death never fails an
+        Allocate. Only once per batch: then no lease of the commit predates it."""
+        lost = {i.lease.lease_id for i in owned if i.lease is not None and i.lease.joined}
+        for lease_id in lost:
+            self.leases.session_lease_lost(lease_id)
+        for item in owned:
+            if item.lease is not None and item.lease.lease_id in lost:
+                item.lease = None
+        return bool(lost)
+
     def _still_wanted(self, items: list[_Pending]) -> list[_Pending]:
         """Items whose caller still waits; the others' leases are dropped."""
         wanted = []
@@ -317,7 +346,7 @@ class Allocator:
 
     def _decide(self, pending: list[_Pending]) -> BatchDecision:
         items = [
-            BatchItem(item.request, self._new_id(), has_lease=bool(item.lease_id))
+            BatchItem(item.request, self._new_id(), has_lease=item.lease is not None)
             for item in pending
         ]
         with (
@@ -413,32 +442,33 @@ class Allocator:
         return fresh
 
     async def _grant_leases(self, decision: BatchDecision, pending: list[_Pending]) -> None:
-        """Grants the leases the placements want (all at once) and writes them into the
-        records; a request decided again after a conflict keeps the lease it has."""
-        granted_at = self._clock()
+        """Grants the leases the placements want (all at once; a session's lease is joined
+        while it lasts) and writes them into the records; a request decided again after a
+        conflict keeps the lease it has."""
         wanted = [(pending[index], ttl_s) for index, ttl_s in decision.leases_wanted]
-        grants: list[tuple[int, int] | BaseException] = []
+        grants: list[LeaseGrant | BaseException] = []
         if wanted:  # none wanted (no TTL): no span, no gather
             with _traced([item for item, _ in wanted], "etcd lease grant", kind="client") as span:
                 if span is not None:
                     attributes = {"db.system": "etcd", "kaiwo_gpu.leases": len(wanted)}
                     tracing.set_attributes(span, attributes)
-                grants = await self.leases.grant([ttl_s for _, ttl_s in wanted])
+                grants = await self.leases.grant_for(
+                    [(ttl_s, item.session_key(ttl_s)) for item, ttl_s in wanted]
+                )
         failure: BaseException | None = None
         for (item, _), grant in zip(wanted, grants, strict=True):
             if isinstance(grant, BaseException):
                 failure = failure or grant
             else:
-                item.lease_id, item.lease_ttl_s = grant
-                item.lease_granted_at = granted_at
+                item.lease = grant
         if failure is not None:
             raise failure  # the batch fails; leases granted so far are revoked with it
         for index, record in decision.placed:
-            item = pending[index]
-            if item.lease_id and item.lease_granted_at is not None:
-                record.lease_id = item.lease_id
-                expires_at = item.lease_granted_at + timedelta(seconds=item.lease_ttl_s)
-                record.expires_at.CopyFrom(timestamp(expires_at))
+            lease = pending[index].lease
+            if lease is not None:
+                record.lease_id = lease.lease_id
+                record.expires_at.CopyFrom(timestamp(lease.expires_at))
+                record.lease_shared = lease.shared
 
     # -- release, renew, read ------------------------------------------------------------
 
@@ -502,7 +532,8 @@ class Allocator:
             raise NotFoundError(f"allocation {allocation_id!r} was already released or expired")
         self._last_write_revision = max(self._last_write_revision, result.revision)
         self._last_release_revision = max(self._last_release_revision, result.revision)
-        await self.leases.revoke_now(record.lease_id)
+        if not record.lease_shared:  # a session's lease may hold others: it lapses unless renewed
+            await self.leases.revoke_now(record.lease_id)
         released = types_pb2.Allocation()
         released.CopyFrom(record)
         released.state = types_pb2.ALLOCATION_STATE_RELEASED
@@ -521,9 +552,17 @@ class Allocator:
                 f"allocation {allocation_id!r} has no lease (it was made with ttl_seconds 0); "
                 "there is nothing to keep alive"
             )
+        gone = NotFoundError(
+            f"allocation {allocation_id!r} is gone (released or expired); nothing to renew"
+        )
+        # A session's lease outlives a release (through another coordinator, perhaps, whose
+        # release this view has not seen yet) for the session's others: etcd says.
+        if (
+            record.lease_shared
+            and await self.store.get(self.layout.allocation(allocation_id)) is None
+        ):
+            raise gone
         ttl_s, expires_at = await self.leases.renew(record.lease_id)
         if expires_at is None:
-            raise NotFoundError(
-                f"allocation {allocation_id!r} is gone (released or expired); nothing to renew"
-            )
+            raise gone
         return expires_at, ttl_s

@@ -1,11 +1,13 @@
 """The allocator's leases: grants for placements, revocation of those that never committed,
 the shared tombstone lease, renewals, and the expiry an allocation shows.
 
-An allocation with a TTL lives on its own etcd lease, so etcd itself reclaims it when its
-holder stops renewing. Renewing is one keep-alive on the lease and nothing else: the
-record keeps the expiry of its grant (grant time + TTL, written once), and reads derive the
-later expiry from the renewals this coordinator made, or ask etcd when what they know has
-passed (the lease was renewed through another coordinator).
+An allocation with a TTL lives on an etcd lease, so etcd itself reclaims it when its holder
+stops renewing: its own lease, or its client session's, which the session's allocations of
+that TTL share (`session_leases`), so a vanished client's allocations expire as one.
+Renewing is one keep-alive on the lease and nothing else: the record keeps the expiry of its
+grant (grant time + TTL, written once), and reads derive the later expiry from the renewals
+this coordinator made, or ask etcd when what they know has passed (the lease was renewed
+through another coordinator).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import structlog
 from kaiwo_gpu.common.errors import KaiwoGpuError
 from kaiwo_gpu.common.wire import moment_of
 from kaiwo_gpu.coordinator.instruments import Instruments
+from kaiwo_gpu.coordinator.session_leases import LeaseGrant, SessionKey, SessionLeases
 from kaiwo_gpu.coordinator.state.changes import Store
 from kaiwo_gpu.v1 import types_pb2
 
@@ -63,6 +66,7 @@ class Leases:
         self._pruned_at_size = 0
         self._revoked: OrderedDict[int, None] = OrderedDict()
         self._queries_paused_until: datetime | None = None
+        self.sessions = SessionLeases()
 
     async def stop(self) -> None:
         """Lets revocations under way land, briefly; the rest expire on their own."""
@@ -79,6 +83,50 @@ class Leases:
         self._instruments.lease_grants.inc(sum(not isinstance(g, BaseException) for g in granted))
         return granted
 
+    async def grant_for(
+        self, wanted: Sequence[tuple[int, SessionKey | None]]
+    ) -> list[LeaseGrant | BaseException]:
+        """The lease for each (TTL, session) in order, or what failed: a session's lease
+        while it is joinable, else one fresh grant per session, and a lease of its own for
+        each allocation without a session; the fresh ones granted all at once."""
+        now = self._clock()
+        leases: list[LeaseGrant | int] = []  # joined, or the index of its fresh grant
+        fresh_keys: list[SessionKey | None] = []
+        fresh_ttls_s: list[int] = []
+        fresh_by_key: dict[SessionKey, int] = {}
+        for ttl_s, key in wanted:
+            if key is not None:
+                joined = self.sessions.join(key, now, self._renewed_until)
+                if joined is not None:
+                    leases.append(joined)
+                    continue
+                if key in fresh_by_key:
+                    leases.append(fresh_by_key[key])
+                    continue
+                fresh_by_key[key] = len(fresh_ttls_s)
+            leases.append(len(fresh_ttls_s))
+            fresh_keys.append(key)
+            fresh_ttls_s.append(ttl_s)
+        granted = await self.grant(fresh_ttls_s) if fresh_ttls_s else []
+        fresh = [self._booked(k, g, now) for k, g in zip(fresh_keys, granted, strict=True)]
+        return [lease if isinstance(lease, LeaseGrant) else fresh[lease] for lease in leases]
+
+    def _booked(
+        self, key: SessionKey | None, grant: tuple[int, int] | BaseException, granted_at: datetime
+    ) -> LeaseGrant | BaseException:
+        if isinstance(grant, BaseException):
+            return grant
+        lease_id, ttl_s = grant
+        expires_at = granted_at + timedelta(seconds=ttl_s)
+        if key is None:
+            return LeaseGrant(lease_id, expires_at)
+        return self.sessions.granted(key, lease_id, expires_at)
+
+    def session_lease_lost(self, lease_id: int) -> None:
+        """A session's lease was found gone: the session's next allocation gets a new one."""
+        self.sessions.lost(lease_id)
+        self._renewed_until.pop(lease_id, None)
+
     def revoke_soon(self, lease_id: int) -> None:
         """Drops a lease that holds nothing of ours any more (its request did not commit) in
         the background; if that fails, it expires."""
@@ -94,6 +142,7 @@ class Leases:
             await self._revoke_quietly(lease_id)
 
     def _forget(self, lease_id: int) -> None:
+        self.sessions.lost(lease_id)
         self._renewed_until.pop(lease_id, None)
         self._revoked[lease_id] = None
         if len(self._revoked) > REVOKED_REMEMBERED:
@@ -137,7 +186,7 @@ class Leases:
         (0, None) when the lease is gone."""
         ttl_s = await self._store.refresh_lease(lease_id)
         if ttl_s <= 0:
-            self._renewed_until.pop(lease_id, None)
+            self.session_lease_lost(lease_id)
             return 0, None
         self._instruments.lease_renewals.inc()
         expires_at = self._clock() + timedelta(seconds=ttl_s)

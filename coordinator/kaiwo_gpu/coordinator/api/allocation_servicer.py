@@ -19,7 +19,7 @@ import structlog
 from kaiwo_gpu.common import names
 from kaiwo_gpu.common.errors import KaiwoGpuError, UnavailableError
 from kaiwo_gpu.common.identity import Identity
-from kaiwo_gpu.common.wire import request_from_proto
+from kaiwo_gpu.common.wire import request_from_proto, session_from_proto
 from kaiwo_gpu.coordinator.allocator import Allocator
 from kaiwo_gpu.coordinator.api import permissions
 from kaiwo_gpu.coordinator.api.callers import Callers, refused
@@ -129,10 +129,14 @@ class AllocationServicer(allocation_pb2_grpc.AllocationServiceServicer):
         counted = self.allocator.instruments.requests
         try:
             asked = request_from_proto(request.request)
+            session = session_from_proto(request.request)
             owner = permissions.owner_for(caller, asked.owner)
             # replace() validates the whole request again: only when the owner changes.
             parsed = asked if owner == asked.owner else replace(asked, owner=owner)
-            record, replayed = await self.allocator.allocate(parsed)
+            # The session's lease is keyed by who is calling, so none can join another's.
+            record, replayed = await self.allocator.allocate(
+                parsed, holder=str(caller), session=session
+            )
         except KaiwoGpuError as error:
             counted.labels(*request_outcome(error)).inc()
             raise
