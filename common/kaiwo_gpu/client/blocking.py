@@ -95,10 +95,20 @@ class Client(ClientCore[grpc.Channel]):
                 self._sleep(decision.pause_s)
 
     def allocate(
-        self, request: AllocationRequest | None = None, /, **fields: Any
+        self,
+        request: AllocationRequest | None = None,
+        /,
+        *,
+        session: str | None = None,
+        **fields: Any,
     ) -> types_pb2.Allocation:
-        """Places a request; resending the same request_id returns the same allocation."""
-        return self._run("Allocate", calls.allocate(as_request(request, fields)))
+        """Places a request; resending the same request_id returns the same allocation.
+
+        It shares one lease with the client's other allocations of its TTL (`session`:
+        the client's own unless given; "" for a lease of its own), so they lapse together
+        when this process stops renewing them."""
+        call = calls.allocate(as_request(request, fields), self._session_for(session))
+        return self._run("Allocate", call)
 
     def release(
         self, allocation_id: str, *, timeout_s: float | None = None

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 
 from kaiwo_gpu.client.retries import AlreadyDone, GiveUp
+from kaiwo_gpu.common import names
 from kaiwo_gpu.common.models import AllocationRequest
 from kaiwo_gpu.common.wire import request_to_proto
 from kaiwo_gpu.v1 import allocation_pb2, types_pb2
@@ -44,9 +45,12 @@ class Call(Generic[ReplyT, ResultT]):
 
 
 def allocate(
-    request: AllocationRequest,
+    request: AllocationRequest, session: str = ""
 ) -> Call[allocation_pb2.AllocateResponse, types_pb2.Allocation]:
+    """`session` ("" for none): the allocations of one session and TTL share a lease."""
     message = allocation_pb2.AllocateRequest(request=request_to_proto(request))
+    if session:
+        message.request.session = names.check_request_id(session, "session")
     return Call(message, lambda reply: reply.allocation)
 
 

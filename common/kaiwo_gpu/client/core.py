@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -105,6 +106,9 @@ class ClientCore(Generic[ChannelT]):
         self._channels: dict[int, ChannelT] = {}
         self._stubs: dict[int, Any] = {}
         self._lock = threading.Lock()  # renewal threads share the blocking client
+        self.session = uuid.uuid4().hex
+        """Sent with every Allocate that names none, so this client's allocations share a
+        lease per TTL: a process that vanishes costs etcd one lease expiry, not one each."""
 
     def _coordinator(self) -> tuple[int, Any]:
         """The coordinator calls go to now, and its AllocationService stub."""
@@ -117,6 +121,9 @@ class ClientCore(Generic[ChannelT]):
                 self._channels[index] = channel
                 self._stubs[index] = allocation_pb2_grpc.AllocationServiceStub(channel)
             return index, self._stubs[index]
+
+    def _session_for(self, given: str | None) -> str:
+        return self.session if given is None else given
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         """What every call carries: the trace context and the bearer token, if any."""
