@@ -72,6 +72,11 @@ SUITES: Mapping[str, Suite] = {
             "start-up time of kaiwo-gpu commands against bare python and a bare gRPC call",
         ),
         Suite(
+            "reclaim",
+            "bench.reclaim",
+            "capacity back after 100,000 allocations' holders vanish: session leases against own",
+        ),
+        Suite(
             "etcd-space",
             "bench.etcd_space",
             "etcd bytes an allocate+release pair leaves, against bare puts of its keys",
