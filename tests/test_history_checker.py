@@ -69,7 +69,9 @@ def released(start: float, allocation_id: str, code: str = "OK") -> dict[str, An
 
 def judged(history: list[dict[str, Any]], changes: list[EtcdChange],
            faults: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:  # fmt: skip
-    report = checker.check(history, changes, faults or [], prefix=PREFIX, node_ttl_s=4)
+    clock = {"kind": "clock", "wall": 0.0, "monotonic": 0.0}  # expiries on the calls' clock
+    report = checker.check(history, changes, [clock, *(faults or [])], prefix=PREFIX,
+                           node_ttl_s=4)  # fmt: skip
     return {name: found for name, found in report.violations.items() if found}
 
 
@@ -183,3 +185,35 @@ def test_recovery_is_the_first_grant_on_each_coordinator_after_the_fault() -> No
     after, healed = recovered["c1"]
     assert after == pytest.approx(6.1)
     assert healed == pytest.approx(1.1)
+
+
+def test_a_grant_after_its_request_id_was_released_is_found() -> None:
+    changes = [node_change(1), *put(2, "a1", "r1", 300), *release(3, "a1", "r1"),
+               *put(4, "a2", "r1", 300), *release(5, "a2", "r1")]  # fmt: skip
+    history = [granted(1.0, "a1", "r1"), released(2.0, "a1"),
+               call("replay", "ok", 3.0, request_id="r1", allocation_id="a2", code="OK"),
+               released(4.0, "a2")]  # fmt: skip
+    assert list(judged(history, changes)) == [checker.ONE_GRANT_PER_REQUEST]
+
+
+def test_a_release_the_coordinator_refused_does_not_explain_a_tombstone() -> None:
+    changes = [node_change(1), *put(2, "a1", "r1", 500), *release(3, "a1", "r1")]
+    history = [granted(1.0, "a1", "r1"), released(2.0, "a1", code="PERMISSION_DENIED")]
+    assert list(judged(history, changes)) == [checker.KEPT_UNTIL_RELEASED]
+
+
+def test_a_grant_on_a_gpu_its_node_no_longer_reports_is_found() -> None:
+    shrunk = types_pb2.NodeStatus(name="node-0")  # re-registered without gpu-0
+    shrunk.gpus.add(inventory=types_pb2.GpuInventory(uuid="gpu-1", vram_mib=1000))
+    rewritten = EtcdChange(2, f"{PREFIX}nodes/node-0", shrunk.SerializeToString(), 0)
+    changes = [node_change(1), rewritten, *put(3, "a1", "r1", 500), *release(4, "a1", "r1")]
+    history = [granted(1.0, "a1", "r1"), released(2.0, "a1")]
+    assert list(judged(history, changes)) == [checker.GPU_LIMITS]
+
+
+def test_a_renewal_answered_after_the_expiry_it_was_sent_before_is_not_an_early_loss() -> None:
+    """Sent to a frozen coordinator 1.7 s before the expiry, answered NOT_FOUND after it:
+    the lease lapsed while the call waited (seen in the suite, a false alarm then)."""
+    changes = [node_change(1), *put(2, "a1", "r1", 500, ttl_s=6), *expire(3, "a1", "r1")]
+    sent = {**call("keepalive", "fail", 68.2, allocation_id="a1", code="NOT_FOUND"), "end": 70.1}
+    assert judged([granted(62.3, "a1", "r1", expires_at=69.9), sent], changes) == {}

@@ -74,6 +74,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=REPO_ROOT,
+                start_new_session=True,  # its own group: a wrapper's children get the signals too
             )
         self.starts += 1
         self.paused = False
@@ -84,18 +85,23 @@ class Process:
     def kill(self) -> None:
         """SIGKILL, and the wait that reaps it."""
         if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
+            self._signal(signal.SIGKILL)
             assert self.popen is not None
             self.popen.wait(timeout=STOP_GRACE_S)
         self.paused = False
 
+    def _signal(self, signum: int) -> None:
+        """To the process and whatever it started (libfaketime's wrapper forks, for one)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)
+
     def pause(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
         self.paused = True
 
     def resume(self) -> None:
         if self.alive():
-            os.kill(self.pid, signal.SIGCONT)
+            self._signal(signal.SIGCONT)
         self.paused = False
 
     def stop(self) -> None:
@@ -104,7 +110,7 @@ class Process:
             return
         assert self.popen is not None
         self.resume()
-        os.kill(self.pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:

@@ -89,7 +89,8 @@ class Suite:
 
         start("alice", self._workload_args("mixed", "alice", duration=duration_s, seed=seed,
               history=histories / "alice.jsonl", finish_within=FINISH_WITHIN_S))  # fmt: skip
-        start("bob", self._workload_args("vanish", "bob", duration=duration_s, seed=seed,
+        vanishing = checker.VANISHING_TENANT
+        start(vanishing, self._workload_args("vanish", vanishing, duration=duration_s, seed=seed,
               tenants=2, history=histories / "bob.jsonl"))  # fmt: skip
         faketime = shutil.which("faketime")
         for user, skew in CLOCK_SKEWS.items():
@@ -201,7 +202,7 @@ class Suite:
             Fault("SIGKILL an etcd follower, restart", 24, 5, kill_follower,
                   lambda: restart_member("follower")),
             Fault("a tenant vanishes holding leases (SIGKILL bob)", 31, 0,
-                  kill(self.workloads["bob"]), nothing),
+                  kill(self.workloads[checker.VANISHING_TENANT]), nothing),
             Fault("partition coord-1 from etcd", 33, 8,
                   partition([coord_1.host], [m.host for m in c.etcd]), c.network.heal),
             Fault("partition agent-0 from its coordinator", 44, 6,
@@ -305,6 +306,8 @@ def main(argv: list[str]) -> None:
     if (why := netns_unavailable()) is not None:
         sys.exit(f"cannot run the fault suite: {why}")
     directory = args.keep or Path(tempfile.mkdtemp(prefix="kaiwo-gpu-faults-"))
+    if directory.exists() and any(directory.iterdir()):
+        sys.exit(f"--keep {directory} is not empty: its certificates and histories would mix in")
     directory.mkdir(parents=True, exist_ok=True)
     report = run_suite(directory, args.rounds, args.seed)
     print(checker.table(report))
