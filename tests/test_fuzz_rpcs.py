@@ -155,15 +155,21 @@ any_request = st.sampled_from(sorted(METHODS)).flatmap(_requests)
 any_garbage = st.sampled_from(sorted(METHODS)).flatmap(_garbage)
 
 
+def answered_and_alive(target: Target, call: tuple[str, bytes]) -> None:
+    """One fuzzed call checked (`check_answer`), its status counted, and the coordinator
+    still running."""
+    name, raw = call
+    event(f"{name}: {check_answer(target, METHODS[name], raw).name}")
+    assert target.process.alive(), target.process.log_tail()
+
+
 @fuzz_settings(ci_examples=250)
 @given(any_request)
 @example(("GetClusterStats", b""))
 def test_any_field_values_are_answered_or_refused_by_name(
     target: Target, call: tuple[str, bytes]
 ) -> None:
-    name, raw = call
-    event(f"{name}: {check_answer(target, METHODS[name], raw).name}")
-    assert target.process.alive(), target.process.log_tail()
+    answered_and_alive(target, call)
 
 
 @fuzz_settings(ci_examples=200)
@@ -171,9 +177,7 @@ def test_any_field_values_are_answered_or_refused_by_name(
 def test_valid_requests_with_a_field_changed_are_answered_or_refused_by_name(
     target: Target, call: tuple[str, bytes]
 ) -> None:
-    name, raw = call
-    event(f"{name}: {check_answer(target, METHODS[name], raw).name}")
-    assert target.process.alive(), target.process.log_tail()
+    answered_and_alive(target, call)
 
 
 @fuzz_settings(ci_examples=200)
@@ -181,9 +185,7 @@ def test_valid_requests_with_a_field_changed_are_answered_or_refused_by_name(
 def test_bytes_that_do_not_decode_are_invalid_argument(
     target: Target, call: tuple[str, bytes]
 ) -> None:
-    name, raw = call
-    event(f"{name}: {check_answer(target, METHODS[name], raw).name}")
-    assert target.process.alive(), target.process.log_tail()
+    answered_and_alive(target, call)
 
 
 @pytest.mark.parametrize("bad", INVALID_UTF8)
