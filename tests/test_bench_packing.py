@@ -287,6 +287,7 @@ def test_a_replay_with_departures_ends_empty(small: Workload, strategy: str) -> 
 # --- the plot --------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # matplotlib's first import on a machine runs fc-list for its font cache
 def test_the_plot_is_a_png(tmp_path: Path) -> None:
     path = tmp_path / "packing.png"
     curves = {"best-fit": [(0.0, 0.0), (1.0, 0.9), (1.3, 0.95)], "worst-fit": [(0.0, 0.0)]}
