@@ -588,7 +588,7 @@ async def test_run_hands_the_terminal_to_the_command_so_ctrl_c_arrives_once(
     terminal = await Terminal.start(running, *RUN_ON_TERMINAL, sys.executable, "-c", TERMINAL_CHILD)
     await terminal.read_until(b"ready")
     terminal.type(b"\x03")  # Ctrl-C, as typed
-    text = await terminal.read_until(b"sigints")
+    text = await terminal.read_line_with(b"sigints")  # the count too
     assert await terminal.finish() == 5
     assert "fg True True" in text  # its own group, and the terminal's foreground
     assert "sigints 1" in text
