@@ -35,7 +35,8 @@ def test_a_round_of_faults_breaks_no_invariant(tmp_path: Path) -> None:
     shown = checker.table(report)
     print(shown)  # in the log of a failing run, and with -s
     assert report.violation_count == 0, shown
-    assert len(report.faults) == 11, shown  # every scheduled fault was injected
+    # Every scheduled fault was injected: 12, or 11 on a kernel without sch_netem.
+    assert len(report.faults) >= 11, shown
     for op in ("allocate", "keepalive", "release"):
         assert report.operations[(op, "ok")] > 20, shown
     assert report.revisions_checked > 1000, shown

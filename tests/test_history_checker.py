@@ -68,10 +68,12 @@ def released(start: float, allocation_id: str, code: str = "OK") -> dict[str, An
 
 
 def judged(history: list[dict[str, Any]], changes: list[EtcdChange],
-           faults: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:  # fmt: skip
+           faults: list[dict[str, Any]] | None = None,
+           stamps: dict[int, float] | None = None) -> dict[str, list[str]]:  # fmt: skip
     clock = {"kind": "clock", "wall": 0.0, "monotonic": 0.0}  # expiries on the calls' clock
+    seen = checker.Stamps.of({"revision": r, "seen": s} for r, s in (stamps or {}).items())
     report = checker.check(history, changes, [clock, *(faults or [])], prefix=PREFIX,
-                           node_ttl_s=4)  # fmt: skip
+                           node_ttl_s=4, stamps=seen)  # fmt: skip
     return {name: found for name, found in report.violations.items() if found}
 
 
@@ -217,3 +219,28 @@ def test_a_renewal_answered_after_the_expiry_it_was_sent_before_is_not_an_early_
     changes = [node_change(1), *put(2, "a1", "r1", 500, ttl_s=6), *expire(3, "a1", "r1")]
     sent = {**call("keepalive", "fail", 68.2, allocation_id="a1", code="NOT_FOUND"), "end": 70.1}
     assert judged([granted(62.3, "a1", "r1", expires_at=69.9), sent], changes) == {}
+
+
+def test_a_lease_etcd_dropped_early_is_found_though_no_call_noticed() -> None:
+    """Left to lapse at the end, nobody calls again: the stamps say when etcd dropped it."""
+    changes = [node_change(1), *put(2, "a1", "r1", 500, ttl_s=6), *expire(3, "a1", "r1")]
+    history = [granted(1.0, "a1", "r1", expires_at=7.0)]
+    assert list(judged(history, changes, stamps={2: 1.1, 3: 4.0})) == [checker.KEPT_UNTIL_RELEASED]
+    assert judged(history, changes, stamps={2: 1.1, 3: 7.5}) == {}
+    assert judged(history, changes) == {}  # no stamps, nothing to judge by
+
+
+def agent(revision: int, present: bool) -> EtcdChange:
+    return EtcdChange(revision, f"{PREFIX}agents/node-0", b"coordinator" if present else None, 0)
+
+
+def test_a_placement_asked_for_after_the_agent_lapsed_is_found() -> None:
+    changes = [node_change(1), agent(2, present=True), agent(3, present=False),
+               *put(5, "a1", "r1", 500), *release(6, "a1", "r1")]  # fmt: skip
+    stamps = {3: 10.0, 5: 13.2, 6: 14.0}
+    late = [granted(13.0, "a1", "r1"), released(14.0, "a1")]
+    assert list(judged(late, changes, stamps=stamps)) == [checker.CUT_OFF_NODES]
+    racing = [granted(10.5, "a1", "r1"), released(14.0, "a1")]  # decided as the lease lapsed
+    assert judged(racing, changes, stamps=stamps) == {}
+    back = [*changes[:3], agent(4, present=True), *changes[3:]]  # the agent came back first
+    assert judged(late, back, stamps=stamps) == {}

@@ -9,6 +9,7 @@ checked, not that nothing ran.
 from __future__ import annotations
 
 import base64
+import bisect
 import itertools
 import json
 from collections import Counter, defaultdict
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kaiwo_gpu.coordinator.state.keys import KeyKind, KeyLayout
-from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX, bound_allocation
+from kaiwo_gpu.coordinator.state.view_state import RELEASED_PREFIX
 from kaiwo_gpu.v1 import types_pb2
 from tests.harness import check_gpus
 
@@ -62,6 +63,8 @@ class Report:
     recoveries: list[tuple[str, str, float | None, float | None]] = field(default_factory=list)
     """(fault, coordinator, s from injection, s from the end) to the first granted Allocate."""
     faults: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the run did not do, or did differently (a skew, a skipped fault)."""
     revisions_checked: int = 0
 
     def violate(self, invariant: str, message: str) -> None:
@@ -96,8 +99,30 @@ class _Lifetime:
     request_id: str
     created: int
     ttl_s: int
+    node: str = ""
+    agent_gone_since: int | None = None
+    """When it was put on a node whose agent's presence key had been deleted (the node
+    lease lapsed): the revision of that delete."""
     deleted: int | None = None
     deleted_by_release: bool = False
+
+
+@dataclass(frozen=True)
+class Stamps:
+    """When revisions were seen (`etcd_dump --stamps`): upper bounds, in monotonic time."""
+
+    revisions: tuple[int, ...] = ()
+    seen: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, lines: Iterable[Mapping[str, Any]]) -> Stamps:
+        pairs = sorted((line["revision"], line["seen"]) for line in lines)
+        return cls(tuple(r for r, _ in pairs), tuple(s for _, s in pairs))
+
+    def by(self, revision: int) -> float | None:
+        """A time by which `revision` had happened (None when nothing was seen after it)."""
+        index = bisect.bisect_left(self.revisions, revision)
+        return min(self.seen[index:], default=None)
 
 
 def _replay_revisions(
@@ -113,6 +138,7 @@ def _replay_revisions(
     for change in changes:
         by_revision[change.revision].append(change)
     seen: set[str] = set()
+    agent_gone_since: dict[str, int | None] = {}  # node -> None while its agent is present
     for revision in sorted(by_revision):
         tombstoned = set()
         deleted = []
@@ -128,15 +154,19 @@ def _replay_revisions(
             elif kind is KeyKind.REQUEST and change.value is not None:
                 if change.value.startswith(RELEASED_PREFIX):
                     tombstoned.add(name)
-                else:
-                    bound_allocation(change.value)
+            elif kind is KeyKind.AGENT:
+                agent_gone_since[name] = None if change.value is not None else revision
             elif kind is KeyKind.ALLOCATION and change.value is not None:
                 record = types_pb2.Allocation()
                 record.ParseFromString(change.value)
                 allocations[name] = record
                 if name not in lifetimes:
                     lifetimes[name] = _Lifetime(
-                        record.request_id, revision, record.request.ttl_seconds
+                        record.request_id,
+                        revision,
+                        record.request.ttl_seconds,
+                        record.node,
+                        agent_gone_since.get(record.node),
                     )
             elif kind is KeyKind.ALLOCATION:
                 gone = allocations.pop(name, None)
@@ -171,11 +201,14 @@ def check(
     *,
     prefix: str,
     node_ttl_s: float,
-    final_changes_complete: bool = True,
+    stamps: Stamps = Stamps(),
 ) -> Report:
     """The report of one run. `changes` must run until after every lease expired (the
-    suite waits for that before it dumps etcd)."""
-    report = Report(faults=[dict(fault) for fault in faults if fault.get("kind") == "fault"])
+    suite waits for that before it dumps etcd); `stamps` say when revisions were seen."""
+    report = Report(
+        faults=[dict(fault) for fault in faults if fault.get("kind") == "fault"],
+        notes=[fault["name"] for fault in faults if fault.get("kind") == "note"],
+    )
     lifetimes = _replay_revisions(changes, prefix, report)
     calls = [entry for entry in history if entry.get("op") != "end"]
     for entry in calls:
@@ -187,10 +220,13 @@ def check(
     if clock is None and any(entry.get("expires_at") for entry in history):
         raise ValueError("expiries cannot be judged without the run's clock entry")
     wall_minus_monotonic = clock["wall"] - clock["monotonic"] if clock else 0.0
-    _check_acknowledged(calls, lifetimes, hand_deleted, wall_minus_monotonic, report)
+    _check_acknowledged(
+        calls, lifetimes, hand_deleted, wall_minus_monotonic, stamps=stamps, report=report
+    )
     _check_requests(calls, lifetimes, report)
     _check_capacity(lifetimes, faults, report)
     _check_cut_off_nodes(calls, faults, node_ttl_s, report)
+    _check_placed_after_agent_lapsed(calls, lifetimes, stamps, report)
     _recoveries(calls, faults, report)
     for entry in history:
         if entry.get("op") == "end" and entry.get("unresolved"):
@@ -207,6 +243,8 @@ def _check_acknowledged(
     lifetimes: Mapping[str, _Lifetime],
     hand_deleted: set[str],
     wall_minus_monotonic: float,
+    *,
+    stamps: Stamps,
     report: Report,
 ) -> None:
     """Calls are stamped with the monotonic clock, expiries with the coordinator's wall
@@ -245,6 +283,22 @@ def _check_acknowledged(
             and allocation_id not in released_before
         ):
             _judge_missing(entry, expiry, hand_deleted, report)
+    # A lease etcd let lapse before that expiry, whether or not a later call noticed.
+    for allocation_id in sorted({entry["allocation_id"] for entry in _granted(calls)}):
+        lifetime = lifetimes.get(allocation_id)
+        if (
+            lifetime is None
+            or lifetime.deleted is None
+            or lifetime.deleted_by_release
+            or allocation_id in hand_deleted
+        ):
+            continue
+        gone_by, promised = stamps.by(lifetime.deleted), expiry.get(allocation_id)
+        if gone_by is not None and promised is not None and gone_by < promised - EXPIRY_SLACK_S:
+            report.violate(
+                KEPT_UNTIL_RELEASED,
+                f"{allocation_id} gone from etcd {promised - gone_by:.1f} s before its expiry",
+            )
 
 
 def _judge_missing(
@@ -344,6 +398,32 @@ def _check_cut_off_nodes(
                 report.violate(CUT_OFF_NODES, f"{entry['allocation_id']} placed on cut-off {node}")
 
 
+def _check_placed_after_agent_lapsed(
+    calls: Sequence[Mapping[str, Any]],
+    lifetimes: Mapping[str, _Lifetime],
+    stamps: Stamps,
+    report: Report,
+) -> None:
+    """An allocation asked for (its request's first Allocate was sent) well after its node's
+    agent presence key had gone, i.e. after the node lease lapsed, was placed on a node
+    that was not schedulable."""
+    asked: dict[str, float] = {}
+    for entry in calls:
+        if entry["op"] in ("allocate", "replay"):
+            request_id = entry["request_id"]
+            asked[request_id] = min(asked.get(request_id, entry["start"]), entry["start"])
+    for allocation_id, lifetime in lifetimes.items():
+        if lifetime.agent_gone_since is None or lifetime.request_id not in asked:
+            continue
+        gone_by = stamps.by(lifetime.agent_gone_since)
+        if gone_by is not None and asked[lifetime.request_id] > gone_by + NODE_TTL_SLACK_S:
+            late = asked[lifetime.request_id] - gone_by
+            report.violate(
+                CUT_OFF_NODES,
+                f"{allocation_id} asked for {late:.1f} s after {lifetime.node}'s agent lapsed",
+            )
+
+
 def _recoveries(
     calls: Sequence[Mapping[str, Any]], faults: Sequence[Mapping[str, Any]], report: Report
 ) -> None:
@@ -368,6 +448,7 @@ def table(report: Report) -> str:
         lines.append(
             f"  {fault['name']:<52} at {fault['offset_s']:6.1f} s for {fault['duration_s']:5.1f} s"
         )
+    lines.extend(f"  ({note})" for note in report.notes)
     lines.append("operations (invoked / ok / failed / unknown):")
     for op in sorted({op for op, _ in report.operations}):
         counts = [report.operations[(op, outcome)] for outcome in ("ok", "fail", "unknown")]

@@ -153,6 +153,14 @@ class Network:
             capture_output=True,
         )
 
+    def netem_unavailable(self, host: str) -> str | None:
+        """Why latency and loss cannot be added here (a kernel without sch_netem), or None."""
+        probe = self.command(host, ["tc", "qdisc", "add", "dev", "eth0", "root", "netem",
+                                    "delay", "1ms"])  # fmt: skip
+        done = subprocess.run(probe, capture_output=True, text=True, check=False)
+        self.restore(host)
+        return None if done.returncode == 0 else f"tc netem: {done.stderr.strip()}"
+
     def restore(self, host: str) -> None:
         """No latency or loss added on `host` any more."""
         subprocess.run(

@@ -6,7 +6,8 @@ coordinator, of the etcd leader and of a follower; a tenant that vanishes holdin
 coordinator partitioned from etcd; an agent partitioned from its coordinator; an agent cut
 off past the node TTL; a coordinator frozen (SIGSTOP) past the node TTL; an agent coming
 back with half its GPUs under live grants; a GPU whose health verdict flips; an allocation
-record deleted by hand. Tenants with skewed clocks run throughout.
+record deleted by hand; latency and loss on a coordinator's link. Tenants with skewed clocks
+run throughout.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Suite:
         self.directory = directory
         self.log: list[dict[str, Any]] = []
         self.workloads: dict[str, Process] = {}
+        self.stamper: Process | None = None
+        self.netem_missing: str | None = None
         self.started_at = 0.0
 
     # Workload processes on the client host ------------------------------------------
@@ -161,6 +164,13 @@ class Suite:
             c.network.link_down(process.host)
             return {"target": process.host}
 
+        def degrade(process: Process) -> Callable[[], dict[str, Any]]:
+            def inject() -> dict[str, Any]:
+                c.network.degrade(process.host, delay_ms=150, loss_percent=10)
+                return {"target": process.host}
+
+            return inject
+
         def pause(process: Process) -> dict[str, Any]:
             process.pause()
             return {"target": process.name}
@@ -216,6 +226,9 @@ class Suite:
                   shrink_agent, unshrink_agent),
             Fault("a GPU's health verdict flips every 0.3 s", 81, 0, flip_verdicts, nothing),
             Fault("an allocation record deleted by hand", 88, 0, delete_by_hand, nothing),
+            *([Fault("150 ms latency and 10% loss on coord-1's link", 90, 5, degrade(coord_1),
+                     lambda: c.network.restore(coord_1.host))]
+              if self.netem_missing is None else []),
         ]  # fmt: skip
 
     def run_round(self, round_start: float) -> None:
@@ -235,8 +248,12 @@ class Suite:
                         cuts_off_node=fault.cuts_off_node, **details)  # fmt: skip
 
     def run(self, rounds: int, seed: int) -> checker.Report:
+        self.netem_missing = self.cluster.network.netem_unavailable(CLIENT_HOST)
+        if self.netem_missing is not None:
+            self.record(kind="note", name=f"latency and loss skipped: {self.netem_missing}")
         self.started_at = time.monotonic()
         self.record(kind="clock", wall=time.time(), monotonic=time.monotonic())
+        self.start_stamps(rounds * ROUND_S + FINISH_WITHIN_S + LEASED_TTL_S + 120)
         self.start_workloads(rounds * ROUND_S, seed)
         for n in range(rounds):
             self.run_round(self.started_at + n * ROUND_S)
@@ -250,17 +267,32 @@ class Suite:
         self.record(kind="stats", answers=self.query("stats"))
         return self.judge()
 
-    def judge(self) -> checker.Report:
+    def _etcd_dump_args(self, *flags: str) -> list[str]:
         certs = self.cluster.etcd_client
         assert certs is not None
+        return [
+            sys.executable, "-m", "tests.netns.etcd_dump",
+            f"--endpoints={','.join(self.cluster.etcd_endpoints)}",
+            f"--ca={certs.ca}", f"--cert={certs.cert}", f"--key={certs.key}",
+            f"--prefix={PREFIX}", *flags,
+        ]  # fmt: skip
+
+    def start_stamps(self, for_s: float) -> None:
+        """A watcher on the client host noting when each revision arrives (etcd keeps no
+        time), so the checker can tell an early expiry no call noticed."""
+        stamper = Process("stamps", CLIENT_HOST,
+                          self._etcd_dump_args(f"--stamps={self.directory / 'stamps.jsonl'}",
+                                               f"--for={for_s}"),
+                          self.directory / "stamps.log", self.cluster.network)  # fmt: skip
+        stamper.start()
+        self.stamper = stamper
+
+    def judge(self) -> checker.Report:
+        if self.stamper is not None:
+            self.stamper.stop()
         out = self.directory / "etcd-history.jsonl"
         subprocess.run(
-            self.cluster.network.command(CLIENT_HOST, [
-                sys.executable, "-m", "tests.netns.etcd_dump",
-                f"--endpoints={','.join(self.cluster.etcd_endpoints)}",
-                f"--ca={certs.ca}", f"--cert={certs.cert}", f"--key={certs.key}",
-                f"--prefix={PREFIX}", f"--out={out}",
-            ]),
+            self.cluster.network.command(CLIENT_HOST, self._etcd_dump_args(f"--out={out}")),
             check=True, capture_output=True, timeout=120, cwd=REPO_ROOT,
         )  # fmt: skip
         history = [
@@ -269,12 +301,12 @@ class Suite:
             for line in checker.read_lines(path)
         ]
         (self.directory / "faults.json").write_text(json.dumps(self.log, indent=1))
-        return checker.check(
-            history, checker.read_changes(out), self.log, prefix=PREFIX, node_ttl_s=NODE_TTL_S
-        )
+        stamps = checker.Stamps.of(checker.read_lines(self.directory / "stamps.jsonl"))
+        return checker.check(history, checker.read_changes(out), self.log, prefix=PREFIX,
+                             node_ttl_s=NODE_TTL_S, stamps=stamps)  # fmt: skip
 
     def stop_workloads(self) -> None:
-        for process in self.workloads.values():
+        for process in [*self.workloads.values(), *filter(None, [self.stamper])]:
             process.stop()
 
 
