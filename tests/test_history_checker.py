@@ -244,3 +244,18 @@ def test_a_placement_asked_for_after_the_agent_lapsed_is_found() -> None:
     assert judged(racing, changes, stamps=stamps) == {}
     back = [*changes[:3], agent(4, present=True), *changes[3:]]  # the agent came back first
     assert judged(late, back, stamps=stamps) == {}
+
+
+def test_a_release_cut_short_by_a_kill_explains_its_tombstone() -> None:
+    """The vanishing tenant is killed mid-Release: the invocation was written, no answer."""
+    changes = [node_change(1), *put(2, "a1", "r1", 500), *release(3, "a1", "r1")]
+    invoked = {**released(2.0, "a1"), "phase": "invoke", "call_id": "9-1"}
+    del invoked["outcome"]
+    assert judged([granted(1.0, "a1", "r1"), invoked], changes) == {}
+    assert list(judged([granted(1.0, "a1", "r1")], changes)) == [checker.KEPT_UNTIL_RELEASED]
+    answered = {**released(2.0, "a1"), "call_id": "9-1"}
+    report = checker.check([granted(1.0, "a1", "r1"), invoked, answered], changes,
+                           [{"kind": "clock", "wall": 0.0, "monotonic": 0.0}],
+                           prefix=PREFIX, node_ttl_s=4)  # fmt: skip
+    assert report.operations[("release", "ok")] == 1  # answered: counted once
+    assert report.operations[("release", "unknown")] == 0

@@ -210,7 +210,7 @@ def check(
         notes=[fault["name"] for fault in faults if fault.get("kind") == "note"],
     )
     lifetimes = _replay_revisions(changes, prefix, report)
-    calls = [entry for entry in history if entry.get("op") != "end"]
+    calls = _answered_or_cut_short(entry for entry in history if entry.get("op") != "end")
     for entry in calls:
         report.operations[(entry["op"], entry["outcome"])] += 1
     hand_deleted = {
@@ -232,6 +232,25 @@ def check(
         if entry.get("op") == "end" and entry.get("unresolved"):
             report.violate(UNKNOWNS_RESOLVED, f"{entry['unresolved']} left unresolved")
     return report
+
+
+def _answered_or_cut_short(history: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Every call once: its answer, or, for an invocation never answered (its process was
+    killed meanwhile), an unknown outcome, since it may have taken effect."""
+    invoked: dict[str, Mapping[str, Any]] = {}
+    calls: list[Mapping[str, Any]] = []
+    for entry in history:
+        if entry.get("phase") == "invoke":
+            invoked[entry["call_id"]] = entry
+        else:
+            calls.append(entry)
+    answered = {entry.get("call_id") for entry in calls}
+    for call_id, entry in invoked.items():
+        if call_id not in answered:
+            calls.append(
+                {**entry, "outcome": "unknown", "code": "NO_ANSWER", "end": entry["start"]}
+            )
+    return calls
 
 
 def _granted(calls: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -67,6 +67,8 @@ class Suite:
         self.workloads: dict[str, Process] = {}
         self.stamper: Process | None = None
         self.netem_missing: str | None = None
+        self.ends_at = 0.0
+        self.rebirths = 0
         self.started_at = 0.0
 
     # Workload processes on the client host ------------------------------------------
@@ -138,6 +140,20 @@ class Suite:
 
         def restart(process: Process) -> Callable[[], None]:
             return lambda: process.start() if not process.alive() else None
+
+        def vanished_tenant_reborn() -> None:
+            """A new holder, with request ids of its own, for the next round's kill."""
+            left_s = self.ends_at - time.monotonic()
+            if left_s < ROUND_S / 2:
+                return
+            vanishing = self.workloads[checker.VANISHING_TENANT]
+            self.rebirths += 1
+            replaced = {"--seed": f"{self.rebirths * 1000}", "--duration": f"{left_s:.0f}"}
+            vanishing.args = [
+                f"{flag}={replaced[flag]}" if (flag := arg.split("=", 1)[0]) in replaced else arg
+                for arg in vanishing.args
+            ]
+            vanishing.start()
 
         def restart_member(which: str) -> None:
             restart(state[which])()
@@ -212,7 +228,7 @@ class Suite:
             Fault("SIGKILL an etcd follower, restart", 24, 5, kill_follower,
                   lambda: restart_member("follower")),
             Fault("a tenant vanishes holding leases (SIGKILL bob)", 31, 0,
-                  kill(self.workloads[checker.VANISHING_TENANT]), nothing),
+                  kill(self.workloads[checker.VANISHING_TENANT]), vanished_tenant_reborn),
             Fault("partition coord-1 from etcd", 33, 8,
                   partition([coord_1.host], [m.host for m in c.etcd]), c.network.heal),
             Fault("partition agent-0 from its coordinator", 44, 6,
@@ -252,6 +268,7 @@ class Suite:
         if self.netem_missing is not None:
             self.record(kind="note", name=f"latency and loss skipped: {self.netem_missing}")
         self.started_at = time.monotonic()
+        self.ends_at = self.started_at + rounds * ROUND_S
         self.record(kind="clock", wall=time.time(), monotonic=time.monotonic())
         self.start_stamps(rounds * ROUND_S + FINISH_WITHIN_S + LEASED_TTL_S + 120)
         self.start_workloads(rounds * ROUND_S, seed)

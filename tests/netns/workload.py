@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import sys
 import time
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from kaiwo_gpu.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
 
 CALL_TIMEOUT_S = 2.0
+_CALL_IDS = itertools.count()
 LEASED_TTL_S = 6
 HELD_PER_TENANT = 4
 AWAY_AFTER_FAILURE_S = 2.0
@@ -106,8 +108,13 @@ async def call(
     invoke: Callable[[], Awaitable[Any]],
     **entry: Any,
 ) -> tuple[str, Any]:
-    """One call, recorded: ("ok", reply), ("fail", code) or ("unknown", code)."""
+    """One call, recorded: ("ok", reply), ("fail", code) or ("unknown", code).
+
+    Its invocation is recorded first, so a call cut short by a SIGKILL still shows (the
+    checker takes an invocation with no answer as unknown: it may have landed)."""
     start = time.monotonic()
+    entry["call_id"] = f"{os.getpid()}-{next(_CALL_IDS)}"
+    history.record(op=op, coordinator=address, start=start, phase="invoke", **entry)
     try:
         reply = await invoke()
     except grpc.aio.AioRpcError as error:
