@@ -115,6 +115,28 @@ async def test_a_plan_decided_on_a_stale_view_is_refused(etcd: LocalEtcd, prefix
     await store.close()
 
 
+async def test_a_plan_on_a_view_that_missed_the_node_lease_expiring_is_refused(
+    etcd: LocalEtcd, prefix: str
+) -> None:
+    """Found by the fault suite: a coordinator cut off from etcd kept placing on nodes whose
+    agents' leases had lapsed meanwhile, and committed once the partition healed."""
+    store, layout, _ = await _loaded(etcd, prefix)
+    presences = tuple(Put(layout.agent(node), b"coordinator-1") for node in ("node-a", "node-b"))
+    await store.commit(Txn(puts=presences))
+    stale = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
+    record = _record(stale, "r-1", 500)
+    assert record.node in stale.agents
+    await store.commit(Txn(deletes=(layout.agent(record.node),)))  # its node lease lapsed
+    plan = CommitPlan(layout, stale)
+    assert plan.add(record)
+    assert not (await store.commit(plan.txn())).succeeded
+    fresh = ViewState.load(layout, *(await store.read_prefix(layout.all_keys)))
+    again = CommitPlan(layout, fresh)
+    assert again.add(_record(fresh, "r-1", 500))
+    assert (await store.commit(again.txn())).succeeded  # an inventory node needs no agent
+    await store.close()
+
+
 @pytest.mark.parametrize("strategy", ["best-fit", "worst-fit"])
 async def test_commit_plan_stays_within_etcd_txn_limits(
     etcd: LocalEtcd, prefix: str, strategy: str

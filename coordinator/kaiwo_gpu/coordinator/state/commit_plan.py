@@ -1,10 +1,12 @@
 """Turns a batch of placement decisions into one guarded etcd transaction (pure).
 
 The transaction compares, for every GPU a decision used, the revision of the GPU's version
-key that the view read, and for every node the revision of its record; it also requires
-each request_id to be new. If any of that moved, nothing is written and the allocator
-decides again on a fresher view. This is what keeps several coordinators from
-over-committing a GPU.
+key that the view read, for every node the revision of its record and, for a node whose
+agent the view saw connected, the revision of its presence key; it also requires each
+request_id to be new. If any of that moved, nothing is written and the allocator decides
+again on a fresher view. This is what keeps several coordinators from over-committing a
+GPU, and a coordinator whose view missed a node lease's expiry (it was cut off from etcd
+meanwhile) from placing on that node.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class CommitPlan:
         node_key = layout.node(record.node)
         if node_key not in self._expect:
             expect[node_key] = state.node_revisions.get(record.node, 0)
+            presence = state.agent_revisions.get(record.node)
+            if presence is not None:  # gone or re-put since: the view is behind on the node
+                expect[layout.agent(record.node)] = presence
         for grant in record.gpus:
             gpu_key, revision = state.gpu_guard(grant.uuid)
             if gpu_key not in self._expect:
