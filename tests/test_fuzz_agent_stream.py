@@ -240,15 +240,24 @@ def test_an_agent_speaks_only_for_its_own_node(
 
 def test_an_agent_registers_its_own_node(guarded: Target) -> None:
     """Ending this stream revokes its node lease, a write the coordinator makes after the
-    stream is gone: the test waits for it, so the next test's revision is its own."""
+    stream is gone: the test waits for it, so the next test's revision is its own. The
+    stream stays open until the test has read the revision (a list of messages would
+    half-close it at once, and the revocation could land before that read: seen in CI)."""
     connect = guarded.channel.stream_stream(
         CONNECT, request_serializer=IDENTITY, response_deserializer=IDENTITY
     )
-    own = connect(iter([register("fuzz-own")]), timeout=STREAM_TIMEOUT_S, metadata=(
+    read = threading.Event()
+
+    def messages() -> Iterator[bytes]:
+        yield register("fuzz-own")
+        read.wait(STREAM_TIMEOUT_S)
+
+    own = connect(messages(), timeout=STREAM_TIMEOUT_S, metadata=(
         (credentials.AUTHORIZATION, f"Bearer {AGENT_TOKEN}"),
     ))  # fmt: skip
     assert agent_pb2.CoordinatorDirective.FromString(next(own)).HasField("registered")
     registered = guarded.revision()
+    read.set()
     own.cancel()
     for _ in range(200):  # 10 s at most
         if guarded.revision() > registered:
