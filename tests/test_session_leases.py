@@ -191,6 +191,28 @@ async def test_keep_alive_of_any_allocation_of_the_session_renews_the_shared_lea
     assert got.allocation.expires_at.seconds >= b.expires_at.seconds + 2
 
 
+@pytest.mark.timeout(60)
+async def test_an_allocation_joining_an_older_lease_gets_its_whole_ttl(running: Running) -> None:
+    """Found by review: a joiner got the lease's remaining time (half its TTL, at worst),
+    while its client counts a whole TTL from its request and would think it held the GPU
+    after etcd had dropped it. Joining now renews the lease first."""
+    first = await allocate(running, sessioned("ja", "s-join", ttl_s=6))
+    await asyncio.sleep(2.5)  # 3.5 s left: still joinable
+    asked = time.time()
+    joined = await allocate(running, sessioned("jb", "s-join", ttl_s=6))
+    assert joined.lease_id == first.lease_id
+    assert joined.expires_at.ToDatetime(tzinfo=UTC).timestamp() >= asked + 5.5
+    assert await lease_ttl_s(running.endpoint, joined.lease_id) >= 5
+
+
+async def test_one_session_for_two_owners_is_two_leases(running: Running) -> None:
+    """An admin allocating for alice and bob in one session: bob's renewals must not keep
+    alice's allocation alive."""
+    for_alice = await allocate(running, sessioned("oa", "s-own", owner="alice"))
+    for_bob = await allocate(running, sessioned("ob", "s-own", owner="bob"))
+    assert for_alice.lease_id != for_bob.lease_id
+
+
 async def test_release_deletes_only_that_record_and_the_lease_stays(running: Running) -> None:
     a = await allocate(running, sessioned("ra", "s-1"))
     b = await allocate(running, sessioned("rb", "s-1"))

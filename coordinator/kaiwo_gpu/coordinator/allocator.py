@@ -98,7 +98,9 @@ class _Pending:
     """The caller's trace context (tracing on): the decision and the commit join its trace."""
 
     def session_key(self, ttl_s: int) -> SessionKey | None:
-        return SessionKey(self.holder, self.session, ttl_s) if self.session else None
+        if not self.session:
+            return None
+        return SessionKey(self.holder, self.session, ttl_s, self.request.owner)
 
     def resolve(self, record: types_pb2.Allocation, replayed: bool) -> None:
         if not self.future.done():  # the caller may have gone away meanwhile

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -88,17 +89,24 @@ class Leases:
     ) -> list[LeaseGrant | BaseException]:
         """The lease for each (TTL, session) in order, or what failed: a session's lease
         while it is joinable, else one fresh grant per session, and a lease of its own for
-        each allocation without a session; the fresh ones granted all at once."""
+        each allocation without a session; the fresh ones granted all at once.
+
+        A joined lease is renewed first, in one keep-alive for all of them: its joiner's
+        client counts a whole TTL from its request, so the lease must last that long (one
+        with half its TTL left would lapse while the client still thinks it holds the GPU).
+        One that cannot be renewed is replaced by a fresh grant."""
         now = self._clock()
+        joined = await self._renewed_joins(
+            {key: self.sessions.join(key, now, self._renewed_until) for _, key in wanted if key}
+        )
         leases: list[LeaseGrant | int] = []  # joined, or the index of its fresh grant
         fresh_keys: list[SessionKey | None] = []
         fresh_ttls_s: list[int] = []
         fresh_by_key: dict[SessionKey, int] = {}
         for ttl_s, key in wanted:
             if key is not None:
-                joined = self.sessions.join(key, now, self._renewed_until)
-                if joined is not None:
-                    leases.append(joined)
+                if key in joined:
+                    leases.append(joined[key])
                     continue
                 if key in fresh_by_key:
                     leases.append(fresh_by_key[key])
@@ -110,6 +118,33 @@ class Leases:
         granted = await self.grant(fresh_ttls_s) if fresh_ttls_s else []
         fresh = [self._booked(k, g, now) for k, g in zip(fresh_keys, granted, strict=True)]
         return [lease if isinstance(lease, LeaseGrant) else fresh[lease] for lease in leases]
+
+    async def _renewed_joins(
+        self, joins: Mapping[SessionKey, LeaseGrant | None]
+    ) -> dict[SessionKey, LeaseGrant]:
+        """The joinable leases renewed to a whole TTL from now; the others (gone, or their
+        renewal failed) are forgotten, for fresh grants."""
+        lease_ids = sorted({lease.lease_id for lease in joins.values() if lease is not None})
+        if not lease_ids:
+            return {}
+        try:
+            ttls_s = await self._store.refresh_leases(lease_ids)
+        except KaiwoGpuError:
+            ttls_s = {}
+        now = self._clock()
+        renewed: dict[SessionKey, LeaseGrant] = {}
+        for key, lease in joins.items():
+            if lease is None:
+                continue
+            ttl_s = ttls_s.get(lease.lease_id, 0)
+            if ttl_s <= 0:
+                self.session_lease_lost(lease.lease_id)
+                continue
+            expires_at = now + timedelta(seconds=ttl_s)
+            self._remember(lease.lease_id, expires_at)
+            renewed[key] = replace(lease, expires_at=expires_at)
+        self._instruments.lease_renewals.inc(len({lease.lease_id for lease in renewed.values()}))
+        return renewed
 
     def _booked(
         self, key: SessionKey | None, grant: tuple[int, int] | BaseException, granted_at: datetime

@@ -24,6 +24,9 @@ class SessionKey:
     """The authenticated caller, as `Identity` prints it."""
     session: str
     ttl_s: int
+    owner: str = ""
+    """Whom the allocation is for: an admin allocating for alice and for bob in one session
+    gets two leases, or bob's renewals would keep alice's allocation alive."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +43,9 @@ class LeaseGrant:
 
 
 def joinable(lease: LeaseGrant, ttl_s: int, now: datetime) -> bool:
-    """Whether a new allocation may join `lease`: at least half its TTL left, so the new
-    holder's first renewal (after a third of the TTL) comes in time."""
+    """Whether a new allocation may join `lease`: at least half its TTL left as far as this
+    coordinator knows (the allocator then renews it before the commit, so the joiner gets
+    its whole TTL, as its client counts it)."""
     return lease.expires_at - now >= timedelta(seconds=ttl_s / 2)
 
 
