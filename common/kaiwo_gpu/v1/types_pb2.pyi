@@ -231,9 +231,13 @@ class AllocationRequest(_message.Message):
     """
     session: _builtins.str
     """The client's session, 1-128 chars [A-Za-z0-9._:/-]; empty = none. Allocations of one
-    caller identity and session with one TTL share one etcd lease, so they expire together
-    (etcd reclaims a lease at a time, at most ~1,000 a second). Not part of what a retry
-    must repeat: a replay by request_id from another session returns the same allocation.
+    caller identity, owner and session with one TTL share one etcd lease, so they expire
+    together (etcd reclaims a lease at a time, at most ~1,000 a second). Make it unique per
+    process (the client library uses a random one): processes of one identity that send the
+    same session keep each other's allocations alive. Coordinators older than this field
+    revoke the shared lease on any Release: upgrade them all before clients send it. Not
+    part of what a retry must repeat: a replay by request_id from another session returns
+    the same allocation.
     """
     @_builtins.property
     def selector(self) -> Global___Selector: ...
