@@ -289,7 +289,10 @@ class EtcdStore:
         try:
             await member.client.connect()
             if member.token is None:
-                await self._authenticate(member, None)
+                try:
+                    await self._authenticate(member, None)
+                except _Unreachable as error:  # the call itself never left: safe elsewhere
+                    raise _Unreachable(error.message, sent=False, timed_out=False) from None
             return await self._with_token(member, attempt)
         except _Unreachable:
             self._move_on(member)
