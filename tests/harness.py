@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from kaiwo_gpu.coordinator.state.changes import Put, Txn
+from kaiwo_gpu.coordinator.state.changes import Change, Put, Txn
 from kaiwo_gpu.coordinator.state.keys import KeyKind, KeyLayout
 from kaiwo_gpu.coordinator.state.store import EtcdStore
 from kaiwo_gpu.coordinator.state.view_state import (
@@ -133,12 +133,29 @@ def check_gpus(
             assert len(kinds) == 1, f"GPU {uuid}: cu-mask and unmasked work together at {when}"
 
 
+END_MARKER = b"audit-end"
+
+
+async def history_until_now(store: EtcdStore, prefix: bytes) -> AsyncIterator[Change]:
+    """Every change under `prefix` from revision 1 to now, in order. It writes an end marker
+    under the prefix first and reads up to it, since the etcd may be shared and its last
+    revision somebody else's; the marker's own put and delete are left out."""
+    marker = prefix + END_MARKER
+    final = (await store.commit(Txn(puts=(Put(marker, b""),)))).revision
+    async for revision, changes in store.watch(prefix, 1):
+        for change in changes:
+            if change.key != marker:
+                yield change
+        if revision >= final:
+            break
+    await store.commit(Txn(deletes=(marker,)))
+
+
 async def audit_history(endpoint: str, prefix: str) -> int:
     """Replays every revision under `prefix` from etcd's history and checks each state.
 
     A final-state audit cannot see an over-commit that was released before the end; this
-    one can. It writes an end marker under the prefix first and reads up to it, since the
-    etcd may be shared and its last revision somebody else's. Returns revisions checked.
+    one can. Returns revisions checked.
     """
     layout = KeyLayout(prefix)
     store = EtcdStore([endpoint])
@@ -146,32 +163,29 @@ async def audit_history(endpoint: str, prefix: str) -> int:
     inventory: dict[str, types_pb2.GpuInventory] = {}
     checked = 0
     try:
-        end = layout.all_keys + b"audit-end"
-        final = (await store.commit(Txn(puts=(Put(end, b""),)))).revision
         previous = 0
-        async for revision, changes in store.watch(layout.all_keys, 1):
-            for change in changes:
-                if change.revision != previous and previous:
-                    check_gpus(allocations, inventory, f"revision {previous}")
-                    checked += 1
-                previous = change.revision
-                parsed = layout.parse(change.key)
-                if parsed is None:
-                    continue
-                kind, name = parsed
-                if kind is KeyKind.NODE and change.value is not None:
-                    node = types_pb2.NodeStatus()
-                    node.ParseFromString(change.value)
-                    inventory.update({g.inventory.uuid: g.inventory for g in node.gpus})
-                elif kind is KeyKind.ALLOCATION:
-                    allocations.pop(name, None)
-                    if change.value is not None:
-                        record = types_pb2.Allocation()
-                        record.ParseFromString(change.value)
-                        allocations[name] = record
-            if revision >= final:
-                break
-        await store.commit(Txn(deletes=(end,)))
+        async for change in history_until_now(store, layout.all_keys):
+            if change.revision != previous and previous:
+                check_gpus(allocations, inventory, f"revision {previous}")
+                checked += 1
+            previous = change.revision
+            parsed = layout.parse(change.key)
+            if parsed is None:
+                continue
+            kind, name = parsed
+            if kind is KeyKind.NODE and change.value is not None:
+                node = types_pb2.NodeStatus()
+                node.ParseFromString(change.value)
+                inventory.update({g.inventory.uuid: g.inventory for g in node.gpus})
+            elif kind is KeyKind.ALLOCATION:
+                allocations.pop(name, None)
+                if change.value is not None:
+                    record = types_pb2.Allocation()
+                    record.ParseFromString(change.value)
+                    allocations[name] = record
+        if previous:  # the last revision's state
+            check_gpus(allocations, inventory, f"revision {previous}")
+            checked += 1
     finally:
         await store.close()
     return checked

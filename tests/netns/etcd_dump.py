@@ -3,7 +3,7 @@
 
 Runs on the client host (`python -m tests.netns.etcd_dump ...`), since etcd listens only
 inside the namespaces. It puts an end marker under the prefix and reads the history from
-revision 1 up to it, as `tests.harness.audit_history` does, so the last revision read is
+revision 1 up to it (`tests.harness.history_until_now`), so the last revision read is
 known to be the newest. One line per change: revision, key, value (base64, null for a
 delete) and lease.
 
@@ -24,36 +24,26 @@ import time
 from pathlib import Path
 
 from kaiwo_gpu.common.errors import UnavailableError
-from kaiwo_gpu.coordinator.state.changes import Put, Txn
 from kaiwo_gpu.coordinator.state.etcd_security import EtcdSecurity
 from kaiwo_gpu.coordinator.state.store import EtcdStore
-
-END_MARKER = b"netns-audit-end"
+from tests.harness import history_until_now
 
 
 async def dump(endpoints: list[str], security: EtcdSecurity, prefix: bytes, out: Path) -> int:
-    """Changes written; the marker's own put and delete are left out."""
+    """Changes written."""
     store = EtcdStore(endpoints, security=security, timeout_s=10.0)
     written = 0
     try:
-        marker = prefix + END_MARKER
-        final = (await store.commit(Txn(puts=(Put(marker, b""),)))).revision
         with out.open("w") as file:
-            async for revision, changes in store.watch(prefix, 1):
-                for change in changes:
-                    if change.key == marker:
-                        continue
-                    value = None if change.value is None else base64.b64encode(change.value)
-                    file.write(json.dumps({
-                        "revision": change.revision,
-                        "key": change.key.decode(errors="replace"),
-                        "value": None if value is None else value.decode(),
-                        "lease": change.lease,
-                    }) + "\n")  # fmt: skip
-                    written += 1
-                if revision >= final:
-                    break
-        await store.commit(Txn(deletes=(marker,)))
+            async for change in history_until_now(store, prefix):
+                value = None if change.value is None else base64.b64encode(change.value)
+                file.write(json.dumps({
+                    "revision": change.revision,
+                    "key": change.key.decode(errors="replace"),
+                    "value": None if value is None else value.decode(),
+                    "lease": change.lease,
+                }) + "\n")  # fmt: skip
+                written += 1
     finally:
         await store.close()
     return written
