@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +55,6 @@ class Process:
     log_path: Path
     network: Network
     popen: subprocess.Popen[bytes] | None = None
-    paused: bool = False
     starts: int = 0
 
     @property
@@ -77,7 +76,6 @@ class Process:
                 start_new_session=True,  # its own group: a wrapper's children get the signals too
             )
         self.starts += 1
-        self.paused = False
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -88,7 +86,6 @@ class Process:
             self._signal(signal.SIGKILL)
             assert self.popen is not None
             self.popen.wait(timeout=STOP_GRACE_S)
-        self.paused = False
 
     def _signal(self, signum: int) -> None:
         """To the process and whatever it started (libfaketime's wrapper forks, for one)."""
@@ -97,15 +94,13 @@ class Process:
 
     def pause(self) -> None:
         self._signal(signal.SIGSTOP)
-        self.paused = True
 
     def resume(self) -> None:
         if self.alive():
             self._signal(signal.SIGCONT)
-        self.paused = False
 
     def stop(self) -> None:
-        """SIGTERM (after SIGCONT if paused), then SIGKILL if it outstays the grace."""
+        """SIGCONT (it may be paused), SIGTERM, then SIGKILL if it outstays the grace."""
         if not self.alive():
             return
         assert self.popen is not None
@@ -332,7 +327,3 @@ class NetnsCluster:
             with contextlib.suppress(Exception):
                 process.stop()
         self.network.close()
-
-    def logs_tail(self, characters: int = 2000) -> Iterator[str]:
-        for process in self.all_processes():
-            yield f"--- {process.name}\n{process.log_text()[-characters:]}"

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,11 +339,6 @@ def run_suite(directory: Path, rounds: int = 1, seed: int = 0) -> checker.Report
             return suite.run(rounds, seed)
         finally:
             suite.stop_workloads()
-
-
-def logs(directory: Path) -> Iterator[str]:
-    for path in sorted(directory.glob("*.log")):
-        yield f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}"
 
 
 def main(argv: list[str]) -> None:
